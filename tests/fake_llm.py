@@ -1,0 +1,220 @@
+"""A fake OpenAI-compatible LLM server for tests and for running the steps with no key.
+
+It speaks the real wire format: `POST /v1/chat/completions` with `"stream": true`
+answers with Server-Sent Events carrying `chat.completion.chunk` objects and ends
+with `data: [DONE]`, so the real `openai` SDK is exercised end to end.
+
+Replies are scripted: by default the fake answers "You said: <last user message>"
+one word per chunk. It can also inject faults (HTTP 401/429/500, a stream dropped
+midway, a slow stream, a request that never answers) and it counts the streams it
+started, completed, dropped and saw cancelled by the client.
+
+Start it by hand (from the repository root):
+
+    python -m tests.fake_llm --port 8808
+
+and point a step at it with OPENAI_BASE_URL=http://127.0.0.1:8808/v1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+FAULTS = ("401", "429", "500", "drop", "slow", "hang")
+
+
+@dataclass
+class FakeLLM:
+    """Behaviour (set by tests) and counters (read by tests) of the fake."""
+
+    chunk_delay: float = 0.0  # seconds between two chunks
+    min_chunks: int = 0  # pad short replies with filler words up to this many chunks
+    reply: str | None = None  # a fixed reply instead of "You said: ..."
+    slow_delay: float = 0.5  # seconds between chunks for the "slow" fault
+    faults: list[str] = field(default_factory=list)  # one is used up per request
+    started: int = 0
+    completed: int = 0
+    dropped: int = 0
+    cancelled: int = 0
+    requests: list[dict] = field(default_factory=list)
+
+    @property
+    def active(self) -> int:
+        return self.started - self.completed - self.dropped - self.cancelled
+
+    def fail_next(self, fault: str, times: int = 1) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}, expected one of {FAULTS}")
+        self.faults.extend([fault] * times)
+
+    def reset(self) -> None:
+        fresh = FakeLLM()
+        self.__dict__.update(fresh.__dict__)
+
+    def chunks_for(self, messages: list[dict]) -> list[str]:
+        last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        text = self.reply if self.reply is not None else f"You said: {last_user}"
+        pieces = re.findall(r"\s*\S+", text) or [text]
+        pieces += [f" tick{i}" for i in range(len(pieces), self.min_chunks)]
+        return pieces
+
+
+def _chunk(completion_id: str, model: str, delta: dict, finish: str | None = None) -> str:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class _DroppedStream(Exception):
+    """Raised inside the response to cut the connection without finishing the body."""
+
+
+class _WatchedStream(StreamingResponse):
+    """A streaming response that notices a client hanging up even between chunks."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def watch_for_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_for_disconnect)
+            await self.stream_response(send)
+            group.cancel_scope.cancel()
+
+
+def create_app(fake: FakeLLM) -> Starlette:
+    async def chat_completions(request: Request):
+        body = await request.json()
+        fake.requests.append(body)
+        fault = fake.faults.pop(0) if fake.faults else None
+        # retry-after-ms keeps the SDK's own retries fast in tests.
+        quick_retry = {"retry-after-ms": "1"}
+        if fault == "401":
+            error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+            return JSONResponse(error, status_code=401)
+        if fault == "429":
+            error = {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}
+            return JSONResponse(error, status_code=429, headers=quick_retry)
+        if fault == "500":
+            error = {"error": {"message": "The server had an error", "type": "server_error"}}
+            return JSONResponse(error, status_code=500, headers=quick_retry)
+        if fault == "hang":
+            await asyncio.sleep(3600)
+
+        model = body.get("model", "fake-model")
+        chunks = fake.chunks_for(body.get("messages", []))
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(chunks)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                                 "created": int(time.time()), "choices": [choice]})
+        delay = fake.slow_delay if fault == "slow" else fake.chunk_delay
+
+        async def events():
+            fake.started += 1
+            finished = False
+            completion_id = f"chatcmpl-fake{fake.started}"
+            try:
+                # Some providers (Azure) open with a chunk that has no choices at all.
+                yield f"data: {json.dumps({'id': completion_id, 'object': 'chat.completion.chunk', 'choices': []})}\n\n"
+                # Like OpenAI, the first delta carries the role and empty content.
+                yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+                for index, piece in enumerate(chunks):
+                    if fault == "drop" and index == min(2, len(chunks) - 1):
+                        fake.dropped += 1
+                        finished = True
+                        raise _DroppedStream("fault injected: stream dropped midway")
+                    if delay:
+                        await asyncio.sleep(delay)
+                    yield _chunk(completion_id, model, {"content": piece})
+                yield _chunk(completion_id, model, {}, finish="stop")
+                yield "data: [DONE]\n\n"
+                fake.completed += 1
+                finished = True
+            finally:
+                if not finished:
+                    fake.cancelled += 1
+
+        return _WatchedStream(events(), media_type="text/event-stream")
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models),
+    ])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeLLMServer:
+    """Runs the fake on 127.0.0.1 in a background thread (for the test suite)."""
+
+    def __init__(self, fake: FakeLLM | None = None, port: int | None = None):
+        self.fake = fake or FakeLLM()
+        self.port = port or free_port()
+        config = uvicorn.Config(create_app(self.fake), host="127.0.0.1", port=self.port,
+                                log_level="critical", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> FakeLLMServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake LLM server did not start within 10 s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8808)
+    parser.add_argument("--delay", type=float, default=0.05, help="seconds between chunks")
+    parser.add_argument("--min-chunks", type=int, default=0)
+    parser.add_argument("--reply", default=None, help="a fixed reply instead of 'You said: ...'")
+    args = parser.parse_args()
+    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply)
+    print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
+    print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
+    uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

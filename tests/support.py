@@ -1,0 +1,120 @@
+"""Helpers shared by the tests: a real uvicorn server in a subprocess and a WebSocket client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+from tests.fake_llm import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited early with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+class LiveServer:
+    """`python -m uvicorn <app>` run from the repository root, on a free loopback port."""
+
+    def __init__(self, app: str, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
+                        "--port", str(self.port), "--log-level", "warning", *extra_args]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def __enter__(self) -> LiveServer:
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env)
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class WsClient:
+    """A real WebSocket client with the same methods as Starlette's test session."""
+
+    def __init__(self, url: str, **options):
+        # Entered by hand: the test, not a with-block, decides when it closes.
+        self.connection = connect(url, open_timeout=10, max_size=None, **options).__enter__()
+
+    def send_text(self, text: str) -> None:
+        self.connection.send(text)
+
+    def send_bytes(self, data: bytes) -> None:
+        self.connection.send(data)
+
+    def send_json(self, frame) -> None:
+        self.connection.send(json.dumps(frame))
+
+    def receive_text(self, timeout: float = 15.0) -> str:
+        return self.connection.recv(timeout=timeout)
+
+    def receive_json(self, timeout: float = 15.0):
+        return json.loads(self.receive_text(timeout))
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> WsClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def collect_reply(ws, timed: bool = False) -> list:
+    """Frames up to and including the reply's `end` or `error` frame.
+
+    With timed=True each item is (seconds since the call, frame).
+    """
+    began = time.monotonic()
+    frames = []
+    while True:
+        frame = ws.receive_json()
+        frames.append((time.monotonic() - began, frame) if timed else frame)
+        if frame["type"] in ("end", "error"):
+            return frames
+
+
+def reply_text(frames: list[dict]) -> str:
+    return "".join(f["content"] for f in frames if f["type"] == "chunk")
+
+
+def wait_until(condition, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,120 @@
+"""Step 02: LLM replies streamed as JSON frames, through the real openai SDK and a fake LLM."""
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+from fastapi.testclient import TestClient
+
+from step02_llm_stream.main import app
+from step02_llm_stream.utils.stream_llm import stream_llm
+from tests.fake_llm import free_port
+from tests.support import collect_reply, reply_text, wait_until
+
+APP = "step02_llm_stream.main"
+
+
+def test_page_types_replies_as_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    page = TestClient(app).get("/").text
+    assert "textContent" in page and "innerHTML" not in page
+
+
+def test_frames_come_in_order_start_chunks_end(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "hello there"})
+    frames = collect_reply(ws)
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert set(kinds[1:-1]) == {"chunk"} and len(kinds) >= 4
+    assert all(f["content"] for f in frames[1:-1]), "no empty chunks"
+    assert reply_text(frames) == "You said: hello there"
+
+
+def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
+    fake.chunk_delay = 0.15
+    fake.min_chunks = 8
+    ws = connect()
+    ws.send_json({"type": "message", "content": "go"})
+    frames = collect_reply(ws, timed=True)
+    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
+    end_at = frames[-1][0]
+    # Eight chunks 0.15 s apart take over a second; the first must not wait for the rest.
+    assert first_chunk_at < 0.6 and end_at - first_chunk_at > 0.8
+
+
+def test_each_message_is_answered_without_memory(connect, fake):
+    ws = connect()
+    for text in ["first", "second"]:
+        ws.send_json({"type": "message", "content": text})
+        assert reply_text(collect_reply(ws)) == f"You said: {text}"
+    assert fake.requests[-1]["messages"] == [{"role": "user", "content": "second"}]
+
+
+@pytest.mark.parametrize("fault, words", [("500", "HTTP 500"), ("429", "rate-limiting"),
+                                          ("drop", "broke off"), ("401", "API key")])
+def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connect, fake, fault, words):
+    fake.fail_next(fault, times=3)  # more than the SDK's own retries
+    ws = connect()
+    ws.send_json({"type": "message", "content": "doomed"})
+    error = collect_reply(ws)[-1]
+    assert error["type"] == "error" and words in error["message"]
+    assert "Traceback" not in error["message"]
+    fake.faults.clear()
+    ws.send_json({"type": "message", "content": "fine now"})
+    assert reply_text(collect_reply(ws)) == "You said: fine now"
+
+
+@pytest.mark.parametrize("frame", ["not json", '["a", "list"]', '{"type": "message", "content": "  "}',
+                                   '{"type": "dance"}'])
+def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake, frame):
+    ws = connect()
+    ws.send_text(frame)
+    assert ws.receive_json()["type"] == "error"
+    ws.send_json({"type": "message", "content": "still here?"})
+    assert reply_text(collect_reply(ws)) == "You said: still here?"
+
+
+def test_an_unreachable_local_model_names_the_command_that_starts_it(fake, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL")  # no configuration: the steps look for the local model
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # and nothing listens there
+    monkeypatch.setattr("step02_llm_stream.utils.stream_llm.LOCAL_LLM_URL", closed)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "message", "content": "anyone there?"})
+        error = collect_reply(ws)[-1]
+    assert error["type"] == "error"
+    assert "make llm" in error["message"] and closed in error["message"]
+
+
+# stream_llm on its own -------------------------------------------------------------
+
+
+def test_stream_llm_yields_text_chunks(fake):
+    async def run():
+        return [text async for text in stream_llm([{"role": "user", "content": "a b c"}])]
+
+    assert asyncio.run(run()) == ["You", " said:", " a", " b", " c"]
+
+
+def test_stream_llm_closing_early_cancels_the_upstream_stream(fake):
+    fake.chunk_delay = 0.05
+    fake.min_chunks = 40
+
+    async def take_two():
+        async with aclosing(stream_llm([{"role": "user", "content": "long"}])) as chunks:
+            taken = [await anext(chunks), await anext(chunks)]
+        return taken
+
+    assert asyncio.run(take_two()) == ["You", " said:"]
+    wait_until(lambda: fake.cancelled == 1, what="the fake to see the stream cancelled")
+    assert fake.completed == 0 and fake.active == 0
+
+
+def test_stream_llm_uses_one_client_per_event_loop(fake):
+    from step02_llm_stream.utils.stream_llm import get_client
+
+    async def two_clients():
+        return get_client(), get_client()
+
+    first, second = asyncio.run(two_clients())
+    assert first is second
