@@ -1,0 +1,65 @@
+"""Step 03: the same chat, with the streaming done by a PocketFlow AsyncNode in an AsyncFlow.
+
+Each connection owns a shared store; the flow runs once per message over it, and the
+node's `post` appends the turn to the store's history, so the chat now remembers.
+
+Run from the repository root:  uvicorn step03_pocketflow_node.main:app --reload
+"""
+
+import json
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
+
+from .flow import create_streaming_chat_flow
+from .utils.stream_llm import explain_llm_error
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="Step 03: PocketFlow AsyncNode")
+
+
+@app.get("/")
+async def index():
+    return FileResponse(STATIC / "index.html")
+
+
+def read_message(text: str) -> str:
+    """The user's text from a frame, or ValueError with a message for the user."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.")
+    if not isinstance(frame, dict) or frame.get("type") != "message":
+        raise ValueError("Expected a frame like {\"type\": \"message\", \"content\": \"Hi\"}.")
+    content = frame.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("The message content must be non-empty text.")
+    return content
+
+
+@app.websocket("/ws")
+async def chat(websocket: WebSocket):
+    await websocket.accept()
+    # One shared store per connection: this conversation's memory lives here.
+    shared = {"websocket": websocket, "user_message": "", "conversation_history": []}
+    flow = create_streaming_chat_flow()
+    try:
+        while True:
+            try:
+                shared["user_message"] = read_message(await websocket.receive_text())
+            except ValueError as error:
+                await websocket.send_json({"type": "error", "message": str(error)})
+                continue
+            try:
+                await flow.run_async(shared)  # prep -> exec (streams) -> post (remembers)
+            except WebSocketDisconnect:
+                raise
+            except Exception as error:  # the LLM failed: the history is untouched
+                log.warning("LLM call failed: %r", error)
+                await websocket.send_json({"type": "error", "message": explain_llm_error(error)})
+    except WebSocketDisconnect:
+        pass

@@ -1,0 +1,160 @@
+"""Step 04: the full chat. The reply streams in a task while the socket keeps being read,
+so the user can stop it, start over, or be told to wait, and bad input never hurts.
+
+Run from the repository root:  uvicorn step04_full_chat.main:app --ws-max-size 65536
+(or `make chat`, which also starts the embedded local model).
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from .config import settings
+from .flow import create_streaming_chat_flow
+from .protocol import FrameError, parse_client_frame
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="Step 04: full chat")
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+# Per worker process: the open connections and the replies streaming right now.
+# Holding the tasks here also keeps them from being garbage-collected mid-reply.
+open_connections: set[WebSocket] = set()
+reply_tasks: set[asyncio.Task] = set()
+
+
+@app.get("/")
+async def index():
+    return FileResponse(STATIC / "index.html")
+
+
+def origin_allowed(websocket: WebSocket) -> bool:
+    """Stop other web sites from driving the chat from a visitor's browser (CSWSH).
+
+    Browsers always send Origin; scripts and tests usually don't, and can't borrow a
+    visitor's cookies or network position anyway, so no Origin is let in.
+    """
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if origin.rstrip("/") in settings.allowed_origins:
+        return True
+    return urlsplit(origin).netloc.lower() == websocket.headers.get("host", "").lower()
+
+
+class RateLimit:
+    """At most `limit` events in any `window` seconds (a sliding window)."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit, self.window, self.times = limit, window, deque()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+
+async def send_error(websocket: WebSocket, message: str) -> None:
+    await websocket.send_json({"type": "error", "message": message})
+
+
+async def run_reply(flow, shared) -> None:
+    """One turn of the flow, in its own task. Upstream errors are handled by the node;
+    anything that still gets here is a bug: log it, tell the user, keep the socket."""
+    try:
+        await flow.run_async(shared)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("reply failed unexpectedly")
+        try:
+            await send_error(shared["websocket"], "Internal error while replying. Please try again.")
+        except Exception:
+            pass
+
+
+async def stop_reply(shared, task: asyncio.Task | None) -> None:
+    """Stop a streaming reply; the node then sends `end` with stopped: true."""
+    if task is None or task.done():
+        return
+    shared["stop_requested"].set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@app.websocket("/ws")
+async def chat(websocket: WebSocket):
+    if not origin_allowed(websocket):
+        log.warning("refused a WebSocket from origin %.100r", websocket.headers.get("origin"))
+        await websocket.close(code=1008)  # before accept: the browser gets HTTP 403
+        return
+    await websocket.accept()
+    if len(open_connections) >= settings.max_connections:
+        await send_error(websocket, "The chat is full right now. Please try again in a minute.")
+        await websocket.close(code=1013, reason="server full")
+        return
+
+    open_connections.add(websocket)
+    # The design doc's shared store, one per connection, plus the Stop signal.
+    shared = {
+        "websocket": websocket,
+        "user_message": "",
+        "conversation_history": [],
+        "stop_requested": asyncio.Event(),
+    }
+    flow = create_streaming_chat_flow()
+    rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
+    reply: asyncio.Task | None = None
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(websocket.receive(), settings.idle_timeout_seconds)
+            except asyncio.TimeoutError:
+                if reply and not reply.done():
+                    continue  # quiet because it is reading a long reply: not idle
+                await websocket.close(code=1000, reason="idle")
+                break
+            if message["type"] == "websocket.disconnect":
+                break
+            try:
+                frame = parse_client_frame(message, settings.max_frame_bytes, settings.max_message_chars)
+            except FrameError as error:
+                await send_error(websocket, str(error))
+                continue
+
+            if frame["type"] == "stop":
+                await stop_reply(shared, reply)  # nothing streaming: nothing to do
+            elif frame["type"] == "reset":
+                await stop_reply(shared, reply)
+                shared["conversation_history"].clear()
+                await websocket.send_json({"type": "reset"})
+            elif reply and not reply.done():
+                await send_error(websocket, "A reply is still streaming. Wait for it, or press Stop.")
+            elif not rate_limit.allow():
+                await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
+            else:
+                shared["user_message"] = frame["content"]
+                shared["stop_requested"].clear()
+                reply = asyncio.create_task(run_reply(flow, shared))
+                reply_tasks.add(reply)
+                reply.add_done_callback(reply_tasks.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        open_connections.discard(websocket)
+        if reply and not reply.done():  # the client left mid-reply: cancel the upstream call
+            reply.cancel()
+            await asyncio.gather(reply, return_exceptions=True)

@@ -1,0 +1,40 @@
+"""The JSON frames the browser may send, and how bad ones are refused.
+
+In:  {"type": "message", "content": "..."}  |  {"type": "stop"}  |  {"type": "reset"}
+Out: start, chunk, end, error and reset frames (built where they are sent).
+"""
+
+import json
+
+CLIENT_FRAME_TYPES = ("message", "stop", "reset")
+
+
+class FrameError(ValueError):
+    """A frame we cannot use. The text is shown to the user, so it says what to send instead."""
+
+
+def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: int) -> dict:
+    """Turn one received WebSocket message into a clean frame dict, or raise FrameError."""
+    text = message.get("text")
+    if text is None:
+        raise FrameError("Binary frames are not supported: send JSON text frames.")
+    if len(text) > max_frame_bytes or len(text.encode("utf-8", "surrogatepass")) > max_frame_bytes:
+        raise FrameError(f"Frames are limited to {max_frame_bytes} bytes.")
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise FrameError('Frames must be JSON, like {"type": "message", "content": "Hi"}.') from None
+    if not isinstance(frame, dict):
+        raise FrameError('A frame must be a JSON object with a "type".')
+    kind = frame.get("type")
+    if kind not in CLIENT_FRAME_TYPES:
+        raise FrameError('Unknown or missing "type": expected "message", "stop" or "reset".')
+    if kind != "message":
+        return {"type": kind}
+    content = frame.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise FrameError('A message needs some text in "content".')
+    if len(content) > max_message_chars:
+        raise FrameError(f"Messages are limited to {max_message_chars} characters; "
+                         f"this one has {len(content)}.")
+    return {"type": "message", "content": content}

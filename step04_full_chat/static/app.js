@@ -1,0 +1,188 @@
+"use strict";
+// The step 04 chat page: one WebSocket, JSON frames (see the README's protocol table).
+
+const $ = (id) => document.getElementById(id);
+const log = $("log");
+const input = $("input");
+const sendButton = $("send");
+const stopButton = $("stop");
+const statusBadge = $("status");
+const notice = $("notice");
+
+let socket = null;
+let reconnectAttempts = 0;
+let reply = null;        // the assistant message being streamed: { element, body, text, queued }
+let everConnected = false;
+
+function setStatus(state) {
+  statusBadge.dataset.state = state;
+  statusBadge.textContent = state;
+}
+
+function showNotice(text) {
+  notice.textContent = text;
+  notice.hidden = !text;
+}
+
+function setStreaming(streaming) {
+  sendButton.disabled = streaming;
+  stopButton.hidden = !streaming;
+  if (streaming) setStatus("streaming");
+}
+
+// Auto-scroll follows new text only while the reader is already at the bottom:
+// scrolling up to read earlier messages is never fought.
+function isAtBottom() {
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+}
+
+function addMessage(kind, text = "") {
+  const follow = isAtBottom();
+  const element = document.createElement("article");
+  element.className = `msg ${kind}`;
+  const body = document.createElement("div");
+  body.className = "body";
+  body.textContent = text;  // user text and errors are always plain text
+  element.append(body);
+  log.append(element);
+  if (follow) log.scrollTop = log.scrollHeight;
+  return { element, body, text: "" };
+}
+
+function addMeta(message, text) {
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.textContent = text;
+  message.element.append(meta);
+}
+
+// Model output is Markdown. It is parsed by marked and then sanitized by DOMPurify,
+// so <script>, event handlers and javascript: links never reach the page.
+function renderMarkdown(message) {
+  const follow = isAtBottom();
+  if (window.marked && window.DOMPurify) {
+    message.body.innerHTML = DOMPurify.sanitize(marked.parse(message.text));
+  } else {
+    message.body.textContent = message.text;
+  }
+  if (follow) log.scrollTop = log.scrollHeight;
+}
+
+// Chunks can arrive faster than the screen refreshes. Re-render the streaming message
+// (only that one, never the whole log) at most once per animation frame.
+function scheduleRender(message) {
+  if (message.queued) return;
+  message.queued = true;
+  requestAnimationFrame(() => {
+    message.queued = false;
+    renderMarkdown(message);
+  });
+}
+
+function finishReply(metaText, cut) {
+  if (reply) {
+    renderMarkdown(reply);
+    reply.element.classList.remove("streaming");
+    if (cut) reply.element.classList.add("cut");
+    if (metaText) addMeta(reply, metaText);
+    reply = null;
+  }
+  setStreaming(false);
+}
+
+function describeStats(stats, stopped) {
+  if (!stats) return stopped ? "stopped" : "";
+  const parts = [];
+  if (stats.first_chunk_ms !== null) parts.push(`first token ${stats.first_chunk_ms} ms`);
+  const streamingMs = stats.duration_ms - (stats.first_chunk_ms || 0);
+  const rate = streamingMs > 0 ? (stats.chunks / (streamingMs / 1000)).toFixed(1) : "–";
+  parts.push(`${stats.chunks} chunks`, `${rate} chunks/s`);
+  if (stopped) parts.push("stopped");
+  return parts.join(" · ");
+}
+
+function handleFrame(frame) {
+  switch (frame.type) {
+    case "start":
+      reply = addMessage("assistant streaming");
+      setStreaming(true);
+      break;
+    case "chunk":
+      if (!reply) return;
+      reply.text += frame.content;
+      scheduleRender(reply);
+      break;
+    case "end":
+      finishReply(describeStats(frame.stats, frame.stopped), false);
+      setStatus("ready");
+      break;
+    case "error":
+      finishReply("cut off by an error", true);
+      addMessage("error", frame.message);
+      setStatus("error");
+      break;
+    case "reset":
+      log.replaceChildren();
+      setStatus("ready");
+      break;
+  }
+}
+
+function connect() {
+  setStatus(everConnected ? "reconnecting" : "connecting");
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  socket = new WebSocket(`${scheme}://${location.host}/ws`);
+
+  socket.onopen = () => {
+    if (everConnected) showNotice("Reconnected. This is a new session: earlier messages are no longer remembered.");
+    everConnected = true;
+    reconnectAttempts = 0;
+    setStatus("ready");
+    setStreaming(false);
+  };
+  socket.onmessage = (event) => handleFrame(JSON.parse(event.data));
+  socket.onclose = (event) => {
+    finishReply("cut off: the connection was lost", true);
+    // Back off 0.5 s, 1 s, 2 s ... up to 10 s, with jitter so a classroom doesn't reconnect in step.
+    const delay = Math.min(10000, 500 * 2 ** reconnectAttempts) * (0.8 + Math.random() * 0.4);
+    reconnectAttempts += 1;
+    const why = event.reason ? ` (${event.reason})` : "";
+    showNotice(`Connection lost${why}. Reconnecting in ${(delay / 1000).toFixed(1)} s…`);
+    setStatus(everConnected ? "reconnecting" : "error");
+    setTimeout(connect, delay);
+  };
+}
+
+function send() {
+  const text = input.value;
+  if (!text.trim() || reply || !socket || socket.readyState !== WebSocket.OPEN) return;
+  addMessage("user", text);
+  socket.send(JSON.stringify({ type: "message", content: text }));
+  input.value = "";
+  setStreaming(true);
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+
+input.addEventListener("keydown", (event) => {
+  // Enter sends, Shift+Enter is a new line, and Enter that confirms an IME
+  // composition (Japanese, Chinese, Korean input) must not send half a word.
+  if (event.key !== "Enter" || event.shiftKey || event.isComposing || event.keyCode === 229) return;
+  event.preventDefault();
+  send();
+});
+
+stopButton.addEventListener("click", () => {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "stop" }));
+});
+
+$("new-chat").addEventListener("click", () => {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "reset" }));
+  else log.replaceChildren();
+  input.focus();
+});
+
+connect();
