@@ -181,7 +181,7 @@ class FakeLLMServer:
         self.fake = fake or FakeLLM()
         self.port = port or free_port()
         config = uvicorn.Config(create_app(self.fake), host="127.0.0.1", port=self.port,
-                                log_level="critical", lifespan="off")
+                                log_level="critical", lifespan="off", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1,0 +1,96 @@
+"""Step 03: the streaming moves into a PocketFlow AsyncNode run by an AsyncFlow."""
+
+import asyncio
+
+import pytest
+from pocketflow import AsyncFlow
+
+from step03_pocketflow_node.flow import create_streaming_chat_flow
+from step03_pocketflow_node.nodes import StreamingChatNode
+from tests.support import collect_reply, reply_text
+
+APP = "step03_pocketflow_node.main"
+
+
+class RecordingSocket:
+    """Stands in for the WebSocket when the node runs on its own."""
+
+    def __init__(self):
+        self.frames = []
+
+    async def send_json(self, frame):
+        self.frames.append(frame)
+
+
+def test_the_flow_is_one_async_streaming_node():
+    flow = create_streaming_chat_flow()
+    assert isinstance(flow, AsyncFlow) and isinstance(flow.start_node, StreamingChatNode)
+    assert flow.start_node.max_retries == 1, "a streamed exec must never be retried"
+
+
+def test_the_node_alone_streams_and_post_writes_the_history(fake):
+    socket = RecordingSocket()
+    shared = {"websocket": socket, "user_message": "hello", "conversation_history": []}
+    asyncio.run(create_streaming_chat_flow().run_async(shared))
+    assert [f["type"] for f in socket.frames] == ["start", "chunk", "chunk", "chunk", "end"]
+    assert shared["conversation_history"] == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "You said: hello"},
+    ]
+
+
+def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "my name is Ada"})
+    first = collect_reply(ws)
+    assert [first[0]["type"], first[-1]["type"]] == ["start", "end"]
+    ws.send_json({"type": "message", "content": "what is my name?"})
+    assert reply_text(collect_reply(ws)) == "You said: what is my name?"
+    assert fake.requests[-1]["messages"] == [
+        {"role": "user", "content": "my name is Ada"},
+        {"role": "assistant", "content": "You said: my name is Ada"},
+        {"role": "user", "content": "what is my name?"},
+    ]
+
+
+def test_each_connection_has_its_own_memory(connect, fake):
+    alice, bob = connect(), connect()
+    alice.send_json({"type": "message", "content": "I am Alice"})
+    collect_reply(alice)
+    bob.send_json({"type": "message", "content": "I am Bob"})
+    collect_reply(bob)
+    assert fake.requests[-1]["messages"] == [{"role": "user", "content": "I am Bob"}]
+
+
+def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
+    fake.chunk_delay, fake.min_chunks = 0.15, 8
+    ws = connect()
+    ws.send_json({"type": "message", "content": "go"})
+    frames = collect_reply(ws, timed=True)
+    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
+    assert first_chunk_at < 0.6 and frames[-1][0] - first_chunk_at > 0.8
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "drop"])
+def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "remember me"})
+    collect_reply(ws)
+    fake.fail_next(fault, times=3)
+    ws.send_json({"type": "message", "content": "this one fails"})
+    assert collect_reply(ws)[-1]["type"] == "error"
+    if fault == "drop":
+        assert fake.started == 2, "the dropped stream was retried by the node"
+    fake.faults.clear()
+    ws.send_json({"type": "message", "content": "and this works"})
+    assert reply_text(collect_reply(ws)) == "You said: and this works"
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == [
+        "remember me", "You said: remember me", "and this works"]
+
+
+def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake):
+    ws = connect()
+    ws.send_text("{oops")
+    assert ws.receive_json()["type"] == "error"
+    ws.send_json({"type": "message", "content": "ok"})
+    assert reply_text(collect_reply(ws)) == "You said: ok"

@@ -1,0 +1,332 @@
+"""Step 04: the full chat. Stop, reset, busy, bad frames, upstream failures, limits."""
+
+import time
+import weakref
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from step04_full_chat import main as chat_main
+from step04_full_chat.config import settings
+from step04_full_chat.nodes import trim_history
+from tests.fake_llm import free_port
+from tests.support import collect_reply, reply_text, wait_until
+
+APP = "step04_full_chat.main"
+
+
+@pytest.fixture
+def client(fake):
+    """In-process only: for tests that change settings or the environment of the app."""
+    with TestClient(chat_main.app) as test_client:
+        yield test_client
+    assert not chat_main.reply_tasks, "a reply task outlived its connection"
+
+
+def history_sent(fake) -> list[str]:
+    return [m["content"] for m in fake.requests[-1]["messages"]]
+
+
+def start_slow_reply(ws, fake, content="tell me a long story"):
+    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    ws.send_json({"type": "message", "content": content})
+    assert ws.receive_json() == {"type": "start"}
+    assert ws.receive_json()["type"] == "chunk"
+
+
+# The happy path --------------------------------------------------------------------
+
+
+def test_frames_come_in_order_and_end_carries_stats(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "hello there"})
+    frames = collect_reply(ws)
+    assert [f["type"] for f in frames] == ["start"] + ["chunk"] * 4 + ["end"]
+    assert reply_text(frames) == "You said: hello there"
+    stats = frames[-1]["stats"]
+    assert stats["chunks"] == 4
+    assert 0 <= stats["first_chunk_ms"] <= stats["duration_ms"]
+    assert "stopped" not in frames[-1]
+
+
+def test_the_conversation_is_remembered_across_turns(connect, fake):
+    ws = connect()
+    for text in ["one", "two", "three"]:
+        ws.send_json({"type": "message", "content": text})
+        collect_reply(ws)
+    assert history_sent(fake) == ["one", "You said: one", "two", "You said: two", "three"]
+
+
+def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
+    fake.chunk_delay, fake.min_chunks = 0.15, 8
+    ws = connect()
+    ws.send_json({"type": "message", "content": "go"})
+    frames = collect_reply(ws, timed=True)
+    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
+    assert first_chunk_at < 0.6 and frames[-1][0] - first_chunk_at > 0.8
+
+
+def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "system_prompt", "You are terse.")
+    with client.websocket_connect("/ws") as ws:
+        for text in ["a", "b"]:
+            ws.send_json({"type": "message", "content": text})
+            collect_reply(ws)
+    assert fake.requests[-1]["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert history_sent(fake) == ["You are terse.", "a", "You said: a", "b"]
+
+
+# While a reply streams ---------------------------------------------------------------
+
+
+def test_stop_cancels_upstream_and_keeps_the_shown_part(connect, fake):
+    ws = connect()
+    start_slow_reply(ws, fake)
+    ws.send_json({"type": "stop"})
+    frames = collect_reply(ws)
+    assert frames[-1]["type"] == "end" and frames[-1]["stopped"] is True
+    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
+    assert fake.active == 0 and fake.completed == 0
+    shown = "You" + reply_text(frames)
+    fake.chunk_delay = 0
+    ws.send_json({"type": "message", "content": "next"})
+    collect_reply(ws)
+    assert history_sent(fake) == ["tell me a long story", shown, "next"]
+
+
+def test_stop_with_nothing_streaming_is_harmless(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "stop"})
+    ws.send_json({"type": "message", "content": "hi"})
+    assert reply_text(collect_reply(ws)) == "You said: hi"
+
+
+def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "remember this"})
+    collect_reply(ws)
+    start_slow_reply(ws, fake)
+    ws.send_json({"type": "reset"})
+    assert collect_reply(ws)[-1]["stopped"] is True
+    assert ws.receive_json() == {"type": "reset"}
+    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
+    fake.chunk_delay, fake.min_chunks = 0, 0
+    ws.send_json({"type": "message", "content": "fresh start"})
+    collect_reply(ws)
+    assert history_sent(fake) == ["fresh start"]
+
+
+def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(connect, fake):
+    ws = connect()
+    fake.chunk_delay = 0.05
+    fake.reply = "one two three four five six seven eight"
+    ws.send_json({"type": "message", "content": "first"})
+    assert ws.receive_json()["type"] == "start"
+    ws.send_json({"type": "message", "content": "impatient"})
+    frames = collect_reply(ws)
+    errors = [f for f in frames if f["type"] == "error"]
+    assert len(errors) == 1 and "still streaming" in errors[0]["message"]
+    rest = collect_reply(ws) if frames[-1]["type"] == "error" else frames
+    assert rest[-1]["type"] == "end" and "stopped" not in rest[-1]
+    assert reply_text(frames + rest) == "one two three four five six seven eight"
+    assert fake.completed == 1 and len(fake.requests) == 1
+
+
+def test_a_client_leaving_mid_reply_cancels_the_upstream_request(connect, fake):
+    ws = connect()
+    start_slow_reply(ws, fake)
+    ws.close()
+    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
+    assert fake.active == 0
+    again = connect()
+    fake.chunk_delay, fake.min_chunks = 0, 0
+    again.send_json({"type": "message", "content": "anyone?"})
+    assert reply_text(collect_reply(again)) == "You said: anyone?"
+
+
+def test_no_reply_task_survives_its_connection(client, fake):
+    for _ in range(5):
+        with client.websocket_connect("/ws") as ws:
+            start_slow_reply(ws, fake)
+    wait_until(lambda: not chat_main.reply_tasks and fake.active == 0, what="all replies to end")
+    assert fake.cancelled == 5 and not chat_main.open_connections
+
+
+# Bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame, words", [
+    ("not json at all", "must be JSON"),
+    ('["a", "list"]', "JSON object"),
+    ('"just a string"', "JSON object"),
+    ("{}", "type"),
+    ('{"type": "dance"}', "type"),
+    ('{"type": "message"}', "some text"),
+    ('{"type": "message", "content": ""}', "some text"),
+    ('{"type": "message", "content": "   \\n\\t "}', "some text"),
+    ('{"type": "message", "content": 42}', "some text"),
+    ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
+    ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
+    ('{"type": "message", "content": "' + "x" * 70_000 + '"}', "limited to 65536 bytes"),
+])
+def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(connect, fake, frame, words):
+    ws = connect()
+    ws.send_json({"type": "message", "content": "before"})
+    collect_reply(ws)
+    ws.send_text(frame)
+    error = ws.receive_json()
+    assert error["type"] == "error" and words in error["message"]
+    ws.send_json({"type": "message", "content": "after"})
+    assert reply_text(collect_reply(ws)) == "You said: after"
+    assert history_sent(fake) == ["before", "You said: before", "after"]
+    assert len(fake.requests) == 2, "an invalid frame reached the LLM"
+
+
+def test_a_binary_frame_gets_an_error_frame(connect, fake):
+    ws = connect()
+    ws.send_bytes(b"\x00\x01binary")
+    assert "Binary frames" in ws.receive_json()["message"]
+    ws.send_json({"type": "message", "content": "text now"})
+    assert reply_text(collect_reply(ws)) == "You said: text now"
+
+
+# Upstream failures -----------------------------------------------------------------
+
+
+FAILURES = {
+    "401": "API key",
+    "429": "rate-limiting",
+    "500": "HTTP 500",
+    "drop": "broke off",
+    "hang": "too long",
+    "refused": "Could not reach",
+}
+
+
+def point_llm_at(monkeypatch, url: str) -> None:
+    """Switch the app to another LLM address (a real deployment never does this at run time)."""
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setattr("step04_full_chat.utils.stream_llm._clients", weakref.WeakKeyDictionary())
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(
+        client, fake, fake_server, monkeypatch, failure):
+    monkeypatch.setattr("step04_full_chat.utils.stream_llm.TIMEOUT", 1.0)
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "message", "content": "keep me"})
+        collect_reply(ws)
+        if failure == "refused":
+            point_llm_at(monkeypatch, f"http://127.0.0.1:{free_port()}/v1")  # nobody listens
+        else:
+            fake.fail_next(failure, times=3)  # more than the SDK's own retries
+        ws.send_json({"type": "message", "content": "this fails"})
+        error = collect_reply(ws)[-1]
+        assert error["type"] == "error" and FAILURES[failure] in error["message"]
+        assert "Traceback" not in error["message"] and "sk-" not in error["message"]
+        point_llm_at(monkeypatch, fake_server.base_url)
+        fake.faults.clear()
+        ws.send_json({"type": "message", "content": "works again"})
+        assert reply_text(collect_reply(ws)) == "You said: works again"
+    assert history_sent(fake) == ["keep me", "You said: keep me", "works again"]
+
+
+def test_nothing_is_retried_after_the_first_chunk(connect, fake):
+    fake.fail_next("drop")
+    ws = connect()
+    ws.send_json({"type": "message", "content": "one two three four five"})
+    frames = collect_reply(ws)
+    assert [f["type"] for f in frames][:3] == ["start", "chunk", "chunk"]
+    assert frames[-1]["type"] == "error"
+    assert reply_text(frames) == "You said:", "chunks were repeated"
+    assert fake.started == 1 and len(fake.requests) == 1
+
+
+# Limits and origin -----------------------------------------------------------------
+
+
+def test_history_is_bounded_oldest_turns_first():
+    history = []
+    for i in range(30):
+        history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * 100}]
+        trim_history(history, max_messages=10, max_chars=350)
+    assert len(history) <= 10 and sum(len(m["content"]) for m in history) <= 350
+    assert history[0]["role"] == "user" and history[-2]["content"] == "q29"
+
+
+def test_long_conversations_keep_the_system_prompt_and_drop_old_turns(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "system_prompt", "Be brief.")
+    monkeypatch.setattr(settings, "max_history_messages", 4)
+    with client.websocket_connect("/ws") as ws:
+        for i in range(6):
+            ws.send_json({"type": "message", "content": f"turn {i}"})
+            collect_reply(ws)
+    assert history_sent(fake) == ["Be brief.", "turn 3", "You said: turn 3",
+                                  "turn 4", "You said: turn 4", "turn 5"]
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    (None, True),
+    ("http://testserver", True),
+    ("http://evil.example", False),
+    ("null", False),
+    ("http://testserver.evil.example", False),
+    ("https://chat.example.com", True),  # configured below
+])
+def test_only_the_pages_own_origin_and_configured_ones_may_connect(client, fake, monkeypatch, origin, allowed):
+    monkeypatch.setattr(settings, "allowed_origins", frozenset({"https://chat.example.com"}))
+    headers = {"origin": origin} if origin else {}
+    if allowed:
+        with client.websocket_connect("/ws", headers=headers) as ws:
+            ws.send_json({"type": "message", "content": "hi"})
+            assert reply_text(collect_reply(ws)) == "You said: hi"
+    else:
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect("/ws", headers=headers):
+                pass
+        assert refused.value.code == 1008
+        assert not fake.requests
+
+
+def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "max_connections", 2)
+    with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
+        with client.websocket_connect("/ws") as third:
+            assert "full" in third.receive_json()["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                third.receive_json()
+            assert closed.value.code == 1013
+    with client.websocket_connect("/ws") as later:  # room again once they left
+        later.send_json({"type": "message", "content": "in"})
+        assert reply_text(collect_reply(later)) == "You said: in"
+
+
+def test_a_fast_sender_is_rate_limited_and_can_continue_later(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "rate_limit_messages", 3)
+    monkeypatch.setattr(settings, "rate_limit_seconds", 0.5)
+    with client.websocket_connect("/ws") as ws:
+        for i in range(3):
+            ws.send_json({"type": "message", "content": f"m{i}"})
+            collect_reply(ws)
+        ws.send_json({"type": "message", "content": "too fast"})
+        assert "too fast" in ws.receive_json()["message"]
+        time.sleep(0.6)  # the window slides past the first messages
+        ws.send_json({"type": "message", "content": "later"})
+        assert reply_text(collect_reply(ws)) == "You said: later"
+
+
+def test_an_idle_connection_is_closed(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "idle_timeout_seconds", 0.3)
+    with client.websocket_connect("/ws") as ws:
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1000
+
+
+def test_the_page_loads_its_scripts_from_this_server(client):
+    page = client.get("/").text
+    assert "http" not in page.split("<body>")[0].replace('name="viewport"', ""), "no CDN"
+    for asset in ["/static/app.js", "/static/style.css", "/static/vendor/marked.umd.js",
+                  "/static/vendor/purify.min.js"]:
+        assert asset in page and client.get(asset).status_code == 200
