@@ -1,0 +1,58 @@
+"""python -m local_llm serve | chat  (what `make llm` and `make chat` run)."""
+
+import argparse
+import os
+import sys
+import time
+
+from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, start_local_llm
+
+# Matches the app's own frame limit (step04_full_chat/config.py).
+WS_MAX_SIZE = 64 * 1024
+
+
+def uses_remote_llm() -> bool:
+    return bool(os.getenv("OPENAI_API_KEY") or os.getenv("OPENAI_BASE_URL"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_llm")
+    parser.add_argument("command", choices=["serve", "chat"])
+    parser.add_argument("--port", type=int, default=PORT, help="the model's port (default %(default)s)")
+    parser.add_argument("--chat-port", type=int, default=8000)
+    args = parser.parse_args()
+
+    server = None
+    if args.command == "serve" or not uses_remote_llm():
+        began = time.perf_counter()
+        try:
+            server = start_local_llm(HOST, args.port)
+        except LocalModelError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"Local model {MODEL_NAME} ready at {base_url(HOST, args.port)} "
+              f"(started in {time.perf_counter() - began:.2f} s)", flush=True)
+        os.environ["OPENAI_BASE_URL"] = base_url(HOST, args.port)
+        os.environ.setdefault("OPENAI_MODEL", MODEL_NAME)
+    else:
+        print(f"Using {os.getenv('OPENAI_BASE_URL') or 'OpenAI'} (OPENAI_* is set): no local model started.")
+
+    if args.command == "serve":
+        print("Press Ctrl-C to stop.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+    import uvicorn
+
+    print(f"\n  Chat: open http://127.0.0.1:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
+    uvicorn.run("step04_full_chat.main:app", host="127.0.0.1", port=args.chat_port,
+                ws_max_size=WS_MAX_SIZE, ws_per_message_deflate=False, log_level="warning")
+    del server  # stops llama.cpp's threads
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The embedded local model (llama.cpp via xllamacpp, SmolLM2-135M): real tokens, no key, no network."""
+
+import socket
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+import local_llm
+from local_llm import LocalModelError, start_local_llm
+from step04_full_chat import main as chat_main
+from tests.fake_llm import free_port
+from tests.support import LiveServer, WsClient, collect_reply, reply_text
+from tests.test_notebooks import run_notebook
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+
+@pytest.fixture(scope="module")
+def model_url():
+    port = free_port()
+    server = start_local_llm(port=port)
+    yield local_llm.base_url(port=port)
+    del server
+
+
+@pytest.fixture
+def on_local_model(model_url, monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", model_url)
+    return model_url
+
+
+def assert_streamed_reply(frames):
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "start" and kinds[-1] == "end", kinds[-1:]
+    chunks = [f["content"] for f in frames if f["type"] == "chunk"]
+    assert len(chunks) >= 3 and all(chunks)
+    assert frames[-1]["stats"]["chunks"] == len(chunks)
+
+
+def test_a_real_reply_streams_through_step04(on_local_model):
+    with TestClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "message", "content": "What is the capital of France?"})
+        frames = collect_reply(ws)
+    assert_streamed_reply(frames)
+    print("model said:", reply_text(frames))
+
+
+def test_two_chats_stream_at_the_same_time(model_url):
+    env = {"OPENAI_BASE_URL": model_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    results = {}
+    with LiveServer("step04_full_chat.main:app", env=env) as server:
+        def chat(name):
+            with WsClient(server.ws_url) as ws:
+                ws.send_json({"type": "message", "content": f"Write a short poem about {name}."})
+                results[name] = collect_reply(ws, timed=True)
+
+        threads = [threading.Thread(target=chat, args=(name,)) for name in ("rain", "bread")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    for frames in results.values():
+        assert_streamed_reply([frame for _, frame in frames])
+    # Continuous batching: each chat's first chunk comes before the other chat has finished.
+    first = {name: next(at for at, f in frames if f["type"] == "chunk") for name, frames in results.items()}
+    end = {name: frames[-1][0] for name, frames in results.items()}
+    assert first["rain"] < end["bread"] and first["bread"] < end["rain"]
+
+
+def test_the_stream_llm_notebook_runs_on_the_local_model(on_local_model):
+    output = run_notebook("01_stream_llm.ipynb")
+    assert "chunks; the whole reply" in output and "'finish_reason': 'stop'" in output
+    assert "took [" in output and "Could not reach" in output
+
+
+def test_a_missing_model_package_is_explained(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(LocalModelError, match="make setup"):
+        local_llm.model_path()
+
+
+def test_a_corrupt_model_file_is_explained(tmp_path):
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(LocalModelError, match="corrupt"):
+        start_local_llm(port=free_port(), model=corrupt)
+
+
+def test_a_taken_port_is_explained():
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        with pytest.raises(LocalModelError, match="already taken"):
+            start_local_llm(port=squatter.getsockname()[1])
+
+
+def run_make_chat(env, *args):
+    """What `make chat` runs, on free ports, as a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, wait_for_port
+
+    chat_port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(chat_port), *args],
+                               cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    wait_for_port(chat_port, timeout=60, process=process)
+    return process, f"ws://127.0.0.1:{chat_port}/ws"
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["OPENAI_BASE_URL set", "nothing set"])
+def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, configured):
+    env = {"OPENAI_API_KEY": "", "OPENAI_MODEL": "",
+           "OPENAI_BASE_URL": fake_server.base_url if configured else ""}
+    fake_server.fake.reset()
+    process, ws_url = run_make_chat(env, "--port", str(free_port()))
+    try:
+        with WsClient(ws_url) as ws:
+            ws.send_json({"type": "message", "content": "Say hi"})
+            frames = collect_reply(ws)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert_streamed_reply(frames)
+    assert "Chat: open http://127.0.0.1:" in output
+    if configured:
+        assert "no local model started" in output and fake_server.fake.completed == 1
+    else:
+        assert "Local model smollm2-135m-instruct ready" in output and fake_server.fake.started == 0
+    assert process.returncode == 0, "Ctrl-C (SIGTERM here) should stop it cleanly"
