@@ -48,9 +48,16 @@ def main() -> int:
     import uvicorn
 
     print(f"\n  Chat: open http://127.0.0.1:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
-    uvicorn.run("step04_full_chat.main:app", host="127.0.0.1", port=args.chat_port,
-                ws_max_size=WS_MAX_SIZE, ws_per_message_deflate=False, log_level="warning")
+    try:
+        # Per-message compression is off: it costs CPU and memory per connection for
+        # small chunks that barely compress, and compressed frames have enabled
+        # side-channel attacks (CRIME/BREACH-style) when secrets share a stream.
+        uvicorn.run("step04_full_chat.main:app", host="127.0.0.1", port=args.chat_port,
+                    ws_max_size=WS_MAX_SIZE, ws_per_message_deflate=False, log_level="warning")
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
+        pass
     del server  # stops llama.cpp's threads
+    print("Stopped.")
     return 0
 
 

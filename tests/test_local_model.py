@@ -1,5 +1,6 @@
 """The embedded local model (llama.cpp via xllamacpp, SmolLM2-135M): real tokens, no key, no network."""
 
+import signal
 import socket
 import threading
 
@@ -123,7 +124,7 @@ def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, 
             ws.send_json({"type": "message", "content": "Say hi"})
             frames = collect_reply(ws)
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # Ctrl-C
         output = process.communicate(timeout=20)[0]
     assert_streamed_reply(frames)
     assert "Chat: open http://127.0.0.1:" in output
@@ -131,4 +132,4 @@ def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, 
         assert "no local model started" in output and fake_server.fake.completed == 1
     else:
         assert "Local model smollm2-135m-instruct ready" in output and fake_server.fake.started == 0
-    assert process.returncode == 0, "Ctrl-C (SIGTERM here) should stop it cleanly"
+    assert process.returncode == 0 and "Stopped." in output, "Ctrl-C should stop everything cleanly"
