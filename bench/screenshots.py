@@ -1,0 +1,55 @@
+"""Screenshots of the step04 chat from a real browser run: mid-reply, and at mobile width.
+
+    make screenshots      (writes docs/screenshots/*.png)
+"""
+
+import shutil
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+from tests.fake_llm import FakeLLMServer
+from tests.support import LiveServer
+from tests.test_browser import CHROMIUM_ARGS
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+REPLY = ("Here is a **WebSocket** echo server in FastAPI:\n\n```python\n@app.websocket(\"/ws\")\n"
+         "async def echo(websocket: WebSocket):\n    await websocket.accept()\n    while True:\n"
+         "        text = await websocket.receive_text()\n        await websocket.send_text(text)\n```\n\n"
+         "Each frame you send comes straight back. The loop ends when the client disconnects, "
+         "which raises `WebSocketDisconnect`. Next, try streaming a reply from a language model "
+         "one chunk at a time, and watch the frames in your browser's developer tools.")
+
+
+def shoot(browser, url, fake, name, **context_options):
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#status[data-state=ready]")
+    fake.chunk_delay, fake.reply = 0, "Hello! Ask me anything about WebSockets."
+    page.fill("#input", "Hi there")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".assistant .meta")
+    fake.chunk_delay, fake.reply = 0.05, REPLY
+    page.fill("#input", "Show me an echo server in FastAPI")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('.assistant')[1]?.innerText.includes('comes straight')")
+    page.screenshot(path=str(OUT / name))
+    context.close()
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with FakeLLMServer() as fake_server:
+        env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+        with LiveServer("step04_full_chat.main:app", env=env) as server, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+            shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})
+            shoot(browser, server.url, fake_server.fake, "step04-mobile.png",
+                  viewport={"width": 390, "height": 760}, is_mobile=True, device_scale_factor=2)
+            browser.close()
+    print(f"wrote {OUT}/step04-streaming.png and step04-mobile.png")
+
+
+if __name__ == "__main__":
+    main()

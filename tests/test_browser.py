@@ -1,0 +1,177 @@
+"""Every step's page in a real browser: Debian's Chromium, driven by Playwright."""
+
+import shutil
+import time
+
+import pytest
+
+from tests.support import LiveServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step04_full_chat"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:  # never a silent skip: the browser tests must run
+        pytest.fail("No chromium on PATH. `make test` installs Debian's chromium; elsewhere run "
+                    "`.venv/bin/python -m playwright install chromium`.")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def serve(step, fake_server, port=None):
+    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    server = LiveServer(f"{step}.main:app", env=env)
+    if port:
+        server.port = port
+        server.command[server.command.index("--port") + 1] = str(port)
+    return server
+
+
+def send(page, text):
+    page.fill("#text, #input", text)
+    page.keyboard.press("Enter")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_the_reply_grows_while_it_streams(step, page, fake, fake_server):
+    fake.chunk_delay, fake.min_chunks = 0.12, 12
+    with serve(step, fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_function("document.body.innerText.includes('connected') || "
+                               "document.querySelector('#status').dataset.state === 'ready'")
+        send(page, "hello browser")
+        reply = page.locator(".assistant").last if step != "step01_echo_ws" else page.locator("#log div").last
+        if step == "step01_echo_ws":
+            reply.wait_for()
+            assert "Echo: hello browser" in page.locator("#log").inner_text()
+            return
+        reply.wait_for()
+        page.wait_for_function("(el) => el.innerText.includes('You said')", arg=reply.element_handle())
+        early = reply.inner_text()
+        page.wait_for_function("(el) => el.innerText.includes('tick11')", arg=reply.element_handle())
+        final = reply.inner_text()
+        assert len(early) < len(final) and "tick11" not in early
+
+
+def test_step04_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
+    fake.chunk_delay, fake.min_chunks = 0.3, 100
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        send(page, "talk for a long time")
+        page.wait_for_selector(".assistant.streaming")
+        page.wait_for_function("document.querySelector('.assistant').innerText.includes('said')")
+        assert page.is_visible("#stop") and page.is_disabled("#send")
+        clicked = time.monotonic()
+        page.click("#stop")
+        page.wait_for_selector(".assistant .meta:has-text('stopped')", timeout=1000)
+        assert time.monotonic() - clicked < 1.0
+        assert page.is_hidden("#stop") and not page.is_disabled("#send")
+    assert fake.cancelled == 1
+
+
+def test_step04_new_chat_clears_the_conversation(page, fake, fake_server):
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        send(page, "first message")
+        page.wait_for_selector(".assistant .meta")
+        page.click("#new-chat")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 0")
+        send(page, "after reset")
+        page.wait_for_selector(".assistant .meta")
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == ["after reset"]
+
+
+def test_step04_model_output_cannot_run_script(page, fake, fake_server):
+    fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
+                  '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        send(page, "be evil")
+        page.wait_for_selector(".assistant .meta")
+        for link in page.locator(".assistant a").all():
+            link.click()
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.pwned") is None
+        assert page.locator(".assistant script, .assistant [onerror]").count() == 0
+        hrefs = page.eval_on_selector_all(".assistant a", "links => links.map(a => a.getAttribute('href'))")
+        assert not any(h and h.lower().startswith("javascript") for h in hrefs)
+        assert page.locator(".assistant strong").inner_text() == "bold"
+
+
+def test_step04_markdown_and_code_blocks_render(page, fake, fake_server):
+    fake.reply = "# Title\n\nSome *emphasis* and a list:\n\n- one\n- two\n\n```python\nprint('hi')\n```\n"
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        send(page, "markdown please")
+        page.wait_for_selector(".assistant .meta")
+        assert page.locator(".assistant h1").inner_text() == "Title"
+        assert page.locator(".assistant li").count() == 2
+        assert page.locator(".assistant pre code").inner_text().strip() == "print('hi')"
+
+
+def test_step04_reconnects_after_a_server_restart(page, fake, fake_server):
+    server = serve("step04_full_chat", fake_server)
+    with server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+    page.wait_for_selector("#status[data-state=reconnecting]")
+    assert "Reconnecting" in page.inner_text("#notice")
+    with serve("step04_full_chat", fake_server, port=server.port):
+        page.wait_for_selector("#status[data-state=ready]", timeout=15000)
+        assert "Reconnected" in page.inner_text("#notice")
+        send(page, "back again")
+        page.wait_for_selector(".assistant .meta")
+        assert "You said: back again" in page.inner_text(".assistant")
+
+
+def test_step04_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(page, fake, fake_server):
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        page.fill("#input", "line one")
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.type("line two")
+        assert page.input_value("#input") == "line one\nline two"
+        page.dispatch_event("#input", "keydown", {"key": "Enter", "isComposing": True})
+        assert page.input_value("#input") == "line one\nline two" and not fake.requests
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".assistant .meta")
+    assert fake.requests[-1]["messages"][-1]["content"] == "line one\nline two"
+
+
+def test_step04_works_at_mobile_width(browser, fake, fake_server):
+    context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    with serve("step04_full_chat", fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        send(page, "small screen")
+        page.wait_for_selector(".assistant .meta")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, "the page scrolls sideways on a phone"
+    context.close()
