@@ -48,6 +48,11 @@ def serve(step, fake_server, port=None):
     return server
 
 
+def open_chat(page, url):
+    page.goto(url)
+    page.wait_for_selector("#status[data-state=ready]")
+
+
 def send(page, text):
     page.fill("#text, #input", text)
     page.keyboard.press("Enter")
@@ -77,8 +82,7 @@ def test_the_reply_grows_while_it_streams(step, page, fake, fake_server):
 def test_step04_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
     fake.chunk_delay, fake.min_chunks = 0.3, 100
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         send(page, "talk for a long time")
         page.wait_for_selector(".assistant.streaming")
         page.wait_for_function("document.querySelector('.assistant').innerText.includes('said')")
@@ -93,8 +97,7 @@ def test_step04_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
 
 def test_step04_new_chat_clears_the_conversation(page, fake, fake_server):
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         send(page, "first message")
         page.wait_for_selector(".assistant .meta")
         page.click("#new-chat")
@@ -108,8 +111,7 @@ def test_step04_model_output_cannot_run_script(page, fake, fake_server):
     fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
                   '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         send(page, "be evil")
         page.wait_for_selector(".assistant .meta")
         for link in page.locator(".assistant a").all():
@@ -125,8 +127,7 @@ def test_step04_model_output_cannot_run_script(page, fake, fake_server):
 def test_step04_markdown_and_code_blocks_render(page, fake, fake_server):
     fake.reply = "# Title\n\nSome *emphasis* and a list:\n\n- one\n- two\n\n```python\nprint('hi')\n```\n"
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         send(page, "markdown please")
         page.wait_for_selector(".assistant .meta")
         assert page.locator(".assistant h1").inner_text() == "Title"
@@ -137,8 +138,7 @@ def test_step04_markdown_and_code_blocks_render(page, fake, fake_server):
 def test_step04_reconnects_after_a_server_restart(page, fake, fake_server):
     server = serve("step04_full_chat", fake_server)
     with server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
     page.wait_for_selector("#status[data-state=reconnecting]")
     assert "Reconnecting" in page.inner_text("#notice")
     with serve("step04_full_chat", fake_server, port=server.port):
@@ -151,8 +151,7 @@ def test_step04_reconnects_after_a_server_restart(page, fake, fake_server):
 
 def test_step04_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(page, fake, fake_server):
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         page.fill("#input", "line one")
         page.keyboard.press("Shift+Enter")
         page.keyboard.type("line two")
@@ -168,8 +167,7 @@ def test_step04_works_at_mobile_width(browser, fake, fake_server):
     context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True)
     page = context.new_page()
     with serve("step04_full_chat", fake_server) as server:
-        page.goto(server.url)
-        page.wait_for_selector("#status[data-state=ready]")
+        open_chat(page, server.url)
         send(page, "small screen")
         page.wait_for_selector(".assistant .meta")
         width = page.evaluate("document.documentElement.scrollWidth")

@@ -7,7 +7,7 @@ from pocketflow import AsyncFlow
 
 from step03_pocketflow_node.flow import create_streaming_chat_flow
 from step03_pocketflow_node.nodes import StreamingChatNode
-from tests.support import collect_reply, reply_text
+from tests.support import assert_reply_streams_incrementally, collect_reply, reply_text
 
 APP = "step03_pocketflow_node.main"
 
@@ -63,12 +63,7 @@ def test_each_connection_has_its_own_memory(connect, fake):
 
 
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
-    fake.chunk_delay, fake.min_chunks = 0.15, 8
-    ws = connect()
-    ws.send_json({"type": "message", "content": "go"})
-    frames = collect_reply(ws, timed=True)
-    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
-    assert first_chunk_at < 0.6 and frames[-1][0] - first_chunk_at > 0.8
+    assert_reply_streams_incrementally(connect(), fake)
 
 
 @pytest.mark.parametrize("fault", ["500", "429", "drop"])

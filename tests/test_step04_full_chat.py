@@ -11,7 +11,7 @@ from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from step04_full_chat.nodes import trim_history
 from tests.fake_llm import free_port
-from tests.support import collect_reply, reply_text, wait_until
+from tests.support import assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
 
 APP = "step04_full_chat.main"
 
@@ -59,12 +59,7 @@ def test_the_conversation_is_remembered_across_turns(connect, fake):
 
 
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
-    fake.chunk_delay, fake.min_chunks = 0.15, 8
-    ws = connect()
-    ws.send_json({"type": "message", "content": "go"})
-    frames = collect_reply(ws, timed=True)
-    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
-    assert first_chunk_at < 0.6 and frames[-1][0] - first_chunk_at > 0.8
+    assert_reply_streams_incrementally(connect(), fake)
 
 
 def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
