@@ -12,7 +12,7 @@ import time
 import local_llm
 from step04_full_chat.utils.stream_llm import get_client
 from tests.fake_llm import free_port
-from tests.support import LiveServer, WsClient
+from tests.support import LiveServer, WsClient, llm_env
 
 PROMPTS = ["Write a short poem about the sea.", "Explain what a WebSocket is.",
            "Give three tips for learning Python."]
@@ -67,7 +67,7 @@ def main():
 
     report("raw, 1 stream", asyncio.run(raw(1)))
     report("raw, 2 concurrent streams", asyncio.run(raw(2)))
-    env = {"OPENAI_BASE_URL": os.environ["OPENAI_BASE_URL"], "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(os.environ["OPENAI_BASE_URL"])
     with LiveServer("step04_full_chat.main:app", env=env) as chat:
         for concurrency in (1, 2):
             samples = []

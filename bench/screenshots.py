@@ -9,7 +9,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from tests.fake_llm import FakeLLMServer
-from tests.support import LiveServer
+from tests.support import LiveServer, llm_env
 from tests.test_browser import CHROMIUM_ARGS
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -41,7 +41,7 @@ def shoot(browser, url, fake, name, **context_options):
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with FakeLLMServer() as fake_server:
-        env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+        env = llm_env(fake_server.base_url)
         with LiveServer("step04_full_chat.main:app", env=env) as server, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
             shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fake_llm import FakeLLMServer
-from tests.support import LiveServer, WsClient
+from tests.support import LiveServer, WsClient, llm_env
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
@@ -34,7 +34,7 @@ def fake(fake_server, monkeypatch):
 
 @pytest.fixture(scope="module")
 def live_server(request, fake_server):
-    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(fake_server.base_url)
     with LiveServer(request.module.APP + ":app", env=env) as server:
         yield server
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from websockets.sync.client import connect
@@ -28,6 +29,11 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+def llm_env(base_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a server that talks to the LLM at base_url and nothing else."""
+    return {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": "", **extra}
 
 
 class LiveServer:
@@ -128,3 +134,10 @@ def assert_reply_streams_incrementally(ws, fake) -> None:
     first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
     # Eight chunks 0.15 s apart take over a second; the first must not wait for the rest.
     assert first_chunk_at < 0.6 and frames[-1][0] - first_chunk_at > 0.8
+
+
+def point_llm_at(monkeypatch, package: str, url: str) -> None:
+    """Switch a step's app to another LLM address (a real deployment never does this at
+    run time): set the variable and drop the cached clients, which hold the old address."""
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setattr(f"{package}.utils.stream_llm._clients", weakref.WeakKeyDictionary())

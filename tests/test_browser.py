@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.support import LiveServer
+from tests.support import LiveServer, llm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -40,7 +40,7 @@ def page(browser):
 
 
 def serve(step, fake_server, port=None):
-    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(fake_server.base_url)
     server = LiveServer(f"{step}.main:app", env=env)
     if port:
         server.port = port

@@ -3,16 +3,20 @@
 Every loop here is bounded in count and time.
 """
 
+import importlib
 import json
 import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from websockets.exceptions import ConnectionClosed
 
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
-from tests.support import LiveServer, WsClient, collect_reply, reply_text, wait_until
+from tests.fake_llm import free_port
+from tests.support import LiveServer, WsClient, collect_reply, llm_env, point_llm_at, reply_text, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
 
@@ -74,9 +78,35 @@ def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake):
 
 @pytest.fixture(scope="module")
 def step04_server(fake_server):
-    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(fake_server.base_url)
     with LiveServer("step04_full_chat.main:app", env=env) as server:
         yield server
+
+
+# Invalid UTF-8 cannot go through TestClient, so these frames go to a real server.
+BAD_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xe2\x82", b"\x80"]
+invalid_utf8_frames = st.tuples(st.text(max_size=40), st.sampled_from(BAD_UTF8), st.text(max_size=40)).map(
+    lambda parts: parts[0].encode() + parts[1] + parts[2].encode())
+
+
+def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step04_server, fake):
+    count = 0
+
+    @hypothesis_settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(payload=invalid_utf8_frames)
+    def one_frame(payload):
+        nonlocal count
+        count += 1
+        with WsClient(step04_server.ws_url) as ws:
+            ws.connection.send(payload, text=True)  # a text frame whose bytes are not UTF-8
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.receive_text(timeout=5)
+            assert closed.value.rcvd.code == 1007  # "invalid frame payload data" (RFC 6455)
+
+    one_frame()
+    with WsClient(step04_server.ws_url) as ws:  # the server is still serving
+        ws.send_json({"type": "message", "content": f"after {count} bad frames"})
+        assert reply_text(collect_reply(ws)) == f"You said: after {count} bad frames"
 
 
 def run_clients(url, count, make_message):
@@ -109,9 +139,64 @@ def test_thirty_concurrent_clients_each_get_only_their_own_reply(step04_server, 
         assert sum(token in text for token in tokens.values()) == 1
 
 
+def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
+    fake.chunk_delay, fake.min_chunks = 0.02, 50  # 20 streams of 50 chunks, 20 ms apart
+    env = llm_env(fake_server.base_url, PROBED_APP="step04_full_chat.main:app")
+    with LiveServer("tests.loop_probe:app", env=env) as server:
+        httpx.get(server.url + "/_probe/start").raise_for_status()
+        results = run_clients(server.ws_url, 20, lambda i: f"stream {i}")
+        probe = httpx.get(server.url + "/_probe").json()
+    assert all(len(results[i].split()) == 50 and f"stream {i}" in results[i] for i in range(20))
+    assert probe["lag_ms"]["samples"] >= 100, probe  # 5 ms samples across a 1 s run
+    assert probe["lag_ms"]["max"] < 50, f"the server's event loop was blocked: {probe}"
+
+
 def test_two_workers_serve_concurrent_chats(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 10
-    env = {"OPENAI_BASE_URL": fake_server.base_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(fake_server.base_url)
     with LiveServer("step04_full_chat.main:app", env=env, extra_args=("--workers", "2")) as server:
         results = run_clients(server.ws_url, 6, lambda i: f"worker check {i}")
     assert all(results[i].startswith(f"You said: worker check {i}") for i in range(6))
+
+
+# The fault matrix: every upstream fault against every step that talks to an LLM ------
+
+STEPS_WITH_AN_LLM = ["step02_llm_stream", "step03_pocketflow_node", "step04_full_chat"]
+FAULT_MESSAGES = {
+    "401": "API key",
+    "429": "rate-limiting",
+    "500": "HTTP 500",
+    "refused": "Could not reach",
+    "timeout": "too long",  # the request is accepted but never answered
+    "drop": "broke off",  # the stream stops midway
+    "slow": "too long",  # the stream starts, then pauses longer than the read timeout
+}
+
+
+@pytest.mark.parametrize("fault", FAULT_MESSAGES)
+@pytest.mark.parametrize("package", STEPS_WITH_AN_LLM)
+def test_every_upstream_fault_gives_an_error_frame_then_a_good_turn(fake, fake_server, monkeypatch, package, fault):
+    monkeypatch.setattr(f"{package}.utils.stream_llm.TIMEOUT", 1.0)
+    fake.slow_delay = 2.0
+    app = importlib.import_module(f"{package}.main").app
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "message", "content": "keep me"})
+        assert reply_text(collect_reply(ws)) == "You said: keep me"
+        if fault == "refused":
+            point_llm_at(monkeypatch, package, f"http://127.0.0.1:{free_port()}/v1")  # nobody listens
+        else:
+            fake.fail_next("hang" if fault == "timeout" else fault, times=3)  # outlasts the SDK's retries
+        ws.send_json({"type": "message", "content": "this one fails"})
+        error = collect_reply(ws)[-1]
+        assert error["type"] == "error" and FAULT_MESSAGES[fault] in error["message"], error
+        assert "Traceback" not in error["message"] and "sk-" not in error["message"]
+
+        point_llm_at(monkeypatch, package, fake_server.base_url)
+        fake.faults.clear()
+        ws.send_json({"type": "message", "content": "works again"})
+        assert reply_text(collect_reply(ws)) == "You said: works again"
+    remembered = [m["content"] for m in fake.requests[-1]["messages"]]
+    if package == "step02_llm_stream":  # no memory in step02: each message stands alone
+        assert remembered == ["works again"]
+    else:  # the failed turn left no trace, the good one before it is still there
+        assert remembered == ["keep me", "You said: keep me", "works again"]

@@ -11,7 +11,7 @@ import local_llm
 from local_llm import LocalModelError, start_local_llm
 from step04_full_chat import main as chat_main
 from tests.fake_llm import free_port
-from tests.support import LiveServer, WsClient, collect_reply, reply_text
+from tests.support import LiveServer, WsClient, collect_reply, llm_env, reply_text
 from tests.test_notebooks import run_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
@@ -50,7 +50,7 @@ def test_a_real_reply_streams_through_step04(on_local_model):
 
 
 def test_two_chats_stream_at_the_same_time(model_url):
-    env = {"OPENAI_BASE_URL": model_url, "OPENAI_API_KEY": "", "OPENAI_MODEL": ""}
+    env = llm_env(model_url)
     results = {}
     with LiveServer("step04_full_chat.main:app", env=env) as server:
         def chat(name):
