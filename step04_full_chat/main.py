@@ -173,5 +173,4 @@ async def chat(websocket: WebSocket):
     finally:
         open_connections.discard(websocket)
         if reply and not reply.done():  # the client left mid-reply: cancel the upstream call
-            reply.cancel()
-            await asyncio.gather(reply, return_exceptions=True)
+            reply.cancel()  # reply_tasks holds it while it closes the upstream response

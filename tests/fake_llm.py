@@ -45,6 +45,7 @@ class FakeLLM:
     min_chunks: int = 0  # pad short replies with filler words up to this many chunks
     reply: str | None = None  # a fixed reply instead of "You said: ..."
     slow_delay: float = 0.5  # seconds between chunks for the "slow" fault
+    stamp: bool = False  # each chunk's text is its send time (time.monotonic()), for bench/
     faults: list[str] = field(default_factory=list)  # one is used up per request
     started: int = 0
     completed: int = 0
@@ -106,6 +107,7 @@ class _WatchedStream(StreamingResponse):
 
 def create_app(fake: FakeLLM) -> Starlette:
     async def chat_completions(request: Request):
+        received = time.monotonic()
         body = await request.json()
         fake.requests.append(body)
         fault = fake.faults.pop(0) if fake.faults else None
@@ -148,6 +150,10 @@ def create_app(fake: FakeLLM) -> Starlette:
                         raise _DroppedStream("fault injected: stream dropped midway")
                     if delay:
                         await asyncio.sleep(delay)
+                    if fake.stamp:  # one clock for every process on this machine
+                        # "<sent>", and on the first chunk "<request received>/<sent>".
+                        piece = f" {received:.6f}/" if index == 0 else " "
+                        piece += f"{time.monotonic():.6f}"
                     yield _chunk(completion_id, model, {"content": piece})
                 yield _chunk(completion_id, model, {}, finish="stop")
                 yield "data: [DONE]\n\n"
@@ -209,8 +215,9 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="seconds between chunks")
     parser.add_argument("--min-chunks", type=int, default=0)
     parser.add_argument("--reply", default=None, help="a fixed reply instead of 'You said: ...'")
+    parser.add_argument("--stamp", action="store_true", help="chunks carry their send time (for bench/)")
     args = parser.parse_args()
-    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply)
+    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp)
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
     print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")

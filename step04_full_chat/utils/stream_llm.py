@@ -9,12 +9,13 @@ Try it:  python -m step04_full_chat.utils.stream_llm "Say hello in three languag
 """
 
 import asyncio
+import json
 import os
 import sys
 import weakref
 from collections.abc import AsyncIterator
 
-import httpx
+import httpx2  # the HTTP library under openai 3.x; its errors are the transport's errors
 import openai
 from dotenv import load_dotenv
 
@@ -22,7 +23,7 @@ from dotenv import load_dotenv
 LOCAL_LLM_URL = "http://127.0.0.1:8808/v1"
 
 # Connecting should be quick; a reply may pause for a while between two tokens.
-TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+TIMEOUT = httpx2.Timeout(60.0, connect=5.0)
 
 load_dotenv()  # a .env file, if there is one; real environment variables win
 
@@ -62,6 +63,26 @@ class StreamCutOff(Exception):
     """The server started a reply but the connection broke before it finished."""
 
 
+def text_of(line: str) -> str | None:
+    """The text in one line of the server-sent event stream, or None.
+
+    The SDK would build a typed object for every chunk (about 65 µs each, half of
+    step04's CPU per chunk when we profiled it); the text only needs one json.loads.
+    OpenAI-compatible servers send one `data: {...}` line per event, a blank line
+    between events, and `data: [DONE]` at the end.
+    """
+    if not line.startswith("data:"):
+        return None  # a blank line, an `event:` name or a `: comment`
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    chunk = json.loads(data)
+    if chunk.get("error"):  # an error reported after the stream had started
+        raise StreamCutOff(f"the server reported an error midway: {chunk['error']}")
+    choices = chunk.get("choices") or []  # empty in usage reports and some preambles
+    return (choices[0].get("delta") or {}).get("content") if choices else None
+
+
 async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
     """Yield the reply to `messages` as text chunks, as soon as the server sends them.
 
@@ -69,20 +90,20 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
     `contextlib.aclosing`) and the HTTP request to the server is closed too, so the
     server stops generating.
     """
-    stream = await get_client().chat.completions.create(
+    # with_streaming_response: the SDK still sends the request, retries it and turns
+    # HTTP errors into openai exceptions; we read the body's lines ourselves.
+    request = get_client().chat.completions.with_streaming_response.create(
         model=llm_model(), messages=messages, stream=True
     )
-    async with stream:  # closes the HTTP response however we leave this block
+    async with request as response:  # closes the HTTP response however we leave this block
         try:
-            async for chunk in stream:
-                if not chunk.choices:  # e.g. a usage report or a provider's preamble
-                    continue
-                text = chunk.choices[0].delta.content
+            async for line in response.iter_lines():
+                text = text_of(line)
                 if text:  # the first delta only carries the role, with empty content
                     yield text
-        except openai.APITimeoutError:
-            raise
-        except (openai.APIConnectionError, httpx.HTTPError) as error:
+        except httpx2.TimeoutException as error:  # no chunk for longer than the read timeout
+            raise openai.APITimeoutError(request=response.http_request) from error
+        except (httpx2.HTTPError, ValueError) as error:  # dropped, or not valid JSON
             raise StreamCutOff("the reply stopped before it was complete") from error
 
 

@@ -1,0 +1,29 @@
+"""A tiny run of the benchmark harness (`make bench` runs the full one)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.relay", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]
+    assert {r["variant"] for r in runs} == {"step04", "step02", "naive"}
+    for run in runs + results["capacity"]:
+        assert run["failures"] == 0, run
+        # Every chunk is timed, and no chunk can arrive before the fake sent it.
+        assert 0 < run["chunk_latency_ms"]["p50"] <= run["chunk_latency_ms"]["max"], run
+        assert run["first_chunk_ms"]["p50"] >= results["schedule"]["delay_ms"], run
+        assert run["cpu_us_per_chunk"] > 0
+    assert results["memory"]["idle_kib_per_connection"] > 0
+    assert "| step04 | 4 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
