@@ -51,6 +51,7 @@ VARIANTS = {
 # The same WebSocket settings as `make chat`.
 UVICORN_ARGS = ("--ws-max-size", "65536", "--ws-per-message-deflate", "false")
 CAPACITY_P99_LIMIT = 0.100  # seconds of chunk latency
+CAPACITY_DELAY = 0.050  # 20 chunks per second per stream
 OUT = ROOT / "docs" / "bench"
 
 
@@ -97,13 +98,15 @@ class Plan:
     concurrency: list[int]  # the overhead-against-concurrency curve, every variant
     capacity: list[int]  # step04 alone, until the p99 chunk latency passes the limit
     memory_clients: int
+    capacity_chunks: int = 100  # 5 s at 20 chunks/s
     chunks: int = CHUNKS
     delay: float = DELAY
     timeout: float = 120.0
 
 
-FULL = Plan(concurrency=[1, 10, 50, 100, 200], capacity=[300, 400, 500, 600, 800, 1000], memory_clients=500)
-SMOKE = Plan(concurrency=[1, 4], capacity=[8], memory_clients=8, chunks=5, delay=0.01, timeout=30.0)
+FULL = Plan(concurrency=[1, 10, 50, 100, 200], capacity=[100, 200, 300, 400, 500, 600, 800, 1000], memory_clients=500)
+SMOKE = Plan(concurrency=[1, 4], capacity=[8], memory_clients=8, chunks=5, delay=0.01, timeout=30.0,
+             capacity_chunks=6)
 
 
 # The pieces: upstream, server, clients ----------------------------------------------
@@ -150,8 +153,9 @@ async def open_clients(url: str, count: int) -> list:
     return sockets
 
 
-async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int) -> None:
+async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int, start_after: float) -> None:
     await go.wait()
+    await asyncio.sleep(start_after)
     sent = time.monotonic()
     await ws.send(json.dumps({"type": "message", "content": "benchmark"}))
     stamps = []
@@ -177,17 +181,20 @@ async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int) -> None:
     run.upstream_rate.append((chunks - 1) / (stamps[-1] - stamps[0]))
 
 
-async def measure(server: LiveServer, variant: str, clients: int, plan: Plan) -> tuple[Run, dict]:
-    """N clients send at once. Returns the run and the server's memory figures (KiB)."""
+async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
+                  spread: float = 0.0) -> tuple[Run, dict]:
+    """N clients send at once, or evenly over `spread` seconds (a class arriving rather than
+    a burst). Returns the run and the server's memory figures (KiB)."""
+    chunks = plan.chunks
     run = Run(variant, clients)
     before = await probe(server)
     sockets = await open_clients(server.ws_url, clients)
     await asyncio.sleep(0.5)
     idle = await probe(server, "/_probe/start")  # also restarts the lag sampler
     go = asyncio.Event()
-    chats = asyncio.gather(*(chat_once(ws, go, run, plan.chunks) for ws in sockets))
+    chats = asyncio.gather(*(chat_once(ws, go, run, chunks, spread * i / clients) for i, ws in enumerate(sockets)))
     go.set()
-    await asyncio.sleep(plan.chunks * plan.delay / 2)
+    await asyncio.sleep(spread + chunks * plan.delay / 2)
     streaming = await probe(server)
     try:
         await asyncio.wait_for(chats, plan.timeout)
@@ -217,8 +224,9 @@ async def warm_up(server: LiveServer, plan: Plan) -> None:
 def run_plan(plan: Plan) -> dict:
     steps = len(plan.concurrency) * len(VARIANTS) + len(plan.capacity) + 1
     progress = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
-    results = {"schedule": {"chunks": plan.chunks, "delay_ms": plan.delay * 1000}, "runs": [], "capacity": [],
-               "memory": {}}
+    results = {"schedule": {"chunks": plan.chunks, "delay_ms": plan.delay * 1000},
+               "capacity_schedule": {"chunks": plan.capacity_chunks, "delay_ms": CAPACITY_DELAY * 1000},
+               "runs": [], "capacity": [], "memory": {}}
     with FakeUpstream(plan.chunks, plan.delay) as upstream:
         for variant in VARIANTS:
             with serve(variant, upstream) as server:
@@ -235,13 +243,18 @@ def run_plan(plan: Plan) -> dict:
             results["memory"] = {key: round(value, 1) for key, value in memory.items()}
             results["memory"]["clients"] = plan.memory_clients
             progress.update()
-            for clients in plan.capacity:
-                progress.set_postfix_str(f"capacity, {clients} streams")
-                run, _ = asyncio.run(measure(server, "step04", clients, plan))
-                results["capacity"].append(run.summary())
-                progress.update()
-                if run.failures or quantile(run.chunk_latency, 0.99) > CAPACITY_P99_LIMIT:
-                    break
+    # Capacity: every stream at 20 chunks/s for 5 s, started evenly over the first 2.5 s
+    # (a class arriving, not one burst), so for 2.5 s every stream flows at once.
+    capacity = Plan([], [], 0, chunks=plan.capacity_chunks, delay=CAPACITY_DELAY, timeout=plan.timeout)
+    with FakeUpstream(capacity.chunks, capacity.delay) as upstream, serve("step04", upstream) as server:
+        asyncio.run(warm_up(server, capacity))
+        for clients in plan.capacity:
+            progress.set_postfix_str(f"capacity, {clients} streams")
+            run, _ = asyncio.run(measure(server, "step04", clients, capacity, spread=capacity.chunks * capacity.delay / 2))
+            results["capacity"].append(run.summary())
+            progress.update()
+            if run.failures or quantile(run.chunk_latency, 0.99) > CAPACITY_P99_LIMIT:
+                break
     progress.close()
     held = [r["clients"] for r in results["capacity"]
             if not r["failures"] and r["chunk_latency_ms"]["p99"] <= CAPACITY_P99_LIMIT * 1000]

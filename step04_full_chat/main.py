@@ -38,6 +38,7 @@ async def lifespan(app: FastAPI):
     gc.collect()
     gc.freeze()
     yield
+    await get_client().close()  # the upstream connections, at shutdown
 
 
 app = FastAPI(title="Step 04: full chat", lifespan=lifespan)
