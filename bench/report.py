@@ -12,8 +12,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"step04": "step04 (one client per process)", "step02": "step02 (no task, no flow)",
-          "naive": "naive baseline (new client per message)"}
+LABELS = {"step04": "step04 (one client, aiohttp transport, lines read directly)",
+          "step02": "step02 (one client, the SDK's defaults)",
+          "naive": "naive baseline (step04 with a new client per message)"}
 
 
 def fmt(value) -> str:
