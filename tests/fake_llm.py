@@ -6,7 +6,7 @@ with `data: [DONE]`, so the real `openai` SDK is exercised end to end.
 
 Replies are scripted: by default the fake answers "You said: <last user message>"
 one word per chunk. It can also inject faults (HTTP 401/429/500, a stream dropped
-midway, a slow stream, a request that never answers) and it counts the streams it
+midway, an error event midway, a slow stream, a request that never answers) and it counts the streams it
 started, completed, dropped and saw cancelled by the client.
 
 Start it by hand (from the repository root):
@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-FAULTS = ("401", "429", "500", "drop", "slow", "hang")
+FAULTS = ("401", "429", "500", "drop", "error_midway", "slow", "hang")
 
 
 @dataclass
@@ -148,6 +148,14 @@ def create_app(fake: FakeLLM) -> Starlette:
                         fake.dropped += 1
                         finished = True
                         raise _DroppedStream("fault injected: stream dropped midway")
+                    if fault == "error_midway" and index == min(2, len(chunks) - 1):
+                        # What OpenAI sends when generation fails after the stream has started.
+                        error = {"message": "The server had an error while processing your request.",
+                                 "type": "server_error"}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        fake.completed += 1
+                        finished = True
+                        return
                     if delay:
                         await asyncio.sleep(delay)
                     if fake.stamp:  # one clock for every process on this machine

@@ -189,7 +189,8 @@ def test_a_binary_frame_gets_an_error_frame(connect, fake):
 
 # The quick faults; tests/test_campaign.py runs every fault (refused, timeout, slow too)
 # against steps 02, 03 and 04.
-FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop": "broke off"}
+FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop": "broke off",
+            "error_midway": "broke off"}
 
 
 @pytest.mark.parametrize("failure", FAILURES)
