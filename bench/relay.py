@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ class Run:
     failures: int = 0
     cpu_us_per_chunk: float = 0.0
     server_lag_max_ms: float = 0.0
+    sockets_after: int = 0  # the server's open sockets once every client has left
 
     def summary(self) -> dict:
         def in_ms(values):
@@ -82,6 +84,7 @@ class Run:
             "upstream_chunks_per_s_p50": round(statistics.median(self.upstream_rate), 1) if self.upstream_rate else None,
             "cpu_us_per_chunk": round(self.cpu_us_per_chunk, 1),
             "server_lag_max_ms": self.server_lag_max_ms,
+            "server_sockets_after": self.sockets_after,
         }
 
 
@@ -202,6 +205,8 @@ async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
         run.failures = clients - len(run.whole_reply)
     after = await probe(server)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    await asyncio.sleep(1.0)  # let the server notice the closes
+    run.sockets_after = (await probe(server))["sockets"]
     relayed = max(1, len(run.chunk_latency))
     run.cpu_us_per_chunk = (after["cpu_seconds"] - idle["cpu_seconds"]) / relayed * 1e6
     run.server_lag_max_ms = after["lag_ms"]["max"]
@@ -262,7 +267,15 @@ def run_plan(plan: Plan) -> dict:
     return results
 
 
+def allow_many_sockets() -> None:
+    """Up to a thousand clients need ~3,000 file descriptors here and in the server
+    (which inherits the limit); many systems start processes with a soft limit of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
+    allow_many_sockets()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny run of the harness itself")
     parser.add_argument("--out", type=Path, default=OUT, help="where the table and the plot go")

@@ -6,7 +6,7 @@ The campaign and the benchmarks run it under a real uvicorn:
 
 Every path except /_probe goes to the step's app unchanged.
   GET /_probe/start   (re)starts the event-loop lag sampler
-  GET /_probe         {"lag_ms": {"max", "p99", "samples"}, "rss_kib", "cpu_seconds"}
+  GET /_probe         {"lag_ms": {"max", "p99", "samples"}, "rss_kib", "cpu_seconds", "sockets"}
 
 Event-loop lag is how late a 5 ms sleep wakes up: any call that blocks the loop
 (file or socket I/O without await, heavy CPU) shows up as lag for every connection.
@@ -41,6 +41,16 @@ def resident_kib() -> int:
         return int(statm.read().split()[1]) * PAGE_KIB
 
 
+def open_sockets() -> int:
+    """Sockets this process holds open (Linux): listening, clients, upstream connections."""
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in fds if _exists(fd))
+
+
+def _exists(fd: str) -> bool:
+    return os.path.exists(f"/proc/self/fd/{fd}")  # the listing's own fd is gone by now
+
+
 def report() -> dict:
     ordered = sorted(lags)
     p99 = ordered[int(len(ordered) * 0.99)] if ordered else 0.0
@@ -49,6 +59,7 @@ def report() -> dict:
                    "samples": len(ordered)},
         "rss_kib": resident_kib(),
         "cpu_seconds": time.process_time(),
+        "sockets": open_sockets(),
     }
 
 
