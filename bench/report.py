@@ -24,15 +24,16 @@ def fmt(value) -> str:
 def runs_table(runs: list[dict]) -> list[str]:
     lines = ["| variant | clients | first chunk p50 / p99 (ms) | its overhead p50 / p99 (ms) "
              "| chunk latency p50 / p99 / max (ms) "
-             "| whole reply p50 (s) | server CPU per chunk (µs) | server loop lag max (ms) | failed "
+             "| whole reply p50 (s) | upstream's real rate (chunks/s) | server CPU per chunk (µs) | server loop lag max (ms) | failed "
              "| server sockets after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         first, chunk, extra = r["first_chunk_ms"], r["chunk_latency_ms"], r["first_chunk_overhead_ms"]
         lines.append(f"| {r['variant']} | {r['clients']} | {fmt(first['p50'])} / {fmt(first['p99'])} "
                      f"| {fmt(extra['p50'])} / {fmt(extra['p99'])} "
                      f"| {fmt(chunk['p50'])} / {fmt(chunk['p99'])} / {fmt(chunk['max'])} "
-                     f"| {fmt(r['whole_reply_s_p50'])} | {fmt(r['cpu_us_per_chunk'])} "
+                     f"| {fmt(r['whole_reply_s_p50'])} | {fmt(r['upstream_chunks_per_s_p50'])} "
+                     f"| {fmt(r['cpu_us_per_chunk'])} "
                      f"| {fmt(r['server_lag_max_ms'])} | {r['failures']} | {r.get('server_sockets_after', '–')} |")
     return lines
 
