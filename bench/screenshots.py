@@ -26,7 +26,7 @@ def shoot(browser, url, fake, name, **context_options):
     page = context.new_page()
     page.goto(url)
     page.wait_for_selector("#status[data-state=ready]")
-    fake.chunk_delay, fake.reply = 0, "Hello! Ask me anything about WebSockets."
+    fake.chunk_delay, fake.reply = 0.03, "Hello! Ask me anything about WebSockets."
     page.fill("#input", "Hi there")
     page.keyboard.press("Enter")
     page.wait_for_selector(".assistant .meta")

@@ -95,6 +95,44 @@ def test_step04_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
     assert fake.cancelled == 1
 
 
+CURSOR = """() => {
+    const body = document.querySelector('.assistant.streaming .body');
+    const end = body && (body.lastElementChild || body);
+    const last = end && (end.matches('ul, ol') ? end.lastElementChild : end);
+    return last ? getComputedStyle(last, '::after').content : null;
+}"""
+
+
+def test_step04_the_cursor_ends_the_text_while_it_streams(page, fake, fake_server):
+    fake.chunk_delay, fake.reply = 0.15, "A first paragraph.\n\nA second one that keeps going and going on"
+    with serve("step04_full_chat", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "two paragraphs")
+        page.wait_for_function("document.querySelector('.assistant.streaming .body p + p')")
+        assert page.evaluate(CURSOR) == '"▍"', "no cursor at the end of the last paragraph"
+        first_paragraph = "getComputedStyle(document.querySelector('.assistant .body p'), '::after').content"
+        assert page.evaluate(first_paragraph) == "none"
+        page.wait_for_selector(".assistant .meta")
+        assert page.evaluate(CURSOR) is None  # no streaming message, no cursor
+
+
+def test_step04_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, fake, fake_server):
+    fake.chunk_delay, fake.reply = 0.04, "".join(f"Line{i}\n\n" for i in range(90))
+    distance_to_bottom = "(() => { const l = document.querySelector('#log'); " \
+                         "return l.scrollHeight - l.scrollTop - l.clientHeight; })()"
+    with serve("step04_full_chat", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "a tall reply")
+        page.wait_for_function("(() => { const l = document.querySelector('#log'); "
+                               "return l.scrollHeight > l.clientHeight + 300; })()")
+        assert page.evaluate(distance_to_bottom) < 40, "the log did not follow the new text"
+        page.evaluate("document.querySelector('#log').scrollTop = 0")
+        height = page.evaluate("document.querySelector('#log').scrollHeight")
+        page.wait_for_function(f"document.querySelector('#log').scrollHeight > {height} + 200")
+        assert page.evaluate("document.querySelector('#log').scrollTop") == 0, "the log yanked the reader down"
+        page.wait_for_selector(".assistant .meta", timeout=15000)
+
+
 def test_step04_new_chat_clears_the_conversation(page, fake, fake_server):
     with serve("step04_full_chat", fake_server) as server:
         open_chat(page, server.url)
