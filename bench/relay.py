@@ -188,16 +188,15 @@ async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
                   spread: float = 0.0) -> tuple[Run, dict]:
     """N clients send at once, or evenly over `spread` seconds (a class arriving rather than
     a burst). Returns the run and the server's memory figures (KiB)."""
-    chunks = plan.chunks
     run = Run(variant, clients)
     before = await probe(server)
     sockets = await open_clients(server.ws_url, clients)
     await asyncio.sleep(0.5)
     idle = await probe(server, "/_probe/start")  # also restarts the lag sampler
     go = asyncio.Event()
-    chats = asyncio.gather(*(chat_once(ws, go, run, chunks, spread * i / clients) for i, ws in enumerate(sockets)))
+    chats = asyncio.gather(*(chat_once(ws, go, run, plan.chunks, spread * i / clients) for i, ws in enumerate(sockets)))
     go.set()
-    await asyncio.sleep(spread + chunks * plan.delay / 2)
+    await asyncio.sleep(spread + plan.chunks * plan.delay / 2)
     streaming = await probe(server)
     try:
         await asyncio.wait_for(chats, plan.timeout)
