@@ -42,7 +42,10 @@ def model_path() -> Path:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on the port. SO_REUSEADDR, as servers set it, lets the
+    probe ignore connections still in TIME-WAIT from a server stopped a moment ago."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:

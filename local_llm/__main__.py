@@ -2,10 +2,11 @@
 
 import argparse
 import os
+import signal
 import sys
 import time
 
-from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, start_local_llm
+from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, port_is_free, start_local_llm
 
 # Matches the app's own frame limit (step04_full_chat/config.py).
 WS_MAX_SIZE = 64 * 1024
@@ -15,12 +16,28 @@ def uses_remote_llm() -> bool:
     return bool(os.getenv("OPENAI_API_KEY") or os.getenv("OPENAI_BASE_URL"))
 
 
+def stop_on_ctrl_c_or_kill() -> None:
+    """Ctrl-C (SIGINT) and a polite kill (SIGTERM) both stop the model. Set explicitly:
+    a shell script that starts us in the background has SIGINT ignored, and Python
+    keeps an ignored signal ignored."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m local_llm")
     parser.add_argument("command", choices=["serve", "chat"])
     parser.add_argument("--port", type=int, default=PORT, help="the model's port (default %(default)s)")
     parser.add_argument("--chat-port", type=int, default=8000)
     args = parser.parse_args()
+
+    if args.command == "chat" and not port_is_free(HOST, args.chat_port):
+        print(f"error: Port {args.chat_port} on {HOST} is already taken (another chat, or another "
+              f"server?). Stop it, or choose another port: make chat PORT=8001", file=sys.stderr)
+        return 1
 
     server = None
     if args.command == "serve" or not uses_remote_llm():
@@ -39,6 +56,7 @@ def main() -> int:
 
     if args.command == "serve":
         print("Press Ctrl-C to stop.", flush=True)
+        stop_on_ctrl_c_or_kill()
         try:
             while True:
                 time.sleep(3600)

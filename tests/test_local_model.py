@@ -133,3 +133,52 @@ def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, 
     else:
         assert "Local model smollm2-135m-instruct ready" in output and fake_server.fake.started == 0
     assert process.returncode == 0 and "Stopped." in output, "Ctrl-C should stop everything cleanly"
+
+
+def test_make_llm_starts_again_at_once_after_it_is_stopped():
+    """A stopped server leaves its connections in TIME-WAIT for about a minute; they must
+    not look like a running server to the port check."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.support import ROOT
+
+    port = free_port()
+    command = [sys.executable, "-m", "local_llm", "serve", "--port", str(port)]
+    for attempt in ("first start", "restart"):
+        process = subprocess.Popen(command, cwd=ROOT, env=os.environ, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            first_line = process.stdout.readline()  # printed once the model is loaded, or an error
+            assert "ready at" in first_line, f"{attempt}: {first_line}{process.stdout.read()}"
+            # A client keeps its connection open (as a step's app does): stopping the server
+            # closes it from the server's side, which leaves it in TIME-WAIT on this port.
+            client = httpx.Client(timeout=10)
+            assert client.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=20)
+            client.close()
+        assert process.returncode == 0, f"{attempt}: Ctrl-C should stop it cleanly"
+
+
+def test_make_chat_says_clearly_when_its_port_is_taken(fake_server):
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = {**os.environ, **llm_env(fake_server.base_url)}
+        result = subprocess.run([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Chat: open" not in result.stdout, "it must not invite the user to a port it cannot use"
+    assert f"Port {port}" in result.stderr and "PORT=" in result.stderr, result.stderr

@@ -14,7 +14,6 @@ import sys
 import weakref
 from collections.abc import AsyncIterator
 
-import httpx
 import openai
 from dotenv import load_dotenv
 
@@ -22,12 +21,12 @@ from dotenv import load_dotenv
 LOCAL_LLM_URL = "http://127.0.0.1:8808/v1"
 
 # Connecting should be quick; a reply may pause for a while between two tokens.
-TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+TIMEOUT = openai.Timeout(60.0, connect=5.0)
 
 load_dotenv()  # a .env file, if there is one; real environment variables win
 
 # One client per process, so connections are reused instead of paying for a new
-# client (and a TLS handshake) on every message. httpx connections belong to the
+# client (and a TLS handshake) on every message. Its connections belong to the
 # event loop that opened them, so a process running several loops (tests, notebooks)
 # gets one client per loop.
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
@@ -80,9 +79,11 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
                 text = chunk.choices[0].delta.content
                 if text:  # the first delta only carries the role, with empty content
                     yield text
-        except openai.APITimeoutError:
+        except openai.APITimeoutError:  # a pause longer than the read timeout: a timeout
             raise
-        except (openai.APIConnectionError, httpx.HTTPError) as error:
+        except openai.APIConnectionError as error:
+            # The SDK reports a connection that breaks mid-reply the same way as one
+            # that never opened. Here the reply had started, so say it was cut off.
             raise StreamCutOff("the reply stopped before it was complete") from error
 
 
