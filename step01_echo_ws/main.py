@@ -23,8 +23,12 @@ async def index():
 async def echo(websocket: WebSocket):
     await websocket.accept()  # 1. finish the handshake
     try:
+        # BEGIN TASK 1.1
         while True:  # 2. one connection, many messages
             text = await websocket.receive_text()
-            await websocket.send_text(f"Echo: {text}")
-    except WebSocketDisconnect:  # 3. the browser tab closed: just stop
-        pass
+            await websocket.send_text(f"Echo: {text}")  # 3. answer on the same connection
+        # END TASK 1.1
+    except WebSocketDisconnect:  # 4. the browser tab closed
+        # BEGIN TASK 1.2
+        return  # nothing to clean up: the connection is already gone
+        # END TASK 1.2

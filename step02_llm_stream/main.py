@@ -54,6 +54,7 @@ async def chat(websocket: WebSocket):
                 continue
             # No memory yet: every message is a brand-new conversation.
             messages = [{"role": "user", "content": content}]
+            # BEGIN TASK 2.2
             await websocket.send_json({"type": "start"})
             try:
                 async with aclosing(stream_llm(messages)) as chunks:
@@ -66,5 +67,6 @@ async def chat(websocket: WebSocket):
                 await websocket.send_json({"type": "error", "message": explain_llm_error(error)})
                 continue
             await websocket.send_json({"type": "end"})
+            # END TASK 2.2
     except WebSocketDisconnect:
         pass

@@ -45,8 +45,10 @@ def read_message(text: str) -> str:
 async def chat(websocket: WebSocket):
     await websocket.accept()
     # One shared store per connection: this conversation's memory lives here.
+    # BEGIN TASK 3.1
     shared = {"websocket": websocket, "user_message": "", "conversation_history": []}
     flow = create_streaming_chat_flow()
+    # END TASK 3.1
     try:
         while True:
             try:

@@ -17,14 +17,17 @@ class StreamingChatNode(AsyncNode):
 
     async def prep_async(self, shared):
         # Read only: the history so far plus the new message, and where to send chunks.
+        # BEGIN TASK 3.2
         messages = shared["conversation_history"] + [
             {"role": "user", "content": shared["user_message"]}
         ]
         return messages, shared["websocket"]
+        # END TASK 3.2
 
     async def exec_async(self, prep_res):
         # The work: stream the reply to the browser as it is generated.
         # exec never touches `shared`; it gets what it needs from prep and returns its result.
+        # BEGIN TASK 3.3
         messages, websocket = prep_res
         await websocket.send_json({"type": "start"})
         parts = []
@@ -34,12 +37,15 @@ class StreamingChatNode(AsyncNode):
                 await websocket.send_json({"type": "chunk", "content": text})
         await websocket.send_json({"type": "end"})
         return "".join(parts)
+        # END TASK 3.3
 
     async def post_async(self, shared, prep_res, exec_res):
         # Write back: the turn joins the history only once the reply is complete. If exec
         # raised, post never runs, so a failed turn leaves no half-written history behind.
+        # BEGIN TASK 3.4
         shared["conversation_history"] += [
             {"role": "user", "content": shared["user_message"]},
             {"role": "assistant", "content": exec_res},
         ]
         return "default"  # the action: which way the flow goes next (nowhere, here)
+        # END TASK 3.4

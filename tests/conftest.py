@@ -10,6 +10,7 @@ import importlib
 import pytest
 from fastapi.testclient import TestClient
 
+from grading.pytest_plugin import code_folder
 from tests.fake_llm import FakeLLMServer
 from tests.support import LiveServer, WsClient, llm_env
 
@@ -35,7 +36,9 @@ def fake(fake_server, monkeypatch):
 @pytest.fixture(scope="module")
 def live_server(request, fake_server):
     env = llm_env(fake_server.base_url)
-    with LiveServer(request.module.APP + ":app", env=env) as server:
+    folder = code_folder(request.config)  # uvicorn imports the app from there, like the tests
+    extra_args = () if folder is None else ("--app-dir", str(folder))
+    with LiveServer(request.module.APP + ":app", env=env, extra_args=extra_args) as server:
         yield server
 
 
@@ -60,9 +63,16 @@ def connect(request, fake):
         sessions = []
 
         def open_in_process(**options):
-            sessions.append(client.websocket_connect("/ws", **options))
-            return sessions[-1].__enter__()
+            session = client.websocket_connect("/ws", **options)
+            opened = session.__enter__()
+            sessions.append(session)  # only an opened session needs closing
+            return opened
 
         yield open_in_process
         for session in sessions:
-            session.__exit__(None, None, None)
+            try:
+                session.__exit__(None, None, None)
+            except NotImplementedError:
+                # An exercise's unwritten task raising as the client leaves: graded by that
+                # task's own tests, so it does not fail every other task's tests too.
+                pass

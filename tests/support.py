@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -55,9 +56,19 @@ class LiveServer:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def __enter__(self) -> LiveServer:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env)
-        wait_for_port(self.port, process=self.process)
+        # The server's log goes to a file, so tests can check it for errors (log_text()).
+        self.log = tempfile.TemporaryFile(mode="w+", prefix="uvicorn-log-")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, process=self.process)
+        except Exception:
+            raise RuntimeError(f"{self.command} did not start:\n{self.log_text()}") from None
         return self
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
@@ -66,6 +77,7 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
 
 class WsClient:

@@ -1,8 +1,12 @@
 """Step 01: the echo WebSocket."""
 
+import time
+
+import pytest
 from fastapi.testclient import TestClient
 
 from step01_echo_ws.main import app
+from tests.support import WsClient
 
 APP = "step01_echo_ws.main"
 
@@ -14,6 +18,7 @@ def test_page_is_served_from_any_working_directory(tmp_path, monkeypatch):
     assert "new WebSocket" in response.text
 
 
+@pytest.mark.task("1.1")
 def test_each_text_frame_is_echoed(connect):
     ws = connect()
     for text in ["hello", "second message", "ünïcødé ✓"]:
@@ -21,6 +26,7 @@ def test_each_text_frame_is_echoed(connect):
         assert text in ws.receive_text()
 
 
+@pytest.mark.task("1.1")
 def test_echo_keeps_the_received_text_whole(connect):
     ws = connect()
     text = "x" * 10_000
@@ -28,6 +34,7 @@ def test_echo_keeps_the_received_text_whole(connect):
     assert ws.receive_text() == f"Echo: {text}"
 
 
+@pytest.mark.task("1.1", "1.2")
 def test_a_closed_connection_leaves_the_server_serving(connect):
     first = connect()
     first.send_text("one")
@@ -36,3 +43,23 @@ def test_a_closed_connection_leaves_the_server_serving(connect):
     second = connect()
     second.send_text("two")
     assert second.receive_text() == "Echo: two"
+
+
+@pytest.mark.task("1.2")
+def test_a_client_leaving_is_not_an_error_in_the_server():
+    # In-process, an exception raised by the handler after the client left comes back here.
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            ws.send_text("bye")
+            assert ws.receive_text() == "Echo: bye"
+
+
+@pytest.mark.task("1.2")
+def test_the_real_server_logs_no_error_when_a_client_leaves(live_server):
+    ws = WsClient(live_server.ws_url)
+    ws.send_text("bye")
+    assert ws.receive_text() == "Echo: bye"
+    ws.close()
+    time.sleep(0.3)  # give the server a moment to handle the close
+    log = live_server.log_text()
+    assert "Traceback" not in log and "Exception" not in log, f"the server logged an error:\n{log}"

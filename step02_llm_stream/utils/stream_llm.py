@@ -68,6 +68,7 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
     `contextlib.aclosing`) and the HTTP request to the server is closed too, so the
     server stops generating.
     """
+    # BEGIN TASK 2.1
     stream = await get_client().chat.completions.create(
         model=llm_model(), messages=messages, stream=True
     )
@@ -85,6 +86,7 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
             # The SDK reports a connection that breaks mid-reply the same way as one
             # that never opened. Here the reply had started, so say it was cut off.
             raise StreamCutOff("the reply stopped before it was complete") from error
+    # END TASK 2.1
 
 
 def explain_llm_error(error: Exception) -> str:

@@ -1,0 +1,147 @@
+"""Turn a reference step into an exercise: every task region becomes a TODO that raises.
+
+A region is the lines between `# BEGIN TASK N.M` and `# END TASK N.M` (whole statements,
+one indentation level). The exercise is a copy of the step's package in which each region
+is replaced by a comment saying what to write and `raise NotImplementedError(...)`, never
+`pass`: a stub that quietly returns None could pass a test by accident.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import textwrap
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXERCISES = ROOT / "exercises"
+STEPS = {1: "step01_echo_ws", 2: "step02_llm_stream", 3: "step03_pocketflow_node", 4: "step04_full_chat"}
+
+BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN TASK (?P<task>\d+\.\d+)\s*$")
+END = re.compile(r"^\s*# END TASK (?P<task>\d+\.\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    title: str
+    minutes: int
+    todo: str
+    hint: str
+
+    @property
+    def step(self) -> int:
+        return int(self.id.split(".")[0])
+
+
+@dataclass(frozen=True)
+class Region:
+    task: str
+    begin: int  # index of the BEGIN line
+    end: int  # index of the END line
+    indent: str
+    has_yield: bool  # the region makes its function a generator: the stub must stay one
+
+
+def load_tasks() -> dict[str, Task]:
+    with open(ROOT / "grading" / "tasks.toml", "rb") as file:
+        entries = tomllib.load(file)["task"]
+    return {entry["id"]: Task(**{key: entry[key] for key in Task.__dataclass_fields__})
+            for entry in entries}
+
+
+def tasks_of(step: int) -> list[Task]:
+    return [task for task in load_tasks().values() if task.step == step]
+
+
+def find_regions(lines: list[str], where: str = "") -> list[Region]:
+    regions, open_at = [], None
+    for index, line in enumerate(lines):
+        if (begin := BEGIN.match(line)):
+            if open_at is not None:
+                raise ValueError(f"{where}:{index + 1}: task {begin['task']} begins inside another task")
+            open_at = (index, begin)
+        elif (end := END.match(line)):
+            if open_at is None or open_at[1]["task"] != end["task"]:
+                raise ValueError(f"{where}:{index + 1}: END TASK {end['task']} without its BEGIN")
+            start, begin = open_at
+            body = ast.parse(textwrap.dedent("".join(lines[start + 1:index])))
+            has_yield = any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in ast.walk(body))
+            regions.append(Region(begin["task"], start, index, begin["indent"], has_yield))
+            open_at = None
+    if open_at is not None:
+        raise ValueError(f"{where}:{open_at[0] + 1}: task {open_at[1]['task']} never ends")
+    return regions
+
+
+def stub(task: Task, region: Region, package: str) -> list[str]:
+    """What a learner finds in place of a region."""
+    pad = region.indent
+    lines = [f"{pad}# TODO Task {task.id}: {task.title} (about {task.minutes} min)\n"]
+    lines += [f"{pad}#   {line}\n" if line else f"{pad}#\n" for line in task.todo.strip().splitlines()]
+    lines += [f"{pad}#   Stuck? make hint STEP={task.step}    Done? make grade STEP={task.step}\n",
+              f'{pad}raise NotImplementedError("Task {task.id} ({task.title}) is not written yet: '
+              f"see {package}/README.md, 'Your turn'\")\n"]
+    if region.has_yield:
+        lines.append(f"{pad}yield  # keeps this function a generator until you write it; then delete this line\n")
+    return lines
+
+
+def exercise_source(text: str, package: str, only: set[str] | None = None, where: str = "") -> str:
+    """The source with its task regions (or only those in `only`) replaced by stubs."""
+    tasks = load_tasks()
+    lines = text.splitlines(keepends=True)
+    for region in reversed(find_regions(lines, where)):
+        if region.task not in tasks or STEPS[tasks[region.task].step] != package:
+            raise ValueError(f"{where}: task {region.task} is not a task of {package} in tasks.toml")
+        if only is None or region.task in only:
+            lines[region.begin:region.end + 1] = stub(tasks[region.task], region, package)
+    source = "".join(lines)
+    ast.parse(source, filename=where)  # a region must be whole statements
+    return source
+
+
+def regions_in_step(step: int) -> dict[str, list[tuple[Path, Region]]]:
+    """Every task region of a reference step, by task id."""
+    found: dict[str, list[tuple[Path, Region]]] = {}
+    for path in sorted((ROOT / STEPS[step]).rglob("*.py")):
+        for region in find_regions(path.read_text().splitlines(keepends=True), str(path)):
+            found.setdefault(region.task, []).append((path, region))
+    return found
+
+
+def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
+    """Copy the step's package into `into/<package>`, task regions replaced. Returns that folder."""
+    package = STEPS[step]
+    source, target = ROOT / package, into / package
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in sorted(target.rglob("*.py")):
+        text = path.read_text()
+        if "# BEGIN TASK" in text:
+            path.write_text(exercise_source(text, package, only, str(path.relative_to(into))))
+    return target
+
+
+def start_exercise(step: int, fresh: bool = False) -> str:
+    """`make exercise`: never overwrites a learner's work; `fresh` moves it aside first."""
+    target = EXERCISES / STEPS[step]
+    if target.exists():
+        if not fresh:
+            return (f"{target.relative_to(ROOT)}/ already exists: nothing was changed, your work is safe.\n"
+                    f"To start this step over, run `make exercise STEP={step} FRESH=1` "
+                    f"(your current copy is moved aside, not deleted).")
+        kept = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.rename(kept)
+        moved = f"Your previous copy is now {kept.relative_to(ROOT)}/.\n"
+    else:
+        moved = ""
+    EXERCISES.mkdir(exist_ok=True)
+    write_exercise(step, EXERCISES)
+    titles = "\n".join(f"  Task {t.id}: {t.title} (about {t.minutes} min)" for t in tasks_of(step))
+    return (f"{moved}Wrote {target.relative_to(ROOT)}/ with these tasks (look for TODO):\n{titles}\n"
+            f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
+            f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload")
