@@ -43,6 +43,8 @@ def pytest_addoption(parser):
     group.addoption("--code", default="reference",
                     help="reference | exercises | a folder of step0N_* packages (default: reference)")
     group.addoption("--task", default=None, help="run only the tests of this task, e.g. 2.1")
+    group.addoption("--results-json", default=None,
+                    help="write each task's test failures (null for a pass) to this file")
 
 
 def code_folder(config) -> Path | None:
@@ -114,10 +116,12 @@ def summarise(results: dict) -> dict[str, list[str | None]]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    by_task = summarise(config._task_results)
+    if config.getoption("results_json"):
+        Path(config.getoption("results_json")).write_text(json.dumps(by_task, indent=1))
     if config.getoption("code") == "reference" or not config._task_results:
         return
     catalogue = load_tasks()
-    by_task = summarise(config._task_results)
     write = terminalreporter.write_line
     terminalreporter.section("tasks")
     first_unfinished = None

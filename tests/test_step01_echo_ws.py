@@ -34,7 +34,7 @@ def test_echo_keeps_the_received_text_whole(connect):
     assert ws.receive_text() == f"Echo: {text}"
 
 
-@pytest.mark.task("1.1", "1.2")
+@pytest.mark.task("1.1")
 def test_a_closed_connection_leaves_the_server_serving(connect):
     first = connect()
     first.send_text("one")

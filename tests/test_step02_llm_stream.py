@@ -20,6 +20,7 @@ def test_page_types_replies_as_text(tmp_path, monkeypatch):
     assert "textContent" in page and "innerHTML" not in page
 
 
+@pytest.mark.task("2.1", "2.2")
 def test_frames_come_in_order_start_chunks_end(connect, fake):
     ws = connect()
     ws.send_json({"type": "message", "content": "hello there"})
@@ -31,10 +32,12 @@ def test_frames_come_in_order_start_chunks_end(connect, fake):
     assert reply_text(frames) == "You said: hello there"
 
 
+@pytest.mark.task("2.1", "2.2")
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
 
+@pytest.mark.task("2.2")
 def test_each_message_is_answered_without_memory(connect, fake):
     ws = connect()
     for text in ["first", "second"]:
@@ -45,6 +48,7 @@ def test_each_message_is_answered_without_memory(connect, fake):
 
 @pytest.mark.parametrize("fault, words", [("500", "HTTP 500"), ("429", "rate-limiting"),
                                           ("drop", "broke off"), ("401", "API key")])
+@pytest.mark.task("2.2")
 def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connect, fake, fault, words):
     fake.fail_next(fault, times=3)  # more than the SDK's own retries
     ws = connect()
@@ -59,6 +63,7 @@ def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connec
 
 @pytest.mark.parametrize("frame", ["not json", '["a", "list"]', '{"type": "message", "content": "  "}',
                                    '{"type": "dance"}'])
+@pytest.mark.task("2.2")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake, frame):
     ws = connect()
     ws.send_text(frame)
@@ -67,6 +72,7 @@ def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake
     assert reply_text(collect_reply(ws)) == "You said: still here?"
 
 
+@pytest.mark.task("2.2")
 def test_an_unreachable_local_model_names_the_command_that_starts_it(fake, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL")  # no configuration: the steps look for the local model
     closed = f"http://127.0.0.1:{free_port()}/v1"  # and nothing listens there
@@ -81,6 +87,7 @@ def test_an_unreachable_local_model_names_the_command_that_starts_it(fake, monke
 # stream_llm on its own -------------------------------------------------------------
 
 
+@pytest.mark.task("2.1")
 def test_stream_llm_yields_text_chunks(fake):
     async def run():
         return [text async for text in stream_llm([{"role": "user", "content": "a b c"}])]
@@ -88,6 +95,7 @@ def test_stream_llm_yields_text_chunks(fake):
     assert asyncio.run(run()) == ["You", " said:", " a", " b", " c"]
 
 
+@pytest.mark.task("2.1")
 def test_stream_llm_closing_early_cancels_the_upstream_stream(fake):
     fake.chunk_delay = 0.05
     fake.min_chunks = 40
@@ -110,3 +118,32 @@ def test_stream_llm_uses_one_client_per_event_loop(fake):
 
     first, second = asyncio.run(two_clients())
     assert first is second
+
+
+@pytest.mark.task("2.1")
+def test_stream_llm_reports_a_stream_cut_midway_as_cut_off(fake):
+    from step02_llm_stream.utils.stream_llm import StreamCutOff
+
+    fake.fail_next("drop", times=3)
+
+    async def read_all():
+        return [text async for text in stream_llm([{"role": "user", "content": "one two three four"}])]
+
+    with pytest.raises(StreamCutOff):
+        asyncio.run(read_all())
+    assert fake.started == 1, "a stream that already started must not be requested again"
+
+
+@pytest.mark.task("2.1")
+def test_stream_llm_lets_a_refused_connection_through_as_it_is(fake, monkeypatch):
+    import openai
+
+    from tests.support import point_llm_at
+
+    point_llm_at(monkeypatch, "step02_llm_stream", f"http://127.0.0.1:{free_port()}/v1")
+
+    async def read_all():
+        return [text async for text in stream_llm([{"role": "user", "content": "hi"}])]
+
+    with pytest.raises(openai.APIConnectionError):  # "could not reach", not "cut off"
+        asyncio.run(read_all())

@@ -28,6 +28,7 @@ def test_the_flow_is_one_async_streaming_node():
     assert flow.start_node.max_retries == 1, "a streamed exec must never be retried"
 
 
+@pytest.mark.task("3.2", "3.3", "3.4")
 def test_the_node_alone_streams_and_post_writes_the_history(fake):
     socket = RecordingSocket()
     shared = {"websocket": socket, "user_message": "hello", "conversation_history": []}
@@ -39,6 +40,7 @@ def test_the_node_alone_streams_and_post_writes_the_history(fake):
     ]
 
 
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ws = connect()
     ws.send_json({"type": "message", "content": "my name is Ada"})
@@ -53,6 +55,7 @@ def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ]
 
 
+@pytest.mark.task("3.1", "3.2")
 def test_each_connection_has_its_own_memory(connect, fake):
     alice, bob = connect(), connect()
     alice.send_json({"type": "message", "content": "I am Alice"})
@@ -62,10 +65,12 @@ def test_each_connection_has_its_own_memory(connect, fake):
     assert fake.requests[-1]["messages"] == [{"role": "user", "content": "I am Bob"}]
 
 
+@pytest.mark.task("3.1", "3.3")
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
 
+@pytest.mark.task("3.1", "3.3", "3.4")
 @pytest.mark.parametrize("fault", ["500", "429", "drop"])
 def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
     ws = connect()
@@ -83,9 +88,59 @@ def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
         "remember me", "You said: remember me", "and this works"]
 
 
+@pytest.mark.task("3.1", "3.3")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake):
     ws = connect()
     ws.send_text("{oops")
     assert ws.receive_json()["type"] == "error"
     ws.send_json({"type": "message", "content": "ok"})
     assert reply_text(collect_reply(ws)) == "You said: ok"
+
+
+# Each phase of the node alone ---------------------------------------------------------
+
+
+def store(message="and now?", history=None):
+    return {"websocket": RecordingSocket(), "user_message": message,
+            "conversation_history": list(history or [])}
+
+
+EARLIER = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "You said: hi"}]
+
+
+@pytest.mark.task("3.2")
+def test_prep_returns_the_history_plus_the_new_message_and_the_socket():
+    shared = store(history=EARLIER)
+    messages, socket = asyncio.run(StreamingChatNode().prep_async(shared))
+    assert messages == EARLIER + [{"role": "user", "content": "and now?"}]
+    assert socket is shared["websocket"]
+    assert shared["conversation_history"] == EARLIER, "prep must only read the shared store"
+
+
+@pytest.mark.task("3.3")
+def test_exec_streams_frames_and_returns_the_whole_reply(fake):
+    socket = RecordingSocket()
+    messages = EARLIER + [{"role": "user", "content": "and now?"}]
+    reply = asyncio.run(StreamingChatNode().exec_async((messages, socket)))
+    assert reply == "You said: and now?"
+    assert [f["type"] for f in socket.frames] == ["start"] + ["chunk"] * 4 + ["end"]
+    assert "".join(f["content"] for f in socket.frames if f["type"] == "chunk") == reply
+    assert fake.requests[-1]["messages"] == messages, "exec must send exactly what prep built"
+
+
+@pytest.mark.task("3.3")
+def test_exec_lets_an_llm_failure_through_so_post_does_not_run(fake):
+    import openai
+
+    fake.fail_next("500", times=3)
+    with pytest.raises(openai.InternalServerError):
+        asyncio.run(StreamingChatNode().exec_async(([{"role": "user", "content": "x"}], RecordingSocket())))
+
+
+@pytest.mark.task("3.4")
+def test_post_appends_the_turn_and_returns_the_default_action():
+    shared = store(history=EARLIER)
+    action = asyncio.run(StreamingChatNode().post_async(shared, None, "You said: and now?"))
+    assert action == "default"
+    assert shared["conversation_history"] == EARLIER + [
+        {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "You said: and now?"}]

@@ -1,0 +1,105 @@
+"""The exercises are graded in both directions, for every task of every step.
+
+For each step, the exercise is generated into a temporary folder and graded with the
+step's own tests (`--code=<folder>`):
+- with every task unwritten, it imports, its server starts and serves the page and the
+  socket, and every task's tests fail;
+- with only one task unwritten (the others as in the reference), that task's tests fail:
+  a task whose tests pass while it is unwritten grades nothing;
+- the same tests all pass against the reference;
+- the exercise differs from the reference only inside task regions, and every task has a
+  hint and a section in its step's README.
+"""
+
+import difflib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from grading.exercises import ROOT, STEPS, find_regions, regions_in_step, tasks_of, write_exercise
+from tests.support import LiveServer
+
+pytestmark = pytest.mark.slow
+
+GRADED_STEPS = [step for step in STEPS if tasks_of(step)]
+
+
+def grade(step: int, code: Path | str, tmp_path: Path, task: str | None = None) -> dict[str, list]:
+    """Each task's test results ({task: [failure message or None, ...]}) for `code`."""
+    results = tmp_path / f"results-{step}-{task or 'all'}-{Path(str(code)).name}.json"
+    tests = sorted(str(p) for p in (ROOT / "tests").glob(f"test_step0{step}_*.py"))
+    command = [sys.executable, "-m", "pytest", *tests, "-m", "not slow", f"--code={code}",
+               f"--results-json={results}", "-q", "--tb=no", "-p", "no:cacheprovider"]
+    if task:
+        command.append(f"--task={task}")
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert results.exists(), f"pytest did not run:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}"
+    return json.loads(results.read_text())
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_every_task_has_tests_that_pass_on_the_reference(step, tmp_path):
+    results = grade(step, "reference", tmp_path)
+    for task in tasks_of(step):
+        assert results.get(task.id), f"Task {task.id} has no tests (mark them @pytest.mark.task)"
+        failures = [f for f in results[task.id] if f]
+        assert not failures, f"Task {task.id}'s tests fail on the reference: {failures}"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_the_unsolved_exercise_runs_and_fails_every_task(step, tmp_path):
+    write_exercise(step, tmp_path)
+    package = STEPS[step]
+    with LiveServer(f"{package}.main:app", extra_args=("--app-dir", str(tmp_path))) as server:
+        assert httpx.get(server.url + "/").status_code == 200  # the page loads
+        with connect(server.ws_url, open_timeout=10):  # and the socket connects
+            pass
+    results = grade(step, tmp_path, tmp_path)
+    for task in tasks_of(step):
+        passing = [i for i, failure in enumerate(results.get(task.id, [])) if not failure]
+        assert results.get(task.id) and not passing, f"Task {task.id}: tests pass while it is unwritten"
+
+
+@pytest.mark.parametrize("task", [t.id for step in GRADED_STEPS for t in tasks_of(step)])
+def test_each_task_alone_unwritten_fails_its_own_tests(task, tmp_path):
+    step = int(task.split(".")[0])
+    write_exercise(step, tmp_path, only={task})
+    results = grade(step, tmp_path, tmp_path, task=task)
+    assert results.get(task), f"Task {task} has no tests"
+    passing = [index for index, failure in enumerate(results[task]) if not failure]
+    assert not passing, f"Task {task}: {len(passing)} of its tests pass while only it is unwritten"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, tmp_path):
+    exercise = write_exercise(step, tmp_path)
+    reference = ROOT / STEPS[step]
+    for path in reference.rglob("*"):
+        if path.is_dir() or "__pycache__" in path.parts:
+            continue
+        copy = exercise / path.relative_to(reference)
+        if path.suffix != ".py":
+            assert copy.read_bytes() == path.read_bytes(), f"{copy} differs from {path}"
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        inside = {i for region in find_regions(lines) for i in range(region.begin, region.end + 1)}
+        matcher = difflib.SequenceMatcher(None, lines, copy.read_text().splitlines(keepends=True), autojunk=False)
+        for kind, first, last, _, _ in matcher.get_opcodes():
+            changed = set(range(first, last))
+            assert kind == "equal" or changed <= inside, f"{copy} changed lines outside a task: {sorted(changed - inside)}"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_every_task_is_marked_in_the_code_and_has_a_hint_and_a_readme_section(step):
+    marked = regions_in_step(step)
+    readme = (ROOT / STEPS[step] / "README.md").read_text()
+    for task in tasks_of(step):
+        assert task.id in marked, f"Task {task.id} has no BEGIN/END TASK region in {STEPS[step]}"
+        assert task.hint.strip() and task.todo.strip() and task.minutes > 0
+        assert f"### Task {task.id}:" in readme, f"{STEPS[step]}/README.md has no '### Task {task.id}:' section"
+    assert set(marked) <= {task.id for task in tasks_of(step)}, "a region names a task that tasks.toml lacks"
