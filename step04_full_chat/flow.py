@@ -1,4 +1,4 @@
-"""The flow: a single streaming node, as the design doc draws it."""
+"""The flow: a single streaming node, as the design doc (docs/design.md) draws it."""
 
 from pocketflow import AsyncFlow
 

@@ -5,7 +5,8 @@ answers with Server-Sent Events carrying `chat.completion.chunk` objects and end
 with `data: [DONE]`, so the real `openai` SDK is exercised end to end.
 
 Replies are scripted: by default the fake answers "You said: <last user message>"
-one word per chunk. It can also inject faults (HTTP 401/429/500, a stream dropped
+one word per chunk. With `recall` on (as `make fake` runs it), it also says how many
+earlier user messages it was sent and quotes the first one, so a chat's memory shows. It can also inject faults (HTTP 401/429/500, a stream dropped
 midway, an error event midway, a slow stream, a request that never answers) and it counts the streams it
 started, completed, dropped and saw cancelled by the client.
 
@@ -44,6 +45,9 @@ class FakeLLM:
     chunk_delay: float = 0.0  # seconds between two chunks
     min_chunks: int = 0  # pad short replies with filler words up to this many chunks
     reply: str | None = None  # a fixed reply instead of "You said: ..."
+    # Also say what the history held, so memory is visible whatever the model: `make fake`
+    # turns it on; the tests keep the plain echo unless they ask for it.
+    recall: bool = False
     slow_delay: float = 0.5  # seconds between chunks for the "slow" fault
     stamp: bool = False  # each chunk's text is its send time (time.monotonic()), for bench/
     faults: list[str] = field(default_factory=list)  # one is used up per request
@@ -67,8 +71,12 @@ class FakeLLM:
         self.__dict__.update(fresh.__dict__)
 
     def chunks_for(self, messages: list[dict]) -> list[str]:
-        last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-        text = self.reply if self.reply is not None else f"You said: {last_user}"
+        said = [m["content"] for m in messages if m.get("role") == "user"]
+        text = self.reply if self.reply is not None else f"You said: {said[-1] if said else ''}"
+        if self.recall and self.reply is None:
+            earlier = len(said) - 1
+            text += (f" (I remember {earlier} earlier message{'s' if earlier != 1 else ''} from you;"
+                     f' the first was "{said[0]}")' if earlier else " (This is your first message.)")
         pieces = re.findall(r"\s*\S+", text) or [text]
         pieces += [f" tick{i}" for i in range(len(pieces), self.min_chunks)]
         return pieces
@@ -224,8 +232,11 @@ def main() -> None:
     parser.add_argument("--min-chunks", type=int, default=0)
     parser.add_argument("--reply", default=None, help="a fixed reply instead of 'You said: ...'")
     parser.add_argument("--stamp", action="store_true", help="chunks carry their send time (for bench/)")
+    parser.add_argument("--no-recall", dest="recall", action="store_false",
+                        help="only echo the last message (by default the reply also shows the history it got)")
     args = parser.parse_args()
-    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp)
+    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp,
+                   recall=args.recall)
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
     print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")

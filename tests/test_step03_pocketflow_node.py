@@ -144,3 +144,16 @@ def test_post_appends_the_turn_and_returns_the_default_action():
     assert action == "default"
     assert shared["conversation_history"] == EARLIER + [
         {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "You said: and now?"}]
+
+
+@pytest.mark.task("3.1", "3.2", "3.4")
+def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
+    """`make fake` runs the fake with recall on: step 03's memory is visible in its replies,
+    whatever model a learner has (the tiny embedded one often forgets names)."""
+    fake.recall = True
+    ws = connect()
+    ws.send_json({"type": "message", "content": "My name is Ada."})
+    assert reply_text(collect_reply(ws)) == "You said: My name is Ada. (This is your first message.)"
+    ws.send_json({"type": "message", "content": "What is my name?"})
+    assert reply_text(collect_reply(ws)) == (
+        'You said: What is my name? (I remember 1 earlier message from you; the first was "My name is Ada.")')
