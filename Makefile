@@ -80,7 +80,7 @@ check: $(STAMP)
 	@$(BIN)/python -m grading check "$(STEP)"
 
 notebooks: $(STAMP)
-	$(BIN)/python -m tests.notebooks --save
+	$(BIN)/python -m tests.notebooks
 
 screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots

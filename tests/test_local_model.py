@@ -12,7 +12,7 @@ from local_llm import LocalModelError, start_local_llm
 from step04_full_chat import main as chat_main
 from tests.fake_llm import free_port
 from tests.support import LiveServer, WsClient, collect_reply, llm_env, reply_text
-from tests.test_notebooks import run_notebook
+from tests.notebooks import execute, text_output
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -72,7 +72,7 @@ def test_two_chats_stream_at_the_same_time(model_url):
 
 
 def test_the_stream_llm_notebook_runs_on_the_local_model(on_local_model):
-    output = run_notebook("01_stream_llm.ipynb")
+    output = text_output(execute("01_stream_llm.ipynb"))
     assert "chunks; the whole reply" in output and "'finish_reason': 'stop'" in output
     assert "took [" in output and "Could not reach" in output
 

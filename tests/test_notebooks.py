@@ -1,41 +1,62 @@
-"""The notebooks run top to bottom with no API key, against the fake LLM."""
-
-from pathlib import Path
+"""The notebooks run top to bottom with no API key, against the fake LLM, and the outputs
+stored in them are what they print today (`make notebooks` refreshes them)."""
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+from tests.notebooks import NAMES, NOTEBOOKS, configure_fake, execute, masked, text_output
 
 pytestmark = pytest.mark.slow
 
 
 def run_notebook(name: str) -> str:
-    """Execute a notebook in a fresh kernel (which inherits our environment); return its text output."""
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    return "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                     for output in cell.get("outputs", []))
+    """Execute a notebook (the fake as `make notebooks` sets it up) and return its text output."""
+    return text_output(execute(name))
 
 
-def test_stream_llm_notebook(fake):
-    fake.chunk_delay, fake.min_chunks = 0.03, 20  # slow enough that stopping early matters
+@pytest.fixture
+def notebook_fake(fake):
+    configure_fake(fake)
+    return fake
+
+
+def assert_stored_outputs_are_fresh(name: str, output: str) -> None:
+    stored = text_output(nbformat.read(NOTEBOOKS / name, as_version=4))
+    assert stored, f"{name} is stored without outputs: run `make notebooks`"
+    assert masked(stored) == masked(output), f"{name}'s stored outputs are stale: run `make notebooks`"
+
+
+def test_every_notebook_is_tested():
+    assert NAMES == ["01_stream_llm.ipynb", "02_streaming_chat_node.ipynb", "03_full_chat_node.ipynb"]
+
+
+def test_stream_llm_notebook(notebook_fake):
     output = run_notebook("01_stream_llm.ipynb")
+    assert "code: step02_llm_stream.utils.stream_llm" in output
     assert "You said: Name three colours, one per line." in output
     assert "'finish_reason': 'stop'" in output
-    assert " ms  ' tick19'" in output  # chunks printed with their timing
+    assert " ms  ' three'" in output  # chunks printed with their timing
     assert "took ['You', ' said:', ' Count'] and closed the stream" in output
     assert "the user sees: Could not reach the language model at http://127.0.0.1:9/v1" in output
-    assert fake.cancelled == 1  # the early stop closed the upstream stream
+    assert notebook_fake.cancelled == 1  # the early stop closed the upstream stream
+    assert_stored_outputs_are_fresh("01_stream_llm.ipynb", output)
 
 
-def test_streaming_chat_node_notebook(fake):
+def test_step03_node_notebook(notebook_fake):
     output = run_notebook("02_streaming_chat_node.ipynb")
-    assert "'conversation_history': []" in output  # the store before
-    assert "user: 'My name is Ada. Say hello to me.'" in output  # ... and after
-    assert "You said: What is my name?" in output
+    assert "{'user_message': 'My name is Ada.', 'conversation_history': []}" in output  # the store before
+    assert "{'role': 'assistant', 'content': 'You said: My name is Ada." in output  # ... and after post
+    assert 'the first was "My name is Ada.")' in output  # turn 2 was sent the history
     assert "4 messages in the history now" in output
     assert "history length: 6 | max_retries: 1" in output
-    assert [len(r["messages"]) for r in fake.requests] == [1, 3, 5]
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5]
+    assert_stored_outputs_are_fresh("02_streaming_chat_node.ipynb", output)
+
+
+def test_step04_node_notebook(notebook_fake):
+    output = run_notebook("03_full_chat_node.ipynb")
+    assert "stop requested: False" in output and "Event object" not in output
+    assert "4 messages in the history now" in output
+    assert "history length: 6 | max_retries: 1" in output
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5]
+    assert_stored_outputs_are_fresh("03_full_chat_node.ipynb", output)
