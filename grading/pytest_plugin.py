@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from grading.exercises import EXERCISES, ROOT, STEPS, load_tasks
 
 PROGRESS = EXERCISES / ".progress.json"
+STUB = re.compile(r'raise NotImplementedError\("Task (\d+\.\d+) ')
 
 
 class FromFolder(importlib.abc.MetaPathFinder):
@@ -106,42 +108,60 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("this test grades", "\n".join(lines)))
 
 
-def summarise(results: dict) -> dict[str, list[str | None]]:
-    """Per task, each of its tests' first failure (None for a test that passed)."""
-    by_task: dict[str, list[str | None]] = {}
+def summarise(results: dict) -> dict[str, list[tuple[bool, str | None]]]:
+    """Per task, each of its tests as (grades this task alone, first failure or None). The
+    tests that grade the task alone come first: their failures say most about it."""
+    by_task: dict[str, list[tuple[bool, str | None]]] = {}
     for tasks, failure in results.values():
         for task in tasks or ("other",):
-            by_task.setdefault(task, []).append(failure)
-    return by_task
+            by_task.setdefault(task, []).append((len(tasks) <= 1, failure))
+    return {task: sorted(entries, key=lambda entry: not entry[0]) for task, entries in by_task.items()}
+
+
+def state_of(entries) -> str:
+    if all(failure is None for _, failure in entries):
+        return "✓ done   "
+    if all(failure is None for alone, failure in entries if alone) and any(alone for alone, _ in entries):
+        return "◐ almost "  # its own tests pass; the ones it shares with another task do not yet
+    return "✗ to do  "
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     by_task = summarise(config._task_results)
     if config.getoption("results_json"):
-        Path(config.getoption("results_json")).write_text(json.dumps(by_task, indent=1))
+        failures = {task: [failure for _, failure in entries] for task, entries in by_task.items()}
+        Path(config.getoption("results_json")).write_text(json.dumps(failures, indent=1))
     if config.getoption("code") == "reference" or not config._task_results:
         return
     catalogue = load_tasks()
     write = terminalreporter.write_line
     terminalreporter.section("tasks")
-    first_unfinished = None
-    for task in sorted(by_task, key=lambda t: (t == "other", t)):
-        failures = [failure for failure in by_task[task] if failure]
+    order = sorted(by_task, key=lambda t: (t == "other", t))
+    todo = stubs_left(code_folder(config), {catalogue[t].step for t in by_task if t in catalogue})
+    for task in order:
+        entries = by_task[task]
         title = catalogue[task].title if task in catalogue else "the step's other checks"
         label = f"Task {task}" if task in catalogue else "Other"
-        passed = len(by_task[task]) - len(failures)
-        write(f"  {'✗ to do' if failures else '✓ done '}  {label:<9} {title:<50} "
-              f"{passed}/{len(by_task[task])} tests pass")
-        if failures and first_unfinished is None:
-            first_unfinished, first_failure = task, failures[0]
-    if first_unfinished is not None:
-        write(f"\nNext: {'Task ' + first_unfinished if first_unfinished in catalogue else 'the other checks'}."
-              f" First failure:\n  {first_failure}")
-    if first_unfinished in catalogue:
-        write("Hint:")
-        for line in catalogue[first_unfinished].hint.strip().splitlines():
-            write(f"  {line}")
-    elif first_unfinished is None:
+        passed = sum(failure is None for _, failure in entries)
+        write(f"  {state_of(entries)}{label:<9} {title:<50} {passed}/{len(entries)} tests pass"
+              + ("  (still a TODO)" if task in todo else ""))
+    # Next: a task still left as a TODO, else the first with a failing test of its own,
+    # else the first with any failure.
+    unfinished = [t for t in order if t in todo] or \
+                 [t for t in order if state_of(by_task[t]).startswith("✗")] or \
+                 [t for t in order if not state_of(by_task[t]).startswith("✓")]
+    if unfinished:
+        task = unfinished[0]
+        first_failure = next(failure for _, failure in by_task[task] if failure)
+        write(f"\nNext: {'Task ' + task if task in catalogue else 'the other checks'}. First failure:")
+        write(f"  {first_failure}")
+        if task in catalogue:
+            write("Hint:")
+            for line in catalogue[task].hint.strip().splitlines():
+                write(f"  {line}")
+        if any(state_of(by_task[t]).startswith("◐") for t in order):
+            write("(◐ almost: the task's own tests pass; tests it shares with a later task wait for that one.)")
+    else:
         steps = sorted({catalogue[task].step for task in by_task if task in catalogue})
         write("\nEvery task passes. Compare your code with the reference:")
         for step in steps:
@@ -150,12 +170,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         record_progress(by_task, catalogue)
 
 
-def record_progress(by_task: dict[str, list[str | None]], catalogue) -> None:
+def stubs_left(folder: Path | None, steps: set[int]) -> set[str]:
+    """The tasks whose `raise NotImplementedError` stub is still in the code under test."""
+    if folder is None:
+        return set()
+    return {match for step in steps for path in (folder / STEPS[step]).rglob("*.py")
+            for match in STUB.findall(path.read_text())}
+
+
+def record_progress(by_task: dict[str, list[tuple[bool, str | None]]], catalogue) -> None:
     """Remember what passed, for `make progress` and `make hint`."""
     progress = json.loads(PROGRESS.read_text()) if PROGRESS.is_file() else {}
     now = time.time()
     for task, outcomes in by_task.items():
         if task in catalogue:
-            progress[task] = {"done": not any(outcomes), "graded_at": now}
+            progress[task] = {"done": all(failure is None for _, failure in outcomes), "graded_at": now}
     PROGRESS.parent.mkdir(exist_ok=True)
     PROGRESS.write_text(json.dumps(progress, indent=1, sort_keys=True))
