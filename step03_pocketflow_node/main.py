@@ -12,14 +12,17 @@ from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from .flow import create_streaming_chat_flow
+from .tracing import Tracer
 from .utils.stream_llm import explain_llm_error
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="Step 03: PocketFlow AsyncNode")
+app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the inspector's script
 
 
 @app.get("/")
@@ -27,18 +30,20 @@ async def index():
     return FileResponse(STATIC / "index.html")
 
 
-def read_message(text: str) -> str:
-    """The user's text from a frame, or ValueError with a message for the user."""
+def read_frame(text: str) -> dict:
+    """A message frame (with non-empty text) or an inspect frame; else ValueError for the user."""
     try:
         frame = json.loads(text)
     except ValueError:
         raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.")
+    if isinstance(frame, dict) and frame.get("type") == "inspect" and isinstance(frame.get("on"), bool):
+        return frame  # the page's Inspect button: trace frames on or off
     if not isinstance(frame, dict) or frame.get("type") != "message":
         raise ValueError("Expected a frame like {\"type\": \"message\", \"content\": \"Hi\"}.")
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
         raise ValueError("The message content must be non-empty text.")
-    return content
+    return frame
 
 
 @app.websocket("/ws")
@@ -49,13 +54,18 @@ async def chat(websocket: WebSocket):
     shared = {"websocket": websocket, "user_message": "", "conversation_history": []}
     flow = create_streaming_chat_flow()
     # END TASK 3.1
+    shared["tracer"] = Tracer(websocket)  # the flow inspector; sends nothing until asked
     try:
         while True:
             try:
-                shared["user_message"] = read_message(await websocket.receive_text())
+                frame = read_frame(await websocket.receive_text())
             except ValueError as error:
                 await websocket.send_json({"type": "error", "message": str(error)})
                 continue
+            if frame["type"] == "inspect":
+                shared["tracer"].on = frame["on"]
+                continue
+            shared["user_message"] = frame["content"]
             try:
                 await flow.run_async(shared)  # prep -> exec (streams) -> post (remembers)
             except WebSocketDisconnect:

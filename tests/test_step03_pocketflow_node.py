@@ -157,3 +157,60 @@ def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
     ws.send_json({"type": "message", "content": "What is my name?"})
     assert reply_text(collect_reply(ws)) == (
         'You said: What is my name? (I remember 1 earlier message from you; the first was "My name is Ada.")')
+
+
+# The flow inspector ----------------------------------------------------------------------
+
+
+def frames_until_the_flow_ends(ws) -> list[dict]:
+    frames = []
+    while not (frames and frames[-1]["type"] == "trace" and frames[-1]["phase"] == "flow"
+               and frames[-1]["event"] in ("end", "error")):
+        frames.append(ws.receive_json())
+    return frames
+
+
+def phases(frames) -> list[str]:
+    return [f"{f['phase']} {f['event']}" if f["type"] == "trace" else f["type"] for f in frames]
+
+
+def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "inspect", "on": True})
+    for turn, text in enumerate(["My name is Ada.", "What is my name?"], start=1):
+        ws.send_json({"type": "message", "content": text})
+        frames = frames_until_the_flow_ends(ws)
+        chunks = sum(f["type"] == "chunk" for f in frames)
+        assert phases(frames) == (["flow start", "prep start", "prep end", "exec start", "start"]
+                                  + ["chunk"] * chunks + ["end", "exec end", "post start", "post end", "flow end"])
+        prep_end, exec_end, post_end = (next(f for f in frames if f.get("phase") == p and f.get("event") == "end")
+                                        for p in ("prep", "exec", "post"))
+        assert prep_end["node"] == "StreamingChatNode" and prep_end["ms"] >= 0
+        assert prep_end["returned"][0][-1] == {"role": "user", "content": text}  # the messages prep built
+        assert len(prep_end["returned"][0]) == 2 * turn - 1
+        assert exec_end["chunks"] == chunks and exec_end["returned"].startswith("You said:")
+        assert post_end["action"] == "default" and post_end["history_length"] == 2 * turn
+
+
+def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
+    ws = connect()
+    ws.send_json({"type": "inspect", "on": True})
+    fake.fail_next("500", times=3)
+    ws.send_json({"type": "message", "content": "doomed"})
+    frames = frames_until_the_flow_ends(ws)
+    assert phases(frames) == ["flow start", "prep start", "prep end", "exec start", "start",
+                              "exec error", "flow error"]
+    assert "InternalServerError" in frames[-2]["error"]
+    assert ws.receive_json()["type"] == "error"  # and the user is told, as before
+
+
+def test_without_inspect_no_trace_frame_is_sent(connect, fake):
+    ws = connect()
+    for switch in (None, False):  # never asked, and turned off again
+        if switch is not None:
+            ws.send_json({"type": "inspect", "on": True})
+            ws.send_json({"type": "inspect", "on": switch})
+        ws.send_json({"type": "message", "content": "quiet"})
+        assert "trace" not in [f["type"] for f in collect_reply(ws)]
+        ws.send_json({"type": "message", "content": "next"})  # nothing left over in between
+        assert collect_reply(ws)[0] == {"type": "start"}
