@@ -1,4 +1,5 @@
-"""Screenshots of the step04 chat from a real browser run: mid-reply, and at mobile width.
+"""Screenshots from a real browser run: the step04 chat mid-reply and at mobile width, and
+step03's flow inspector after two turns.
 
     make screenshots      (writes docs/screenshots/*.png)
 """
@@ -38,6 +39,23 @@ def shoot(browser, url, fake, name, **context_options):
     context.close()
 
 
+def shoot_inspector(browser, url, fake, name) -> None:
+    fake.reset()
+    fake.recall, fake.chunk_delay = True, 0.02  # as `make fake` answers: the history shows
+    context = browser.new_context(viewport={"width": 1200, "height": 760})
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_function("document.body.innerText.includes('connected')")
+    page.click("#inspect")
+    for turn, text in enumerate(["My name is Ada.", "What is my name?"], start=1):
+        page.fill("#text", text)
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"document.querySelectorAll('.turn [data-phase=flow]').length === {turn}")
+    page.locator(".turn").last.locator(".post summary").click()
+    page.screenshot(path=str(OUT / name))
+    context.close()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with FakeLLMServer() as fake_server:
@@ -47,8 +65,10 @@ def main() -> None:
             shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})
             shoot(browser, server.url, fake_server.fake, "step04-mobile.png",
                   viewport={"width": 390, "height": 760}, is_mobile=True, device_scale_factor=2)
+            with LiveServer("step03_pocketflow_node.main:app", env=env) as step03:
+                shoot_inspector(browser, step03.url, fake_server.fake, "step03-inspector.png")
             browser.close()
-    print(f"wrote {OUT}/step04-streaming.png and step04-mobile.png")
+    print(f"wrote {OUT}/step04-streaming.png, step04-mobile.png and step03-inspector.png")
 
 
 if __name__ == "__main__":

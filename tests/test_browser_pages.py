@@ -54,3 +54,29 @@ def test_no_serious_accessibility_violation_after_a_reply(step, page, fake, fake
     # The landmark rules an earlier audit found (moderate and minor) are fixed on every page: keep them so.
     landmarks = [v["id"] for v in violations if v["id"] in ("landmark-one-main", "region", "aria-allowed-role")]
     assert not landmarks, f"{step}: {landmarks}"
+
+
+@pytest.mark.parametrize("step", ["step03_pocketflow_node"])
+def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake_server):
+    with serve(step, fake_server) as server:
+        page.goto(server.url)
+        page.wait_for_function("document.body.innerText.includes('connected')")
+        assert page.is_hidden("#inspector")
+        page.click("#inspect")
+        assert page.is_visible("#inspector") and page.get_attribute("#inspect", "aria-pressed") == "true"
+        for turn, text in enumerate(["My name is Ada.", "What is my name?"], start=1):
+            send(page, text)
+            page.wait_for_function(f"document.querySelectorAll('.turn').length === {turn} && "
+                                   "document.querySelectorAll('.turn')[" + str(turn - 1) + "]"
+                                   ".querySelector('[data-phase=post][data-event=end]') !== null")
+        turns = page.query_selector_all(".turn")
+        for turn, expected_history in zip(turns, (2, 4)):
+            rows = [row.get_attribute("data-phase") for row in turn.query_selector_all(".phase")]
+            assert rows == ["prep", "exec", "post", "flow"]
+            assert f"history: {expected_history} messages" in turn.inner_text()
+        turns[1].query_selector(".post summary").click()
+        assert "My name is Ada." in turns[1].query_selector(".post pre").inner_text()
+        page.click("#inspect")  # closed: the server is told, and traces stop
+        send(page, "quiet now")
+        page.wait_for_function("document.body.innerText.includes('You said: quiet now')")
+        assert len(page.query_selector_all(".turn")) == 2

@@ -1,0 +1,67 @@
+"use strict";
+// The flow inspector: draws the flow and, per turn, the phases PocketFlow ran with their
+// snapshots. It asks the server for `trace` frames only while the panel is open.
+// Everything shown is text (textContent): snapshots hold model output.
+
+function createInspector({ socket, button, panel }) {
+  const timeline = panel.querySelector(".timeline");
+  let turn = null;  // the <ol> of the turn being traced
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function describe(frame) {
+    const parts = [];
+    if (frame.ms !== undefined) parts.push(`${frame.ms} ms`);
+    if (frame.chunks !== undefined) parts.push(`${frame.chunks} chunks`);
+    if (frame.action !== undefined) parts.push(`action "${frame.action}"`);
+    if (frame.history_length !== undefined) parts.push(`history: ${frame.history_length} messages`);
+    if (frame.error !== undefined) parts.push(frame.error);
+    return parts.join(" · ");
+  }
+
+  function snapshotOf(frame) {
+    if (frame.phase === "prep" && frame.returned) return frame.returned[0];  // the messages for the model
+    if (frame.phase === "post" && frame.history) return frame.history;       // the shared store's history
+    if (frame.phase === "exec" && frame.returned !== undefined) return frame.returned;
+    return null;
+  }
+
+  function handle(frame) {
+    if (frame.phase === "flow" && frame.event === "start") {
+      turn = element("ol", "turn");
+      const item = element("li");
+      item.append(element("h3", null, `Turn ${timeline.children.length + 1}`), turn);
+      timeline.append(item);
+    }
+    if (!turn || frame.event === "start") return;  // a phase shows up when it ends (or fails)
+    const row = element("li", `phase ${frame.phase} ${frame.event}`);
+    row.dataset.phase = frame.phase;
+    row.dataset.event = frame.event;
+    row.append(element("strong", null, `${frame.phase} ${frame.event === "error" ? "failed" : ""}`.trim()),
+               element("span", "facts", ` ${describe(frame)}`));
+    const shown = snapshotOf(frame);
+    if (shown !== null) {
+      const details = element("details");
+      details.append(element("summary", null, frame.phase === "post" ? "shared store" : "snapshot"),
+                     element("pre", null, JSON.stringify(shown, null, 1)));
+      row.append(details);
+    }
+    turn.append(row);
+    panel.scrollTop = panel.scrollHeight;
+  }
+
+  function setOpen(open) {
+    panel.hidden = !open;
+    button.setAttribute("aria-pressed", String(open));
+    document.body.classList.toggle("inspecting", open);
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "inspect", on: open }));
+  }
+
+  button.addEventListener("click", () => setOpen(panel.hidden));
+  return { handle };
+}
