@@ -49,7 +49,8 @@ def test_step03_node_notebook(notebook_fake):
     assert 'the first was "My name is Ada.")' in output  # turn 2 was sent the history
     assert "4 messages in the history now" in output
     assert "history length: 6 | max_retries: 1" in output
-    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5]
+    assert "post   end" in output and "history now 8 messages" in output  # the traced turn
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5, 7]
     assert_stored_outputs_are_fresh("02_streaming_chat_node.ipynb", output)
 
 
