@@ -91,6 +91,7 @@ screenshots: $(STAMP) chromium
 bench: $(STAMP)
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.local_model
+	$(BIN)/python -m bench.tracing
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

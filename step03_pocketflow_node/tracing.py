@@ -63,6 +63,8 @@ class ChunkCounter:
 
 async def traced_phase(tracer: Tracer, phase: str, node: str, run, describe):
     """Run one phase, with `start` before it and `end` (or `error`) after it."""
+    if not tracer.on:  # the inspector is closed: no snapshots, no timing, just the phase
+        return await run()
     await tracer.emit(phase, "start", node=node)
     began = time.perf_counter()
     try:
