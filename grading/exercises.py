@@ -126,22 +126,26 @@ def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
     return target
 
 
-def start_exercise(step: int, fresh: bool = False) -> str:
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> str:
     """`make exercise`: never overwrites a learner's work; `fresh` moves it aside first."""
-    target = EXERCISES / STEPS[step]
+    target = into / STEPS[step]
     if target.exists():
         if not fresh:
-            return (f"{target.relative_to(ROOT)}/ already exists: nothing was changed, your work is safe.\n"
+            return (f"{shown(target)}/ already exists: nothing was changed, your work is safe.\n"
                     f"To start this step over, run `make exercise STEP={step} FRESH=1` "
                     f"(your current copy is moved aside, not deleted).")
         kept = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         target.rename(kept)
-        moved = f"Your previous copy is now {kept.relative_to(ROOT)}/.\n"
+        moved = f"Your previous copy is now {shown(kept)}/.\n"
     else:
         moved = ""
-    EXERCISES.mkdir(exist_ok=True)
-    write_exercise(step, EXERCISES)
+    into.mkdir(exist_ok=True)
+    write_exercise(step, into)
     titles = "\n".join(f"  Task {t.id}: {t.title} (about {t.minutes} min)" for t in tasks_of(step))
-    return (f"{moved}Wrote {target.relative_to(ROOT)}/ with these tasks (look for TODO):\n{titles}\n"
+    return (f"{moved}Wrote {shown(target)}/ with these tasks (look for TODO):\n{titles}\n"
             f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
             f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload")
