@@ -20,6 +20,12 @@ def _float(name: str, default: float) -> float:
     return float(os.getenv(name) or default)
 
 
+def _names(name: str, default: str = "") -> frozenset:
+    """A comma-separated list, lower-cased, without trailing slashes."""
+    value = os.getenv(name) or default
+    return frozenset(v.strip().rstrip("/").lower() for v in value.split(",") if v.strip())
+
+
 @dataclass
 class Settings:
     # Sent first in every request, never trimmed away. Empty: no system prompt.
@@ -34,13 +40,32 @@ class Settings:
     # Messages one connection may send in a rolling window (a burst guard, not billing).
     rate_limit_messages: int = field(default_factory=lambda: _int("CHAT_RATE_LIMIT_MESSAGES", 20))
     rate_limit_seconds: float = field(default_factory=lambda: _float("CHAT_RATE_LIMIT_SECONDS", 60))
-    # Open WebSocket connections one worker accepts at once.
+    # Messages one client address may send in the same window, over all its connections.
+    # A classroom behind one NAT address is one "client": 60 learners sending 5 a minute
+    # fit; one script opening 50 connections cannot send 50 × 20.
+    client_rate_limit_messages: int = field(
+        default_factory=lambda: _int("CHAT_CLIENT_RATE_LIMIT_MESSAGES", 300))
+    # Open WebSocket connections one worker accepts at once, and from one client address.
+    # A quarter per address: a whole classroom behind one NAT address fits (250
+    # tabs), and no single address can lock everybody else out.
     max_connections: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS", 1000))
+    max_connections_per_client: int = field(
+        default_factory=lambda: _int("CHAT_MAX_CONNECTIONS_PER_CLIENT", 250))
+    # Invalid frames one connection may send in the rate window: past half of them each
+    # answer is delayed, at the limit the connection is closed with 1008.
+    invalid_frame_limit: int = field(default_factory=lambda: _int("CHAT_INVALID_FRAME_LIMIT", 20))
+    invalid_frame_delay_seconds: float = field(
+        default_factory=lambda: _float("CHAT_INVALID_FRAME_DELAY_SECONDS", 0.5))
+    # The longest reply the LLM may write (max_tokens on every request): bounds its cost.
+    max_reply_tokens: int = field(default_factory=lambda: _int("CHAT_MAX_REPLY_TOKENS", 1024))
     # Close a connection after this long without a frame from the client.
     idle_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_IDLE_TIMEOUT_SECONDS", 900))
+    # Host names this server answers to (comma-separated; no port). Anything else is
+    # refused, which is what stops DNS rebinding. Add your domain when you deploy.
+    allowed_hosts: frozenset = field(default_factory=lambda: _names(
+        "CHAT_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
     # Origins allowed besides the page's own (comma-separated, e.g. https://chat.example.com).
-    allowed_origins: frozenset = field(default_factory=lambda: frozenset(
-        o.strip().rstrip("/") for o in os.getenv("CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()))
+    allowed_origins: frozenset = field(default_factory=lambda: _names("CHAT_ALLOWED_ORIGINS"))
 
 
 settings = Settings()

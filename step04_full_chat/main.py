@@ -8,11 +8,8 @@ Run from the repository root:  uvicorn step04_full_chat.main:app --ws-max-size 6
 import asyncio
 import gc
 import logging
-import time
-from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
@@ -21,6 +18,8 @@ from fastapi.staticfiles import StaticFiles
 from .config import settings
 from .flow import create_streaming_chat_flow
 from .protocol import FrameError, parse_client_frame
+from .security import (ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit,
+                       cap_server_frame_size, client_address, origin_allowed)
 from .utils.stream_llm import get_client
 
 STATIC = Path(__file__).parent / "static"
@@ -41,48 +40,23 @@ async def lifespan(app: FastAPI):
     await get_client().close()  # the upstream connections, at shutdown
 
 
-app = FastAPI(title="Step 04: full chat", lifespan=lifespan)
+# No /docs or /openapi.json: the chat has no HTTP API to document.
+app = FastAPI(title="Step 04: full chat", lifespan=lifespan,
+              docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
+cap_server_frame_size(settings.max_frame_bytes)  # even when uvicorn ran without --ws-max-size
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 # Per worker process: the open connections and the replies streaming right now.
 # Holding the tasks here also keeps them from being garbage-collected mid-reply.
 open_connections: set[WebSocket] = set()
 reply_tasks: set[asyncio.Task] = set()
+client_limits = ClientLimits()
 
 
 @app.get("/")
 async def index():
     return FileResponse(STATIC / "index.html")
-
-
-def origin_allowed(websocket: WebSocket) -> bool:
-    """Stop other web sites from driving the chat from a visitor's browser (CSWSH).
-
-    Browsers always send Origin; scripts and tests usually don't, and can't borrow a
-    visitor's cookies or network position anyway, so no Origin is let in.
-    """
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True
-    if origin.rstrip("/") in settings.allowed_origins:
-        return True
-    return urlsplit(origin).netloc.lower() == websocket.headers.get("host", "").lower()
-
-
-class RateLimit:
-    """At most `limit` events in any `window` seconds (a sliding window)."""
-
-    def __init__(self, limit: int, window: float):
-        self.limit, self.window, self.times = limit, window, deque()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        while self.times and now - self.times[0] > self.window:
-            self.times.popleft()
-        if len(self.times) >= self.limit:
-            return False
-        self.times.append(now)
-        return True
 
 
 async def send_error(websocket: WebSocket, message: str) -> None:
@@ -124,6 +98,11 @@ async def chat(websocket: WebSocket):
         await send_error(websocket, "The chat is full right now. Please try again in a minute.")
         await websocket.close(code=1013, reason="server full")
         return
+    address = client_address(websocket)
+    if not client_limits.open(address):
+        await send_error(websocket, "Too many open chats from your address. Close some tabs and try again.")
+        await websocket.close(code=1013, reason="too many connections")
+        return
 
     open_connections.add(websocket)
     # The design doc's shared store, one per connection, plus the Stop signal.
@@ -135,6 +114,7 @@ async def chat(websocket: WebSocket):
     }
     flow = create_streaming_chat_flow()
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
+    invalid_frames = InvalidFrameGuard()
     reply: asyncio.Task | None = None
     try:
         while True:
@@ -150,6 +130,9 @@ async def chat(websocket: WebSocket):
             try:
                 frame = parse_client_frame(message, settings.max_frame_bytes, settings.max_message_chars)
             except FrameError as error:
+                if not await invalid_frames.tolerate():
+                    await websocket.close(code=1008, reason="too many invalid frames")
+                    break
                 await send_error(websocket, str(error))
                 continue
 
@@ -161,7 +144,7 @@ async def chat(websocket: WebSocket):
                 await websocket.send_json({"type": "reset"})
             elif reply and not reply.done():
                 await send_error(websocket, "A reply is still streaming. Wait for it, or press Stop.")
-            elif not rate_limit.allow():
+            elif not (rate_limit.allow() and client_limits.allow_message(address)):
                 await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
             else:
                 shared["user_message"] = frame["content"]
@@ -173,5 +156,6 @@ async def chat(websocket: WebSocket):
         pass
     finally:
         open_connections.discard(websocket)
+        client_limits.close(address)
         if reply and not reply.done():  # the client left mid-reply: cancel the upstream call
             reply.cancel()  # reply_tasks holds it while it closes the upstream response

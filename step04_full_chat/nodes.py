@@ -70,7 +70,7 @@ class StreamingChatNode(AsyncNode):
         reply = Reply()
         await websocket.send_json({"type": "start"})
         try:
-            async with aclosing(stream_llm(messages)) as chunks:
+            async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
                     reply.add(text)
                     await websocket.send_json({"type": "chunk", "content": text})

@@ -8,11 +8,10 @@ against the same app under a real uvicorn process.
 import importlib
 
 import pytest
-from fastapi.testclient import TestClient
 
 from grading.pytest_plugin import code_folder
 from tests.fake_llm import FakeLLMServer
-from tests.support import LiveServer, WsClient, llm_env
+from tests.support import LocalClient, LiveServer, WsClient, llm_env
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
@@ -59,7 +58,7 @@ def connect(request, fake):
         return
 
     app = importlib.import_module(request.module.APP).app
-    with TestClient(app) as client:
+    with LocalClient(app) as client:
         sessions = []
 
         def open_in_process(**options):

@@ -12,11 +12,23 @@ import time
 import weakref
 from pathlib import Path
 
+from fastapi.testclient import TestClient
 from websockets.sync.client import connect
 
 from tests.fake_llm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class LocalClient(TestClient):
+    """Starlette's TestClient, presenting itself as a local browser would: step04 refuses
+    Host names outside its allowlist, and TestClient says "testserver" by default."""
+
+    def __init__(self, app, **options):
+        super().__init__(app, base_url="http://localhost", **options)
+
+    def websocket_connect(self, url: str, *args, **kwargs):
+        return super().websocket_connect("ws://localhost" + url, *args, **kwargs)
 
 
 def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:

@@ -9,14 +9,13 @@ import threading
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from tests.fake_llm import free_port
-from tests.support import LiveServer, WsClient, collect_reply, llm_env, point_llm_at, reply_text, wait_until
+from tests.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at, reply_text, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
 
@@ -39,7 +38,8 @@ frames = st.one_of(
 
 def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
     monkeypatch.setattr(settings, "rate_limit_messages", 10_000)
-    with TestClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+    monkeypatch.setattr(settings, "invalid_frame_limit", 10_000)  # 400 bad frames on one socket, on purpose
+    with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
         count = 0
 
         @hypothesis_settings(max_examples=400, deadline=None, derandomize=True,
@@ -64,7 +64,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
 
 def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake):
     fake.chunk_delay, fake.min_chunks = 0.05, 200
-    with TestClient(chat_main.app) as client:
+    with LocalClient(chat_main.app) as client:
         for _ in range(50):
             with client.websocket_connect("/ws") as ws:
                 ws.send_json({"type": "message", "content": "a long one"})
@@ -180,7 +180,7 @@ def test_every_upstream_fault_gives_an_error_frame_then_a_good_turn(fake, fake_s
     monkeypatch.setattr(f"{package}.utils.stream_llm.TIMEOUT", 1.0)
     fake.slow_delay = 2.0
     app = importlib.import_module(f"{package}.main").app
-    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+    with LocalClient(app) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "message", "content": "keep me"})
         assert reply_text(collect_reply(ws)) == "You said: keep me"
         if fault == "refused":

@@ -5,13 +5,12 @@ import socket
 import threading
 
 import pytest
-from fastapi.testclient import TestClient
 
 import local_llm
 from local_llm import LocalModelError, start_local_llm
 from step04_full_chat import main as chat_main
 from tests.fake_llm import free_port
-from tests.support import LiveServer, WsClient, collect_reply, llm_env, reply_text
+from tests.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, reply_text
 from tests.notebooks import execute, text_output
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
@@ -42,7 +41,7 @@ def assert_streamed_reply(frames):
 
 
 def test_a_real_reply_streams_through_step04(on_local_model):
-    with TestClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+    with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "message", "content": "What is the capital of France?"})
         frames = collect_reply(ws)
     assert_streamed_reply(frames)

@@ -11,9 +11,11 @@ Try it:  python -m step04_full_chat.utils.stream_llm "Say hello in three languag
 import asyncio
 import json
 import os
+import ipaddress
 import sys
 import weakref
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx2  # the HTTP library under openai 3.x; its errors are the transport's errors
 import openai
@@ -86,8 +88,10 @@ def text_of(line: str) -> str | None:
     return (choices[0].get("delta") or {}).get("content") if choices else None
 
 
-async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
+async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> AsyncIterator[str]:
     """Yield the reply to `messages` as text chunks, as soon as the server sends them.
+
+    `max_tokens` bounds the reply's length, and so its cost (None: the server's limit).
 
     Use it with `async for`. If you stop early, close the generator (`aclose()`, or
     `contextlib.aclosing`) and the HTTP request to the server is closed too, so the
@@ -95,8 +99,9 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
     """
     # with_streaming_response: the SDK still sends the request, retries it and turns
     # HTTP errors into openai exceptions; we read the body's lines ourselves.
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
     request = get_client().chat.completions.with_streaming_response.create(
-        model=llm_model(), messages=messages, stream=True
+        model=llm_model(), messages=messages, stream=True, **limit
     )
     async with request as response:  # closes the HTTP response however we leave this block
         try:
@@ -110,8 +115,19 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
             raise StreamCutOff("the reply stopped before it was complete") from error
 
 
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def explain_llm_error(error: Exception) -> str:
-    """A short message for the user: what went wrong and what to do. No traceback."""
+    """A short message for the user: what went wrong and what to do. No traceback.
+
+    The server's address is named only when it is on this machine (then the user is
+    the one who starts it): a deployment's internal host names stay in the log."""
     if isinstance(error, StreamCutOff):
         return "The connection to the language model broke off in the middle of the reply."
     # The aiohttp transport reports "connection refused" as a connect timeout: either
@@ -119,7 +135,9 @@ def explain_llm_error(error: Exception) -> str:
     if isinstance(error, openai.APITimeoutError) and not isinstance(error.__cause__, httpx2.ConnectTimeout):
         return "The language model took too long to answer. Try again."
     if isinstance(error, openai.APIConnectionError):
-        where = llm_base_url() or "api.openai.com"
+        where = llm_base_url() or "https://api.openai.com"
+        if not is_loopback(where):
+            return "Could not reach the language model. Please try again later."
         hint = " Start the local model with `make llm`." if where == LOCAL_LLM_URL else ""
         return f"Could not reach the language model at {where}.{hint}"
     if isinstance(error, openai.AuthenticationError):

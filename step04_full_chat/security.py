@@ -1,0 +1,226 @@
+"""What keeps the chat safe to expose: response headers, the Host allowlist, the Origin
+check, per-client limits and the server's frame size.
+
+main.py wires these in with a few lines; each piece says below which attack it stops.
+"""
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from .config import settings
+
+log = logging.getLogger(__name__)
+
+# The page only needs its own scripts, styles, images and WebSocket. Model output is
+# sanitized before it reaches the page; this policy is the second line of defence if
+# something ever slips through: no other origin can be loaded, framed, posted to or
+# connected to. (CSP 3's 'self' covers ws:// and wss:// to the page's own host.)
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data:",
+    "connect-src 'self'",
+    "manifest-src 'self'",
+    "frame-ancestors 'none'",  # no clickjacking: nobody may frame the chat
+    "base-uri 'none'",
+    "object-src 'none'",
+    "form-action 'self'",
+])
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate it
+]
+
+
+def host_name(netloc: str) -> str:
+    """'Example.COM:8000' -> 'example.com', '[::1]:8000' -> '[::1]'."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc.split("]")[0] + "]"
+    return netloc.rsplit(":", 1)[0] if ":" in netloc else netloc
+
+
+class GuardMiddleware:
+    """Every HTTP response gets the security headers, and any request for a Host not in
+    the allowlist is refused, before the app sees it.
+
+    Why the Host allowlist: after DNS rebinding, a hostile site's name points at this
+    server, so the visitor's browser sends `Host: evil.example` and `Origin:
+    http://evil.example`. They match each other, so only a list of *our* names stops it.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if not host_allowed(scope):
+            return await refuse(scope, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def request_host(scope: Scope) -> str:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+
+
+def host_allowed(scope: Scope) -> bool:
+    return host_name(request_host(scope)) in settings.allowed_hosts
+
+
+async def refuse(scope: Scope, send: Send) -> None:
+    log.warning("refused a request for host %.100r", request_host(scope))
+    if scope["type"] == "websocket":  # closed before accept: the browser sees HTTP 403
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+        return
+    body = b"Unknown host name. Set CHAT_ALLOWED_HOSTS to serve this one.\n"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"),
+               (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def origin_allowed(websocket: WebSocket) -> bool:
+    """Stop other web sites from driving the chat from a visitor's browser (CSWSH).
+
+    The Origin must be the page's own address: same host and port as the (already
+    allowlisted) Host, and http for ws / https for wss. Or it is listed in
+    CHAT_ALLOWED_ORIGINS. Browsers always send Origin; scripts and tests usually
+    don't, and can't borrow a visitor's cookies or network position, so no Origin is let in.
+    """
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if origin.rstrip("/").lower() in settings.allowed_origins:
+        return True
+    parts = urlsplit(origin)
+    page_scheme = {"ws": "http", "wss": "https"}.get(websocket.url.scheme)
+    return (parts.scheme == page_scheme
+            and parts.netloc.lower() == websocket.headers.get("host", "").lower()
+            and host_name(parts.netloc) in settings.allowed_hosts)
+
+
+def client_address(websocket: WebSocket) -> str:
+    """Who is connecting, as the ASGI server reports it.
+
+    X-Forwarded-For is never read here: uvicorn puts the address it carries into the
+    scope only for connections from `--forwarded-allow-ips` (default 127.0.0.1, a
+    proxy on the same machine), so it is used only when the proxy is configured.
+    """
+    return websocket.client.host if websocket.client else "unknown"
+
+
+class RateLimit:
+    """At most `limit` events in any `window` seconds (a sliding window)."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit, self.window, self.times = limit, window, deque()
+
+    def _forget_old(self, now: float) -> None:
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._forget_old(now)
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+    def idle(self) -> bool:
+        self._forget_old(time.monotonic())
+        return not self.times
+
+
+@dataclass
+class Client:
+    connections: int = 0
+    messages: RateLimit = field(default_factory=lambda: RateLimit(
+        settings.client_rate_limit_messages, settings.rate_limit_seconds))
+
+
+class ClientLimits:
+    """Caps per client address, across all its connections in this worker: one client
+    cannot fill the server with idle sockets or spread a flood over many connections."""
+
+    def __init__(self):
+        self.clients: dict[str, Client] = {}
+
+    def open(self, address: str) -> bool:
+        """Count a new connection; False when this address already has too many."""
+        client = self.clients.setdefault(address, Client())
+        if client.connections >= settings.max_connections_per_client:
+            return False
+        client.connections += 1
+        return True
+
+    def close(self, address: str) -> None:
+        client = self.clients.get(address)
+        if client is None:
+            return
+        client.connections -= 1
+        # Keep the entry while its message window is still running, so reconnecting
+        # does not reset the count; forget it after that, so the table stays small.
+        if client.connections <= 0 and client.messages.idle():
+            del self.clients[address]
+        if len(self.clients) > 10_000:
+            self.clients = {a: c for a, c in self.clients.items()
+                            if c.connections > 0 or not c.messages.idle()}
+
+    def allow_message(self, address: str) -> bool:
+        return self.clients.setdefault(address, Client()).messages.allow()
+
+
+class InvalidFrameGuard:
+    """A few bad frames are a bug in a client and get an error frame at once. A stream of
+    them is abuse: past half the limit each answer waits, which also slows the reading
+    of the next frame; at the limit the connection is closed (1008, policy violation)."""
+
+    def __init__(self):
+        self.recent = RateLimit(settings.invalid_frame_limit, settings.rate_limit_seconds)
+
+    async def tolerate(self) -> bool:
+        if not self.recent.allow():
+            return False
+        if len(self.recent.times) > settings.invalid_frame_limit // 2:
+            await asyncio.sleep(settings.invalid_frame_delay_seconds)
+        return True
+
+
+def cap_server_frame_size(limit: int) -> None:
+    """Make uvicorn refuse WebSocket frames over `limit` bytes whatever command started it.
+
+    uvicorn buffers a whole frame (16 MiB by default) before the app can look at it, so
+    a size check in the app comes too late for memory. uvicorn creates one protocol
+    object per connection from its Config, and it imports this app while loading that
+    Config: lowering `ws_max_size` there applies to every connection that follows.
+    Under another server this finds no Config and only logs that --ws-max-size is needed.
+    """
+    try:
+        from uvicorn.config import Config
+    except ImportError:
+        Config = None
+    for frame in inspect.stack(context=0):
+        owner = frame.frame.f_locals.get("self")
+        if Config is not None and isinstance(owner, Config):
+            owner.ws_max_size = min(owner.ws_max_size, limit)
+            return
+    log.info("not started by uvicorn: set the server's WebSocket frame limit to %d bytes", limit)

@@ -1,0 +1,208 @@
+"""Step 04 as something to expose: headers, hosts and origins, per-client limits, errors.
+
+(Model output in a real browser: tests/test_browser_hostile.py.)
+"""
+
+import socket
+import time
+
+import httpx2
+import openai
+import pytest
+from starlette.websockets import WebSocketDisconnect
+from websockets.exceptions import ConnectionClosed
+
+from step04_full_chat import main as chat_main
+from step04_full_chat.config import settings
+from step04_full_chat.utils.stream_llm import explain_llm_error
+from tests.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, reply_text
+
+APP = "step04_full_chat.main"
+
+
+@pytest.fixture
+def client(fake):
+    with LocalClient(chat_main.app) as test_client:
+        yield test_client
+
+
+def chat_turn(ws, text: str) -> str:
+    ws.send_json({"type": "message", "content": text})
+    return reply_text(collect_reply(ws))
+
+
+# Headers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/", 200), ("/static/app.js", 200), ("/static/vendor/purify.min.js", 200),
+    ("/static/nothing.js", 404), ("/nothing", 404),
+    ("/docs", 404), ("/redoc", 404), ("/openapi.json", 404),  # no API-docs routes
+])
+def test_every_response_carries_the_security_headers(client, path, status):
+    response = client.get(path)
+    assert response.status_code == status
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["style-src"] == policy["connect-src"] == "'self'"
+    assert policy["img-src"] == "'self' data:"
+    assert policy["frame-ancestors"] == policy["base-uri"] == policy["object-src"] == "'none'"
+    assert policy["form-action"] == "'self'"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["x-frame-options"] == "DENY"
+
+
+# Hosts and origins -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, status", [
+    ("localhost", 200), ("localhost:8000", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200),
+    ("LocalHost", 200),
+    ("evil.example", 400), ("evil.example:8000", 400), ("localhost.evil.example", 400),
+    ("", 400), ("chat.example.com", 400),
+])
+def test_pages_are_served_only_for_allowed_host_names(client, host, status):
+    response = client.get("/", headers={"host": host})
+    assert response.status_code == status
+    assert "content-security-policy" in response.headers
+
+
+def test_a_deployment_names_its_own_hosts(client, monkeypatch):
+    monkeypatch.setattr(settings, "allowed_hosts", frozenset({"chat.example.com"}))
+    assert client.get("/", headers={"host": "chat.example.com"}).status_code == 200
+    assert client.get("/", headers={"host": "localhost"}).status_code == 400
+
+
+def handshake_status(port: int, host: str, origin: str | None) -> int:
+    """The HTTP status of a WebSocket handshake with exactly these Host and Origin headers,
+    as a browser after DNS rebinding would send them."""
+    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    if origin:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    return int(status_line.split()[1])
+
+
+def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_server, fake):
+    port = live_server.port
+    # After rebinding, the attacker's name points here and Host and Origin agree.
+    assert handshake_status(port, "evil.example", "http://evil.example") == 403
+    assert handshake_status(port, f"evil.example:{port}", f"http://evil.example:{port}") == 403
+    # The page's own origin, with the wrong scheme or port, is another origin.
+    assert handshake_status(port, f"127.0.0.1:{port}", f"https://127.0.0.1:{port}") == 403
+    assert handshake_status(port, f"127.0.0.1:{port}", "http://127.0.0.1:1") == 403
+    assert handshake_status(port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}") == 101
+    assert handshake_status(port, f"localhost:{port}", f"http://localhost:{port}") == 101
+    assert not fake.requests
+    with WsClient(live_server.ws_url, origin=f"http://127.0.0.1:{port}") as ws:
+        assert chat_turn(ws, "proper") == "You said: proper"
+
+
+# Per-client limits -----------------------------------------------------------------
+
+
+def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
+    monkeypatch.setattr(settings, "max_connections_per_client", 3)
+    greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.1", "10.0.0.2"))
+    with greedy, other:
+        held = [greedy.websocket_connect("/ws").__enter__() for _ in range(3)]
+        with greedy.websocket_connect("/ws") as fourth:
+            assert "Too many open chats" in fourth.receive_json()["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                fourth.receive_json()
+            assert closed.value.code == 1013
+        with other.websocket_connect("/ws") as ws:  # everybody else still gets in
+            assert chat_turn(ws, "room for me") == "You said: room for me"
+        held.pop().__exit__(None, None, None)
+        with greedy.websocket_connect("/ws") as ws:  # a slot came free
+            assert chat_turn(ws, "again") == "You said: again"
+        for ws in held:
+            ws.__exit__(None, None, None)
+    assert not chat_main.client_limits.clients or all(
+        c.connections == 0 for c in chat_main.client_limits.clients.values())
+
+
+def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
+    monkeypatch.setattr(settings, "client_rate_limit_messages", 3)
+    monkeypatch.setattr(chat_main, "client_limits", type(chat_main.client_limits)())
+    greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.3", "10.0.0.4"))
+    with greedy, other:
+        for i in range(3):  # a fresh connection for every message
+            with greedy.websocket_connect("/ws") as ws:
+                assert chat_turn(ws, f"m{i}") == f"You said: m{i}"
+        with greedy.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "message", "content": "one more"})
+            assert "too fast" in ws.receive_json()["message"]
+        with other.websocket_connect("/ws") as ws:
+            assert chat_turn(ws, "mine") == "You said: mine"
+    assert len(fake.requests) == 4
+
+
+def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "invalid_frame_limit", 6)
+    monkeypatch.setattr(settings, "invalid_frame_delay_seconds", 0.3)
+    with client.websocket_connect("/ws") as ws:
+        waits = []
+        for _ in range(6):
+            sent = time.monotonic()
+            ws.send_text("not json")
+            assert ws.receive_json()["type"] == "error"
+            waits.append(time.monotonic() - sent)
+        assert all(wait >= 0.3 for wait in waits[3:]), waits  # past half the limit: slowed
+        ws.send_text("not json")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008
+    assert not fake.requests
+
+
+def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
+    with client.websocket_connect("/ws") as ws:
+        chat_turn(ws, "default")
+        monkeypatch.setattr(settings, "max_reply_tokens", 50)
+        chat_turn(ws, "configured")
+    assert [r["max_tokens"] for r in fake.requests] == [1024, 50]
+
+
+def test_an_oversized_frame_is_refused_by_the_app(client, fake):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text('{"type": "message", "content": "' + "x" * 70_000 + '"}')
+        assert "limited to 65536 bytes" in ws.receive_json()["message"]
+        assert chat_turn(ws, "after") == "You said: after"
+
+
+def test_the_frame_limit_holds_even_when_uvicorn_was_started_without_it(fake_server, fake):
+    # No --ws-max-size: uvicorn's own default would buffer frames up to 16 MiB.
+    with LiveServer(f"{APP}:app", env=llm_env(fake_server.base_url)) as server:
+        with WsClient(server.ws_url) as ws:
+            ws.send_text("x" * (1024 * 1024))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.receive_text(timeout=10)
+            assert closed.value.rcvd.code == 1009  # "message too big", before the app saw it
+        with WsClient(server.ws_url) as ws:
+            assert chat_turn(ws, "still here") == "You said: still here"
+
+
+# Error messages --------------------------------------------------------------------
+
+
+def cannot_connect(url: str) -> openai.APIConnectionError:
+    return openai.APIConnectionError(request=httpx2.Request("POST", url))
+
+
+def test_errors_never_show_an_internal_llm_address(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://llm-gpu-7.internal.corp:8000/v1")
+    message = explain_llm_error(cannot_connect("http://llm-gpu-7.internal.corp:8000/v1"))
+    assert message == "Could not reach the language model. Please try again later."
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://10.1.2.3:8000/v1")
+    assert "10.1.2.3" not in explain_llm_error(cannot_connect("http://10.1.2.3:8000/v1"))
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8808/v1", "http://localhost:11434/v1", "http://[::1]:1234/v1"])
+def test_a_loopback_llm_address_is_shown_so_the_user_can_start_it(monkeypatch, url):
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    assert f"at {url}" in explain_llm_error(cannot_connect(url))
