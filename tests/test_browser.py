@@ -28,9 +28,14 @@ def browser():
         browser.close()
 
 
+# Playwright's wait_for_function evaluates its string with eval, which step04's CSP
+# forbids; these tests drive the page, tests/test_browser_hostile.py keeps the CSP on.
+TEST_CONTEXT = {"bypass_csp": True}
+
+
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    context = browser.new_context(viewport={"width": 1000, "height": 700}, **TEST_CONTEXT)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -202,7 +207,8 @@ def test_step04_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(
 
 
 def test_step04_works_at_mobile_width(browser, fake, fake_server):
-    context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True)
+    context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True,
+                                  **TEST_CONTEXT)
     page = context.new_page()
     with serve("step04_full_chat", fake_server) as server:
         open_chat(page, server.url)

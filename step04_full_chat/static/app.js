@@ -11,7 +11,7 @@ const notice = $("notice");
 
 let socket = null;
 let reconnectAttempts = 0;
-let reply = null;        // the assistant message being streamed: { element, body, text, queued }
+let reply = null;        // the assistant message being streamed: { element, body, view, queued }
 let everConnected = false;
 
 function setStatus(state) {
@@ -46,7 +46,7 @@ function addMessage(kind, text = "") {
   element.append(body);
   log.append(element);
   if (follow) log.scrollTop = log.scrollHeight;
-  return { element, body, text: "" };
+  return { element, body };
 }
 
 function addMeta(message, text) {
@@ -56,15 +56,12 @@ function addMeta(message, text) {
   message.element.append(meta);
 }
 
-// Model output is Markdown. It is parsed by marked and then sanitized by DOMPurify,
-// so <script>, event handlers and javascript: links never reach the page.
-function renderMarkdown(message) {
+// Model output is Markdown and untrusted: render.js turns it into safe HTML, one
+// finished block at a time, and falls back to plain text if rendering ever fails.
+function renderMarkdown(message, final = false) {
   const follow = isAtBottom();
-  if (window.marked && window.DOMPurify) {
-    message.body.innerHTML = DOMPurify.sanitize(marked.parse(message.text));
-  } else {
-    message.body.textContent = message.text;
-  }
+  if (final) message.view.finish();
+  else message.view.render();
   if (follow) log.scrollTop = log.scrollHeight;
 }
 
@@ -81,7 +78,7 @@ function scheduleRender(message) {
 
 function finishReply(metaText, cut) {
   if (reply) {
-    renderMarkdown(reply);
+    renderMarkdown(reply, true);
     reply.element.classList.remove("streaming");
     if (cut) reply.element.classList.add("cut");
     if (metaText) addMeta(reply, metaText);
@@ -105,11 +102,12 @@ function handleFrame(frame) {
   switch (frame.type) {
     case "start":
       reply = addMessage("assistant streaming");
+      reply.view = ChatRender.createMarkdownView(reply.body);
       setStreaming(true);
       break;
     case "chunk":
       if (!reply) return;
-      reply.text += frame.content;
+      reply.view.append(frame.content);
       scheduleRender(reply);
       break;
     case "end":
