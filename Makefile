@@ -88,8 +88,9 @@ screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots
 
 # The full benchmark (`make test` runs only a tiny smoke run of it).
-bench: $(STAMP)
+bench: $(STAMP) chromium
 	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.local_model
 	$(BIN)/python -m bench.tracing
 

@@ -27,3 +27,12 @@ def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
     assert results["memory"]["idle_kib_per_connection"] > 0
     assert "| step04 | 4 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.browser
+def test_the_render_benchmark_runs_and_writes_its_table(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.render", "--sizes", "3000", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in (tmp_path / "render.md").read_text().splitlines() if line.startswith("| 3,000"))
+    assert row.count(" ms") == 2, row

