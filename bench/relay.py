@@ -138,8 +138,10 @@ class FakeUpstream:
 
 
 def serve(variant: str, upstream: FakeUpstream) -> LiveServer:
+    # Every bench client connects from 127.0.0.1: lift the per-address caps too.
     env = llm_env(upstream.base_url, PROBED_APP=VARIANTS[variant], CHAT_MAX_CONNECTIONS="100000",
-                  CHAT_RATE_LIMIT_MESSAGES="100000")
+                  CHAT_RATE_LIMIT_MESSAGES="100000", CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
+                  CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000")
     return LiveServer("tests.loop_probe:app", env=env, extra_args=UVICORN_ARGS)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -22,9 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class LocalClient(TestClient):
     """Starlette's TestClient, presenting itself as a local browser would: step04 refuses
-    Host names outside its allowlist, and TestClient says "testserver" by default."""
+    Host names outside its allowlist, and TestClient says "testserver" by default.
+
+    Each one is its own client address (step04 counts messages per address for a
+    minute; the tests of one run must not add up to one client's quota)."""
+
+    addresses = itertools.count(1)
 
     def __init__(self, app, **options):
+        options.setdefault("client", (f"testclient-{next(self.addresses)}", 50000))
         super().__init__(app, base_url="http://localhost", **options)
 
     def websocket_connect(self, url: str, *args, **kwargs):

@@ -6,6 +6,7 @@ CSP stays on here: it is part of what is tested.
 """
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -202,3 +203,35 @@ def test_the_page_is_served_with_its_csp(browser, live_server):  # noqa: F811
     response = page.goto(live_server.url)
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     context.close()
+
+
+# Rendering cost: finished blocks are not rendered again -----------------------------
+
+
+def wait_for_reply_text(page, text, timeout=10.0):
+    # Polled from here: wait_for_function would need eval, which the CSP forbids.
+    deadline = time.monotonic() + timeout
+    while text not in page.evaluate("document.querySelector('.assistant .body').innerText"):
+        assert time.monotonic() < deadline, f"no {text!r} in the reply after {timeout} s"
+        page.wait_for_timeout(20)
+
+
+def test_finished_blocks_render_once_while_the_reply_streams(browser, live_server, fake):  # noqa: F811
+    fake.chunk_delay, fake.min_chunks = 0.05, 40
+    fake.reply = "A first paragraph.\n\n- one\n- two\n\nThe last block keeps growing"
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "stream")
+        page.keyboard.press("Enter")
+        wait_for_reply_text(page, "tick15")
+        page.evaluate("document.querySelector('.assistant .body p').kept = true")
+        wait_for_reply_text(page, "tick30")
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        # Still the same element: the first paragraph was not re-rendered by later frames.
+        assert page.evaluate("document.querySelector('.assistant .body p').kept") is True
+        page.wait_for_selector(".assistant .meta")
+        assert page.locator(".assistant li").count() == 2
+        assert "tick39" in page.locator(".assistant .body p").last.inner_text()
+        assert not errors, errors
+    finally:
+        context.close()
