@@ -218,9 +218,11 @@ def cap_server_frame_size(limit: int) -> None:
         from uvicorn.config import Config
     except ImportError:
         Config = None
-    for frame in inspect.stack(context=0):
-        owner = frame.frame.f_locals.get("self")
+    frame = inspect.currentframe()
+    while frame is not None:  # from this call outwards, to uvicorn's Config.load()
+        owner = frame.f_locals.get("self")
         if Config is not None and isinstance(owner, Config):
             owner.ws_max_size = min(owner.ws_max_size, limit)
             return
+        frame = frame.f_back
     log.info("not started by uvicorn: set the server's WebSocket frame limit to %d bytes", limit)

@@ -149,6 +149,19 @@ def reply_text(frames: list[dict]) -> str:
     return "".join(f["content"] for f in frames if f["type"] == "chunk")
 
 
+def assert_told_and_closed(ws, words: str, code: int) -> None:
+    """An in-process connection gets an error frame saying `words`, then is closed with `code`."""
+    from starlette.websockets import WebSocketDisconnect
+
+    assert words in ws.receive_json()["message"]
+    try:
+        ws.receive_json()
+    except WebSocketDisconnect as closed:
+        assert closed.code == code, closed
+    else:
+        raise AssertionError("the connection stayed open")
+
+
 def wait_until(condition, timeout: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -8,7 +8,7 @@ from starlette.websockets import WebSocketDisconnect
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from step04_full_chat.nodes import trim_history
-from tests.support import LocalClient, assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
+from tests.support import LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
 
 APP = "step04_full_chat.main"
 
@@ -269,10 +269,7 @@ def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatc
     monkeypatch.setattr(settings, "max_connections", 2)
     with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
         with client.websocket_connect("/ws") as third:
-            assert "full" in third.receive_json()["message"]
-            with pytest.raises(WebSocketDisconnect) as closed:
-                third.receive_json()
-            assert closed.value.code == 1013
+            assert_told_and_closed(third, "full", 1013)
     with client.websocket_connect("/ws") as later:  # room again once they left
         later.send_json({"type": "message", "content": "in"})
         assert reply_text(collect_reply(later)) == "You said: in"

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from step04_full_chat.utils.stream_llm import explain_llm_error
-from tests.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, reply_text
+from tests.support import LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env, reply_text
 
 APP = "step04_full_chat.main"
 
@@ -111,10 +111,7 @@ def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     with greedy, other:
         held = [greedy.websocket_connect("/ws").__enter__() for _ in range(3)]
         with greedy.websocket_connect("/ws") as fourth:
-            assert "Too many open chats" in fourth.receive_json()["message"]
-            with pytest.raises(WebSocketDisconnect) as closed:
-                fourth.receive_json()
-            assert closed.value.code == 1013
+            assert_told_and_closed(fourth, "Too many open chats", 1013)
         with other.websocket_connect("/ws") as ws:  # everybody else still gets in
             assert chat_turn(ws, "room for me") == "You said: room for me"
         held.pop().__exit__(None, None, None)
