@@ -123,8 +123,9 @@ CHECK_PAGE = """(forbidden) => {
 def open_page(browser, url):  # noqa: F811
     context = browser.new_context(viewport={"width": 1000, "height": 700})  # the CSP stays on
     page = context.new_page()
-    errors = []
+    errors = []  # script errors, and console errors such as a CSP refusing a load
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.goto(url)
     page.wait_for_selector("#status[data-state=ready]")
     return context, page, errors
@@ -161,7 +162,7 @@ def test_a_hostile_reply_fetches_nothing_injects_nothing_and_leaves_the_page_usa
 def test_raw_html_shows_as_text_and_markdown_still_renders(browser, live_server, listener, fake):  # noqa: F811
     fake.reply = (f"**bold** and `<b>code</b>` and <b>raw</b>\n\n- item\n\n"
                   f"[docs]({listener.origin}/docs) <https://example.org/page>")
-    context, page, _ = open_page(browser, live_server.url)
+    context, page, errors = open_page(browser, live_server.url)
     try:
         chat(page, "format", 0)
         body = page.locator(".assistant .body")
@@ -177,6 +178,7 @@ def test_raw_html_shows_as_text_and_markdown_still_renders(browser, live_server,
         # A link whose label is not its address says where it goes.
         assert f"docs ({listener.origin}/docs)" in body.inner_text()
         assert "https://example.org/page (" not in body.inner_text()
+        assert not errors, errors
     finally:
         context.close()
 
