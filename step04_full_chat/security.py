@@ -12,8 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from fastapi import WebSocket
 
 from .config import settings
 
@@ -60,10 +59,10 @@ class GuardMiddleware:
     http://evil.example`. They match each other, so only a list of *our* names stops it.
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app):  # any ASGI app
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         if not host_allowed(scope):
@@ -77,15 +76,15 @@ class GuardMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def request_host(scope: Scope) -> str:
+def request_host(scope: dict) -> str:
     return next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
 
 
-def host_allowed(scope: Scope) -> bool:
+def host_allowed(scope: dict) -> bool:
     return host_name(request_host(scope)) in settings.allowed_hosts
 
 
-async def refuse(scope: Scope, send: Send) -> None:
+async def refuse(scope: dict, send) -> None:
     log.warning("refused a request for host %.100r", request_host(scope))
     if scope["type"] == "websocket":  # closed before accept: the browser sees HTTP 403
         await send({"type": "websocket.close", "code": 1008, "reason": ""})
