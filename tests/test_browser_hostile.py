@@ -213,7 +213,7 @@ def test_the_page_is_served_with_its_csp(browser, live_server):  # noqa: F811
 def wait_for_reply_text(page, text, timeout=10.0):
     # Polled from here: wait_for_function would need eval, which the CSP forbids.
     deadline = time.monotonic() + timeout
-    while text not in page.evaluate("document.querySelector('.assistant .body').innerText"):
+    while text not in page.evaluate("document.querySelector('.assistant .body')?.innerText ?? ''"):
         assert time.monotonic() < deadline, f"no {text!r} in the reply after {timeout} s"
         page.wait_for_timeout(20)
 
