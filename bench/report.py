@@ -61,6 +61,22 @@ def ratio_lines(runs: list[dict], clients: int) -> list[str]:
     ]
 
 
+def store_lines(results: dict) -> list[str]:
+    ab = results.get("store_on_off")
+    if not ab:
+        return []
+
+    def rounds(name):
+        return ", ".join(f"{r['first_chunk_ms_p50']:g}" for r in ab["rounds"][name])
+
+    return ["## Store on vs off (step04, one worker)", "",
+            f"{ab['clients']} clients sending at once, against step04 with its default store (a SQLite "
+            "file) and with `CHAT_STORE_URL=memory://`, both servers up, in alternating rounds. "
+            "First chunk, median of each round (ms):", "",
+            f"- store on: {rounds('on')} → median {ab['first_chunk_ms_p50_on']:g} ms",
+            f"- store off: {rounds('off')} → median {ab['first_chunk_ms_p50_off']:g} ms", ""]
+
+
 def targets_table(results: dict) -> list[str]:
     at50 = find(results["runs"], "step04", 50)
     if at50 is None:  # the smoke run has no 50-client run
@@ -127,6 +143,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
         "the streams' starts: its users wait at the first chunk instead.",
         "",
         *targets_table(results),
+        *store_lines(results),
         "## Capacity: step04, one worker",
         "",
         f"Every stream {results['capacity_schedule']['chunks']} chunks at "

@@ -60,7 +60,7 @@ def shoot_inspector(browser, url, fake, name) -> None:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with FakeLLMServer() as fake_server:
-        env = llm_env(fake_server.base_url)
+        env = llm_env(fake_server.base_url, CHAT_STORE_URL="memory://")  # keep no conversations
         with LiveServer("step04_full_chat.main:app", env=env) as server, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
             shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})

@@ -66,6 +66,14 @@ class Settings:
         "CHAT_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
     # Origins allowed besides the page's own (comma-separated, e.g. https://chat.example.com).
     allowed_origins: frozenset = field(default_factory=lambda: _names("CHAT_ALLOWED_ORIGINS"))
+    # Where conversations live (store.py): a SQLite file by default, or redis://host:port/db.
+    store_url: str = field(default_factory=lambda: os.getenv("CHAT_STORE_URL") or "sqlite:///chat.sqlite3")
+    # A conversation untouched for this long is deleted.
+    store_retention_days: float = field(default_factory=lambda: _float("CHAT_STORE_RETENTION_DAYS", 30))
+    # At most this many conversations are kept; the least recently used go first.
+    store_max_conversations: int = field(default_factory=lambda: _int("CHAT_STORE_MAX_CONVERSATIONS", 100_000))
+    # A reply whose client dropped goes on this long, waiting for it to come back (0: cancel at once).
+    resume_seconds: float = field(default_factory=lambda: _float("CHAT_RESUME_SECONDS", 30))
 
 
 settings = Settings()

@@ -1,5 +1,7 @@
 """Step 04: the full chat. The reply streams in a task while the socket keeps being read,
 so the user can stop it, start over, or be told to wait, and bad input never hurts.
+Conversations are stored (store.py), and a reply outlives a dropped connection so the
+client can come back for it (replies.py, session.py).
 
 Run from the repository root:  uvicorn step04_full_chat.main:app --ws-max-size 65536
 (or `make chat`, which also starts the embedded local model).
@@ -16,10 +18,12 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from .config import settings
-from .flow import create_streaming_chat_flow
 from .protocol import FrameError, parse_client_frame
+from .replies import ReplyHub
 from .security import (ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit,
                        cap_server_frame_size, client_address, origin_allowed)
+from .session import ChatSession
+from .store import StoreError, open_store
 from .utils.stream_llm import get_client
 
 STATIC = Path(__file__).parent / "static"
@@ -31,12 +35,14 @@ async def lifespan(app: FastAPI):
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
     get_client().chat.completions
+    await hub.open(open_store(settings.store_url))
     # The start-up objects (modules, the app, the client) live as long as the process.
     # Freezing them keeps the garbage collector from walking them all again: that
     # first full collection stalled every stream for ~60 ms on our test machine.
     gc.collect()
     gc.freeze()
     yield
+    await hub.close()  # replies in progress are stopped and stored as far as they got
     await get_client().close()  # the upstream connections, at shutdown
 
 
@@ -47,10 +53,10 @@ app.add_middleware(GuardMiddleware)  # security headers on every response; the H
 cap_server_frame_size(settings.max_frame_bytes)  # even when uvicorn ran without --ws-max-size
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-# Per worker process: the open connections and the replies streaming right now.
-# Holding the tasks here also keeps them from being garbage-collected mid-reply.
+# Per worker process: the open connections and the replies being generated right now.
 open_connections: set[WebSocket] = set()
-reply_tasks: set[asyncio.Task] = set()
+hub = ReplyHub()
+reply_tasks: set[asyncio.Task] = hub.tasks
 client_limits = ClientLimits()
 
 
@@ -59,32 +65,11 @@ async def index():
     return FileResponse(STATIC / "index.html")
 
 
+BUSY = "A reply is still streaming. Wait for it, or press Stop."
+
+
 async def send_error(websocket: WebSocket, message: str) -> None:
     await websocket.send_json({"type": "error", "message": message})
-
-
-async def run_reply(flow, shared) -> None:
-    """One turn of the flow, in its own task. Upstream errors are handled by the node;
-    anything that still gets here is a bug: log it, tell the user, keep the socket."""
-    try:
-        await flow.run_async(shared)
-    except WebSocketDisconnect:
-        pass
-    except Exception:
-        log.exception("reply failed unexpectedly")
-        try:
-            await send_error(shared["websocket"], "Internal error while replying. Please try again.")
-        except Exception:
-            pass
-
-
-async def stop_reply(shared, task: asyncio.Task | None) -> None:
-    """Stop a streaming reply; the node then sends `end` with stopped: true."""
-    if task is None or task.done():
-        return
-    shared["stop_requested"].set()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 @app.websocket("/ws")
@@ -105,23 +90,21 @@ async def chat(websocket: WebSocket):
         return
 
     open_connections.add(websocket)
-    # The design doc's shared store, one per connection, plus the Stop signal.
-    shared = {
-        "websocket": websocket,
-        "user_message": "",
-        "conversation_history": [],
-        "stop_requested": asyncio.Event(),
-    }
-    flow = create_streaming_chat_flow()
+    session = ChatSession(websocket, hub)
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
     invalid_frames = InvalidFrameGuard()
-    reply: asyncio.Task | None = None
     try:
+        try:  # the first frame: which conversation this is, and its messages
+            await session.open(websocket.query_params.get("conversation"))
+        except StoreError as error:  # the page keeps its id and tries again with backoff
+            await send_error(websocket, f"{error} Trying again shortly.")
+            await websocket.close(code=1013, reason="store unavailable")
+            return
         while True:
             try:
                 message = await asyncio.wait_for(websocket.receive(), settings.idle_timeout_seconds)
             except asyncio.TimeoutError:
-                if reply and not reply.done():
+                if session.busy():
                     continue  # quiet because it is reading a long reply: not idle
                 await websocket.close(code=1000, reason="idle")
                 break
@@ -136,26 +119,22 @@ async def chat(websocket: WebSocket):
                 await send_error(websocket, str(error))
                 continue
 
-            if frame["type"] == "stop":
-                await stop_reply(shared, reply)  # nothing streaming: nothing to do
-            elif frame["type"] == "reset":
-                await stop_reply(shared, reply)
-                shared["conversation_history"].clear()
-                await websocket.send_json({"type": "reset"})
-            elif reply and not reply.done():
-                await send_error(websocket, "A reply is still streaming. Wait for it, or press Stop.")
-            elif not (rate_limit.allow() and client_limits.allow_message(address)):
-                await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
-            else:
-                shared["user_message"] = frame["content"]
-                shared["stop_requested"].clear()
-                reply = asyncio.create_task(run_reply(flow, shared))
-                reply_tasks.add(reply)
-                reply.add_done_callback(reply_tasks.discard)
+            try:
+                if frame["type"] == "stop":
+                    await session.stop()  # nothing streaming: nothing to do
+                elif frame["type"] == "reset":
+                    await session.reset()
+                elif session.busy():
+                    await send_error(websocket, BUSY)
+                elif not (rate_limit.allow() and client_limits.allow_message(address)):
+                    await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
+                elif not await session.send_message(frame["content"]):
+                    await send_error(websocket, BUSY)  # another tab's reply, maybe on another host
+            except StoreError as error:  # e.g. Redis went away: say so, keep the socket
+                await send_error(websocket, f"{error} Please try again in a moment.")
     except WebSocketDisconnect:
         pass
     finally:
         open_connections.discard(websocket)
         client_limits.close(address)
-        if reply and not reply.done():  # the client left mid-reply: cancel the upstream call
-            reply.cancel()  # reply_tasks holds it while it closes the upstream response
+        await session.leave()  # a reply it was showing runs on for the resume window

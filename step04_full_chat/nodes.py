@@ -6,10 +6,10 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from fastapi import WebSocketDisconnect
 from pocketflow import AsyncNode
 
 from .config import settings
+from .store import StoreError
 from .utils.stream_llm import explain_llm_error, stream_llm
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,12 @@ class Reply:
                 "duration_ms": ms(time.monotonic() - self.began)}
 
 
-def trim_history(history: list[dict], max_messages: int, max_chars: int) -> None:
-    """Drop the oldest turns (user + assistant pairs) until both bounds hold."""
-    while history and (len(history) > max_messages or
-                       sum(len(m["content"]) for m in history) > max_chars):
-        del history[:2]
-
-
 class StreamingChatNode(AsyncNode):
-    """prep reads the shared store, exec streams the reply, post writes the store back."""
+    """prep reads the shared store, exec streams the reply, post stores the turn.
+
+    Frames go to shared["reply"] (replies.LiveReply), which hands them to every
+    connection showing this reply, so the reply does not depend on any one socket.
+    """
 
     def __init__(self):
         # One attempt only: once a chunk is on the user's screen a retry would repeat it.
@@ -63,45 +60,47 @@ class StreamingChatNode(AsyncNode):
         messages = system + shared["conversation_history"] + [
             {"role": "user", "content": shared["user_message"]}
         ]
-        return messages, shared["websocket"], shared["stop_requested"]
+        return messages, shared["reply"], shared["stop_requested"]
 
     async def exec_async(self, prep_res):
-        messages, websocket, stop_requested = prep_res
+        messages, live, stop_requested = prep_res
         reply = Reply()
-        await websocket.send_json({"type": "start"})
+        await live.publish({"type": "start"})
         try:
             async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
                     reply.add(text)
-                    await websocket.send_json({"type": "chunk", "content": text})
+                    await live.publish({"type": "chunk", "content": text})
         except asyncio.CancelledError:
             if not stop_requested.is_set():
-                raise  # the client left or the server is shutting down: just go
-            # A Stop we asked for: leaving `async with` closed the upstream request.
+                raise  # cancelled without a Stop: just go
+            # A Stop (from the user, or nobody came back in time): leaving `async with`
+            # closed the upstream request.
             # Keep what was shown and carry on to post instead of dying.
             reply.stopped = True
             task = asyncio.current_task()
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
                 task.uncancel()
-        except WebSocketDisconnect:
-            raise
         except Exception as error:  # the LLM failed; post reports it and keeps history clean
             reply.error = error
         return reply
 
     async def post_async(self, shared, prep_res, reply: Reply):
-        websocket = shared["websocket"]
-        if reply.error is not None:
+        live = shared["reply"]
+        if reply.error is not None:  # a failed turn stores nothing
             log.warning("LLM call failed: %r", reply.error)
-            await websocket.send_json({"type": "error", "message": explain_llm_error(reply.error)})
+            await live.finish({"type": "error", "message": explain_llm_error(reply.error)})
             return "failed"
         if reply.text:  # a Stop before the first chunk leaves nothing worth remembering
-            history = shared["conversation_history"]
-            history += [{"role": "user", "content": shared["user_message"]},
-                        {"role": "assistant", "content": reply.text}]
-            trim_history(history, settings.max_history_messages, settings.max_history_chars)
+            # Stored before `end` is sent: a client reconnecting right after `end`, to any
+            # worker or host, finds the turn.
+            try:
+                await shared["store"].add_turn(shared["conversation_id"], shared["user_message"], reply.text)
+            except StoreError as error:
+                await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
+                return "failed"
         end = {"type": "end", "stats": reply.stats()}
         if reply.stopped:
             end["stopped"] = True
-        await websocket.send_json(end)
+        await live.finish(end)
         return "stopped" if reply.stopped else "done"

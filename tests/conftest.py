@@ -5,15 +5,27 @@ Test files name their app in a module-level APP ("step02_llm_stream.main"); the
 against the same app under a real uvicorn process.
 """
 
+import atexit
 import importlib
+import os
+import shutil
+import tempfile
+from urllib.parse import urlencode
 
 import pytest
 
 from grading.pytest_plugin import code_folder
 from tests.fake_llm import FakeLLMServer
+from tests.redis_server import RedisServer
 from tests.support import LocalClient, LiveServer, WsClient, llm_env
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
+
+# step04's conversations go to a throwaway SQLite file for the whole run, never the
+# repository's; set before any step is imported, and inherited by every server process.
+STORE_DIR = tempfile.mkdtemp(prefix="chat-store-")
+atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
+os.environ["CHAT_STORE_URL"] = f"sqlite:///{STORE_DIR}/chat.sqlite3"
 
 
 @pytest.fixture(scope="session")
@@ -34,22 +46,28 @@ def fake(fake_server, monkeypatch):
 
 @pytest.fixture(scope="module")
 def live_server(request, fake_server):
-    env = llm_env(fake_server.base_url)
+    # A test module may add settings for its server in SERVER_ENV.
+    env = llm_env(fake_server.base_url, **getattr(request.module, "SERVER_ENV", {}))
     folder = code_folder(request.config)  # uvicorn imports the app from there, like the tests
     extra_args = () if folder is None else ("--app-dir", str(folder))
     with LiveServer(request.module.APP + ":app", env=env, extra_args=extra_args) as server:
         yield server
 
 
+def conversation_query(conversation: str | None) -> str:
+    return "" if conversation is None else "?" + urlencode({"conversation": conversation})
+
+
 @pytest.fixture(params=["testclient", "uvicorn"])
 def connect(request, fake):
-    """connect() opens a WebSocket to the test module's app at /ws."""
+    """connect() opens a WebSocket to the test module's app at /ws;
+    connect(conversation=id) asks step04 to continue that conversation."""
     if request.param == "uvicorn":
         server = request.getfixturevalue("live_server")
         opened = []
 
-        def open_live(**options):
-            opened.append(WsClient(server.ws_url, **options))
+        def open_live(conversation=None, **options):
+            opened.append(WsClient(server.ws_url + conversation_query(conversation), **options))
             return opened[-1]
 
         yield open_live
@@ -61,8 +79,8 @@ def connect(request, fake):
     with LocalClient(app) as client:
         sessions = []
 
-        def open_in_process(**options):
-            session = client.websocket_connect("/ws", **options)
+        def open_in_process(conversation=None, **options):
+            session = client.websocket_connect("/ws" + conversation_query(conversation), **options)
             opened = session.__enter__()
             sessions.append(session)  # only an opened session needs closing
             return opened
@@ -75,3 +93,10 @@ def connect(request, fake):
                 # An exercise's unwritten task raising as the client leaves: graded by that
                 # task's own tests, so it does not fail every other task's tests too.
                 pass
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of its own, on a free loopback port."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

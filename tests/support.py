@@ -145,6 +145,15 @@ def collect_reply(ws, timed: bool = False) -> list:
             return frames
 
 
+def read_conversation(ws) -> dict:
+    """step04's first frame on every connection (and after a reset): the conversation."""
+    frame = ws.receive_json()
+    assert frame["type"] == "conversation", frame
+    assert isinstance(frame["id"], str) and len(frame["id"]) >= 22, frame  # 128 random bits
+    assert isinstance(frame["messages"], list), frame
+    return frame
+
+
 def reply_text(frames: list[dict]) -> str:
     return "".join(f["content"] for f in frames if f["type"] == "chunk")
 

@@ -1,4 +1,4 @@
-"""A tiny run of the benchmark harness (`make bench` runs the full one)."""
+"""Tiny runs of the benchmark harnesses (`make bench` runs the full ones)."""
 
 import json
 import subprocess
@@ -11,13 +11,22 @@ from tests.support import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench.relay", "--smoke", "--out", str(tmp_path)],
+def smoke_run(module: str, out, results_file: str) -> dict:
+    """`python -m <module> --smoke --out <out>`; its results, once it exits cleanly."""
+    done = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / results_file).read_text())
+
+
+def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
+    results = smoke_run("bench.relay", tmp_path, "results.json")
     runs = results["runs"]
     assert {r["variant"] for r in runs} == {"step04", "step02", "naive"}
+    store = results["store_on_off"]
+    for name in ("on", "off"):
+        assert [r["failures"] for r in store["rounds"][name]] == [0]
+        assert store[f"first_chunk_ms_p50_{name}"] >= results["schedule"]["delay_ms"]
     for run in runs + results["capacity"]:
         assert run["failures"] == 0, run
         # Every chunk is timed, and no chunk can arrive before the fake sent it.
@@ -36,3 +45,13 @@ def test_the_render_benchmark_runs_and_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in (tmp_path / "render.md").read_text().splitlines() if line.startswith("| 3,000"))
     assert row.count(" ms") == 2, row
+
+
+def test_the_store_benchmark_runs_both_stores_and_writes_its_table(tmp_path):
+    results = smoke_run("bench.store", tmp_path, "store.json")
+    assert set(results) == {"sqlite", "redis"}
+    for figures in results.values():
+        assert 0 < figures["one_at_a_time_ms"]["p50"] <= figures["one_at_a_time_ms"]["p99"]
+        assert 0 < figures["at_once_ms"]["p50"] <= figures["at_once_ms"]["p99"]
+    table = (tmp_path / "store.md").read_text()
+    assert "| sqlite | 20 |" in table and "| redis | 20 |" in table

@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from tests.fake_llm import free_port
-from tests.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at, reply_text, wait_until
+from tests.support import (LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at,
+                           read_conversation, reply_text, wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
 
@@ -42,6 +43,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
     monkeypatch.setattr(settings, "invalid_frame_limit", 10_000)
     monkeypatch.setattr(settings, "client_rate_limit_messages", 10_000)
     with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         count = 0
 
         @hypothesis_settings(max_examples=400, deadline=None, derandomize=True,
@@ -56,6 +58,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
                 assert answer["type"] in ("start", "chunk", "end", "error")
                 if answer["type"] == "error":
                     assert "Traceback" not in answer["message"]
+            read_conversation(ws)  # the new conversation that follows a reset
             ws.send_json({"type": "message", "content": f"probe {count}"})
             assert reply_text(collect_reply(ws)) == f"You said: probe {count}"
 
@@ -64,11 +67,14 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
     assert not chat_main.reply_tasks
 
 
-def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake):
+def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
+    # Nobody comes back: each reply is stopped when its resume window ends.
+    monkeypatch.setattr(settings, "resume_seconds", 0.5)
     fake.chunk_delay, fake.min_chunks = 0.05, 200
     with LocalClient(chat_main.app) as client:
         for _ in range(50):
             with client.websocket_connect("/ws") as ws:
+                read_conversation(ws)
                 ws.send_json({"type": "message", "content": "a long one"})
                 assert ws.receive_json()["type"] == "start"
                 assert ws.receive_json()["type"] == "chunk"
@@ -100,6 +106,7 @@ def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step04_
         nonlocal count
         count += 1
         with WsClient(step04_server.ws_url) as ws:
+            read_conversation(ws)
             ws.connection.send(payload, text=True)  # a text frame whose bytes are not UTF-8
             with pytest.raises(ConnectionClosed) as closed:
                 ws.receive_text(timeout=5)

@@ -1,4 +1,8 @@
-"""Step 04: the full chat. Stop, reset, busy, bad frames, upstream failures, limits."""
+"""Step 04: the full chat. Stop, reset, busy, bad frames, upstream failures, limits.
+
+Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviour before
+replies could resume); tests/test_step04_resume.py covers the resume window.
+"""
 
 import time
 
@@ -7,10 +11,27 @@ from starlette.websockets import WebSocketDisconnect
 
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
-from step04_full_chat.nodes import trim_history
-from tests.support import LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
+from step04_full_chat.store import trim_history
+from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
+                           read_conversation, reply_text, wait_until)
 
 APP = "step04_full_chat.main"
+SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}
+
+
+@pytest.fixture(autouse=True)
+def no_resume_window(monkeypatch):
+    monkeypatch.setattr(settings, "resume_seconds", 0)
+
+
+@pytest.fixture
+def chat(connect):
+    """Like connect, past the conversation frame that opens every connection."""
+    def open_chat(**options):
+        ws = connect(**options)
+        read_conversation(ws)
+        return ws
+    return open_chat
 
 
 @pytest.fixture
@@ -35,8 +56,8 @@ def start_slow_reply(ws, fake, content="tell me a long story"):
 # The happy path --------------------------------------------------------------------
 
 
-def test_frames_come_in_order_and_end_carries_stats(connect, fake):
-    ws = connect()
+def test_frames_come_in_order_and_end_carries_stats(chat, fake):
+    ws = chat()
     ws.send_json({"type": "message", "content": "hello there"})
     frames = collect_reply(ws)
     assert [f["type"] for f in frames] == ["start"] + ["chunk"] * 4 + ["end"]
@@ -47,21 +68,22 @@ def test_frames_come_in_order_and_end_carries_stats(connect, fake):
     assert "stopped" not in frames[-1]
 
 
-def test_the_conversation_is_remembered_across_turns(connect, fake):
-    ws = connect()
+def test_the_conversation_is_remembered_across_turns(chat, fake):
+    ws = chat()
     for text in ["one", "two", "three"]:
         ws.send_json({"type": "message", "content": text})
         collect_reply(ws)
     assert history_sent(fake) == ["one", "You said: one", "two", "You said: two", "three"]
 
 
-def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
-    assert_reply_streams_incrementally(connect(), fake)
+def test_chunks_arrive_while_the_reply_is_still_being_written(chat, fake):
+    assert_reply_streams_incrementally(chat(), fake)
 
 
 def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "You are terse.")
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         for text in ["a", "b"]:
             ws.send_json({"type": "message", "content": text})
             collect_reply(ws)
@@ -72,8 +94,8 @@ def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypat
 # While a reply streams ---------------------------------------------------------------
 
 
-def test_stop_cancels_upstream_and_keeps_the_shown_part(connect, fake):
-    ws = connect()
+def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
+    ws = chat()
     start_slow_reply(ws, fake)
     ws.send_json({"type": "stop"})
     frames = collect_reply(ws)
@@ -87,8 +109,8 @@ def test_stop_cancels_upstream_and_keeps_the_shown_part(connect, fake):
     assert history_sent(fake) == ["tell me a long story", shown, "next"]
 
 
-def test_stop_with_nothing_streaming_is_harmless(connect, fake):
-    ws = connect()
+def test_stop_with_nothing_streaming_is_harmless(chat, fake):
+    ws = chat()
     ws.send_json({"type": "stop"})
     ws.send_json({"type": "message", "content": "hi"})
     assert reply_text(collect_reply(ws)) == "You said: hi"
@@ -96,12 +118,15 @@ def test_stop_with_nothing_streaming_is_harmless(connect, fake):
 
 def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     ws = connect()
+    first_id = read_conversation(ws)["id"]
     ws.send_json({"type": "message", "content": "remember this"})
     collect_reply(ws)
     start_slow_reply(ws, fake)
     ws.send_json({"type": "reset"})
     assert collect_reply(ws)[-1]["stopped"] is True
     assert ws.receive_json() == {"type": "reset"}
+    fresh = read_conversation(ws)  # the acknowledgement is followed by a new, empty conversation
+    assert fresh["id"] != first_id and fresh["messages"] == []
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
     fake.chunk_delay, fake.min_chunks = 0, 0
     ws.send_json({"type": "message", "content": "fresh start"})
@@ -109,8 +134,8 @@ def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     assert history_sent(fake) == ["fresh start"]
 
 
-def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(connect, fake):
-    ws = connect()
+def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
+    ws = chat()
     fake.chunk_delay = 0.05
     fake.reply = "one two three four five six seven eight"
     ws.send_json({"type": "message", "content": "first"})
@@ -125,13 +150,13 @@ def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(connect, fake
     assert fake.completed == 1 and len(fake.requests) == 1
 
 
-def test_a_client_leaving_mid_reply_cancels_the_upstream_request(connect, fake):
-    ws = connect()
+def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
+    ws = chat()
     start_slow_reply(ws, fake)
     ws.close()
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
     assert fake.active == 0
-    again = connect()
+    again = chat()
     fake.chunk_delay, fake.min_chunks = 0, 0
     again.send_json({"type": "message", "content": "anyone?"})
     assert reply_text(collect_reply(again)) == "You said: anyone?"
@@ -140,6 +165,7 @@ def test_a_client_leaving_mid_reply_cancels_the_upstream_request(connect, fake):
 def test_no_reply_task_survives_its_connection(client, fake):
     for _ in range(5):
         with client.websocket_connect("/ws") as ws:
+            read_conversation(ws)
             start_slow_reply(ws, fake)
     wait_until(lambda: not chat_main.reply_tasks and fake.active == 0, what="all replies to end")
     assert fake.cancelled == 5 and not chat_main.open_connections
@@ -161,8 +187,8 @@ def test_no_reply_task_survives_its_connection(client, fake):
     ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
     ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
 ])  # oversized frames: tests/test_step04_security.py (uvicorn itself refuses them now)
-def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(connect, fake, frame, words):
-    ws = connect()
+def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, frame, words):
+    ws = chat()
     ws.send_json({"type": "message", "content": "before"})
     collect_reply(ws)
     ws.send_text(frame)
@@ -174,8 +200,8 @@ def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(connect, fake
     assert len(fake.requests) == 2, "an invalid frame reached the LLM"
 
 
-def test_a_binary_frame_gets_an_error_frame(connect, fake):
-    ws = connect()
+def test_a_binary_frame_gets_an_error_frame(chat, fake):
+    ws = chat()
     ws.send_bytes(b"\x00\x01binary")
     assert "Binary frames" in ws.receive_json()["message"]
     ws.send_json({"type": "message", "content": "text now"})
@@ -192,8 +218,8 @@ FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop":
 
 
 @pytest.mark.parametrize("failure", FAILURES)
-def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(connect, fake, failure):
-    ws = connect()
+def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(chat, fake, failure):
+    ws = chat()
     ws.send_json({"type": "message", "content": "keep me"})
     collect_reply(ws)
     fake.fail_next(failure, times=3)  # more than the SDK's own retries
@@ -207,9 +233,9 @@ def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(con
     assert history_sent(fake) == ["keep me", "You said: keep me", "works again"]
 
 
-def test_nothing_is_retried_after_the_first_chunk(connect, fake):
+def test_nothing_is_retried_after_the_first_chunk(chat, fake):
     fake.fail_next("drop")
-    ws = connect()
+    ws = chat()
     ws.send_json({"type": "message", "content": "one two three four five"})
     frames = collect_reply(ws)
     assert [f["type"] for f in frames][:3] == ["start", "chunk", "chunk"]
@@ -234,6 +260,7 @@ def test_long_conversations_keep_the_system_prompt_and_drop_old_turns(client, fa
     monkeypatch.setattr(settings, "system_prompt", "Be brief.")
     monkeypatch.setattr(settings, "max_history_messages", 4)
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         for i in range(6):
             ws.send_json({"type": "message", "content": f"turn {i}"})
             collect_reply(ws)
@@ -255,6 +282,7 @@ def test_only_the_pages_own_origin_and_configured_ones_may_connect(client, fake,
     headers = {"origin": origin} if origin else {}
     if allowed:
         with client.websocket_connect("/ws", headers=headers) as ws:
+            read_conversation(ws)
             ws.send_json({"type": "message", "content": "hi"})
             assert reply_text(collect_reply(ws)) == "You said: hi"
     else:
@@ -271,6 +299,7 @@ def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatc
         with client.websocket_connect("/ws") as third:
             assert_told_and_closed(third, "full", 1013)
     with client.websocket_connect("/ws") as later:  # room again once they left
+        read_conversation(later)
         later.send_json({"type": "message", "content": "in"})
         assert reply_text(collect_reply(later)) == "You said: in"
 
@@ -279,6 +308,7 @@ def test_a_fast_sender_is_rate_limited_and_can_continue_later(client, fake, monk
     monkeypatch.setattr(settings, "rate_limit_messages", 3)
     monkeypatch.setattr(settings, "rate_limit_seconds", 0.5)
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         for i in range(3):
             ws.send_json({"type": "message", "content": f"m{i}"})
             collect_reply(ws)
@@ -292,6 +322,7 @@ def test_a_fast_sender_is_rate_limited_and_can_continue_later(client, fake, monk
 def test_an_idle_connection_is_closed(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "idle_timeout_seconds", 0.3)
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 1000

@@ -9,10 +9,15 @@ const stopButton = $("stop");
 const statusBadge = $("status");
 const notice = $("notice");
 
+// The conversation's id is the only key to it: kept in this browser, sent on every connect.
+const CONVERSATION_KEY = "chat.conversation";
+
 let socket = null;
 let reconnectAttempts = 0;
 let reply = null;        // the assistant message being streamed: { element, body, view, queued }
 let everConnected = false;
+let everConnectedBefore = false;  // whether this connection is a reconnect
+let conversationId = localStorage.getItem(CONVERSATION_KEY);
 
 function setStatus(state) {
   statusBadge.dataset.state = state;
@@ -98,8 +103,34 @@ function describeStats(stats, stopped) {
   return parts.join(" · ");
 }
 
+// The server's copy of the conversation replaces what the page shows, so a reload, a
+// reconnect or another tab all end up showing the same thing. A reply still being
+// written comes next, from its start, into a fresh bubble: never a duplicate.
+function showConversation(frame) {
+  const known = frame.id === conversationId;
+  conversationId = frame.id;
+  localStorage.setItem(CONVERSATION_KEY, frame.id);
+  reply = null;
+  log.replaceChildren();
+  for (const message of frame.messages) {
+    const shown = addMessage(message.role === "user" ? "user" : "assistant");
+    shown.text = message.content;
+    if (message.role === "user") shown.body.textContent = message.content;
+    else renderMarkdown(shown);
+  }
+  const replying = frame.messages.some((message) => message.status === "replying");
+  setStreaming(replying);
+  if (!replying) setStatus("ready");
+  return known;
+}
+
 function handleFrame(frame) {
   switch (frame.type) {
+    case "conversation":
+      if (!showConversation(frame) && everConnectedBefore) {
+        showNotice("Reconnected. That conversation is no longer stored: this is a new one.");
+      }
+      break;
     case "start":
       reply = addMessage("assistant streaming");
       reply.view = ChatRender.createMarkdownView(reply.body);
@@ -119,7 +150,7 @@ function handleFrame(frame) {
       addMessage("error", frame.message);
       setStatus("error");
       break;
-    case "reset":
+    case "reset":  // a new, empty conversation frame follows
       log.replaceChildren();
       setStatus("ready");
       break;
@@ -129,14 +160,14 @@ function handleFrame(frame) {
 function connect() {
   setStatus(everConnected ? "reconnecting" : "connecting");
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  socket = new WebSocket(`${scheme}://${location.host}/ws`);
+  const query = conversationId ? `?conversation=${encodeURIComponent(conversationId)}` : "";
+  socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
 
   socket.onopen = () => {
-    if (everConnected) showNotice("Reconnected. This is a new session: earlier messages are no longer remembered.");
+    everConnectedBefore = everConnected;
+    if (everConnected) showNotice("Reconnected.");
     everConnected = true;
     reconnectAttempts = 0;
-    setStatus("ready");
-    setStreaming(false);
   };
   socket.onmessage = (event) => handleFrame(JSON.parse(event.data));
   socket.onclose = (event) => {
@@ -178,8 +209,13 @@ stopButton.addEventListener("click", () => {
 });
 
 $("new-chat").addEventListener("click", () => {
-  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "reset" }));
-  else log.replaceChildren();
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "reset" }));
+  } else {  // offline: forget it here; the server gives a new id on the next connect
+    conversationId = null;
+    localStorage.removeItem(CONVERSATION_KEY);
+    log.replaceChildren();
+  }
   input.focus();
 });
 

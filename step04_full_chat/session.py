@@ -1,0 +1,133 @@
+"""One connection's view of one conversation: which one it is, the reply it is showing,
+and the turns it asks for. main.py's loop only reads frames and calls these methods."""
+
+import asyncio
+import logging
+
+from fastapi import WebSocket
+
+from .flow import create_streaming_chat_flow
+from .replies import LiveReply, LocalWatch, ReplyHub
+from .store import Conversation, StoreError, is_valid_id, new_conversation_id
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT_SECONDS = 10  # how long Stop waits for a reply to send its `end`
+
+
+async def generate(reply: LiveReply, history: list[dict], store) -> None:
+    """One turn of the flow, in its own task. Upstream errors are handled by the node;
+    anything that still gets here is a bug: log it, tell the user, keep the socket."""
+    shared = {
+        "reply": reply,  # where the node publishes its frames (every watching connection)
+        "store": store,
+        "conversation_id": reply.conversation_id,
+        "user_message": reply.user_message,
+        "conversation_history": history,
+        "stop_requested": reply.stop_requested,
+    }
+    try:
+        await create_streaming_chat_flow().run_async(shared)
+    except Exception:
+        log.exception("reply failed unexpectedly")
+        await reply.finish({"type": "error", "message": "Internal error while replying. Please try again."})
+    finally:
+        if not reply.finished:  # cancelled without a Stop: shutting down
+            await reply.publish({"type": "error", "message": "The reply was interrupted."})
+
+
+class ChatSession:
+    def __init__(self, websocket: WebSocket, hub: ReplyHub):
+        self.websocket, self.hub = websocket, hub
+        self.conversation_id: str | None = None
+        self.asked: LiveReply | None = None  # the reply this connection asked for (sent to it directly)
+        self.watch = None  # or a reply it follows through a copy (it came back, another tab)
+        self.forwarding: asyncio.Task | None = None
+
+    async def open(self, requested_id: str | None) -> None:
+        """Send the conversation frame, then the reply in progress from its start, if any.
+        An unknown or malformed id gets a new conversation; the client's id is never adopted."""
+        conversation, watch = None, None
+        if is_valid_id(requested_id):
+            # Looked up before loading: a reply that ends while we load is then either in
+            # the stored messages or replayed from its start, never lost in between.
+            reply_here = self.hub.local.get(requested_id)
+            conversation = await self.hub.store.load(requested_id)
+            stored_turns = conversation.turns if conversation else 0
+            watch = await self.hub.find(requested_id, stored_turns, reply_here)
+            if conversation is None and watch is not None:  # its first reply is still streaming
+                conversation = Conversation(requested_id, [])
+        await self.show(conversation or Conversation(new_conversation_id(), []), watch)
+
+    async def show(self, conversation: Conversation, watch=None) -> None:
+        self.conversation_id = conversation.id
+        messages = list(conversation.messages)
+        if watch is not None:  # the question whose answer is still being written
+            messages.append({"role": "user", "content": watch.user_message, "status": "replying"})
+        await self.websocket.send_json({"type": "conversation", "id": conversation.id, "messages": messages})
+        if watch is not None:
+            self.follow(watch)
+
+    def follow(self, watch) -> None:
+        self.watch = watch
+        self.forwarding = self.hub.hold(asyncio.create_task(self.forward(watch)))
+
+    async def forward(self, watch) -> None:
+        """Copy the reply's frames to this client until its end (or the client leaves)."""
+        try:
+            async for frame in watch.frames():
+                await self.websocket.send_json(frame)
+        except (StoreError, getattr(self.hub.feed, "errors", StoreError)):
+            await self.send_quietly({"type": "error", "message":
+                                     "Lost the reply: the conversation store (Redis) is unreachable."})
+        except Exception:  # the client went away mid-send: nothing to tell anyone
+            pass
+        finally:
+            self.watch = None
+            await watch.close()
+
+    async def send_quietly(self, frame: dict) -> None:
+        try:
+            await self.websocket.send_json(frame)
+        except Exception:
+            pass
+
+    def busy(self) -> bool:
+        """A reply is streaming to this connection, or for this conversation in this process."""
+        asked = self.asked is not None and not self.asked.task.done()
+        following = self.forwarding is not None and not self.forwarding.done()
+        return asked or following or self.conversation_id in self.hub.local
+
+    async def send_message(self, text: str) -> bool:
+        """Start a reply and show it here; False if one is streaming for this conversation."""
+        reply = await self.hub.begin(self.conversation_id, text,
+                                     lambda reply, history: generate(reply, history, self.hub.store),
+                                     sender=self.websocket)
+        if reply is None:
+            return False
+        self.asked = reply
+        return True
+
+    async def stop(self) -> None:
+        """Stop the reply shown here, and wait for its `end` to reach the client."""
+        if self.asked is not None and not self.asked.task.done():
+            self.asked.stop()
+            await asyncio.wait([self.asked.task], timeout=STOP_WAIT_SECONDS)  # it sends `end` itself
+        elif self.watch is not None and self.forwarding is not None:
+            await self.watch.stop()
+            await asyncio.wait([self.forwarding], timeout=STOP_WAIT_SECONDS)
+        # else nothing streaming: nothing to do
+
+    async def reset(self) -> None:
+        """Forget this conversation and start a new one."""
+        await self.stop()
+        await self.hub.store.delete(self.conversation_id)
+        await self.websocket.send_json({"type": "reset"})
+        await self.show(Conversation(new_conversation_id(), []))
+
+    async def leave(self) -> None:
+        """The client is gone: stop copying. A reply left alone runs on for the resume window."""
+        if self.asked is not None and self.asked.sender is self.websocket:
+            self.asked.drop_sender()
+        if self.forwarding is not None and not self.forwarding.done():
+            self.forwarding.cancel()

@@ -1,0 +1,240 @@
+"""step04: a reply outlives its connection. A client that comes back within
+CHAT_RESUME_SECONDS gets it again from its start, then live, exactly once; a reply left
+alone is stopped after the window and stored as far as it got. Also: two tabs on one
+conversation, and resume across two servers sharing Redis."""
+
+import time
+
+import pytest
+
+from step04_full_chat import main as chat_main
+from step04_full_chat.config import settings
+from tests.support import (LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text,
+                           wait_until)
+
+APP = "step04_full_chat.main"
+WINDOW = 10  # seconds: far longer than any reconnect below
+SERVER_ENV = {"CHAT_RESUME_SECONDS": str(WINDOW)}
+
+
+@pytest.fixture(autouse=True)
+def resume_window(monkeypatch):
+    monkeypatch.setattr(settings, "resume_seconds", WINDOW)
+
+
+def slow_reply(fake, chunks=24, delay=0.04) -> None:
+    fake.chunk_delay, fake.min_chunks = delay, chunks
+
+
+def full_reply(fake, question: str) -> str:
+    return "".join(fake.chunks_for([{"role": "user", "content": question}]))
+
+
+def start_and_leave(ws, question="tell me a story", chunks_seen=3) -> str:
+    """Send a question, read the start and a few chunks, drop the connection."""
+    cid = read_conversation(ws)["id"]
+    ws.send_json({"type": "message", "content": question})
+    assert ws.receive_json() == {"type": "start"}
+    for _ in range(chunks_seen):
+        assert ws.receive_json()["type"] == "chunk"
+    ws.close()
+    return cid
+
+
+def assert_resumes_whole(ws, cid, fake, question="tell me a story") -> list[dict]:
+    """The conversation frame shows the question in progress; then the whole reply, once."""
+    frame = read_conversation(ws)
+    assert frame["id"] == cid
+    assert frame["messages"] == [{"role": "user", "content": question, "status": "replying"}]
+    frames = collect_reply(ws)
+    assert frames[0] == {"type": "start"} and frames[-1]["type"] == "end"
+    assert reply_text(frames) == full_reply(fake, question), "a gap or a repeat"
+    assert "stopped" not in frames[-1]
+    return frames
+
+
+def assert_stop_ends_the_resumed_reply(ws, fake) -> None:
+    read_conversation(ws)
+    assert ws.receive_json() == {"type": "start"}
+    ws.send_json({"type": "stop"})
+    end = collect_reply(ws)[-1]
+    assert end["type"] == "end" and end["stopped"] is True
+    wait_until(lambda: fake.cancelled == 1, what="the upstream request to be cancelled")
+
+
+def test_a_reply_resumes_after_a_dropped_connection(connect, fake):
+    slow_reply(fake)
+    cid = start_and_leave(connect())
+    time.sleep(0.3)  # chunks keep coming while nobody watches
+    assert_resumes_whole(connect(conversation=cid), cid, fake)
+    assert fake.started == 1 and len(fake.requests) == 1, "the model was asked twice"
+    stored = read_conversation(connect(conversation=cid))["messages"]
+    assert stored == [{"role": "user", "content": "tell me a story"},
+                      {"role": "assistant", "content": full_reply(fake, "tell me a story")}]
+
+
+@pytest.mark.slow
+def test_stop_works_on_a_resumed_reply(connect, fake):
+    slow_reply(fake, chunks=200)
+    cid = start_and_leave(connect())
+    assert_stop_ends_the_resumed_reply(connect(conversation=cid), fake)
+
+
+def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypatch):
+    monkeypatch.setattr(settings, "resume_seconds", 0.5)
+    slow_reply(fake, chunks=400)
+    with LocalClient(chat_main.app) as client:
+        with client.websocket_connect("/ws") as ws:
+            cid = start_and_leave(ws)
+        time.sleep(0.3)
+        assert fake.cancelled == 0, "cancelled before the window passed"
+        wait_until(lambda: fake.cancelled == 1, timeout=5, what="the upstream request to be cancelled")
+        wait_until(lambda: not chat_main.reply_tasks, what="the reply task to end")
+        with client.websocket_connect(f"/ws?conversation={cid}") as ws:
+            messages = read_conversation(ws)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and "status" not in messages[0]
+    kept = messages[1]["content"]
+    assert full_reply(fake, "tell me a story").startswith(kept) and "tick10" in kept  # went on without anyone
+
+
+def test_a_window_of_zero_cancels_at_once(fake, monkeypatch):
+    monkeypatch.setattr(settings, "resume_seconds", 0)
+    slow_reply(fake, chunks=400)
+    with LocalClient(chat_main.app) as client:
+        with client.websocket_connect("/ws") as ws:
+            start_and_leave(ws)
+        wait_until(lambda: fake.cancelled == 1, timeout=1, what="the upstream request to be cancelled")
+
+
+@pytest.mark.slow
+def test_several_drops_during_one_reply(connect, fake):
+    slow_reply(fake, chunks=60)
+    cid = start_and_leave(connect())
+    for _ in range(2):  # come back, watch a little, drop again
+        ws = connect(conversation=cid)
+        read_conversation(ws)
+        for _ in range(5):
+            ws.receive_json()
+        ws.close()
+    assert_resumes_whole(connect(conversation=cid), cid, fake)
+    assert fake.started == 1
+
+
+# Two tabs on one conversation -------------------------------------------------------
+# The conversation is one: every turn is stored and each tab's next turn uses all of it.
+# One reply at a time per conversation: the other tab is told to wait. A tab that opens
+# (or reloads) while a reply streams follows it live; a tab already open sees the other
+# tab's turns when it reloads.
+
+
+@pytest.mark.slow
+def test_two_tabs_one_reply_at_a_time_and_one_history(connect, fake):
+    first = connect()
+    cid = read_conversation(first)["id"]
+    first.send_json({"type": "message", "content": "from tab one"})
+    collect_reply(first)
+    second = connect(conversation=cid)
+    assert len(read_conversation(second)["messages"]) == 2
+    slow_reply(fake, chunks=30)
+    first.send_json({"type": "message", "content": "long one"})
+    assert first.receive_json() == {"type": "start"}
+    second.send_json({"type": "message", "content": "me too"})
+    busy = second.receive_json()
+    assert busy["type"] == "error" and "still streaming" in busy["message"]
+    third = connect(conversation=cid)  # opened mid-reply: follows it
+    assert read_conversation(third)["messages"][-1] == {"role": "user", "content": "long one", "status": "replying"}
+    long_reply = full_reply(fake, "long one")
+    assert reply_text(collect_reply(third)) == reply_text(collect_reply(first)) == long_reply
+    fake.chunk_delay, fake.min_chunks = 0, 0
+    second.send_json({"type": "message", "content": "from tab two"})
+    collect_reply(second)
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == [
+        "from tab one", "You said: from tab one", "long one", long_reply, "from tab two"]
+
+
+@pytest.mark.slow
+def test_a_watcher_leaving_does_not_stop_a_reply_another_tab_watches(connect, fake, monkeypatch):
+    monkeypatch.setattr(settings, "resume_seconds", 0)
+    slow_reply(fake, chunks=30)
+    first = connect()
+    cid = read_conversation(first)["id"]
+    first.send_json({"type": "message", "content": "shared"})
+    assert first.receive_json() == {"type": "start"}
+    second = connect(conversation=cid)
+    read_conversation(second)
+    second.receive_json()
+    second.close()
+    assert reply_text(collect_reply(first)) == full_reply(fake, "shared")
+    assert fake.completed == 1 and fake.cancelled == 0
+
+
+# Across hosts, through Redis ----------------------------------------------------------
+
+
+@pytest.fixture
+def two_hosts(fake_server, redis_server):
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS=str(WINDOW))
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        yield host_a, host_b
+
+
+@pytest.mark.slow
+def test_a_reply_resumes_on_another_host(fake, two_hosts):
+    host_a, host_b = two_hosts
+    slow_reply(fake)
+    cid = start_and_leave(WsClient(host_a.ws_url))
+    with WsClient(f"{host_b.ws_url}?conversation={cid}") as ws:
+        assert_resumes_whole(ws, cid, fake)
+    assert fake.started == 1, "the model was asked twice"
+    with WsClient(f"{host_a.ws_url}?conversation={cid}") as ws:
+        assert read_conversation(ws)["messages"][-1] == {"role": "assistant", "content": full_reply(fake, "tell me a story")}
+
+
+@pytest.mark.slow
+def test_stop_on_another_host_stops_the_reply_at_once(fake, two_hosts):
+    host_a, host_b = two_hosts
+    slow_reply(fake, chunks=400)
+    cid = start_and_leave(WsClient(host_a.ws_url))
+    with WsClient(f"{host_b.ws_url}?conversation={cid}") as ws:
+        assert_stop_ends_the_resumed_reply(ws, fake)
+
+
+@pytest.mark.slow
+def test_a_watcher_on_another_host_keeps_the_reply_going(fake, fake_server, redis_server):
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="0.5")
+    slow_reply(fake, chunks=60)
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        ws = WsClient(host_a.ws_url)
+        cid = read_conversation(ws)["id"]
+        ws.send_json({"type": "message", "content": "tell me a story"})
+        assert ws.receive_json() == {"type": "start"}
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as other:
+            read_conversation(other)
+            assert other.receive_json() == {"type": "start"}
+            ws.close()  # host A's own client leaves; host B's still watches
+            assert reply_text(collect_reply(other)) == full_reply(fake, "tell me a story")
+    assert fake.completed == 1 and fake.cancelled == 0
+
+
+@pytest.mark.slow
+def test_two_tabs_on_two_hosts_one_reply_at_a_time(fake, two_hosts):
+    host_a, host_b = two_hosts
+    with WsClient(host_a.ws_url) as first:
+        cid = read_conversation(first)["id"]
+        first.send_json({"type": "message", "content": "hello"})
+        collect_reply(first)
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as second:
+            read_conversation(second)
+            slow_reply(fake, chunks=30)
+            long_reply = full_reply(fake, "long one")
+            first.send_json({"type": "message", "content": "long one"})
+            assert first.receive_json() == {"type": "start"}
+            second.send_json({"type": "message", "content": "me too"})
+            busy = second.receive_json()
+            assert busy["type"] == "error" and "still streaming" in busy["message"]
+            assert reply_text(collect_reply(first)) == long_reply
+            fake.chunk_delay, fake.min_chunks = 0, 0
+            second.send_json({"type": "message", "content": "my turn"})  # free again after `end`
+            assert reply_text(collect_reply(second)) == "You said: my turn"
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == [
+        "hello", "You said: hello", "long one", long_reply, "my turn"]
