@@ -35,7 +35,7 @@ async def lifespan(app: FastAPI):
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
     get_client().chat.completions
-    await hub.open(open_store(settings.store_url))
+    await hub.open(lambda: open_store(settings.store_url))
     # The start-up objects (modules, the app, the client) live as long as the process.
     # Freezing them keeps the garbage collector from walking them all again: that
     # first full collection stalled every stream for ~60 ms on our test machine.

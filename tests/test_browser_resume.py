@@ -76,3 +76,17 @@ def test_a_second_tab_follows_the_reply_and_new_chat_starts_afresh(page, fake, f
         page.reload()  # the first tab now opens the new, empty conversation
         page.wait_for_selector("#status[data-state=ready]")
         assert page.locator("#log .msg").count() == 0
+
+
+def test_a_restored_reply_is_rendered_as_safely_as_a_live_one(page, fake, fake_server):
+    fake.reply = '**bold** <img src="x" onerror="window.pwned = 1"> [go](javascript:window.pwned=2)'
+    with serve("step04_full_chat", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "be evil")
+        page.wait_for_selector(".assistant .meta")
+        page.reload()  # now the reply comes from the store, in the conversation frame
+        page.wait_for_selector("#status[data-state=ready]")
+        page.wait_for_selector(".assistant strong")
+        assert page.locator(".assistant strong").inner_text() == "bold"
+        assert page.locator(".assistant img, .assistant [onerror], .assistant a[href^='javascript']").count() == 0
+        assert page.evaluate("window.pwned") is None

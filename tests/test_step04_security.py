@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
 from step04_full_chat.utils.stream_llm import explain_llm_error
-from tests.support import LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env, reply_text
+from tests.support import (LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env,
+                           read_conversation, reply_text)
 
 APP = "step04_full_chat.main"
 
@@ -132,6 +133,7 @@ def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
             with greedy.websocket_connect("/ws") as ws:
                 assert chat_turn(ws, f"m{i}") == f"You said: m{i}"
         with greedy.websocket_connect("/ws") as ws:
+            read_conversation(ws)
             ws.send_json({"type": "message", "content": "one more"})
             assert "too fast" in ws.receive_json()["message"]
         with other.websocket_connect("/ws") as ws:
@@ -143,6 +145,7 @@ def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypat
     monkeypatch.setattr(settings, "invalid_frame_limit", 6)
     monkeypatch.setattr(settings, "invalid_frame_delay_seconds", 0.3)
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         waits = []
         for _ in range(6):
             sent = time.monotonic()
@@ -167,6 +170,7 @@ def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
 
 def test_an_oversized_frame_is_refused_by_the_app(client, fake):
     with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
         ws.send_text('{"type": "message", "content": "' + "x" * 70_000 + '"}')
         assert "limited to 65536 bytes" in ws.receive_json()["message"]
         assert chat_turn(ws, "after") == "You said: after"
@@ -176,6 +180,7 @@ def test_the_frame_limit_holds_even_when_uvicorn_was_started_without_it(fake_ser
     # No --ws-max-size: uvicorn's own default would buffer frames up to 16 MiB.
     with LiveServer(f"{APP}:app", env=llm_env(fake_server.base_url)) as server:
         with WsClient(server.ws_url) as ws:
+            read_conversation(ws)
             ws.send_text("x" * (1024 * 1024))
             with pytest.raises(ConnectionClosed) as closed:
                 ws.receive_text(timeout=10)

@@ -113,10 +113,14 @@ function showConversation(frame) {
   reply = null;
   log.replaceChildren();
   for (const message of frame.messages) {
-    const shown = addMessage(message.role === "user" ? "user" : "assistant");
-    shown.text = message.content;
-    if (message.role === "user") shown.body.textContent = message.content;
-    else renderMarkdown(shown);
+    if (message.role === "user") {
+      addMessage("user", message.content);
+    } else {  // stored replies are model output: rendered like a live one, then finished
+      const shown = addMessage("assistant");
+      shown.view = ChatRender.createMarkdownView(shown.body);
+      shown.view.append(message.content);
+      renderMarkdown(shown, true);
+    }
   }
   const replying = frame.messages.some((message) => message.status === "replying");
   setStreaming(replying);
