@@ -25,7 +25,8 @@ def grade(step: int, code: str = "exercises") -> int:
         return 2
     tests = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob(f"test_step0{step}_*.py"))
     command = [sys.executable, "-m", "pytest", *tests, "-m", "not slow", f"--code={code}",
-               "-q", "--tb=line", "-rN", "-p", "no:cacheprovider"]
+               "-q", "--tb=no", "-rN", "-p", "no:cacheprovider"]
+    print("$", " ".join(command[2:]))  # the command, so a learner can add options to it
     return subprocess.run(command, cwd=ROOT).returncode
 
 

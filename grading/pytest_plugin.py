@@ -62,6 +62,8 @@ def pytest_configure(config):
     folder = code_folder(config)
     if folder is not None:
         sys.meta_path.insert(0, FromFolder(folder))
+        from tests.support import RECEIVE_TIMEOUT  # a learner's stuck loop fails in seconds
+        RECEIVE_TIMEOUT.seconds = 5.0
     config._task_results = {}  # nodeid -> (tasks, first failure's message or None)
 
 
@@ -108,22 +110,36 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("this test grades", "\n".join(lines)))
 
 
-def summarise(results: dict) -> dict[str, list[tuple[bool, str | None]]]:
-    """Per task, each of its tests as (grades this task alone, first failure or None). The
-    tests that grade the task alone come first: their failures say most about it."""
-    by_task: dict[str, list[tuple[bool, str | None]]] = {}
+def summarise(results: dict) -> dict[str, list[tuple[tuple[str, ...], str | None]]]:
+    """Per task, each of its tests as (the tasks it grades, first failure or None); the
+    tests that grade this task alone come first: their failures say most about it."""
+    by_task: dict[str, list[tuple[tuple[str, ...], str | None]]] = {}
     for tasks, failure in results.values():
         for task in tasks or ("other",):
-            by_task.setdefault(task, []).append((len(tasks) <= 1, failure))
-    return {task: sorted(entries, key=lambda entry: not entry[0]) for task, entries in by_task.items()}
+            by_task.setdefault(task, []).append((tasks, failure))
+    return {task: sorted(entries, key=lambda entry: len(entry[0])) for task, entries in by_task.items()}
 
 
-def state_of(entries) -> str:
-    if all(failure is None for _, failure in entries):
-        return "✓ done   "
-    if all(failure is None for alone, failure in entries if alone) and any(alone for alone, _ in entries):
-        return "◐ almost "  # its own tests pass; the ones it shares with another task do not yet
-    return "✗ to do  "
+def states(by_task, todo: set[str]) -> dict[str, str]:
+    """done; to do (still a TODO, or a test of its own fails); waits (its only failing tests
+    also grade another task that is to do: finish that one first)."""
+    def own_failure(task):
+        return any(failure and len(tasks) <= 1 for tasks, failure in by_task[task])
+
+    blocking = {task for task in by_task if task in todo or own_failure(task)}
+    result = {}
+    for task, entries in by_task.items():
+        failing = [tasks for tasks, failure in entries if failure]
+        if not failing and task not in todo:
+            result[task] = "done"
+        elif task in blocking or not all(set(tasks) & (blocking - {task}) for tasks in failing):
+            result[task] = "to do"
+        else:
+            result[task] = "waits on " + ", ".join(sorted(set().union(*failing) & (blocking - {task})))
+    return result
+
+
+MARKS = {"done": "✓ done   ", "to do": "✗ to do  "}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -138,36 +154,36 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("tasks")
     order = sorted(by_task, key=lambda t: (t == "other", t))
     todo = stubs_left(code_folder(config), {catalogue[t].step for t in by_task if t in catalogue})
+    state = states(by_task, todo)
     for task in order:
         entries = by_task[task]
-        title = catalogue[task].title if task in catalogue else "the step's other checks"
+        title = catalogue[task].title if task in catalogue else "checks of the code outside the tasks"
         label = f"Task {task}" if task in catalogue else "Other"
         passed = sum(failure is None for _, failure in entries)
-        write(f"  {state_of(entries)}{label:<9} {title:<50} {passed}/{len(entries)} tests pass"
-              + ("  (still a TODO)" if task in todo else ""))
-    # Next: a task still left as a TODO, else the first with a failing test of its own,
-    # else the first with any failure.
-    unfinished = [t for t in order if t in todo] or \
-                 [t for t in order if state_of(by_task[t]).startswith("✗")] or \
-                 [t for t in order if not state_of(by_task[t]).startswith("✓")]
+        mark = MARKS.get(state[task], "◐ waits  ")
+        note = "  (still a TODO)" if task in todo else (f"  ({state[task]})" if mark.startswith("◐") else "")
+        write(f"  {mark}{label:<9} {title:<50} {passed}/{len(entries)} tests pass{note}")
+    unfinished = [task for task in order if state[task] == "to do"]
     if unfinished:
         task = unfinished[0]
-        first_failure = next(failure for _, failure in by_task[task] if failure)
-        write(f"\nNext: {'Task ' + task if task in catalogue else 'the other checks'}. First failure:")
-        write(f"  {first_failure}")
+        failure = next((failure for _, failure in by_task[task] if failure), "its TODO is still there")
         if task in catalogue:
-            write("Hint:")
-            for line in catalogue[task].hint.strip().splitlines():
-                write(f"  {line}")
-        if any(state_of(by_task[t]).startswith("◐") for t in order):
-            write("(◐ almost: the task's own tests pass; tests it shares with a later task wait for that one.)")
+            write(f"\nNext: Task {task}, {catalogue[task].title}. "
+                  f"Stuck? make hint STEP={catalogue[task].step}")
+        else:
+            write("\nNext: the other checks test code outside the tasks: did an edit outside a TODO "
+                  "break it? Compare with the step folder (git diff --no-index <step> exercises/<step>).")
+        write(f"  First failing test: {failure}")
+        write("  (A test can grade two tasks, so the counts add up to more than the tests run.\n"
+              "   All the details: add --tb=short to the pytest command above, or run it with -x.)")
+        write("make will now say 'Error 1': that only means not every task passes yet.")
     else:
         steps = sorted({catalogue[task].step for task in by_task if task in catalogue})
         write("\nEvery task passes. Compare your code with the reference:")
         for step in steps:
             write(f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}")
     if config.getoption("code") == "exercises" and not config.getoption("task"):
-        record_progress(by_task, catalogue)
+        record_progress(state, catalogue)
 
 
 def stubs_left(folder: Path | None, steps: set[int]) -> set[str]:
@@ -178,12 +194,12 @@ def stubs_left(folder: Path | None, steps: set[int]) -> set[str]:
             for match in STUB.findall(path.read_text())}
 
 
-def record_progress(by_task: dict[str, list[tuple[bool, str | None]]], catalogue) -> None:
+def record_progress(state: dict[str, str], catalogue) -> None:
     """Remember what passed, for `make progress` and `make hint`."""
     progress = json.loads(PROGRESS.read_text()) if PROGRESS.is_file() else {}
     now = time.time()
-    for task, outcomes in by_task.items():
+    for task, value in state.items():
         if task in catalogue:
-            progress[task] = {"done": all(failure is None for _, failure in outcomes), "graded_at": now}
+            progress[task] = {"done": value == "done", "graded_at": now}
     PROGRESS.parent.mkdir(exist_ok=True)
     PROGRESS.write_text(json.dumps(progress, indent=1, sort_keys=True))

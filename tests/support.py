@@ -13,6 +13,8 @@ import time
 import weakref
 from pathlib import Path
 
+
+import anyio
 from fastapi.testclient import TestClient
 from websockets.sync.client import connect
 
@@ -99,6 +101,28 @@ class LiveServer:
         self.log.close()
 
 
+class RECEIVE_TIMEOUT:
+    """How long a test waits for the server's next frame. Grading a learner's exercise
+    lowers it (a loop that stopped after one message should fail in seconds, not minutes)."""
+
+    seconds = 15.0
+
+
+def bound_receive(session) -> None:
+    """Give a Starlette TestClient WebSocket session the same receive timeout as WsClient:
+    its own receive waits forever for a frame that never comes."""
+    def receive():
+        async def within_time():
+            with anyio.fail_after(RECEIVE_TIMEOUT.seconds):
+                return await session._send_rx.receive()
+        try:
+            return session.portal.call(within_time)
+        except TimeoutError:
+            raise TimeoutError(f"the server sent nothing for {RECEIVE_TIMEOUT.seconds} s") from None
+
+    session.receive = receive  # receive_text and receive_json go through it
+
+
 class WsClient:
     """A real WebSocket client with the same methods as Starlette's test session."""
 
@@ -115,10 +139,14 @@ class WsClient:
     def send_json(self, frame) -> None:
         self.connection.send(json.dumps(frame))
 
-    def receive_text(self, timeout: float = 15.0) -> str:
-        return self.connection.recv(timeout=timeout)
+    def receive_text(self, timeout: float | None = None) -> str:
+        timeout = timeout or RECEIVE_TIMEOUT.seconds
+        try:
+            return self.connection.recv(timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the server sent nothing for {timeout} s") from None
 
-    def receive_json(self, timeout: float = 15.0):
+    def receive_json(self, timeout: float | None = None):
         return json.loads(self.receive_text(timeout))
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Step 02: LLM replies streamed as JSON frames, through the real openai SDK and a fake LLM."""
 
 import asyncio
+import os
 from contextlib import aclosing
 
 import pytest
@@ -37,7 +38,7 @@ def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
 
-@pytest.mark.task("2.2")
+@pytest.mark.task("2.1", "2.2")
 def test_each_message_is_answered_without_memory(connect, fake):
     ws = connect()
     for text in ["first", "second"]:
@@ -48,7 +49,7 @@ def test_each_message_is_answered_without_memory(connect, fake):
 
 @pytest.mark.parametrize("fault, words", [("500", "HTTP 500"), ("429", "rate-limiting"),
                                           ("drop", "broke off"), ("401", "API key")])
-@pytest.mark.task("2.2")
+@pytest.mark.task("2.1", "2.2")
 def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connect, fake, fault, words):
     fake.fail_next(fault, times=3)  # more than the SDK's own retries
     ws = connect()
@@ -58,12 +59,15 @@ def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connec
     assert "Traceback" not in error["message"]
     fake.faults.clear()
     ws.send_json({"type": "message", "content": "fine now"})
-    assert reply_text(collect_reply(ws)) == "You said: fine now"
+    first = ws.receive_json()
+    assert first == {"type": "start"}, (
+        f"after the error frame the server sent {first}: an error ends that reply (no 'end' after it)")
+    assert reply_text([first] + collect_reply(ws)) == "You said: fine now"
 
 
 @pytest.mark.parametrize("frame", ["not json", '["a", "list"]', '{"type": "message", "content": "  "}',
                                    '{"type": "dance"}'])
-@pytest.mark.task("2.2")
+@pytest.mark.task("2.1", "2.2")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake, frame):
     ws = connect()
     ws.send_text(frame)
@@ -72,7 +76,7 @@ def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake
     assert reply_text(collect_reply(ws)) == "You said: still here?"
 
 
-@pytest.mark.task("2.2")
+@pytest.mark.task("2.1", "2.2")
 def test_an_unreachable_local_model_names_the_command_that_starts_it(fake, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL")  # no configuration: the steps look for the local model
     closed = f"http://127.0.0.1:{free_port()}/v1"  # and nothing listens there
@@ -155,3 +159,23 @@ def test_stream_llm_lets_a_refused_connection_through_as_it_is(fake, monkeypatch
 
     raised = raised_by(read_all)  # "could not reach", not "cut off"
     assert type(raised) is openai.APIConnectionError, f"expected openai.APIConnectionError, got {raised!r}"
+
+
+@pytest.mark.task("2.1")
+def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch):
+    """A stream that pauses longer than the read timeout is the model being slow, not a
+    broken connection: the user should read "took too long", not "broke off"."""
+    import openai
+
+    from tests.support import point_llm_at
+
+    monkeypatch.setattr("step02_llm_stream.utils.stream_llm.TIMEOUT", 0.5)
+    point_llm_at(monkeypatch, "step02_llm_stream", os.environ["OPENAI_BASE_URL"])  # the new timeout
+    fake.fail_next("slow", times=3)
+    fake.slow_delay = 1.5
+
+    async def read_all():
+        return [text async for text in stream_llm([{"role": "user", "content": "one two three"}])]
+
+    raised = raised_by(read_all)
+    assert isinstance(raised, openai.APITimeoutError), f"expected openai.APITimeoutError, got {raised!r}"

@@ -55,7 +55,7 @@ def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ]
 
 
-@pytest.mark.task("3.1", "3.2")
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_each_connection_has_its_own_memory(connect, fake):
     alice, bob = connect(), connect()
     alice.send_json({"type": "message", "content": "I am Alice"})
@@ -65,12 +65,12 @@ def test_each_connection_has_its_own_memory(connect, fake):
     assert fake.requests[-1]["messages"] == [{"role": "user", "content": "I am Bob"}]
 
 
-@pytest.mark.task("3.1", "3.3")
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
 
-@pytest.mark.task("3.1", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 @pytest.mark.parametrize("fault", ["500", "429", "drop"])
 def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
     ws = connect()
@@ -88,7 +88,7 @@ def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
         "remember me", "You said: remember me", "and this works"]
 
 
-@pytest.mark.task("3.1", "3.3")
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake):
     ws = connect()
     ws.send_text("{oops")
@@ -146,7 +146,7 @@ def test_post_appends_the_turn_and_returns_the_default_action():
         {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "You said: and now?"}]
 
 
-@pytest.mark.task("3.1", "3.2", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
     """`make fake` runs the fake with recall on: step 03's memory is visible in its replies,
     whatever model a learner has (the tiny embedded one often forgets names)."""
@@ -174,6 +174,7 @@ def phases(frames) -> list[str]:
     return [f"{f['phase']} {f['event']}" if f["type"] == "trace" else f["type"] for f in frames]
 
 
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, fake):
     ws = connect()
     ws.send_json({"type": "inspect", "on": True})
@@ -192,6 +193,7 @@ def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, f
         assert post_end["action"] == "default" and post_end["history_length"] == 2 * turn
 
 
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     ws = connect()
     ws.send_json({"type": "inspect", "on": True})
@@ -204,6 +206,7 @@ def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     assert ws.receive_json()["type"] == "error"  # and the user is told, as before
 
 
+@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
 def test_without_inspect_no_trace_frame_is_sent(connect, fake):
     ws = connect()
     for switch in (None, False):  # never asked, and turned off again
