@@ -57,6 +57,7 @@ def code_folder(config) -> Path | None:
     return EXERCISES if code == "exercises" else Path(code).resolve()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-timeout reads its setting
 def pytest_configure(config):
     config.addinivalue_line("markers", "task(id, ...): the exercise task(s) this test grades")
     folder = code_folder(config)
@@ -64,6 +65,8 @@ def pytest_configure(config):
         sys.meta_path.insert(0, FromFolder(folder))
         from tests.support import RECEIVE_TIMEOUT  # a learner's stuck loop fails in seconds
         RECEIVE_TIMEOUT.seconds = 5.0
+        if getattr(config.option, "timeout", None) is None:  # no --timeout given: 20 s a test
+            config.option.timeout = 20
     config._task_results = {}  # nodeid -> (tasks, first failure's message or None)
 
 

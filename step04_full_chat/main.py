@@ -120,6 +120,7 @@ async def chat(websocket: WebSocket):
                 continue
 
             try:
+                # BEGIN TASK 4.2
                 if frame["type"] == "stop":
                     await session.stop()  # nothing streaming: nothing to do
                 elif frame["type"] == "reset":
@@ -130,6 +131,7 @@ async def chat(websocket: WebSocket):
                     await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
                 elif not await session.send_message(frame["content"]):
                     await send_error(websocket, BUSY)  # another tab's reply, maybe on another host
+                # END TASK 4.2
             except StoreError as error:  # e.g. Redis went away: say so, keep the socket
                 await send_error(websocket, f"{error} Please try again in a moment.")
     except WebSocketDisconnect:

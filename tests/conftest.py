@@ -17,7 +17,7 @@ import pytest
 from grading.pytest_plugin import code_folder
 from tests.fake_llm import FakeLLMServer
 from tests.redis_server import RedisServer
-from tests.support import LocalClient, LiveServer, WsClient, bound_receive, llm_env
+from tests.support import LocalClient, LiveServer, WsClient, llm_env
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
@@ -83,7 +83,6 @@ def connect(request, fake):
             session = client.websocket_connect("/ws" + conversation_query(conversation), **options)
             opened = session.__enter__()
             sessions.append(session)  # only an opened session needs closing
-            bound_receive(opened)
             return opened
 
         try:

@@ -37,7 +37,9 @@ class LocalClient(TestClient):
         super().__init__(app, base_url="http://localhost", **options)
 
     def websocket_connect(self, url: str, *args, **kwargs):
-        return super().websocket_connect("ws://localhost" + url, *args, **kwargs)
+        session = super().websocket_connect("ws://localhost" + url, *args, **kwargs)
+        bound_receive(session)  # a frame that never comes fails the test in seconds
+        return session
 
 
 def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:

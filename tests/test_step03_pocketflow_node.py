@@ -55,7 +55,7 @@ def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3")
 def test_each_connection_has_its_own_memory(connect, fake):
     alice, bob = connect(), connect()
     alice.send_json({"type": "message", "content": "I am Alice"})
@@ -65,7 +65,7 @@ def test_each_connection_has_its_own_memory(connect, fake):
     assert fake.requests[-1]["messages"] == [{"role": "user", "content": "I am Bob"}]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3")
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
@@ -88,7 +88,7 @@ def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
         "remember me", "You said: remember me", "and this works"]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake):
     ws = connect()
     ws.send_text("{oops")
@@ -193,7 +193,7 @@ def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, f
         assert post_end["action"] == "default" and post_end["history_length"] == 2 * turn
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2", "3.3")
 def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     ws = connect()
     ws.send_json({"type": "inspect", "on": True})

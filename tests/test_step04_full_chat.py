@@ -56,6 +56,7 @@ def start_slow_reply(ws, fake, content="tell me a long story"):
 # The happy path --------------------------------------------------------------------
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_frames_come_in_order_and_end_carries_stats(chat, fake):
     ws = chat()
     ws.send_json({"type": "message", "content": "hello there"})
@@ -68,6 +69,7 @@ def test_frames_come_in_order_and_end_carries_stats(chat, fake):
     assert "stopped" not in frames[-1]
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_the_conversation_is_remembered_across_turns(chat, fake):
     ws = chat()
     for text in ["one", "two", "three"]:
@@ -76,10 +78,12 @@ def test_the_conversation_is_remembered_across_turns(chat, fake):
     assert history_sent(fake) == ["one", "You said: one", "two", "You said: two", "three"]
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_chunks_arrive_while_the_reply_is_still_being_written(chat, fake):
     assert_reply_streams_incrementally(chat(), fake)
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "You are terse.")
     with client.websocket_connect("/ws") as ws:
@@ -94,6 +98,7 @@ def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypat
 # While a reply streams ---------------------------------------------------------------
 
 
+@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     ws = chat()
     start_slow_reply(ws, fake)
@@ -109,6 +114,7 @@ def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     assert history_sent(fake) == ["tell me a long story", shown, "next"]
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_stop_with_nothing_streaming_is_harmless(chat, fake):
     ws = chat()
     ws.send_json({"type": "stop"})
@@ -116,6 +122,7 @@ def test_stop_with_nothing_streaming_is_harmless(chat, fake):
     assert reply_text(collect_reply(ws)) == "You said: hi"
 
 
+@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     ws = connect()
     first_id = read_conversation(ws)["id"]
@@ -134,6 +141,7 @@ def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     assert history_sent(fake) == ["fresh start"]
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
     ws = chat()
     fake.chunk_delay = 0.05
@@ -150,6 +158,7 @@ def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
     assert fake.completed == 1 and len(fake.requests) == 1
 
 
+@pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
     ws = chat()
     start_slow_reply(ws, fake)
@@ -162,6 +171,7 @@ def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
     assert reply_text(collect_reply(again)) == "You said: anyone?"
 
 
+@pytest.mark.task("4.1", "4.2", "4.3")
 def test_no_reply_task_survives_its_connection(client, fake):
     for _ in range(5):
         with client.websocket_connect("/ws") as ws:
@@ -174,6 +184,7 @@ def test_no_reply_task_survives_its_connection(client, fake):
 # Bad input -------------------------------------------------------------------------
 
 
+@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("frame, words", [
     ("not json at all", "must be JSON"),
     ('["a", "list"]', "JSON object"),
@@ -200,6 +211,7 @@ def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, f
     assert len(fake.requests) == 2, "an invalid frame reached the LLM"
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_binary_frame_gets_an_error_frame(chat, fake):
     ws = chat()
     ws.send_bytes(b"\x00\x01binary")
@@ -217,6 +229,7 @@ FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop":
             "error_midway": "broke off"}
 
 
+@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("failure", FAILURES)
 def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(chat, fake, failure):
     ws = chat()
@@ -233,6 +246,7 @@ def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(cha
     assert history_sent(fake) == ["keep me", "You said: keep me", "works again"]
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_nothing_is_retried_after_the_first_chunk(chat, fake):
     fake.fail_next("drop")
     ws = chat()
@@ -256,6 +270,7 @@ def test_history_is_bounded_oldest_turns_first():
     assert history[0]["role"] == "user" and history[-2]["content"] == "q29"
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_long_conversations_keep_the_system_prompt_and_drop_old_turns(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "Be brief.")
     monkeypatch.setattr(settings, "max_history_messages", 4)
@@ -293,6 +308,7 @@ def test_only_the_pages_own_origin_and_configured_ones_may_connect(client, fake,
         assert not fake.requests
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections", 2)
     with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
@@ -304,6 +320,7 @@ def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatc
         assert reply_text(collect_reply(later)) == "You said: in"
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_fast_sender_is_rate_limited_and_can_continue_later(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "rate_limit_messages", 3)
     monkeypatch.setattr(settings, "rate_limit_seconds", 0.5)
@@ -334,3 +351,104 @@ def test_the_page_loads_its_scripts_from_this_server(client):
     for asset in ["/static/app.js", "/static/style.css", "/static/vendor/marked.umd.js",
                   "/static/vendor/purify.min.js"]:
         assert asset in page and client.get(asset).status_code == 200
+
+
+# Each task's piece alone ------------------------------------------------------------
+
+
+@pytest.mark.task("4.1")
+def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
+    import asyncio
+
+    from step04_full_chat.replies import ReplyHub
+    from step04_full_chat.store import MemoryStore
+
+    async def scenario():
+        hub = ReplyHub()
+        await hub.open(MemoryStore)
+        release = asyncio.Event()
+        ran = []
+
+        async def generate(reply, history):
+            ran.append(history)
+            await release.wait()
+
+        reply = await hub.begin("conversation-a", "hi", generate, sender=None)
+        assert reply is not None and isinstance(reply.task, asyncio.Task), "begin must start a task"
+        assert not reply.task.done(), "begin must not wait for the reply: the loop has frames to read"
+        assert reply.task in hub.tasks, "hold the task (a task nobody holds can be garbage-collected)"
+        await asyncio.sleep(0)
+        assert ran == [[]], "the task runs generate(reply, history)"
+        assert await hub.begin("conversation-a", "again", generate, sender=None) is None  # busy
+        release.set()
+        await reply.task
+        await asyncio.sleep(0)
+        assert "conversation-a" not in hub.local, "a finished reply must free its conversation"
+        assert reply.task not in hub.tasks
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.task("4.3")
+def test_stop_marks_the_stop_then_cancels_the_reply_task():
+    import asyncio
+
+    from step04_full_chat.replies import LiveReply
+
+    async def scenario():
+        reply = LiveReply("conversation-b", 1, "hi")
+        seen = {}
+
+        async def generating():
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen["stop_requested"] = reply.stop_requested.is_set()
+                raise
+
+        reply.task = asyncio.create_task(generating())
+        await asyncio.sleep(0)
+        reply.stop()
+        await asyncio.gather(reply.task, return_exceptions=True)
+        assert reply.task.cancelled(), "stop must cancel the reply's task"
+        assert seen == {"stop_requested": True}, "the task must see stop_requested when the cancellation lands"
+
+    asyncio.run(scenario())
+
+
+class RecordingLive:
+    """Stands in for the LiveReply the node publishes to."""
+
+    def __init__(self):
+        self.frames = []
+
+    async def publish(self, frame):
+        self.frames.append(frame)
+
+
+@pytest.mark.task("4.4")
+@pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
+def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
+    import asyncio
+
+    from step04_full_chat.nodes import StreamingChatNode
+
+    fake.chunk_delay, fake.min_chunks = 0.05, 40
+
+    async def scenario():
+        live, stop = RecordingLive(), asyncio.Event()
+        task = asyncio.create_task(StreamingChatNode().exec_async(([{"role": "user", "content": "go"}], live, stop)))
+        while sum(f["type"] == "chunk" for f in live.frames) < 3:
+            await asyncio.sleep(0.01)
+        if stop_asked:
+            stop.set()
+        task.cancel()
+        return await asyncio.gather(task, return_exceptions=True)
+
+    (result,) = asyncio.run(scenario())
+    if stop_asked:
+        assert not isinstance(result, BaseException), f"a Stop must not end exec with {result!r}"
+        assert result.stopped and result.text.startswith("You said: go"), result
+    else:
+        assert isinstance(result, asyncio.CancelledError), f"without a Stop the cancellation must go on, got {result!r}"
+    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be closed")
