@@ -87,6 +87,7 @@ def handshake_status(port: int, host: str, origin: str | None) -> int:
         status_line = sock.recv(4096).split(b"\r\n", 1)[0]
     return int(status_line.split()[1])
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_server, fake):
     port = live_server.port
@@ -105,6 +106,7 @@ def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_ser
 
 # Per-client limits -----------------------------------------------------------------
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections_per_client", 3)
@@ -123,6 +125,7 @@ def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     assert not chat_main.client_limits.clients or all(
         c.connections == 0 for c in chat_main.client_limits.clients.values())
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
     monkeypatch.setattr(settings, "client_rate_limit_messages", 3)
@@ -159,6 +162,7 @@ def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypat
         assert closed.value.code == 1008
     assert not fake.requests
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
     with client.websocket_connect("/ws") as ws:
@@ -167,6 +171,7 @@ def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
         chat_turn(ws, "configured")
     assert [r["max_tokens"] for r in fake.requests] == [1024, 50]
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_an_oversized_frame_is_refused_by_the_app(client, fake):
     with client.websocket_connect("/ws") as ws:

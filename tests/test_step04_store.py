@@ -138,6 +138,7 @@ def history_sent(fake) -> list[str]:
     return [m["content"] for m in fake.requests[-1]["messages"]]
 
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     ws = connect()
@@ -152,6 +153,7 @@ def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     collect_reply(again)
     assert history_sent(fake) == ["my name is Ada", "You said: my name is Ada", "what is my name?"]
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
     ws = connect()
@@ -162,6 +164,7 @@ def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
         assert len(read_conversation(connect(conversation=cid))["messages"]) == 2 * (1 + (text == "two"))
 
 
+@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("bad_id", ["", "nope", "x" * 300, "../../../etc/passwd", "%00%ff", "é" * 22,
                                     "A" * 22])  # the last is well-formed but was never stored
 def test_an_unknown_or_malformed_id_starts_a_new_conversation(connect, fake, bad_id):
@@ -177,6 +180,7 @@ def test_a_new_id_is_not_stored_until_its_first_message(connect, fake):
     unused = read_conversation(connect())["id"]
     assert read_conversation(connect(conversation=unused))["id"] != unused
 
+@pytest.mark.task("4.1", "4.2")
 
 def test_a_failed_turn_stores_nothing(connect, fake):
     ws = connect()
