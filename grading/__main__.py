@@ -14,8 +14,19 @@ VALID = ", ".join(str(step) for step in STEPS)
 
 def step_number(text: str) -> int:
     if not text.isdigit() or int(text) not in STEPS:
-        raise argparse.ArgumentTypeError(f"STEP must be one of {VALID} (got {text!r}), e.g. make grade STEP=1")
+        raise argparse.ArgumentTypeError(f"STEP must be one of {VALID} (got {text!r}), e.g. STEP=1")
     return int(text)
+
+
+def step_or_current(text: str) -> int:
+    """For `make hint`: with no STEP, the first started step that has a task left."""
+    if text:
+        return step_number(text)
+    done = load_progress()
+    for step, package in STEPS.items():
+        if (EXERCISES / package).is_dir() and not all(done.get(t.id, {}).get("done") for t in tasks_of(step)):
+            return step
+    raise argparse.ArgumentTypeError(f"STEP must be one of {VALID}: no started exercise has a task left")
 
 
 def grade(step: int, code: str = "exercises") -> int:
@@ -88,7 +99,7 @@ def main() -> int:
     commands.add_parser("check", help="the reference step's tests").add_argument("step", type=step_number)
     commands.add_parser("progress", help="every task, done or to do")
     hint_parser = commands.add_parser("hint", help="the hint for your next task")
-    hint_parser.add_argument("step", type=step_number)
+    hint_parser.add_argument("step", type=step_or_current)
     hint_parser.add_argument("task", nargs="?", default=None)
     args = parser.parse_args()
     if args.command == "exercise":

@@ -140,7 +140,8 @@ def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> st
                     f"(your current copy is moved aside, not deleted).")
         kept = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         target.rename(kept)
-        moved = f"Your previous copy is now {shown(kept)}/.\n"
+        moved = (f"Your previous copy is now {shown(kept)}/ (to go back to it: delete the new "
+                 f"{shown(target)}/ and rename that folder to {target.name}).\n")
     else:
         moved = ""
     into.mkdir(exist_ok=True)

@@ -237,6 +237,14 @@ def main() -> None:
     args = parser.parse_args()
     fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp,
                    recall=args.recall)
+    with socket.socket() as probe:  # say so plainly, before claiming to be up
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError:
+            raise SystemExit(f"error: port {args.port} is taken (is `make llm` or `make fake` running?). "
+                             f"Choose another: make fake LLM_PORT=8809, then "
+                             f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step.")
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
     print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")

@@ -38,7 +38,12 @@ function createInspector({ socket, button, panel }) {
       item.append(element("h3", null, `Turn ${timeline.children.length + 1}`), turn);
       timeline.append(item);
     }
-    if (!turn || frame.event === "start") return;  // a phase shows up when it ends (or fails)
+    if (!turn) return;
+    if (frame.event === "start") {  // a placeholder while the phase runs (exec: the whole stream)
+      if (frame.phase !== "flow") turn.append(element("li", "running", `${frame.phase} running…`));
+      return;
+    }
+    turn.querySelector(".running")?.remove();
     const row = element("li", `phase ${frame.phase} ${frame.event}`);
     row.dataset.phase = frame.phase;
     row.dataset.event = frame.event;

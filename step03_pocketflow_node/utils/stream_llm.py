@@ -95,7 +95,7 @@ def explain_llm_error(error: Exception) -> str:
         return "The language model took too long to answer. Try again."
     if isinstance(error, openai.APIConnectionError):
         where = llm_base_url() or "api.openai.com"
-        hint = " Start the local model with `make llm`." if where == LOCAL_LLM_URL else ""
+        hint = " Start the local model with `make llm` (or scripted replies with `make fake`)." if where == LOCAL_LLM_URL else ""
         return f"Could not reach the language model at {where}.{hint}"
     if isinstance(error, openai.AuthenticationError):
         return "The language model rejected the API key. Check OPENAI_API_KEY."
