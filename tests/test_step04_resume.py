@@ -61,8 +61,8 @@ def assert_stop_ends_the_resumed_reply(ws, fake) -> None:
     assert end["type"] == "end" and end["stopped"] is True
     wait_until(lambda: fake.cancelled == 1, what="the upstream request to be cancelled")
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_reply_resumes_after_a_dropped_connection(connect, fake):
     slow_reply(fake)
     cid = start_and_leave(connect())
@@ -80,8 +80,8 @@ def test_stop_works_on_a_resumed_reply(connect, fake):
     cid = start_and_leave(connect())
     assert_stop_ends_the_resumed_reply(connect(conversation=cid), fake)
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 
+@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypatch):
     monkeypatch.setattr(settings, "resume_seconds", 0.5)
     slow_reply(fake, chunks=400)
@@ -98,8 +98,8 @@ def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypat
     kept = messages[1]["content"]
     assert full_reply(fake, "tell me a story").startswith(kept) and "tick10" in kept  # went on without anyone
 
-@pytest.mark.task("4.1", "4.2", "4.3")
 
+@pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_window_of_zero_cancels_at_once(fake, monkeypatch):
     monkeypatch.setattr(settings, "resume_seconds", 0)
     slow_reply(fake, chunks=400)

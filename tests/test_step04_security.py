@@ -87,8 +87,8 @@ def handshake_status(port: int, host: str, origin: str | None) -> int:
         status_line = sock.recv(4096).split(b"\r\n", 1)[0]
     return int(status_line.split()[1])
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_server, fake):
     port = live_server.port
     # After rebinding, the attacker's name points here and Host and Origin agree.
@@ -106,8 +106,8 @@ def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_ser
 
 # Per-client limits -----------------------------------------------------------------
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections_per_client", 3)
     greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.1", "10.0.0.2"))
@@ -125,8 +125,8 @@ def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     assert not chat_main.client_limits.clients or all(
         c.connections == 0 for c in chat_main.client_limits.clients.values())
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
     monkeypatch.setattr(settings, "client_rate_limit_messages", 3)
     monkeypatch.setattr(chat_main, "client_limits", type(chat_main.client_limits)())
@@ -162,8 +162,8 @@ def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypat
         assert closed.value.code == 1008
     assert not fake.requests
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
     with client.websocket_connect("/ws") as ws:
         chat_turn(ws, "default")
@@ -171,8 +171,8 @@ def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
         chat_turn(ws, "configured")
     assert [r["max_tokens"] for r in fake.requests] == [1024, 50]
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_an_oversized_frame_is_refused_by_the_app(client, fake):
     with client.websocket_connect("/ws") as ws:
         read_conversation(ws)

@@ -139,7 +139,6 @@ def history_sent(fake) -> list[str]:
 
 
 @pytest.mark.task("4.1", "4.2")
-
 def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     ws = connect()
     cid = read_conversation(ws)["id"]
@@ -153,8 +152,8 @@ def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     collect_reply(again)
     assert history_sent(fake) == ["my name is Ada", "You said: my name is Ada", "what is my name?"]
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
     ws = connect()
     cid = read_conversation(ws)["id"]
@@ -180,8 +179,8 @@ def test_a_new_id_is_not_stored_until_its_first_message(connect, fake):
     unused = read_conversation(connect())["id"]
     assert read_conversation(connect(conversation=unused))["id"] != unused
 
-@pytest.mark.task("4.1", "4.2")
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_failed_turn_stores_nothing(connect, fake):
     ws = connect()
     cid = read_conversation(ws)["id"]
