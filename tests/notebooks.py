@@ -30,7 +30,9 @@ def configure_fake(fake: FakeLLM) -> None:
 def execute(name: str) -> nbformat.NotebookNode:
     """Run a notebook top to bottom in a fresh kernel (which inherits our environment)."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
+    # iopub_timeout: on a busy machine a cell's printing can reach us seconds after the cell
+    # finished; the default (4 s) would drop it silently.
+    NotebookClient(notebook, timeout=120, iopub_timeout=30, raise_on_iopub_timeout=True, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return notebook
 
