@@ -9,6 +9,7 @@ is replaced by a comment saying what to write and `raise NotImplementedError(...
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import shutil
 import textwrap
@@ -47,6 +48,7 @@ class Region:
     has_yield: bool  # the region makes its function a generator: the stub must stay one
 
 
+@functools.cache  # a static file: read once per process
 def load_tasks() -> dict[str, Task]:
     with open(ROOT / "grading" / "tasks.toml", "rb") as file:
         entries = tomllib.load(file)["task"]

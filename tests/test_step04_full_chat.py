@@ -4,6 +4,7 @@ Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviou
 replies could resume); tests/test_step04_resume.py covers the resume window.
 """
 
+import asyncio
 import time
 
 import pytest
@@ -11,7 +12,9 @@ from starlette.websockets import WebSocketDisconnect
 
 from step04_full_chat import main as chat_main
 from step04_full_chat.config import settings
-from step04_full_chat.store import trim_history
+from step04_full_chat.nodes import StreamingChatNode
+from step04_full_chat.replies import LiveReply, ReplyHub
+from step04_full_chat.store import MemoryStore, trim_history
 from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
                            read_conversation, reply_text, wait_until)
 
@@ -358,11 +361,6 @@ def test_the_page_loads_its_scripts_from_this_server(client):
 
 @pytest.mark.task("4.1")
 def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
-    import asyncio
-
-    from step04_full_chat.replies import ReplyHub
-    from step04_full_chat.store import MemoryStore
-
     async def scenario():
         hub = ReplyHub()
         await hub.open(MemoryStore)
@@ -391,10 +389,6 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
 
 @pytest.mark.task("4.3")
 def test_stop_marks_the_stop_then_cancels_the_reply_task():
-    import asyncio
-
-    from step04_full_chat.replies import LiveReply
-
     async def scenario():
         reply = LiveReply("conversation-b", 1, "hi")
         seen = {}
@@ -429,10 +423,6 @@ class RecordingLive:
 @pytest.mark.task("4.4")
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
 def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
-    import asyncio
-
-    from step04_full_chat.nodes import StreamingChatNode
-
     fake.chunk_delay, fake.min_chunks = 0.05, 40
 
     async def scenario():

@@ -138,12 +138,18 @@ def history_sent(fake) -> list[str]:
     return [m["content"] for m in fake.requests[-1]["messages"]]
 
 
-@pytest.mark.task("4.1", "4.2")
-def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
+def conversation_with_one_turn(connect, text: str):
+    """A new connection that sent `text` and read the whole reply; with its conversation id."""
     ws = connect()
     cid = read_conversation(ws)["id"]
-    ws.send_json({"type": "message", "content": "my name is Ada"})
+    ws.send_json({"type": "message", "content": text})
     collect_reply(ws)
+    return ws, cid
+
+
+@pytest.mark.task("4.1", "4.2")
+def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
+    ws, cid = conversation_with_one_turn(connect, "my name is Ada")
     ws.close()  # a reload, or a dropped connection
     again = connect(conversation=cid)
     assert read_conversation(again) == {"type": "conversation", "id": cid, "messages": [
@@ -182,10 +188,7 @@ def test_a_new_id_is_not_stored_until_its_first_message(connect, fake):
 
 @pytest.mark.task("4.1", "4.2")
 def test_a_failed_turn_stores_nothing(connect, fake):
-    ws = connect()
-    cid = read_conversation(ws)["id"]
-    ws.send_json({"type": "message", "content": "kept"})
-    collect_reply(ws)
+    ws, cid = conversation_with_one_turn(connect, "kept")
     fake.fail_next("500", times=3)
     ws.send_json({"type": "message", "content": "lost"})
     assert collect_reply(ws)[-1]["type"] == "error"
