@@ -65,6 +65,8 @@ def main() -> int:
 
     import uvicorn
 
+    # The workshop's chat, on loopback: the page's flow inspector may show the system prompt.
+    os.environ.setdefault("CHAT_INSPECTOR", "1")
     print(f"\n  Chat: open http://127.0.0.1:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
     try:
         # Per-message compression is off: it costs CPU and memory per connection for

@@ -20,6 +20,13 @@ def _float(name: str, default: float) -> float:
     return float(os.getenv(name) or default)
 
 
+def _flag(name: str) -> bool:
+    value = (os.getenv(name) or "0").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"{name} must be 1 or 0, not {value!r}")
+    return value in ("1", "true", "on", "yes")
+
+
 def _names(name: str, default: str = "") -> frozenset:
     """A comma-separated list, lower-cased, without trailing slashes."""
     value = os.getenv(name) or default
@@ -72,6 +79,9 @@ class Settings:
     store_retention_days: float = field(default_factory=lambda: _float("CHAT_STORE_RETENTION_DAYS", 30))
     # At most this many conversations are kept; the least recently used go first.
     store_max_conversations: int = field(default_factory=lambda: _int("CHAT_STORE_MAX_CONVERSATIONS", 100_000))
+    # The flow inspector (tracing.py): trace frames for a client that asks. Off unless
+    # CHAT_INSPECTOR=1 (`make chat` turns it on): the traces show the system prompt.
+    inspector: bool = field(default_factory=lambda: _flag("CHAT_INSPECTOR"))
     # A reply whose client dropped goes on this long, waiting for it to come back (0: cancel at once).
     resume_seconds: float = field(default_factory=lambda: _float("CHAT_RESUME_SECONDS", 30))
 

@@ -119,6 +119,9 @@ async def chat(websocket: WebSocket):
                 await send_error(websocket, str(error))
                 continue
 
+            if frame["type"] == "inspect":  # the flow inspector: any time, even mid-reply
+                await session.inspect(frame["on"])
+                continue
             try:
                 # BEGIN TASK 4.2
                 if frame["type"] == "stop":

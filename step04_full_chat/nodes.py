@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pocketflow import AsyncNode
 
 from .config import settings
-from .store import StoreError
+from .store import StoreError, with_turn
 from .utils.stream_llm import explain_llm_error, stream_llm
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class StreamingChatNode(AsyncNode):
             except StoreError as error:
                 await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
                 return "failed"
+            # The shared store shows the same history the next turn will load.
+            shared["conversation_history"] = with_turn(shared["conversation_history"],
+                                                       shared["user_message"], reply.text)
         end = {"type": "end", "stats": reply.stats()}
         if reply.stopped:
             end["stopped"] = True

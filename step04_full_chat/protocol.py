@@ -1,12 +1,14 @@
 """The JSON frames the browser may send, and how bad ones are refused.
 
 In:  {"type": "message", "content": "..."}  |  {"type": "stop"}  |  {"type": "reset"}
-Out: start, chunk, end, error and reset frames (built where they are sent).
+     |  {"type": "inspect", "on": true or false}  (the flow inspector, tracing.py)
+Out: conversation, start, chunk, end, error and reset frames; inspect and trace frames
+     only to a client that sent inspect (built where they are sent).
 """
 
 import json
 
-CLIENT_FRAME_TYPES = ("message", "stop", "reset")
+CLIENT_FRAME_TYPES = ("message", "stop", "reset", "inspect")
 
 
 class FrameError(ValueError):
@@ -28,7 +30,11 @@ def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: i
         raise FrameError('A frame must be a JSON object with a "type".')
     kind = frame.get("type")
     if kind not in CLIENT_FRAME_TYPES:
-        raise FrameError('Unknown or missing "type": expected "message", "stop" or "reset".')
+        raise FrameError('Unknown or missing "type": expected "message", "stop", "reset" or "inspect".')
+    if kind == "inspect":
+        if not isinstance(frame.get("on"), bool):
+            raise FrameError('An inspect frame needs "on": true or false.')
+        return {"type": "inspect", "on": frame["on"]}
     if kind != "message":
         return {"type": kind}
     content = frame.get("content")

@@ -53,6 +53,11 @@ class LiveReply:
             queue.put_nowait(frame)
         if share and self.feed is not None:
             self.feed.append(self, frame)
+        await self.send_to_asker(frame)
+
+    async def send_to_asker(self, frame: dict) -> None:
+        """Send to the connection that asked, if it is still there. A frame sent only this
+        way (a trace, tracing.py) is not kept, replayed or shared with other hosts."""
         if self.sender is not None:
             try:
                 await self.sender.send_json(frame)

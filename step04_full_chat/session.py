@@ -6,16 +6,19 @@ import logging
 
 from fastapi import WebSocket
 
+from .config import settings
 from .flow import create_streaming_chat_flow
 from .replies import LiveReply, LocalWatch, ReplyHub
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
+from .tracing import Tracer
 
 log = logging.getLogger(__name__)
 
 STOP_WAIT_SECONDS = 10  # how long Stop waits for a reply to send its `end`
+INSPECTOR_OFF = "The flow inspector is off on this server. Start it with CHAT_INSPECTOR=1 (make chat does)."
 
 
-async def generate(reply: LiveReply, history: list[dict], store) -> None:
+async def generate(reply: LiveReply, history: list[dict], store, tracer: Tracer | None = None) -> None:
     """One turn of the flow, in its own task. Upstream errors are handled by the node;
     anything that still gets here is a bug: log it, tell the user, keep the socket."""
     shared = {
@@ -25,6 +28,7 @@ async def generate(reply: LiveReply, history: list[dict], store) -> None:
         "user_message": reply.user_message,
         "conversation_history": history,
         "stop_requested": reply.stop_requested,
+        "tracer": tracer,  # the flow inspector (tracing.py): silent unless the client asked
     }
     try:
         await create_streaming_chat_flow().run_async(shared)
@@ -43,6 +47,7 @@ class ChatSession:
         self.asked: LiveReply | None = None  # the reply this connection asked for (sent to it directly)
         self.watch = None  # or a reply it follows through a copy (it came back, another tab)
         self.forwarding: asyncio.Task | None = None
+        self.inspecting = False  # trace frames for the replies it asks for (tracing.py)
 
     async def open(self, requested_id: str | None) -> None:
         """Send the conversation frame, then the reply in progress from its start, if any.
@@ -100,13 +105,22 @@ class ChatSession:
 
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""
-        reply = await self.hub.begin(self.conversation_id, text,
-                                     lambda reply, history: generate(reply, history, self.hub.store),
-                                     sender=self.websocket)
+        reply = await self.hub.begin(
+            self.conversation_id, text,
+            lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
+            sender=self.websocket)
         if reply is None:
             return False
         self.asked = reply
         return True
+
+    async def inspect(self, on: bool) -> None:
+        """Turn the flow inspector on or off for this connection, and say which it is now."""
+        self.inspecting = on and settings.inspector
+        answer = {"type": "inspect", "on": self.inspecting}
+        if on and not settings.inspector:
+            answer["message"] = INSPECTOR_OFF
+        await self.websocket.send_json(answer)
 
     async def stop(self) -> None:
         """Stop the reply shown here, and wait for its `end` to reach the client."""

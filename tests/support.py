@@ -175,6 +175,20 @@ def collect_reply(ws, timed: bool = False) -> list:
             return frames
 
 
+def frames_until_the_flow_ends(ws) -> list[dict]:
+    """With the flow inspector on (steps 03, 04): every frame up to the flow's last trace."""
+    frames = []
+    while not (frames and frames[-1]["type"] == "trace" and frames[-1]["phase"] == "flow"
+               and frames[-1]["event"] in ("end", "error")):
+        frames.append(ws.receive_json())
+    return frames
+
+
+def phases(frames) -> list[str]:
+    """"prep start", "exec end", ... for trace frames; the type for the others."""
+    return [f"{f['phase']} {f['event']}" if f["type"] == "trace" else f["type"] for f in frames]
+
+
 def read_conversation(ws) -> dict:
     """step04's first frame on every connection (and after a reset): the conversation."""
     frame = ws.receive_json()

@@ -7,7 +7,8 @@ from pocketflow import AsyncFlow
 
 from step03_pocketflow_node.flow import create_streaming_chat_flow
 from step03_pocketflow_node.nodes import StreamingChatNode
-from tests.support import assert_reply_streams_incrementally, collect_reply, reply_text
+from tests.support import (assert_reply_streams_incrementally, collect_reply, frames_until_the_flow_ends, phases,
+                           reply_text)
 
 APP = "step03_pocketflow_node.main"
 
@@ -160,18 +161,6 @@ def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
 
 
 # The flow inspector ----------------------------------------------------------------------
-
-
-def frames_until_the_flow_ends(ws) -> list[dict]:
-    frames = []
-    while not (frames and frames[-1]["type"] == "trace" and frames[-1]["phase"] == "flow"
-               and frames[-1]["event"] in ("end", "error")):
-        frames.append(ws.receive_json())
-    return frames
-
-
-def phases(frames) -> list[str]:
-    return [f"{f['phase']} {f['event']}" if f["type"] == "trace" else f["type"] for f in frames]
 
 
 @pytest.mark.task("3.1", "3.2", "3.3", "3.4")

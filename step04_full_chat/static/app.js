@@ -19,6 +19,13 @@ let everConnected = false;
 let everConnectedBefore = false;  // whether this connection is a reconnect
 let conversationId = localStorage.getItem(CONVERSATION_KEY);
 
+// The flow inspector (inspector.js): a side panel of trace frames, off until opened.
+const inspector = createInspector({
+  send: (frame) => socket && socket.readyState === WebSocket.OPEN && socket.send(JSON.stringify(frame)),
+  button: $("inspect"),
+  panel: $("inspector"),
+});
+
 function setStatus(state) {
   statusBadge.dataset.state = state;
   statusBadge.textContent = state;
@@ -156,7 +163,14 @@ function handleFrame(frame) {
       break;
     case "reset":  // a new, empty conversation frame follows
       log.replaceChildren();
+      inspector.clear();
       setStatus("ready");
+      break;
+    case "trace":    // only sent while the inspector is open
+      inspector.handle(frame);
+      break;
+    case "inspect":  // the server's answer when the panel opens or closes
+      inspector.answered(frame);
       break;
   }
 }
@@ -172,6 +186,7 @@ function connect() {
     if (everConnected) showNotice("Reconnected.");
     everConnected = true;
     reconnectAttempts = 0;
+    inspector.connected();
   };
   socket.onmessage = (event) => handleFrame(JSON.parse(event.data));
   socket.onclose = (event) => {
