@@ -1,5 +1,5 @@
 """Screenshots from a real browser run: the step04 chat mid-reply and at mobile width, and
-step03's flow inspector after two turns.
+the flow inspector of steps 03 and 04 after two turns.
 
     make screenshots      (writes docs/screenshots/*.png)
 """
@@ -43,13 +43,14 @@ def shoot(browser, url, fake, name, **context_options):
 def shoot_inspector(browser, url, fake, name) -> None:
     fake.reset()
     fake.recall, fake.chunk_delay = True, 0.02  # as `make fake` answers: the history shows
-    context = browser.new_context(viewport={"width": 1200, "height": 760})
+    context = browser.new_context(viewport={"width": 1200, "height": 760}, bypass_csp=True)
     page = context.new_page()
     page.goto(url)
-    page.wait_for_function("document.body.innerText.includes('connected')")
+    page.wait_for_function("document.body.innerText.includes('connected') || "
+                           "document.querySelector('#status').dataset.state === 'ready'")
     page.click("#inspect")
     for turn, text in enumerate(["My name is Ada.", "What is my name?"], start=1):
-        page.fill("#text", text)
+        page.fill("#text, #input", text)
         page.keyboard.press("Enter")
         page.wait_for_function(f"document.querySelectorAll('.turn [data-phase=flow]').length === {turn}")
     page.locator(".turn").last.locator(".post summary").click()
@@ -60,16 +61,17 @@ def shoot_inspector(browser, url, fake, name) -> None:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with FakeLLMServer() as fake_server:
-        env = llm_env(fake_server.base_url, CHAT_STORE_URL="memory://")  # keep no conversations
+        env = llm_env(fake_server.base_url, CHAT_STORE_URL="memory://", CHAT_INSPECTOR="1")  # keep no conversations
         with LiveServer("step04_full_chat.main:app", env=env) as server, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
             shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})
             shoot(browser, server.url, fake_server.fake, "step04-mobile.png",
                   viewport={"width": 390, "height": 760}, is_mobile=True, device_scale_factor=2)
+            shoot_inspector(browser, server.url, fake_server.fake, "step04-inspector.png")
             with LiveServer("step03_pocketflow_node.main:app", env=env) as step03:
                 shoot_inspector(browser, step03.url, fake_server.fake, "step03-inspector.png")
             browser.close()
-    print(f"wrote {OUT}/step04-streaming.png, step04-mobile.png and step03-inspector.png")
+    print(f"wrote {OUT}/step04-streaming.png, step04-mobile.png, step04-inspector.png and step03-inspector.png")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""What the flow inspector costs per turn: AsyncFlow against TracedFlow, off and on.
+"""What the flow inspector costs per turn, in steps 03 and 04: AsyncFlow against TracedFlow,
+inspector off and on.
 
     .venv/bin/python -m bench.tracing      (part of `make bench`; writes docs/bench/tracing.md)
 
-A node with prep, exec and post that do almost nothing, so only the flow's own work is
-timed (a real turn adds the LLM stream: milliseconds to seconds). Runs interleaved, median
-of several rounds, one process: compare within the run.
+Nodes of each step's shape whose prep, exec and post do almost nothing, so only the flow's
+own work is timed (a real turn adds the LLM stream: milliseconds to seconds). Runs
+interleaved, median of several rounds, one process: compare within the run.
 """
 
 import asyncio
@@ -14,7 +15,10 @@ from pathlib import Path
 
 from pocketflow import AsyncFlow, AsyncNode
 
-from step03_pocketflow_node.tracing import TracedFlow, Tracer
+from step03_pocketflow_node import tracing as step03_tracing
+from step04_full_chat import tracing as step04_tracing
+from step04_full_chat.nodes import Reply
+from step04_full_chat.replies import LiveReply
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "tracing.md"
 TURNS, ROUNDS = 2000, 7
@@ -25,7 +29,9 @@ class NullSocket:
         pass
 
 
-class TinyNode(AsyncNode):
+class Step03Node(AsyncNode):
+    """Step 03's shape: streams to the socket in the shared store."""
+
     async def prep_async(self, shared):
         return shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}], shared["websocket"]
 
@@ -37,12 +43,61 @@ class TinyNode(AsyncNode):
         return "default"
 
 
-async def per_turn_us(flow, tracer_on: bool | None) -> float:
+class Step04Node(AsyncNode):
+    """Step 04's shape: publishes to the reply (a LiveReply) and returns a nodes.Reply."""
+
+    async def prep_async(self, shared):
+        return shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}], shared["reply"]
+
+    async def exec_async(self, prep_res):
+        live, reply = prep_res[1], Reply()
+        live.frames.clear()  # one LiveReply serves every turn here
+        reply.add("hi")
+        await live.publish({"type": "chunk", "content": "hi"})
+        return reply
+
+    async def post_async(self, shared, prep_res, exec_res):
+        return "done"
+
+
+class Tab:
+    """Step 04: the connection that asked for the reply, its inspector open or not."""
+
+    def __init__(self, inspecting: bool):
+        self.inspecting, self.websocket = inspecting, NullSocket()
+
+
+def step03_shared(tracer_on: bool | None) -> dict:
     socket = NullSocket()
     shared = {"websocket": socket, "user_message": "hello", "conversation_history": []}
     if tracer_on is not None:
-        shared["tracer"] = Tracer(socket)
+        shared["tracer"] = step03_tracing.Tracer(socket)
         shared["tracer"].on = tracer_on
+    return shared
+
+
+def step04_shared(tracer_on: bool | None) -> dict:
+    reply = LiveReply("bench", 1, "hello")
+    shared = {"reply": reply, "user_message": "hello", "conversation_history": []}
+    if tracer_on is not None:
+        tab = Tab(tracer_on)
+        reply.sender = tab.websocket
+        shared["tracer"] = step04_tracing.Tracer(reply, tab)
+    return shared
+
+
+VARIANTS = {  # name: (flow, how to build its shared store, inspector on/off/absent)
+    "step 03 AsyncFlow (no inspector)": (AsyncFlow(start=Step03Node()), step03_shared, None),
+    "step 03 TracedFlow, inspector off": (step03_tracing.TracedFlow(start=Step03Node()), step03_shared, False),
+    "step 03 TracedFlow, inspector on": (step03_tracing.TracedFlow(start=Step03Node()), step03_shared, True),
+    "step 04 AsyncFlow (no inspector)": (AsyncFlow(start=Step04Node()), step04_shared, None),
+    "step 04 TracedFlow, inspector off": (step04_tracing.TracedFlow(start=Step04Node()), step04_shared, False),
+    "step 04 TracedFlow, inspector on": (step04_tracing.TracedFlow(start=Step04Node()), step04_shared, True),
+}
+
+
+async def per_turn_us(flow, make_shared, tracer_on: bool | None) -> float:
+    shared = make_shared(tracer_on)
     began = time.perf_counter()
     for _ in range(TURNS):
         await flow.run_async(shared)
@@ -50,24 +105,23 @@ async def per_turn_us(flow, tracer_on: bool | None) -> float:
 
 
 async def measure() -> dict[str, float]:
-    variants = {"AsyncFlow (no inspector)": (AsyncFlow(start=TinyNode()), None),
-                "TracedFlow, inspector off": (TracedFlow(start=TinyNode()), False),
-                "TracedFlow, inspector on": (TracedFlow(start=TinyNode()), True)}
-    samples = {name: [] for name in variants}
+    samples = {name: [] for name in VARIANTS}
     for _ in range(ROUNDS):  # interleaved, so drift on a shared machine hits all alike
-        for name, (flow, on) in variants.items():
-            samples[name].append(await per_turn_us(flow, on))
+        for name, variant in VARIANTS.items():
+            samples[name].append(await per_turn_us(*variant))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
     results = asyncio.run(measure())
-    base = results["AsyncFlow (no inspector)"]
     lines = ["# The flow inspector's cost per turn", "",
              f"`.venv/bin/python -m bench.tracing`: {TURNS} turns × {ROUNDS} rounds, medians; "
-             "a node that does almost nothing, so this is the flow's own work.", "",
-             "| flow | µs per turn | vs AsyncFlow |", "|---|---|---|"]
-    lines += [f"| {name} | {value:.1f} | {value - base:+.1f} µs |" for name, value in results.items()]
+             "nodes that do almost nothing, so this is the flow's own work. A real turn streams from "
+             "the LLM for milliseconds to seconds.", "",
+             "| flow | µs per turn | vs the step's AsyncFlow |", "|---|---|---|"]
+    for name, value in results.items():
+        base = results[name[:len("step 0N")] + " AsyncFlow (no inspector)"]
+        lines.append(f"| {name} | {value:.1f} | {value - base:+.1f} µs |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -44,8 +44,9 @@ def page(browser):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def serve(step, fake_server, port=None):
-    env = llm_env(fake_server.base_url)
+def serve(step, fake_server, port=None, **settings):
+    """The step's app under uvicorn, its LLM the fake; settings: CHAT_* environment variables."""
+    env = llm_env(fake_server.base_url, **settings)
     server = LiveServer(f"{step}.main:app", env=env)
     if port:
         server.port = port

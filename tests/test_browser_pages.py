@@ -56,19 +56,29 @@ def test_no_serious_accessibility_violation_after_a_reply(step, page, fake, fake
     assert not landmarks, f"{step}: {landmarks}"
 
 
-@pytest.mark.parametrize("step", ["step03_pocketflow_node"])
+def wait_until_connected(page):
+    page.wait_for_function("document.body.innerText.includes('connected') || "
+                           "document.querySelector('#status').dataset.state === 'ready'")
+
+
+def wait_for_traced_turn(page, turn: int):
+    """Until the inspector shows `turn` turns, the last one traced to the flow's end."""
+    page.wait_for_function(f"document.querySelectorAll('.turn').length === {turn} && "
+                           f"document.querySelectorAll('.turn')[{turn - 1}]"
+                           ".querySelector('[data-phase=flow][data-event=end]') !== null")
+
+
+@pytest.mark.parametrize("step", ["step03_pocketflow_node", "step04_full_chat"])
 def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake_server):
-    with serve(step, fake_server) as server:
+    with serve(step, fake_server, CHAT_INSPECTOR="1") as server:
         page.goto(server.url)
-        page.wait_for_function("document.body.innerText.includes('connected')")
+        wait_until_connected(page)
         assert page.is_hidden("#inspector")
         page.click("#inspect")
         assert page.is_visible("#inspector") and page.get_attribute("#inspect", "aria-pressed") == "true"
         for turn, text in enumerate(["My name is Ada.", "What is my name?"], start=1):
             send(page, text)
-            page.wait_for_function(f"document.querySelectorAll('.turn').length === {turn} && "
-                                   "document.querySelectorAll('.turn')[" + str(turn - 1) + "]"
-                                   ".querySelector('[data-phase=post][data-event=end]') !== null")
+            wait_for_traced_turn(page, turn)
         turns = page.query_selector_all(".turn")
         for turn, expected_history in zip(turns, (2, 4)):
             rows = [row.get_attribute("data-phase") for row in turn.query_selector_all(".phase")]
@@ -80,3 +90,34 @@ def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake
         send(page, "quiet now")
         page.wait_for_function("document.body.innerText.includes('You said: quiet now')")
         assert len(page.query_selector_all(".turn")) == 2
+
+
+def test_step04s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failure(page, fake, fake_server):
+    server = serve("step04_full_chat", fake_server, CHAT_INSPECTOR="1")
+    with server:
+        page.goto(server.url)
+        wait_until_connected(page)
+        page.click("#inspect")
+        send(page, "before the restart")
+        wait_for_traced_turn(page, 1)
+    # A new server, a new connection: the open panel must ask for traces again.
+    with serve("step04_full_chat", fake_server, port=server.port, CHAT_INSPECTOR="1"):
+        page.wait_for_selector("#status[data-state=ready]", timeout=15000)
+        fake.fail_next("500", times=3)
+        send(page, "after the restart")
+        wait_for_traced_turn(page, 2)
+        post = page.inner_text(".turn >> nth=1 >> [data-phase=post]")
+        assert 'action "failed"' in post and "sent error: The language model answered with an error" in post
+        assert "caught InternalServerError" in page.inner_text(".turn >> nth=1 >> [data-phase=exec]")
+
+
+def test_step04s_inspector_says_when_the_server_has_it_off(page, fake, fake_server):
+    with serve("step04_full_chat", fake_server) as server:  # no CHAT_INSPECTOR
+        page.goto(server.url)
+        wait_until_connected(page)
+        page.click("#inspect")
+        page.wait_for_selector(".inspector-note:has-text('CHAT_INSPECTOR=1')")
+        send(page, "hello")
+        page.wait_for_selector("#status[data-state=ready]")
+        page.wait_for_function("document.body.innerText.includes('You said: hello')")
+        assert len(page.query_selector_all(".turn")) == 0

@@ -1,6 +1,8 @@
 """The notebooks run top to bottom with no API key, against the fake LLM, and the outputs
 stored in them are what they print today (`make notebooks` refreshes them)."""
 
+import re
+
 import nbformat
 import pytest
 
@@ -59,5 +61,10 @@ def test_step04_node_notebook(notebook_fake):
     assert "stop requested: False" in output and "Event object" not in output
     assert "4 messages in the history now" in output
     assert "history length: 6 | max_retries: 1" in output
-    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5]
+    # The traced turn reached the fake with 7 messages; the failed one never reached it.
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5, 7]
+    assert re.search(r"post +end .*action 'done', sent \{'type': 'end'.*history now 8 messages", output)
+    assert re.search(r"exec +end .*0 chunks, caught \w+: Could not reach the language model", output)
+    assert re.search(r"post +end .*action 'failed', sent \{'type': 'error'.*history now 8 messages", output)
+    assert "stored messages: 8" in output
     assert_stored_outputs_are_fresh("03_full_chat_node.ipynb", output)
