@@ -5,6 +5,7 @@ loopback port (another origin), which counts every request that reaches it. The 
 CSP stays on here: it is part of what is tested.
 """
 
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from tests.test_browser import browser  # noqa: F401  (the shared Chromium fixtu
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 APP = "step04_full_chat.main"
+SERVER_ENV = {"CHAT_INSPECTOR": "1"}  # the flow inspector shows model output too
 
 
 class Listener:
@@ -154,6 +156,33 @@ def test_a_hostile_reply_fetches_nothing_injects_nothing_and_leaves_the_page_usa
         fake.reply = None  # the next reply is the fake's usual "You said: ..."
         chat(page, "still there?", 1)
         assert "You said: still there?" in page.locator(".assistant").nth(1).inner_text()
+        assert listener.hits == [] and not errors, (listener.hits, errors)
+    finally:
+        context.close()
+
+
+# What inspector.js itself builds: anything else in the panel came from a snapshot.
+INSPECTOR_TAGS = {"ASIDE", "H2", "P", "SPAN", "OL", "LI", "H3", "STRONG", "DETAILS", "SUMMARY", "PRE"}
+
+
+def test_the_flow_inspector_shows_hostile_replies_as_text(browser, live_server, listener, fake):  # noqa: F811
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.click("#inspect")
+        names = ["script", "iframe", "img onerror", "inline style url", "svg image", "phishing form"]
+        for turn, name in enumerate(names):
+            fake.reply = HOSTILE_REPLIES[name].replace(E, listener.origin)
+            chat(page, HOSTILE_REPLIES[name].replace(E, listener.origin), turn)  # in prep's snapshot too
+            page.wait_for_selector(f".turn >> nth={turn} >> [data-phase=flow]")
+        for summary in page.locator("#inspector summary").all():
+            summary.click()  # every snapshot open
+        page.wait_for_timeout(300)  # time for anything lazy to try loading
+        tags = set(page.eval_on_selector_all("#inspector, #inspector *", "nodes => nodes.map(n => n.tagName)"))
+        assert tags <= INSPECTOR_TAGS, tags - INSPECTOR_TAGS
+        shown = page.inner_text("#inspector")
+        for name in names:  # the hostile text is there, as text (its URL, JSON-quoted or not)
+            url = re.search(r"\{evil\}/[\w-]+", HOSTILE_REPLIES[name]).group().replace(E, listener.origin)
+            assert url in shown, name
         assert listener.hits == [] and not errors, (listener.hits, errors)
     finally:
         context.close()

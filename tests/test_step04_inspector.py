@@ -129,6 +129,7 @@ def test_the_trace_goes_only_to_the_connection_that_asked(connect, fake):
     inspect(second, False)
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_an_inspect_frame_without_on_gets_an_error_frame(chat, fake):
     ws = chat()
     for frame in ({"type": "inspect"}, {"type": "inspect", "on": "yes"}):
@@ -138,6 +139,7 @@ def test_an_inspect_frame_without_on_gets_an_error_frame(chat, fake):
     assert reply_text(collect_reply(ws)) == "You said: still here"
 
 
+@pytest.mark.task("4.1", "4.2")
 def test_a_server_without_the_inspector_says_so_and_sends_no_trace(fake, monkeypatch):
     monkeypatch.setattr(settings, "inspector", False)
     with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
