@@ -124,8 +124,14 @@ def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
     for path in sorted(target.rglob("*.py")):
         text = path.read_text()
         if "# BEGIN TASK" in text:
-            path.write_text(exercise_source(text, package, only, str(path.relative_to(into))))
+            text = exercise_source(text, package, only, str(path.relative_to(into)))
+        path.write_text(own_run_command(text, package))
     return target
+
+
+def own_run_command(text: str, package: str) -> str:
+    """The docstring's run command, pointed at the learner's copy instead of the reference."""
+    return text.replace(f"uvicorn {package}.main:app", f"uvicorn exercises.{package}.main:app")
 
 
 def shown(path: Path) -> str:

@@ -17,7 +17,7 @@ import pytest
 from grading.pytest_plugin import code_folder
 from tests.fake_llm import FakeLLMServer
 from tests.redis_server import RedisServer
-from tests.support import LocalClient, LiveServer, WsClient, llm_env
+from tests.support import LiveServer, LocalClient, WsClient, llm_env, read_conversation
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
@@ -95,6 +95,16 @@ def connect(request, fake):
                     # An exercise's unwritten task raising as the client leaves: graded by that
                     # task's own tests, so it does not fail every other task's tests too.
                     pass
+
+
+@pytest.fixture
+def chat(connect):
+    """step04: like connect, past the conversation frame that opens every connection."""
+    def open_chat(**options):
+        ws = connect(**options)
+        read_conversation(ws)
+        return ws
+    return open_chat
 
 
 @pytest.fixture

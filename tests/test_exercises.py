@@ -88,10 +88,18 @@ def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, 
             continue
         lines = path.read_text().splitlines(keepends=True)
         inside = {i for region in find_regions(lines) for i in range(region.begin, region.end + 1)}
-        matcher = difflib.SequenceMatcher(None, lines, copy.read_text().splitlines(keepends=True), autojunk=False)
+        # ...except the run command, which points at the learner's copy.
+        copied = copy.read_text().replace(f"uvicorn exercises.{STEPS[step]}.", f"uvicorn {STEPS[step]}.")
+        matcher = difflib.SequenceMatcher(None, lines, copied.splitlines(keepends=True), autojunk=False)
         for kind, first, last, _, _ in matcher.get_opcodes():
             changed = set(range(first, last))
             assert kind == "equal" or changed <= inside, f"{copy} changed lines outside a task: {sorted(changed - inside)}"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_the_exercise_says_to_run_the_learners_copy(step, tmp_path):
+    main = (write_exercise(step, tmp_path) / "main.py").read_text()
+    assert f"uvicorn exercises.{STEPS[step]}.main:app" in main and f"uvicorn {STEPS[step]}." not in main
 
 
 @pytest.mark.parametrize("step", GRADED_STEPS)

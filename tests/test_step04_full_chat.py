@@ -28,16 +28,6 @@ def no_resume_window(monkeypatch):
 
 
 @pytest.fixture
-def chat(connect):
-    """Like connect, past the conversation frame that opens every connection."""
-    def open_chat(**options):
-        ws = connect(**options)
-        read_conversation(ws)
-        return ws
-    return open_chat
-
-
-@pytest.fixture
 def client(fake):
     """In-process only: for tests that change settings or the environment of the app."""
     with LocalClient(chat_main.app) as test_client:

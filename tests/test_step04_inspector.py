@@ -20,15 +20,6 @@ def inspector_enabled(monkeypatch):
     monkeypatch.setattr(settings, "inspector", True)
 
 
-@pytest.fixture
-def chat(connect):
-    def open_chat(**options):
-        ws = connect(**options)
-        read_conversation(ws)
-        return ws
-    return open_chat
-
-
 def inspect(ws, on: bool = True) -> None:
     ws.send_json({"type": "inspect", "on": on})
     assert ws.receive_json() == {"type": "inspect", "on": on}
