@@ -31,9 +31,9 @@ def snapshot(value, depth: int = 0):
         value = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(key): snapshot(item, depth + 1) for key, item in list(value.items())[:MAX_ITEMS]}
-    if isinstance(value, (list, tuple)):
-        items = [snapshot(item, depth + 1) for item in value[:MAX_ITEMS]]
-        return items + [f"… {len(value) - MAX_ITEMS} more"] if len(value) > MAX_ITEMS else items
+    if isinstance(value, (list, tuple)):  # the newest items (the last turns) matter most
+        items = [snapshot(item, depth + 1) for item in value[-MAX_ITEMS:]]
+        return [f"… {len(value) - MAX_ITEMS} earlier"] + items if len(value) > MAX_ITEMS else items
     if isinstance(value, BaseException):
         return f"{type(value).__name__}: {value}"
     return f"<{type(value).__name__}>"  # a websocket, an event: named, not shown

@@ -65,8 +65,8 @@ class StreamingChatNode(AsyncNode):
     async def exec_async(self, prep_res):
         messages, live, stop_requested = prep_res
         reply = Reply()
-        await live.publish({"type": "start"})
         try:
+            await live.publish({"type": "start"})
             async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
                     reply.add(text)

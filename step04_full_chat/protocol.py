@@ -40,6 +40,12 @@ def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: i
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
         raise FrameError('A message needs some text in "content".')
+    if not content.isascii():
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud83d": half an emoji cut in two
+            raise FrameError("The message contains invalid Unicode (half of an emoji?): "
+                             "send whole characters.") from None
     if len(content) > max_message_chars:
         raise FrameError(f"Messages are limited to {max_message_chars} characters; "
                          f"this one has {len(content)}.")

@@ -106,8 +106,8 @@ class LiveReply:
     def stop(self) -> None:
         """Stop generating; the node keeps the part so far and ends the reply with stopped: true."""
         self.cancel_grace()
-        if self.task is None or self.task.done() or self.stop_requested.is_set():
-            return
+        if self.task is None or self.task.done() or self.finished or self.stop_requested.is_set():
+            return  # (finished: its `end` is out, only the inspector's last trace frames are left)
         # BEGIN TASK 4.3
         self.stop_requested.set()
         self.task.cancel()
@@ -352,10 +352,17 @@ class ReplyHub:
                 raise redis_unreachable(error) from error
         return None
 
+    def replying(self, conversation_id: str) -> bool:
+        """A reply for this conversation is being generated here and has not sent its `end`.
+        (After `end` the conversation is free, as it is across hosts, even if the reply's
+        task still sends the flow inspector's last trace frames.)"""
+        reply = self.local.get(conversation_id)
+        return reply is not None and not reply.finished
+
     async def begin(self, conversation_id: str, user_message: str, generate, sender) -> LiveReply | None:
         """Start a reply sent to `sender` (a WebSocket), unless one is streaming for this
         conversation already (None). generate(reply, history) runs in a task of its own."""
-        if conversation_id in self.local:
+        if self.replying(conversation_id):
             return None
         reply = LiveReply(conversation_id, 0, user_message, self.feed)
         reply.sender = sender

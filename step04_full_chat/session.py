@@ -99,9 +99,9 @@ class ChatSession:
 
     def busy(self) -> bool:
         """A reply is streaming to this connection, or for this conversation in this process."""
-        asked = self.asked is not None and not self.asked.task.done()
+        asked = self.asked is not None and not self.asked.finished and not self.asked.task.done()
         following = self.forwarding is not None and not self.forwarding.done()
-        return asked or following or self.conversation_id in self.hub.local
+        return asked or following or self.hub.replying(self.conversation_id)
 
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""

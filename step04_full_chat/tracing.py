@@ -14,6 +14,7 @@ want every visitor to read. pocketflow itself is not changed.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 
@@ -22,11 +23,13 @@ from pocketflow import AsyncFlow
 from .utils.stream_llm import explain_llm_error
 
 MAX_TEXT, MAX_ITEMS = 300, 20  # snapshots are a glance, not a dump
+BEFORE_THE_STREAM = {("flow", "start"), ("prep", "start"), ("prep", "end"), ("exec", "start")}
 
 
 def snapshot(value, depth: int = 0):
     """A JSON-safe, truncated picture of what the phases pass around."""
     if isinstance(value, str):
+        value = value.encode("utf-8", "replace").decode("utf-8")  # sendable, whatever it held
         return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + f"… ({len(value)} characters)"
     if value is None or isinstance(value, (bool, int, float)):
         return value
@@ -34,9 +37,9 @@ def snapshot(value, depth: int = 0):
         return "…"
     if isinstance(value, dict):
         return {str(key): snapshot(item, depth + 1) for key, item in list(value.items())[:MAX_ITEMS]}
-    if isinstance(value, (list, tuple)):
-        items = [snapshot(item, depth + 1) for item in value[:MAX_ITEMS]]
-        return items + [f"… {len(value) - MAX_ITEMS} more"] if len(value) > MAX_ITEMS else items
+    if isinstance(value, (list, tuple)):  # the newest items (the last turns) matter most
+        items = [snapshot(item, depth + 1) for item in value[-MAX_ITEMS:]]
+        return [f"… {len(value) - MAX_ITEMS} earlier"] + items if len(value) > MAX_ITEMS else items
     return f"<{type(value).__name__}>"  # a LiveReply, an Event: named, not shown
 
 
@@ -52,8 +55,20 @@ class Tracer:
         return self.session.inspecting and self.reply.sender is self.session.websocket
 
     async def emit(self, phase: str, event: str, **fields) -> None:
-        if self.on:  # sent like the reply's own frames, so the client gets them in order
+        if not self.on:
+            return
+        try:  # sent like the reply's own frames, so the client gets them in order
             await self.reply.send_to_asker({"type": "trace", "phase": phase, "event": event, **fields})
+        except asyncio.CancelledError:
+            # A Stop landed while this frame waited on a slow client. The node handles a Stop
+            # inside exec's stream; here it would cut the flow short and lose the reply. So:
+            # before the stream, it is handed on to the stream; after, the reply is whole.
+            if not self.reply.stop_requested.is_set():
+                raise  # not a Stop: shutting down
+            task = asyncio.current_task()
+            task.uncancel()
+            if (phase, event) in BEFORE_THE_STREAM:
+                task.cancel()
 
 
 class Untraced:

@@ -121,3 +121,23 @@ def test_step04s_inspector_says_when_the_server_has_it_off(page, fake, fake_serv
         page.wait_for_selector("#status[data-state=ready]")
         page.wait_for_function("document.body.innerText.includes('You said: hello')")
         assert len(page.query_selector_all(".turn")) == 0
+
+
+def test_step04s_panel_opened_mid_reply_shows_that_turn_apart(page, fake, fake_server):
+    # (Step 03 reads the socket only between replies: there the panel's frame waits.)
+    with serve("step04_full_chat", fake_server, CHAT_INSPECTOR="1") as server:
+        page.goto(server.url)
+        wait_until_connected(page)
+        page.click("#inspect")
+        send(page, "first")
+        wait_for_traced_turn(page, 1)
+        page.click("#inspect")  # closed
+        fake.chunk_delay, fake.min_chunks = 0.05, 30
+        send(page, "second")
+        page.wait_for_function("document.body.innerText.includes('tick5')")
+        page.click("#inspect")  # opened again, mid-reply: the phases from now on are traced
+        page.wait_for_selector(".turn >> nth=1 >> [data-phase=post][data-event=end]")
+        second = page.locator(".timeline > li").nth(1)
+        assert "opened mid-turn" in second.locator("h3").inner_text()
+        assert "history: 4 messages" in second.inner_text()
+        assert "history: 4" not in page.locator(".timeline > li").nth(0).inner_text()

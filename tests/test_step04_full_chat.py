@@ -188,6 +188,7 @@ def test_no_reply_task_survives_its_connection(client, fake):
     ('{"type": "message", "content": ""}', "some text"),
     ('{"type": "message", "content": "   \\n\\t "}', "some text"),
     ('{"type": "message", "content": 42}', "some text"),
+    ('{"type": "message", "content": "half an emoji \\ud83d"}', "invalid Unicode"),
     ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
     ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
 ])  # oversized frames: tests/test_step04_security.py (uvicorn itself refuses them now)

@@ -173,6 +173,18 @@ def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
 
 
 @pytest.mark.task("4.1", "4.2")
+def test_a_lone_surrogate_in_the_models_text_reaches_the_browser_as_a_question_mark(connect, fake):
+    fake.reply = "half an emoji \ud83d here"  # the fake's JSON carries it escaped, as "\\ud83d"
+    ws = connect()
+    conversation = read_conversation(ws)["id"]
+    ws.send_json({"type": "message", "content": "hi"})
+    frames = collect_reply(ws)
+    assert frames[-1]["type"] == "end" and reply_text(frames) == "half an emoji ? here"
+    stored = read_conversation(connect(conversation=conversation))  # and the conversation still opens
+    assert stored["messages"][-1]["content"] == "half an emoji ? here"
+
+
+@pytest.mark.task("4.1", "4.2")
 def test_an_oversized_frame_is_refused_by_the_app(client, fake):
     with client.websocket_connect("/ws") as ws:
         read_conversation(ws)

@@ -31,14 +31,16 @@ function createInspector({ socket, button, panel }) {
     return null;
   }
 
+  function newTurn(note = "") {
+    turn = element("ol", "turn");
+    const item = element("li");
+    item.append(element("h3", null, `Turn ${timeline.children.length + 1}${note}`), turn);
+    timeline.append(item);
+  }
+
   function handle(frame) {
-    if (frame.phase === "flow" && frame.event === "start") {
-      turn = element("ol", "turn");
-      const item = element("li");
-      item.append(element("h3", null, `Turn ${timeline.children.length + 1}`), turn);
-      timeline.append(item);
-    }
-    if (!turn) return;
+    if (frame.phase === "flow" && frame.event === "start") newTurn();
+    else if (!turn) newTurn(" (the panel opened mid-turn)");  // its first phases were not traced
     if (frame.event === "start") {  // a placeholder while the phase runs (exec: the whole stream)
       if (frame.phase !== "flow") turn.append(element("li", "running", `${frame.phase} running…`));
       return;
@@ -57,11 +59,16 @@ function createInspector({ socket, button, panel }) {
       row.append(details);
     }
     turn.append(row);
+    if (frame.phase === "flow") turn = null;  // this turn is over
     panel.scrollTop = panel.scrollHeight;
   }
 
   function setOpen(open) {
     panel.hidden = !open;
+    if (!open) {  // no more traces: a phase still running will not report its end
+      for (const running of panel.querySelectorAll(".running")) running.remove();
+      turn = null;
+    }
     button.setAttribute("aria-pressed", String(open));
     document.body.classList.toggle("inspecting", open);
     if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "inspect", on: open }));

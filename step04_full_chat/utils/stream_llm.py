@@ -85,7 +85,12 @@ def text_of(line: str) -> str | None:
     if chunk.get("error"):  # an error reported after the stream had started
         raise StreamCutOff(f"the server reported an error midway: {chunk['error']}")
     choices = chunk.get("choices") or []  # empty in usage reports and some preambles
-    return (choices[0].get("delta") or {}).get("content") if choices else None
+    text = (choices[0].get("delta") or {}).get("content") if choices else None
+    if not isinstance(text, str):
+        return None
+    # The server's text is untrusted: a lone surrogate ("\ud800" in its JSON) could not be
+    # sent on to the browser as UTF-8, so it becomes "?" here.
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> AsyncIterator[str]:
