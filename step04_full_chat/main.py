@@ -69,7 +69,9 @@ BUSY = "A reply is still streaming. Wait for it, or press Stop."
 
 
 async def send_error(websocket: WebSocket, message: str) -> None:
-    await websocket.send_json({"type": "error", "message": message})
+    """An error about the client's own frame or connection, not a reply's end: `refused`
+    tells the page that a reply it is showing goes on."""
+    await websocket.send_json({"type": "error", "message": message, "refused": True})
 
 
 @app.websocket("/ws")

@@ -109,6 +109,7 @@ def test_step04s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failu
         post = page.inner_text(".turn >> nth=1 >> [data-phase=post]")
         assert 'action "failed"' in post and "sent error: The language model answered with an error" in post
         assert "caught InternalServerError" in page.inner_text(".turn >> nth=1 >> [data-phase=exec]")
+        assert page.locator(".msg.assistant").count() == 1, "an empty bubble for the reply that never began"
 
 
 def test_step04s_inspector_says_when_the_server_has_it_off(page, fake, fake_server):

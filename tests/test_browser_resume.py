@@ -90,3 +90,20 @@ def test_a_restored_reply_is_rendered_as_safely_as_a_live_one(page, fake, fake_s
         assert page.locator(".assistant strong").inner_text() == "bold"
         assert page.locator(".assistant img, .assistant [onerror], .assistant a[href^='javascript']").count() == 0
         assert page.evaluate("window.pwned") is None
+
+
+def test_a_message_refused_mid_reply_leaves_the_reply_streaming(page, fake, fake_server):
+    """The README's "Try this": a message sent mid-reply from the console is refused with
+    an error, and the reply goes on in place to its end."""
+    fake.chunk_delay, fake.min_chunks = 0.05, 40
+    with serve("step04_full_chat", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "a long one")
+        wait_for_text(page, ".assistant", "tick5")
+        page.evaluate("socket.send(JSON.stringify({type: 'message', content: 'hi'}))")
+        wait_for_text(page, ".msg.error", "still streaming")
+        assert page.get_attribute("#status", "data-state") == "streaming" and page.is_visible("#stop")
+        page.wait_for_selector(".assistant:not(.streaming) .meta", timeout=20000)
+        assert "tick39" in texts(page, ".msg.assistant .body")[0]
+        assert page.locator(".msg.cut").count() == 0
+        assert page.get_attribute("#status", "data-state") == "ready"

@@ -89,6 +89,10 @@ function scheduleRender(message) {
 }
 
 function finishReply(metaText, cut) {
+  if (reply && cut && !reply.view.text) {  // cut before its first chunk: nothing to keep
+    reply.element.remove();
+    reply = null;
+  }
   if (reply) {
     renderMarkdown(reply, true);
     reply.element.classList.remove("streaming");
@@ -157,6 +161,10 @@ function handleFrame(frame) {
       setStatus("ready");
       break;
     case "error":
+      if (frame.refused) {  // about a frame we sent (busy, too fast, invalid): a reply goes on
+        addMessage("error", frame.message);
+        break;
+      }
       finishReply("cut off by an error", true);
       addMessage("error", frame.message);
       setStatus("error");
