@@ -5,6 +5,7 @@ asked for it, not to the socket the flow happens to run beside.
 """
 
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 
@@ -177,6 +178,16 @@ def test_the_next_message_is_welcome_right_after_end_even_while_the_trace_goes_o
     assert reply_text(frames) == "You said: second"
 
 
+@contextmanager
+def inspected_message(client, text: str):
+    """In-process (for tests that patch the app): a connection with the inspector on, one message sent."""
+    with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
+        inspect(ws)
+        ws.send_json({"type": "message", "content": text})
+        yield ws
+
+
 def slow_trace(monkeypatch, phase: str, event: str, seconds: float = 0.5) -> None:
     """The asker's link stalls while one trace frame goes out (a slow client, seen from the server)."""
     send = LiveReply.send_to_asker
@@ -192,10 +203,7 @@ def slow_trace(monkeypatch, phase: str, event: str, seconds: float = 0.5) -> Non
 @pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_a_stop_while_a_trace_frame_waits_before_the_stream_stops_the_reply(client, fake, monkeypatch):
     slow_trace(monkeypatch, "exec", "start")
-    with client.websocket_connect("/ws") as ws:
-        read_conversation(ws)
-        inspect(ws)
-        ws.send_json({"type": "message", "content": "never mind"})
+    with inspected_message(client, "never mind") as ws:
         while phases([ws.receive_json()]) != ["prep end"]:
             pass
         ws.send_json({"type": "stop"})  # lands while "exec start" is being sent
@@ -208,10 +216,7 @@ def test_a_stop_while_a_trace_frame_waits_before_the_stream_stops_the_reply(clie
 @pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_stop_while_a_trace_frame_waits_after_the_stream_keeps_the_whole_reply(client, fake, monkeypatch):
     slow_trace(monkeypatch, "exec", "end")
-    with client.websocket_connect("/ws") as ws:
-        read_conversation(ws)
-        inspect(ws)
-        ws.send_json({"type": "message", "content": "whole"})
+    with inspected_message(client, "whole") as ws:
         text = ""
         while text != "You said: whole":  # the stream is over; "exec end" is on its way
             frame = ws.receive_json()
@@ -242,10 +247,7 @@ def test_an_unexpected_error_shows_only_its_kind_in_the_trace(client, fake, monk
         raise RuntimeError("cannot reach db.internal.example:5432")  # the log's business, not the page's
 
     monkeypatch.setattr(StreamingChatNode, "prep_async", broken_prep)
-    with client.websocket_connect("/ws") as ws:
-        read_conversation(ws)
-        inspect(ws)
-        ws.send_json({"type": "message", "content": "hello"})
+    with inspected_message(client, "hello") as ws:
         frames = frames_until_the_flow_ends(ws)
         assert phases(frames) == ["flow start", "prep start", "prep error", "flow error"]
         assert event(frames, "prep", "error")["error"] == "RuntimeError"
