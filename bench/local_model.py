@@ -1,5 +1,5 @@
 """Time to first token and tokens/s of the embedded model: raw (openai SDK straight to
-llama.cpp) and through step04 over the WebSocket, for 1 and 2 concurrent chats.
+llama.cpp) and through step05 over the WebSocket, for 1 and 2 concurrent chats.
 
     .venv/bin/python -m bench.local_model      # also run by `make bench`; writes docs/bench/local_model.md
 """
@@ -10,7 +10,7 @@ import threading
 import time
 
 import local_llm
-from step04_full_chat.utils.stream_llm import get_client
+from step05_production.utils.stream_llm import get_client
 from tests.fake_llm import free_port
 from tests.support import ROOT, LiveServer, WsClient, llm_env
 
@@ -60,7 +60,7 @@ def report(label, samples):
 
 
 def write_markdown(started_in: float) -> None:
-    lines = ["# The embedded model: raw against through step04", "",
+    lines = ["# The embedded model: raw against through step05", "",
              "Written by `python -m bench.local_model` (`make bench`): SmolLM2-135M in llama.cpp (xllamacpp), "
              f"started in {started_in:.2f} s, temperature 0 so both paths generate the same tokens; "
              f"{len(PROMPTS)} prompts × {ROUNDS}, raw and relayed interleaved. Rate = (tokens − 1) ÷ (last − first token). "
@@ -69,7 +69,7 @@ def write_markdown(started_in: float) -> None:
     lines += [f"| {label} | {ttft:.0f} | {rate:.1f} | {count} |" for label, (ttft, rate, count) in ROWS.items()]
     for concurrency in (1, 2):
         raw = ROWS[f"raw, {concurrency} concurrent"][1]
-        relayed = ROWS[f"step04 WebSocket, {concurrency} concurrent"][1]
+        relayed = ROWS[f"step05 WebSocket, {concurrency} concurrent"][1]
         lines += ["", f"{concurrency} concurrent: token rate over the WebSocket = {relayed / raw:.1%} of the raw rate."]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "local_model.md").write_text("\n".join(lines) + "\n")
@@ -101,14 +101,14 @@ def main():
         return samples
 
     env = llm_env(os.environ["OPENAI_BASE_URL"], CHAT_STORE_URL="memory://")  # keep no conversations
-    with LiveServer("step04_full_chat.main:app", env=env) as chat:
+    with LiveServer("step05_production.main:app", env=env) as chat:
         for concurrency in (1, 2):
             raw, relayed = [], []
             for prompt in PROMPTS * ROUNDS:  # interleaved, so both paths see the same machine load
                 raw += asyncio.run(raw_at_once(prompt, concurrency))
                 relayed += ws_at_once(chat.ws_url, prompt, concurrency)
             report(f"raw, {concurrency} concurrent", raw)
-            report(f"step04 WebSocket, {concurrency} concurrent", relayed)
+            report(f"step05 WebSocket, {concurrency} concurrent", relayed)
     del server
     write_markdown(started_in)
 

@@ -1,6 +1,6 @@
 """The naive design, for comparison only (never shipped in a step).
 
-step04 exactly, except that every message builds a brand-new `AsyncOpenAI` client,
+step05 exactly, except that every message builds a brand-new `AsyncOpenAI` client,
 as in `client = AsyncOpenAI()` written inside the handler, and never closes it.
 Building a client creates a TLS context: synchronous CPU work on the event loop,
 paid by every open connection at once.
@@ -12,7 +12,7 @@ import os
 
 import openai
 
-from step04_full_chat.utils import stream_llm
+from step05_production.utils import stream_llm
 
 
 def new_client_for_every_message() -> openai.AsyncOpenAI:
@@ -26,6 +26,6 @@ def new_client_for_every_message() -> openai.AsyncOpenAI:
 # stream_llm() looks get_client up at call time, so this swaps the client for every message.
 stream_llm.get_client = new_client_for_every_message
 
-from step04_full_chat.main import app  # noqa: E402  (after the swap, on purpose)
+from step05_production.main import app  # noqa: E402  (after the swap, on purpose)
 
 __all__ = ["app"]

@@ -19,9 +19,9 @@ Measured at the client:
 - whole reply: sending the message to the `end` frame (the schedule's own: CHUNKS x DELAY).
 Measured in the server: CPU time per relayed chunk, RSS per idle and per streaming connection.
 
-Variants: step04 (with its default store, a SQLite file), step02 (no task, no flow) and the
-naive baseline (bench/naive_app.py: step04 with a new AsyncOpenAI client for every message).
-Store on vs off: the 50-client burst against step04 with its SQLite store and with
+Variants: step05 (with its default store, a SQLite file), step02 (no task, no flow) and the
+naive baseline (bench/naive_app.py: step05 with a new AsyncOpenAI client for every message).
+Store on vs off: the 50-client burst against step05 with its SQLite store and with
 CHAT_STORE_URL=memory://, both servers up, in alternating rounds so both see the same load.
 """
 
@@ -50,7 +50,7 @@ from tests.support import ROOT, LiveServer, llm_env, wait_for_port
 
 CHUNKS, DELAY = 50, 0.020  # the upstream's schedule: 50 chunks, 20 ms apart
 VARIANTS = {
-    "step04": "step04_full_chat.main:app",
+    "step05": "step05_production.main:app",
     "step02": "step02_llm_stream.main:app",
     "naive": "bench.naive_app:app",
 }
@@ -59,7 +59,7 @@ UVICORN_ARGS = ("--ws-max-size", "65536", "--ws-per-message-deflate", "false")
 CAPACITY_P99_LIMIT = 0.100  # seconds of chunk latency
 CAPACITY_DELAY = 0.050  # 20 chunks per second per stream
 OUT = ROOT / "docs" / "bench"
-# step04's conversations go to a throwaway SQLite file (its default store), never the repository's.
+# step05's conversations go to a throwaway SQLite file (its default store), never the repository's.
 STORE_DIR = tempfile.mkdtemp(prefix="bench-store-")
 atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
 
@@ -107,7 +107,7 @@ def quantile(values: list[float], q: float) -> float:
 @dataclass
 class Plan:
     concurrency: list[int]  # the overhead-against-concurrency curve, every variant
-    capacity: list[int]  # step04 alone, until the p99 chunk latency passes the limit
+    capacity: list[int]  # step05 alone, until the p99 chunk latency passes the limit
     memory_clients: int
     capacity_chunks: int = 100  # 5 s at 20 chunks/s
     store_clients: int = 50  # store on vs off: this many clients at once ...
@@ -175,7 +175,7 @@ async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int, start_after: f
     sent = time.monotonic()
     await ws.send(json.dumps({"type": "message", "content": "benchmark"}))
     stamps = []
-    async for raw in ws:  # step04's conversation frame, sent on connect, is passed over
+    async for raw in ws:  # step05's conversation frame, sent on connect, is passed over
         now = time.monotonic()
         frame = json.loads(raw)
         if frame["type"] == "chunk":
@@ -239,15 +239,15 @@ async def warm_up(server: LiveServer, plan: Plan) -> None:
 
 
 def store_on_off(plan: Plan, upstream: FakeUpstream) -> dict:
-    """The same burst against step04 with its store (SQLite) and without (memory://), in
+    """The same burst against step05 with its store (SQLite) and without (memory://), in
     alternating rounds: the machine's load drifts, so a single run of each can mislead."""
     rounds = {"on": [], "off": []}
-    with serve("step04", upstream) as on, serve("step04", upstream, store="memory://") as off:
+    with serve("step05", upstream) as on, serve("step05", upstream, store="memory://") as off:
         for server in (on, off):
             asyncio.run(warm_up(server, plan))
         for _ in range(plan.store_rounds):
             for name, server in (("on", on), ("off", off)):
-                run, _ = asyncio.run(measure(server, "step04", plan.store_clients, plan))
+                run, _ = asyncio.run(measure(server, "step05", plan.store_clients, plan))
                 summary = run.summary()
                 rounds[name].append({"first_chunk_ms_p50": summary["first_chunk_ms"]["p50"],
                                      "whole_reply_s_p50": summary["whole_reply_s_p50"],
@@ -272,10 +272,10 @@ def run_plan(plan: Plan) -> dict:
                     run, _ = asyncio.run(measure(server, variant, clients, plan))
                     results["runs"].append(run.summary())
                     progress.update()
-        with serve("step04", upstream) as server:  # a fresh process for memory
+        with serve("step05", upstream) as server:  # a fresh process for memory
             asyncio.run(warm_up(server, plan))
             progress.set_postfix_str(f"memory, {plan.memory_clients} clients")
-            run, memory = asyncio.run(measure(server, "step04", plan.memory_clients, plan))
+            run, memory = asyncio.run(measure(server, "step05", plan.memory_clients, plan))
             results["memory"] = {key: round(value, 1) for key, value in memory.items()}
             results["memory"]["clients"] = plan.memory_clients
             progress.update()
@@ -285,11 +285,11 @@ def run_plan(plan: Plan) -> dict:
     # Capacity: every stream at 20 chunks/s for 5 s, started evenly over the first 2.5 s
     # (a class arriving, not one burst), so for 2.5 s every stream flows at once.
     capacity = Plan([], [], 0, chunks=plan.capacity_chunks, delay=CAPACITY_DELAY, timeout=plan.timeout)
-    with FakeUpstream(capacity.chunks, capacity.delay) as upstream, serve("step04", upstream) as server:
+    with FakeUpstream(capacity.chunks, capacity.delay) as upstream, serve("step05", upstream) as server:
         asyncio.run(warm_up(server, capacity))
         for clients in plan.capacity:
             progress.set_postfix_str(f"capacity, {clients} streams")
-            run, _ = asyncio.run(measure(server, "step04", clients, capacity, spread=capacity.chunks * capacity.delay / 2))
+            run, _ = asyncio.run(measure(server, "step05", clients, capacity, spread=capacity.chunks * capacity.delay / 2))
             results["capacity"].append(run.summary())
             progress.update()
             if run.failures or quantile(run.chunk_latency, 0.99) > CAPACITY_P99_LIMIT:

@@ -1,4 +1,4 @@
-"""Render time per animation frame of step04's page, in Chromium, as a reply grows.
+"""Render time per animation frame of step05's page, in Chromium, as a reply grows.
 
     make bench                       # runs this too; writes docs/bench/render.md
     .venv/bin/python -m bench.render [--sizes 5000 20000 50000] [--out docs/bench]
@@ -77,7 +77,7 @@ def measure(sizes: list[int]) -> list[dict]:
     text = reply_text(max(sizes) + FRAMES * STEP + 10)
     rows = []
     # The page needs no LLM to render: nothing is sent, so any address will do.
-    with LiveServer("step04_full_chat.main:app", env=llm_env("http://127.0.0.1:9/v1")) as server, \
+    with LiveServer("step05_production.main:app", env=llm_env("http://127.0.0.1:9/v1")) as server, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1000, "height": 700})
@@ -93,7 +93,7 @@ def measure(sizes: list[int]) -> list[dict]:
 
 
 def write_table(rows: list[dict], out: Path) -> Path:
-    lines = ["# Render time per frame (step04's page, Chromium)", "",
+    lines = ["# Render time per frame (step05's page, Chromium)", "",
              f"Each frame adds {STEP} characters to a Markdown reply and renders it, forced layout "
              f"included; median and max of {FRAMES} frames. Made by `python -m bench.render`.", "",
              "| reply length | full re-render (before): median / max | incremental (now): median / max |",

@@ -12,9 +12,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"step04": "step04 (one client, aiohttp transport, lines read directly)",
+LABELS = {"step05": "step05 (one client, aiohttp transport, lines read directly)",
           "step02": "step02 (one client, the SDK's defaults)",
-          "naive": "naive baseline (step04 with a new client per message)"}
+          "naive": "naive baseline (step05 with a new client per message)"}
 
 
 def fmt(value) -> str:
@@ -43,7 +43,7 @@ def find(runs: list[dict], variant: str, clients: int) -> dict | None:
 
 
 def ratio_lines(runs: list[dict], clients: int) -> list[str]:
-    ours, naive = find(runs, "step04", clients), find(runs, "naive", clients)
+    ours, naive = find(runs, "step05", clients), find(runs, "naive", clients)
     if not (ours and naive and ours["whole_reply_s_p50"] and naive["whole_reply_s_p50"]):
         return []
 
@@ -51,7 +51,7 @@ def ratio_lines(runs: list[dict], clients: int) -> list[str]:
         return f"{pick(naive) / max(pick(ours), 0.1):.1f}×"
 
     return [
-        f"At {clients} clients, same run, naive ÷ step04:",
+        f"At {clients} clients, same run, naive ÷ step05:",
         f"- first chunk, median: {naive['first_chunk_ms']['p50']} ms ÷ {ours['first_chunk_ms']['p50']} ms = "
         f"{times(lambda r: r['first_chunk_ms']['p50'])}",
         f"- chunk latency, p99: {naive['chunk_latency_ms']['p99']} ms ÷ {ours['chunk_latency_ms']['p99']} ms = "
@@ -69,8 +69,8 @@ def store_lines(results: dict) -> list[str]:
     def rounds(name):
         return ", ".join(f"{r['first_chunk_ms_p50']:g}" for r in ab["rounds"][name])
 
-    return ["## Store on vs off (step04, one worker)", "",
-            f"{ab['clients']} clients sending at once, against step04 with its default store (a SQLite "
+    return ["## Store on vs off (step05, one worker)", "",
+            f"{ab['clients']} clients sending at once, against step05 with its default store (a SQLite "
             "file) and with `CHAT_STORE_URL=memory://`, both servers up, in alternating rounds. "
             "First chunk, median of each round (ms):", "",
             f"- store on: {rounds('on')} → median {ab['first_chunk_ms_p50_on']:g} ms",
@@ -78,7 +78,7 @@ def store_lines(results: dict) -> list[str]:
 
 
 def targets_table(results: dict) -> list[str]:
-    at50 = find(results["runs"], "step04", 50)
+    at50 = find(results["runs"], "step05", 50)
     if at50 is None:  # the smoke run has no 50-client run
         return []
     own = at50["first_chunk_ms"]["p50"] - at50["first_chunk_overhead_ms"]["p50"]
@@ -144,7 +144,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
         "",
         *targets_table(results),
         *store_lines(results),
-        "## Capacity: step04, one worker",
+        "## Capacity: step05, one worker",
         "",
         f"Every stream {results['capacity_schedule']['chunks']} chunks at "
         f"{1000 / results['capacity_schedule']['delay_ms']:g} chunks/s; the clients start evenly over the first "
@@ -156,7 +156,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
         f"Most concurrent streams held with p99 chunk latency ≤ 100 ms and no failure: "
         f"**{results['capacity_streams']}**.",
         "",
-        "## Memory (step04, server RSS)",
+        "## Memory (step05, server RSS)",
         "",
         f"- per idle connection: {memory['idle_kib_per_connection']} KiB ({memory['clients']} connections)",
         f"- per streaming connection: {memory['streaming_kib_per_connection']} KiB",

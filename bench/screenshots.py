@@ -1,5 +1,5 @@
-"""Screenshots from a real browser run: the step04 chat mid-reply and at mobile width, and
-the flow inspector of steps 03 and 04 after two turns.
+"""Screenshots from a real browser run: the step05 chat mid-reply and at mobile width, and
+the flow inspector of steps 03 and 05 after two turns.
 
     make screenshots      (writes docs/screenshots/*.png)
 """
@@ -62,16 +62,16 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with FakeLLMServer() as fake_server:
         env = llm_env(fake_server.base_url, CHAT_STORE_URL="memory://", CHAT_INSPECTOR="1")  # keep no conversations
-        with LiveServer("step04_full_chat.main:app", env=env) as server, sync_playwright() as playwright:
+        with LiveServer("step05_production.main:app", env=env) as server, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-            shoot(browser, server.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})
-            shoot(browser, server.url, fake_server.fake, "step04-mobile.png",
+            shoot(browser, server.url, fake_server.fake, "step05-streaming.png", viewport={"width": 1000, "height": 640})
+            shoot(browser, server.url, fake_server.fake, "step05-mobile.png",
                   viewport={"width": 390, "height": 760}, is_mobile=True, device_scale_factor=2)
-            shoot_inspector(browser, server.url, fake_server.fake, "step04-inspector.png")
+            shoot_inspector(browser, server.url, fake_server.fake, "step05-inspector.png")
             with LiveServer("step03_pocketflow_node.main:app", env=env) as step03:
                 shoot_inspector(browser, step03.url, fake_server.fake, "step03-inspector.png")
             browser.close()
-    print(f"wrote {OUT}/step04-streaming.png, step04-mobile.png, step04-inspector.png and step03-inspector.png")
+    print(f"wrote {OUT}/step05-streaming.png, step05-mobile.png, step05-inspector.png and step03-inspector.png")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""What storing conversations costs per turn, for SQLite (step04's default) and Redis.
+"""What storing conversations costs per turn, for SQLite (step05's default) and Redis.
 
     .venv/bin/python -m bench.store           # also run by `make bench`; writes docs/bench/store.md
     .venv/bin/python -m bench.store --smoke   # seconds: the harness itself (run by `make test`)
 
-A turn costs step04 two store calls: loading the conversation (the history for the model)
+A turn costs step05 two store calls: loading the conversation (the history for the model)
 when the message arrives, and appending the user message and the reply together when the
 reply ends. Measured here, in one process, with an event-loop lag sampler running:
 - one turn at a time, over many conversations whose history grows to the limits;
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from step04_full_chat.store import new_conversation_id, open_store
+from step05_production.store import new_conversation_id, open_store
 from tests.redis_server import RedisServer
 from tests.support import ROOT
 
@@ -91,7 +91,7 @@ def write_report(results: dict, out: Path, seconds: float) -> Path:
     lines = ["# Store benchmark: the cost of a turn", "",
              f"Written by `python -m bench.store` (`make bench`) in {seconds:.1f} s. A turn = load the "
              "conversation + append the user message and the reply (~800 characters) in one write; "
-             "histories grow to step04's limits (40 messages).", "",
+             "histories grow to step05's limits (40 messages).", "",
              "| store | turns | one at a time p50 / p99 (ms) | turns/s, one at a time "
              "| concurrent turns | at once p50 / p99 (ms) | event-loop lag max (ms) | lag max in the first burst (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

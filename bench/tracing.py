@@ -1,4 +1,4 @@
-"""What the flow inspector costs per turn, in steps 03 and 04: AsyncFlow against TracedFlow,
+"""What the flow inspector costs per turn, in steps 03 and 05: AsyncFlow against TracedFlow,
 inspector off and on.
 
     .venv/bin/python -m bench.tracing      (part of `make bench`; writes docs/bench/tracing.md)
@@ -16,9 +16,9 @@ from pathlib import Path
 from pocketflow import AsyncFlow, AsyncNode
 
 from step03_pocketflow_node import tracing as step03_tracing
-from step04_full_chat import tracing as step04_tracing
-from step04_full_chat.nodes import Reply
-from step04_full_chat.replies import LiveReply
+from step05_production import tracing as step05_tracing
+from step05_production.nodes import Reply
+from step05_production.replies import LiveReply
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "tracing.md"
 TURNS, ROUNDS = 2000, 7
@@ -43,8 +43,8 @@ class Step03Node(AsyncNode):
         return "default"
 
 
-class Step04Node(AsyncNode):
-    """Step 04's shape: publishes to the reply (a LiveReply) and returns a nodes.Reply."""
+class Step05Node(AsyncNode):
+    """Step 05's shape: publishes to the reply (a LiveReply) and returns a nodes.Reply."""
 
     async def prep_async(self, shared):
         return shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}], shared["reply"]
@@ -61,7 +61,7 @@ class Step04Node(AsyncNode):
 
 
 class Tab:
-    """Step 04: the connection that asked for the reply, its inspector open or not."""
+    """Step 05: the connection that asked for the reply, its inspector open or not."""
 
     def __init__(self, inspecting: bool):
         self.inspecting, self.websocket = inspecting, NullSocket()
@@ -76,13 +76,13 @@ def step03_shared(tracer_on: bool | None) -> dict:
     return shared
 
 
-def step04_shared(tracer_on: bool | None) -> dict:
+def step05_shared(tracer_on: bool | None) -> dict:
     reply = LiveReply("bench", 1, "hello")
     shared = {"reply": reply, "user_message": "hello", "conversation_history": []}
     if tracer_on is not None:
         tab = Tab(tracer_on)
         reply.sender = tab.websocket
-        shared["tracer"] = step04_tracing.Tracer(reply, tab)
+        shared["tracer"] = step05_tracing.Tracer(reply, tab)
     return shared
 
 
@@ -90,9 +90,9 @@ VARIANTS = {  # name: (flow, how to build its shared store, inspector on/off/abs
     "step 03 AsyncFlow (no inspector)": (AsyncFlow(start=Step03Node()), step03_shared, None),
     "step 03 TracedFlow, inspector off": (step03_tracing.TracedFlow(start=Step03Node()), step03_shared, False),
     "step 03 TracedFlow, inspector on": (step03_tracing.TracedFlow(start=Step03Node()), step03_shared, True),
-    "step 04 AsyncFlow (no inspector)": (AsyncFlow(start=Step04Node()), step04_shared, None),
-    "step 04 TracedFlow, inspector off": (step04_tracing.TracedFlow(start=Step04Node()), step04_shared, False),
-    "step 04 TracedFlow, inspector on": (step04_tracing.TracedFlow(start=Step04Node()), step04_shared, True),
+    "step 05 AsyncFlow (no inspector)": (AsyncFlow(start=Step05Node()), step05_shared, None),
+    "step 05 TracedFlow, inspector off": (step05_tracing.TracedFlow(start=Step05Node()), step05_shared, False),
+    "step 05 TracedFlow, inspector on": (step05_tracing.TracedFlow(start=Step05Node()), step05_shared, True),
 }
 
 

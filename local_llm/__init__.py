@@ -1,7 +1,7 @@
 """The embedded local model: llama.cpp's OpenAI-compatible server, inside this Python process.
 
 `python -m local_llm serve` starts only the model; `python -m local_llm chat` starts the
-model and the step04 chat. Every setting for the tiny model lives in this file.
+model and the step05 chat. Every setting for the tiny model lives in this file.
 """
 
 import importlib.util

@@ -8,7 +8,7 @@ import time
 
 from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, port_is_free, start_local_llm
 
-# Matches the app's own frame limit (step04_full_chat/config.py).
+# Matches the app's own frame limit (step05_production/config.py).
 WS_MAX_SIZE = 64 * 1024
 
 
@@ -72,7 +72,7 @@ def main() -> int:
         # Per-message compression is off: it costs CPU and memory per connection for
         # small chunks that barely compress, and compressed frames have enabled
         # side-channel attacks (CRIME/BREACH-style) when secrets share a stream.
-        uvicorn.run("step04_full_chat.main:app", host="127.0.0.1", port=args.chat_port,
+        uvicorn.run("step05_production.main:app", host="127.0.0.1", port=args.chat_port,
                     ws_max_size=WS_MAX_SIZE, ws_per_message_deflate=False, log_level="warning")
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
         pass

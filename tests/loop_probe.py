@@ -2,7 +2,7 @@
 
 The campaign and the benchmarks run it under a real uvicorn:
 
-    PROBED_APP=step04_full_chat.main:app uvicorn tests.loop_probe:app
+    PROBED_APP=step05_production.main:app uvicorn tests.loop_probe:app
 
 Every path except /_probe goes to the step's app unchanged.
   GET /_probe/start   (re)starts the event-loop lag sampler
@@ -23,7 +23,7 @@ from uvicorn.importer import import_from_string
 SAMPLE_EVERY = 0.005  # seconds
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-step_app = import_from_string(os.environ.get("PROBED_APP", "step04_full_chat.main:app"))
+step_app = import_from_string(os.environ.get("PROBED_APP", "step05_production.main:app"))
 lags: deque[float] = deque(maxlen=200_000)  # seconds; bounded however long it runs
 sampler: asyncio.Task | None = None
 

@@ -22,7 +22,7 @@ def smoke_run(module: str, out, results_file: str) -> dict:
 def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
     results = smoke_run("bench.relay", tmp_path, "results.json")
     runs = results["runs"]
-    assert {r["variant"] for r in runs} == {"step04", "step02", "naive"}
+    assert {r["variant"] for r in runs} == {"step05", "step02", "naive"}
     store = results["store_on_off"]
     for name in ("on", "off"):
         assert [r["failures"] for r in store["rounds"][name]] == [0]
@@ -34,7 +34,7 @@ def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
         assert run["first_chunk_ms"]["p50"] >= results["schedule"]["delay_ms"], run
         assert run["cpu_us_per_chunk"] > 0
     assert results["memory"]["idle_kib_per_connection"] > 0
-    assert "| step04 | 4 |" in (tmp_path / "results.md").read_text()
+    assert "| step05 | 4 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

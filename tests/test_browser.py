@@ -9,7 +9,7 @@ from tests.support import LiveServer, llm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step04_full_chat"]
+STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step05_production"]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
 
@@ -28,7 +28,7 @@ def browser():
         browser.close()
 
 
-# Playwright's wait_for_function evaluates its string with eval, which step04's CSP
+# Playwright's wait_for_function evaluates its string with eval, which step05's CSP
 # forbids; these tests drive the page, tests/test_browser_hostile.py keeps the CSP on.
 TEST_CONTEXT = {"bypass_csp": True}
 
@@ -85,9 +85,9 @@ def test_the_reply_grows_while_it_streams(step, page, fake, fake_server):
         assert len(early) < len(final) and "tick11" not in early
 
 
-def test_step04_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
+def test_step05_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
     fake.chunk_delay, fake.min_chunks = 0.3, 100
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "talk for a long time")
         page.wait_for_selector(".assistant.streaming")
@@ -109,9 +109,9 @@ CURSOR = """() => {
 }"""
 
 
-def test_step04_the_cursor_ends_the_text_while_it_streams(page, fake, fake_server):
+def test_step05_the_cursor_ends_the_text_while_it_streams(page, fake, fake_server):
     fake.chunk_delay, fake.reply = 0.15, "A first paragraph.\n\nA second one that keeps going and going on"
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "two paragraphs")
         page.wait_for_function("document.querySelector('.assistant.streaming .body p + p')")
@@ -122,11 +122,11 @@ def test_step04_the_cursor_ends_the_text_while_it_streams(page, fake, fake_serve
         assert page.evaluate(CURSOR) is None  # no streaming message, no cursor
 
 
-def test_step04_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, fake, fake_server):
+def test_step05_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, fake, fake_server):
     fake.chunk_delay, fake.reply = 0.04, "".join(f"Line{i}\n\n" for i in range(90))
     distance_to_bottom = "(() => { const l = document.querySelector('#log'); " \
                          "return l.scrollHeight - l.scrollTop - l.clientHeight; })()"
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "a tall reply")
         page.wait_for_function("(() => { const l = document.querySelector('#log'); "
@@ -139,8 +139,8 @@ def test_step04_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, 
         page.wait_for_selector(".assistant .meta", timeout=15000)
 
 
-def test_step04_new_chat_clears_the_conversation(page, fake, fake_server):
-    with serve("step04_full_chat", fake_server) as server:
+def test_step05_new_chat_clears_the_conversation(page, fake, fake_server):
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "first message")
         page.wait_for_selector(".assistant .meta")
@@ -151,10 +151,10 @@ def test_step04_new_chat_clears_the_conversation(page, fake, fake_server):
     assert [m["content"] for m in fake.requests[-1]["messages"]] == ["after reset"]
 
 
-def test_step04_model_output_cannot_run_script(page, fake, fake_server):
+def test_step05_model_output_cannot_run_script(page, fake, fake_server):
     fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
                   '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")
         page.wait_for_selector(".assistant .meta")
@@ -168,9 +168,9 @@ def test_step04_model_output_cannot_run_script(page, fake, fake_server):
         assert page.locator(".assistant strong").inner_text() == "bold"
 
 
-def test_step04_markdown_and_code_blocks_render(page, fake, fake_server):
+def test_step05_markdown_and_code_blocks_render(page, fake, fake_server):
     fake.reply = "# Title\n\nSome *emphasis* and a list:\n\n- one\n- two\n\n```python\nprint('hi')\n```\n"
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "markdown please")
         page.wait_for_selector(".assistant .meta")
@@ -179,13 +179,13 @@ def test_step04_markdown_and_code_blocks_render(page, fake, fake_server):
         assert page.locator(".assistant pre code").inner_text().strip() == "print('hi')"
 
 
-def test_step04_reconnects_after_a_server_restart(page, fake, fake_server):
-    server = serve("step04_full_chat", fake_server)
+def test_step05_reconnects_after_a_server_restart(page, fake, fake_server):
+    server = serve("step05_production", fake_server)
     with server:
         open_chat(page, server.url)
     page.wait_for_selector("#status[data-state=reconnecting]")
     assert "Reconnecting" in page.inner_text("#notice")
-    with serve("step04_full_chat", fake_server, port=server.port):
+    with serve("step05_production", fake_server, port=server.port):
         page.wait_for_selector("#status[data-state=ready]", timeout=15000)
         assert "Reconnected" in page.inner_text("#notice")
         send(page, "back again")
@@ -193,8 +193,8 @@ def test_step04_reconnects_after_a_server_restart(page, fake, fake_server):
         assert "You said: back again" in page.inner_text(".assistant")
 
 
-def test_step04_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(page, fake, fake_server):
-    with serve("step04_full_chat", fake_server) as server:
+def test_step05_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(page, fake, fake_server):
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         page.fill("#input", "line one")
         page.keyboard.press("Shift+Enter")
@@ -207,11 +207,11 @@ def test_step04_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(
     assert fake.requests[-1]["messages"][-1]["content"] == "line one\nline two"
 
 
-def test_step04_works_at_mobile_width(browser, fake, fake_server):
+def test_step05_works_at_mobile_width(browser, fake, fake_server):
     context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True,
                                   **TEST_CONTEXT)
     page = context.new_page()
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "small screen")
         page.wait_for_selector(".assistant .meta")

@@ -1,4 +1,4 @@
-"""Replies written by a prompt-injected model, shown by step04's page in real Chromium.
+"""Replies written by a prompt-injected model, shown by step05's page in real Chromium.
 
 Each reply is scripted through the fake LLM. Its URLs point at a listener on another
 loopback port (another origin), which counts every request that reaches it. The page's
@@ -17,7 +17,7 @@ from tests.test_browser import browser  # noqa: F401  (the shared Chromium fixtu
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 SERVER_ENV = {"CHAT_INSPECTOR": "1"}  # the flow inspector shows model output too
 
 

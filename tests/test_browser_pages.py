@@ -18,7 +18,7 @@ def load_and_reply(page, url, step):
     send(page, "hello")
     page.wait_for_function("document.body.innerText.includes('Echo: hello') || "
                            "document.body.innerText.includes('You said: hello')")
-    if step == "step04_full_chat":
+    if step == "step05_production":
         page.wait_for_selector("#status[data-state=ready]")
 
 
@@ -68,7 +68,7 @@ def wait_for_traced_turn(page, turn: int):
                            ".querySelector('[data-phase=flow][data-event=end]') !== null")
 
 
-@pytest.mark.parametrize("step", ["step03_pocketflow_node", "step04_full_chat"])
+@pytest.mark.parametrize("step", ["step03_pocketflow_node", "step05_production"])
 def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake_server):
     with serve(step, fake_server, CHAT_INSPECTOR="1") as server:
         page.goto(server.url)
@@ -92,8 +92,8 @@ def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake
         assert len(page.query_selector_all(".turn")) == 2
 
 
-def test_step04s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failure(page, fake, fake_server):
-    server = serve("step04_full_chat", fake_server, CHAT_INSPECTOR="1")
+def test_step05s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failure(page, fake, fake_server):
+    server = serve("step05_production", fake_server, CHAT_INSPECTOR="1")
     with server:
         page.goto(server.url)
         wait_until_connected(page)
@@ -101,7 +101,7 @@ def test_step04s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failu
         send(page, "before the restart")
         wait_for_traced_turn(page, 1)
     # A new server, a new connection: the open panel must ask for traces again.
-    with serve("step04_full_chat", fake_server, port=server.port, CHAT_INSPECTOR="1"):
+    with serve("step05_production", fake_server, port=server.port, CHAT_INSPECTOR="1"):
         page.wait_for_selector("#status[data-state=ready]", timeout=15000)
         fake.fail_next("500", times=3)
         send(page, "after the restart")
@@ -112,8 +112,8 @@ def test_step04s_inspector_asks_again_after_a_reconnect_and_shows_a_caught_failu
         assert page.locator(".msg.assistant").count() == 1, "an empty bubble for the reply that never began"
 
 
-def test_step04s_inspector_says_when_the_server_has_it_off(page, fake, fake_server):
-    with serve("step04_full_chat", fake_server) as server:  # no CHAT_INSPECTOR
+def test_step05s_inspector_says_when_the_server_has_it_off(page, fake, fake_server):
+    with serve("step05_production", fake_server) as server:  # no CHAT_INSPECTOR
         page.goto(server.url)
         wait_until_connected(page)
         page.click("#inspect")
@@ -124,9 +124,9 @@ def test_step04s_inspector_says_when_the_server_has_it_off(page, fake, fake_serv
         assert len(page.query_selector_all(".turn")) == 0
 
 
-def test_step04s_panel_opened_mid_reply_shows_that_turn_apart(page, fake, fake_server):
+def test_step05s_panel_opened_mid_reply_shows_that_turn_apart(page, fake, fake_server):
     # (Step 03 reads the socket only between replies: there the panel's frame waits.)
-    with serve("step04_full_chat", fake_server, CHAT_INSPECTOR="1") as server:
+    with serve("step05_production", fake_server, CHAT_INSPECTOR="1") as server:
         page.goto(server.url)
         wait_until_connected(page)
         page.click("#inspect")

@@ -1,4 +1,4 @@
-"""step04's page keeps its conversation: a reload mid-reply shows the reply finishing in
+"""step05's page keeps its conversation: a reload mid-reply shows the reply finishing in
 place, a restart keeps it, a second tab shares it, and New chat starts a fresh one."""
 
 import pytest
@@ -20,7 +20,7 @@ def wait_for_text(page, selector, text, timeout=15000):
 
 
 def test_a_reload_mid_reply_shows_the_reply_finishing_in_place(page, fake, fake_server):
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "first question")
         page.wait_for_selector(".assistant .meta")
@@ -39,7 +39,7 @@ def test_a_reload_mid_reply_shows_the_reply_finishing_in_place(page, fake, fake_
 
 
 def test_a_reload_and_a_restart_keep_the_conversation(page, fake, fake_server):
-    server = serve("step04_full_chat", fake_server)
+    server = serve("step05_production", fake_server)
     with server:
         open_chat(page, server.url)
         send(page, "remember me")
@@ -48,7 +48,7 @@ def test_a_reload_and_a_restart_keep_the_conversation(page, fake, fake_server):
         page.reload()
         page.wait_for_selector("#status[data-state=ready]")
         assert texts(page, ".msg.user") == ["remember me"]
-    with serve("step04_full_chat", fake_server, port=server.port):
+    with serve("step05_production", fake_server, port=server.port):
         page.wait_for_selector("#status[data-state=ready]", timeout=15000)
         assert texts(page, ".msg.user") == ["remember me"]
         assert page.evaluate(STORED_ID) == stored_id
@@ -60,7 +60,7 @@ def test_a_reload_and_a_restart_keep_the_conversation(page, fake, fake_server):
 
 def test_a_second_tab_follows_the_reply_and_new_chat_starts_afresh(page, fake, fake_server):
     fake.chunk_delay, fake.min_chunks = 0.05, 50
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "shared question")
         wait_for_text(page, ".assistant", "tick5")
@@ -80,7 +80,7 @@ def test_a_second_tab_follows_the_reply_and_new_chat_starts_afresh(page, fake, f
 
 def test_a_restored_reply_is_rendered_as_safely_as_a_live_one(page, fake, fake_server):
     fake.reply = '**bold** <img src="x" onerror="window.pwned = 1"> [go](javascript:window.pwned=2)'
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")
         page.wait_for_selector(".assistant .meta")
@@ -96,7 +96,7 @@ def test_a_message_refused_mid_reply_leaves_the_reply_streaming(page, fake, fake
     """The README's "Try this": a message sent mid-reply from the console is refused with
     an error, and the reply goes on in place to its end."""
     fake.chunk_delay, fake.min_chunks = 0.05, 40
-    with serve("step04_full_chat", fake_server) as server:
+    with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "a long one")
         wait_for_text(page, ".assistant", "tick5")

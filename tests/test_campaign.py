@@ -1,4 +1,4 @@
-"""Reliability campaign for step04: fuzzed frames, mass disconnects, isolation, several workers.
+"""Reliability campaign for step05: fuzzed frames, mass disconnects, isolation, several workers.
 
 Every loop here is bounded in count and time.
 """
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from step04_full_chat import main as chat_main
-from step04_full_chat.config import settings
+from step05_production import main as chat_main
+from step05_production.config import settings
 from tests.fake_llm import free_port
 from tests.support import (LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at,
                            read_conversation, reply_text, wait_until)
@@ -85,9 +85,9 @@ def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def step04_server(fake_server):
+def step05_server(fake_server):
     env = llm_env(fake_server.base_url)
-    with LiveServer("step04_full_chat.main:app", env=env) as server:
+    with LiveServer("step05_production.main:app", env=env) as server:
         yield server
 
 
@@ -97,7 +97,7 @@ invalid_utf8_frames = st.tuples(st.text(max_size=40), st.sampled_from(BAD_UTF8),
     lambda parts: parts[0].encode() + parts[1] + parts[2].encode())
 
 
-def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step04_server, fake):
+def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step05_server, fake):
     count = 0
 
     @hypothesis_settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -105,7 +105,7 @@ def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step04_
     def one_frame(payload):
         nonlocal count
         count += 1
-        with WsClient(step04_server.ws_url) as ws:
+        with WsClient(step05_server.ws_url) as ws:
             read_conversation(ws)
             ws.connection.send(payload, text=True)  # a text frame whose bytes are not UTF-8
             with pytest.raises(ConnectionClosed) as closed:
@@ -113,7 +113,7 @@ def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step04_
             assert closed.value.rcvd.code == 1007  # "invalid frame payload data" (RFC 6455)
 
     one_frame()
-    with WsClient(step04_server.ws_url) as ws:  # the server is still serving
+    with WsClient(step05_server.ws_url) as ws:  # the server is still serving
         ws.send_json({"type": "message", "content": f"after {count} bad frames"})
         assert reply_text(collect_reply(ws)) == f"You said: after {count} bad frames"
 
@@ -138,10 +138,10 @@ def run_clients(url, count, make_message):
     return results
 
 
-def test_thirty_concurrent_clients_each_get_only_their_own_reply(step04_server, fake):
+def test_thirty_concurrent_clients_each_get_only_their_own_reply(step05_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 20
     tokens = {i: f"token-{i:02d}-{i * 7919 % 1000:03d}" for i in range(30)}
-    results = run_clients(step04_server.ws_url, 30, lambda i: tokens[i])
+    results = run_clients(step05_server.ws_url, 30, lambda i: tokens[i])
     assert len(results) == 30
     for index, text in results.items():
         assert text.startswith(f"You said: {tokens[index]}")
@@ -150,7 +150,7 @@ def test_thirty_concurrent_clients_each_get_only_their_own_reply(step04_server, 
 
 def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 50  # 20 streams of 50 chunks, 20 ms apart
-    env = llm_env(fake_server.base_url, PROBED_APP="step04_full_chat.main:app")
+    env = llm_env(fake_server.base_url, PROBED_APP="step05_production.main:app")
     with LiveServer("tests.loop_probe:app", env=env) as server:
         httpx.get(server.url + "/_probe/start").raise_for_status()
         results = run_clients(server.ws_url, 20, lambda i: f"stream {i}")
@@ -164,14 +164,14 @@ def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
 def test_two_workers_serve_concurrent_chats(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 10
     env = llm_env(fake_server.base_url)
-    with LiveServer("step04_full_chat.main:app", env=env, extra_args=("--workers", "2")) as server:
+    with LiveServer("step05_production.main:app", env=env, extra_args=("--workers", "2")) as server:
         results = run_clients(server.ws_url, 6, lambda i: f"worker check {i}")
     assert all(results[i].startswith(f"You said: worker check {i}") for i in range(6))
 
 
 # The fault matrix: every upstream fault against every step that talks to an LLM ------
 
-STEPS_WITH_AN_LLM = ["step02_llm_stream", "step03_pocketflow_node", "step04_full_chat"]
+STEPS_WITH_AN_LLM = ["step02_llm_stream", "step03_pocketflow_node", "step05_production"]
 FAULT_MESSAGES = {
     "401": "API key",
     "429": "rate-limiting",

@@ -8,7 +8,7 @@ import pytest
 
 import local_llm
 from local_llm import LocalModelError, start_local_llm
-from step04_full_chat import main as chat_main
+from step05_production import main as chat_main
 from tests.fake_llm import free_port
 from tests.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, reply_text
 from tests.notebooks import execute, text_output
@@ -33,7 +33,7 @@ def on_local_model(model_url, monkeypatch):
 
 
 def assert_streamed_reply(frames):
-    if frames[0]["type"] == "conversation":  # step04 says which conversation first
+    if frames[0]["type"] == "conversation":  # step05 says which conversation first
         frames = frames[1:]
     kinds = [f["type"] for f in frames]
     assert kinds[0] == "start" and kinds[-1] == "end", kinds[-1:]
@@ -42,7 +42,7 @@ def assert_streamed_reply(frames):
     assert frames[-1]["stats"]["chunks"] == len(chunks)
 
 
-def test_a_real_reply_streams_through_step04(on_local_model):
+def test_a_real_reply_streams_through_step05(on_local_model):
     with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "message", "content": "What is the capital of France?"})
         frames = collect_reply(ws)
@@ -53,7 +53,7 @@ def test_a_real_reply_streams_through_step04(on_local_model):
 def test_two_chats_stream_at_the_same_time(model_url):
     env = llm_env(model_url)
     results = {}
-    with LiveServer("step04_full_chat.main:app", env=env) as server:
+    with LiveServer("step05_production.main:app", env=env) as server:
         def chat(name):
             with WsClient(server.ws_url) as ws:
                 ws.send_json({"type": "message", "content": f"Write a short poem about {name}."})

@@ -1,4 +1,4 @@
-"""step04's conversation store: the stores themselves, and conversations that survive
+"""step05's conversation store: the stores themselves, and conversations that survive
 reconnects, reloads, restarts and bad ids, on SQLite (the default) and Redis."""
 
 import asyncio
@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from step04_full_chat import store as store_module
-from step04_full_chat.config import settings
-from step04_full_chat.store import StoreError, is_valid_id, new_conversation_id, open_store
+from step05_production import store as store_module
+from step05_production.config import settings
+from step05_production.store import StoreError, is_valid_id, new_conversation_id, open_store
 from tests.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
 
 
@@ -131,7 +131,7 @@ def test_a_store_that_is_down_raises_a_store_error():
 # Through the chat ----------------------------------------------------------------------
 
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 
 
 def history_sent(fake) -> list[str]:
@@ -147,7 +147,6 @@ def conversation_with_one_turn(connect, text: str):
     return ws, cid
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     ws, cid = conversation_with_one_turn(connect, "my name is Ada")
     ws.close()  # a reload, or a dropped connection
@@ -159,7 +158,6 @@ def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     assert history_sent(fake) == ["my name is Ada", "You said: my name is Ada", "what is my name?"]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
     ws = connect()
     cid = read_conversation(ws)["id"]
@@ -169,7 +167,6 @@ def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
         assert len(read_conversation(connect(conversation=cid))["messages"]) == 2 * (1 + (text == "two"))
 
 
-@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("bad_id", ["", "nope", "x" * 300, "../../../etc/passwd", "%00%ff", "é" * 22,
                                     "A" * 22])  # the last is well-formed but was never stored
 def test_an_unknown_or_malformed_id_starts_a_new_conversation(connect, fake, bad_id):
@@ -186,7 +183,6 @@ def test_a_new_id_is_not_stored_until_its_first_message(connect, fake):
     assert read_conversation(connect(conversation=unused))["id"] != unused
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_failed_turn_stores_nothing(connect, fake):
     ws, cid = conversation_with_one_turn(connect, "kept")
     fake.fail_next("500", times=3)

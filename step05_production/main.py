@@ -1,9 +1,9 @@
-"""Step 04: the full chat. The reply streams in a task while the socket keeps being read,
+"""Step 05: the full chat. The reply streams in a task while the socket keeps being read,
 so the user can stop it, start over, or be told to wait, and bad input never hurts.
 Conversations are stored (store.py), and a reply outlives a dropped connection so the
 client can come back for it (replies.py, session.py).
 
-Run from the repository root:  uvicorn step04_full_chat.main:app --ws-max-size 65536
+Run from the repository root:  uvicorn step05_production.main:app --ws-max-size 65536
 (or `make chat`, which also starts the embedded local model).
 """
 
@@ -47,7 +47,7 @@ async def lifespan(app: FastAPI):
 
 
 # No /docs or /openapi.json: the chat has no HTTP API to document.
-app = FastAPI(title="Step 04: full chat", lifespan=lifespan,
+app = FastAPI(title="Step 05: full chat", lifespan=lifespan,
               docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
 cap_server_frame_size(settings.max_frame_bytes)  # even when uvicorn ran without --ws-max-size
@@ -125,7 +125,6 @@ async def chat(websocket: WebSocket):
                 await session.inspect(frame["on"])
                 continue
             try:
-                # BEGIN TASK 4.2
                 if frame["type"] == "stop":
                     await session.stop()  # nothing streaming: nothing to do
                 elif frame["type"] == "reset":
@@ -136,7 +135,6 @@ async def chat(websocket: WebSocket):
                     await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
                 elif not await session.send_message(frame["content"]):
                     await send_error(websocket, BUSY)  # another tab's reply, maybe on another host
-                # END TASK 4.2
             except StoreError as error:  # e.g. Redis went away: say so, keep the socket
                 await send_error(websocket, f"{error} Please try again in a moment.")
     except WebSocketDisconnect:

@@ -1,7 +1,7 @@
-"""Step 04: the full chat. Stop, reset, busy, bad frames, upstream failures, limits.
+"""Step 05: the full chat. Stop, reset, busy, bad frames, upstream failures, limits.
 
 Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviour before
-replies could resume); tests/test_step04_resume.py covers the resume window.
+replies could resume); tests/test_step05_resume.py covers the resume window.
 """
 
 import asyncio
@@ -10,15 +10,15 @@ import time
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from step04_full_chat import main as chat_main
-from step04_full_chat.config import settings
-from step04_full_chat.nodes import StreamingChatNode
-from step04_full_chat.replies import LiveReply, ReplyHub
-from step04_full_chat.store import MemoryStore, trim_history
+from step05_production import main as chat_main
+from step05_production.config import settings
+from step05_production.nodes import StreamingChatNode
+from step05_production.replies import LiveReply, ReplyHub
+from step05_production.store import MemoryStore, trim_history
 from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
                            read_conversation, reply_text, wait_until)
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}
 
 
@@ -49,7 +49,6 @@ def start_slow_reply(ws, fake, content="tell me a long story"):
 # The happy path --------------------------------------------------------------------
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_frames_come_in_order_and_end_carries_stats(chat, fake):
     ws = chat()
     ws.send_json({"type": "message", "content": "hello there"})
@@ -62,7 +61,6 @@ def test_frames_come_in_order_and_end_carries_stats(chat, fake):
     assert "stopped" not in frames[-1]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_the_conversation_is_remembered_across_turns(chat, fake):
     ws = chat()
     for text in ["one", "two", "three"]:
@@ -71,12 +69,10 @@ def test_the_conversation_is_remembered_across_turns(chat, fake):
     assert history_sent(fake) == ["one", "You said: one", "two", "You said: two", "three"]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_chunks_arrive_while_the_reply_is_still_being_written(chat, fake):
     assert_reply_streams_incrementally(chat(), fake)
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "You are terse.")
     with client.websocket_connect("/ws") as ws:
@@ -91,7 +87,6 @@ def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypat
 # While a reply streams ---------------------------------------------------------------
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     ws = chat()
     start_slow_reply(ws, fake)
@@ -107,7 +102,6 @@ def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     assert history_sent(fake) == ["tell me a long story", shown, "next"]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_stop_with_nothing_streaming_is_harmless(chat, fake):
     ws = chat()
     ws.send_json({"type": "stop"})
@@ -115,7 +109,6 @@ def test_stop_with_nothing_streaming_is_harmless(chat, fake):
     assert reply_text(collect_reply(ws)) == "You said: hi"
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     ws = connect()
     first_id = read_conversation(ws)["id"]
@@ -134,7 +127,6 @@ def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     assert history_sent(fake) == ["fresh start"]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
     ws = chat()
     fake.chunk_delay = 0.05
@@ -151,7 +143,6 @@ def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
     assert fake.completed == 1 and len(fake.requests) == 1
 
 
-@pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
     ws = chat()
     start_slow_reply(ws, fake)
@@ -164,7 +155,6 @@ def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
     assert reply_text(collect_reply(again)) == "You said: anyone?"
 
 
-@pytest.mark.task("4.1", "4.2", "4.3")
 def test_no_reply_task_survives_its_connection(client, fake):
     for _ in range(5):
         with client.websocket_connect("/ws") as ws:
@@ -177,7 +167,6 @@ def test_no_reply_task_survives_its_connection(client, fake):
 # Bad input -------------------------------------------------------------------------
 
 
-@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("frame, words", [
     ("not json at all", "must be JSON"),
     ('["a", "list"]', "JSON object"),
@@ -191,7 +180,7 @@ def test_no_reply_task_survives_its_connection(client, fake):
     ('{"type": "message", "content": "half an emoji \\ud83d"}', "invalid Unicode"),
     ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
     ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
-])  # oversized frames: tests/test_step04_security.py (uvicorn itself refuses them now)
+])  # oversized frames: tests/test_step05_security.py (uvicorn itself refuses them now)
 def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, frame, words):
     ws = chat()
     ws.send_json({"type": "message", "content": "before"})
@@ -205,7 +194,6 @@ def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, f
     assert len(fake.requests) == 2, "an invalid frame reached the LLM"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_binary_frame_gets_an_error_frame(chat, fake):
     ws = chat()
     ws.send_bytes(b"\x00\x01binary")
@@ -218,12 +206,11 @@ def test_a_binary_frame_gets_an_error_frame(chat, fake):
 
 
 # The quick faults; tests/test_campaign.py runs every fault (refused, timeout, slow too)
-# against steps 02, 03 and 04.
+# against steps 02 to 05.
 FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop": "broke off",
             "error_midway": "broke off"}
 
 
-@pytest.mark.task("4.1", "4.2")
 @pytest.mark.parametrize("failure", FAILURES)
 def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(chat, fake, failure):
     ws = chat()
@@ -240,7 +227,6 @@ def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(cha
     assert history_sent(fake) == ["keep me", "You said: keep me", "works again"]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_nothing_is_retried_after_the_first_chunk(chat, fake):
     fake.fail_next("drop")
     ws = chat()
@@ -264,7 +250,6 @@ def test_history_is_bounded_oldest_turns_first():
     assert history[0]["role"] == "user" and history[-2]["content"] == "q29"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_long_conversations_keep_the_system_prompt_and_drop_old_turns(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "Be brief.")
     monkeypatch.setattr(settings, "max_history_messages", 4)
@@ -302,7 +287,6 @@ def test_only_the_pages_own_origin_and_configured_ones_may_connect(client, fake,
         assert not fake.requests
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections", 2)
     with client.websocket_connect("/ws"), client.websocket_connect("/ws"):
@@ -314,7 +298,6 @@ def test_connections_over_the_limit_are_refused_clearly(client, fake, monkeypatc
         assert reply_text(collect_reply(later)) == "You said: in"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_fast_sender_is_rate_limited_and_can_continue_later(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "rate_limit_messages", 3)
     monkeypatch.setattr(settings, "rate_limit_seconds", 0.5)
@@ -350,7 +333,6 @@ def test_the_page_loads_its_scripts_from_this_server(client):
 # Each task's piece alone ------------------------------------------------------------
 
 
-@pytest.mark.task("4.1")
 def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
     async def scenario():
         hub = ReplyHub()
@@ -378,7 +360,6 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.3")
 def test_stop_marks_the_stop_then_cancels_the_reply_task():
     async def scenario():
         reply = LiveReply("conversation-b", 1, "hi")
@@ -411,7 +392,6 @@ class RecordingLive:
         self.frames.append(frame)
 
 
-@pytest.mark.task("4.4")
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
 def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
     fake.chunk_delay, fake.min_chunks = 0.05, 40

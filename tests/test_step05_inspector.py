@@ -1,4 +1,4 @@
-"""Step 04's flow inspector: trace frames for the replies a connection asks for, while it asks.
+"""Step 05's flow inspector: trace frames for the replies a connection asks for, while it asks.
 
 A reply runs in a task of its own (replies.py), so its trace goes to the connection that
 asked for it, not to the socket the flow happens to run beside.
@@ -9,15 +9,15 @@ from contextlib import contextmanager
 
 import pytest
 
-from step04_full_chat import main as chat_main
-from step04_full_chat.config import settings
-from step04_full_chat.nodes import StreamingChatNode
-from step04_full_chat.replies import LiveReply
-from step04_full_chat.tracing import Tracer
+from step05_production import main as chat_main
+from step05_production.config import settings
+from step05_production.nodes import StreamingChatNode
+from step05_production.replies import LiveReply
+from step05_production.tracing import Tracer
 from tests.support import (LocalClient, collect_reply, frames_until_the_flow_ends, phases, read_conversation,
                            reply_text)
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 SERVER_ENV = {"CHAT_INSPECTOR": "1"}
 
 
@@ -42,7 +42,6 @@ def event(frames, phase: str, name: str = "end") -> dict:
     return next(f for f in frames if f["type"] == "trace" and f["phase"] == phase and f["event"] == name)
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_each_phase_is_traced_in_order_and_the_history_grows_2_then_4(chat, fake):
     ws = chat()
     inspect(ws)
@@ -64,7 +63,6 @@ def test_each_phase_is_traced_in_order_and_the_history_grows_2_then_4(chat, fake
         assert event(frames, "flow")["action"] == "done"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_caught_llm_failure_shows_in_exec_and_post_and_the_history_is_untouched(chat, fake):
     ws = chat()
     inspect(ws)
@@ -83,7 +81,6 @@ def test_a_caught_llm_failure_shows_in_exec_and_post_and_the_history_is_untouche
     assert event(frames_until_the_flow_ends(ws), "post")["history_length"] == 2
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_a_stopped_reply_is_traced_as_stopped(chat, fake):
     ws = chat()
     inspect(ws)
@@ -98,7 +95,6 @@ def test_a_stopped_reply_is_traced_as_stopped(chat, fake):
     assert post["action"] == "stopped" and post["sent"]["stopped"] is True and post["history_length"] == 2
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_without_inspect_no_trace_or_inspect_frame_is_sent(chat, fake):
     ws = chat()
     for switch in (None, False):  # never asked, and turned off again
@@ -112,7 +108,6 @@ def test_without_inspect_no_trace_or_inspect_frame_is_sent(chat, fake):
         collect_reply(ws)
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_the_trace_goes_only_to_the_connection_that_asked(connect, fake):
     first = connect()
     conversation = read_conversation(first)["id"]
@@ -132,7 +127,6 @@ def test_the_trace_goes_only_to_the_connection_that_asked(connect, fake):
     inspect(second, False)
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_an_inspect_frame_without_on_gets_an_error_frame(chat, fake):
     ws = chat()
     for frame in ({"type": "inspect"}, {"type": "inspect", "on": "yes"}):
@@ -142,7 +136,6 @@ def test_an_inspect_frame_without_on_gets_an_error_frame(chat, fake):
     assert reply_text(collect_reply(ws)) == "You said: still here"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_server_without_the_inspector_says_so_and_sends_no_trace(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "inspector", False)
     with client.websocket_connect("/ws") as ws:
@@ -154,7 +147,6 @@ def test_a_server_without_the_inspector_says_so_and_sends_no_trace(client, fake,
         assert "trace" not in {f["type"] for f in collect_reply(ws)}
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_the_next_message_is_welcome_right_after_end_even_while_the_trace_goes_on(chat, fake, monkeypatch):
     """`end` frees the conversation, as it does across hosts: the trace's last two events
     (post end, flow end) must not make the next message "busy". Here they are slowed down."""
@@ -200,7 +192,6 @@ def slow_trace(monkeypatch, phase: str, event: str, seconds: float = 0.5) -> Non
     monkeypatch.setattr(LiveReply, "send_to_asker", stalling)
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_a_stop_while_a_trace_frame_waits_before_the_stream_stops_the_reply(client, fake, monkeypatch):
     slow_trace(monkeypatch, "exec", "start")
     with inspected_message(client, "never mind") as ws:
@@ -213,7 +204,6 @@ def test_a_stop_while_a_trace_frame_waits_before_the_stream_stops_the_reply(clie
         assert event(frames, "post")["action"] == "stopped"
 
 
-@pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_stop_while_a_trace_frame_waits_after_the_stream_keeps_the_whole_reply(client, fake, monkeypatch):
     slow_trace(monkeypatch, "exec", "end")
     with inspected_message(client, "whole") as ws:
@@ -227,7 +217,6 @@ def test_a_stop_while_a_trace_frame_waits_after_the_stream_keeps_the_whole_reply
         assert event(frames, "post")["history_length"] == 2  # stored, not lost
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_long_history_shows_its_newest_messages(chat, fake):
     ws = chat()
     for turn in range(1, 12):
@@ -241,7 +230,6 @@ def test_a_long_history_shows_its_newest_messages(chat, fake):
 
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_an_unexpected_error_shows_only_its_kind_in_the_trace(client, fake, monkeypatch):
     async def broken_prep(self, shared):
         raise RuntimeError("cannot reach db.internal.example:5432")  # the log's business, not the page's

@@ -1,5 +1,5 @@
 "use strict";
-// The step 04 chat page: one WebSocket, JSON frames (see the README's protocol table).
+// The step 05 chat page: one WebSocket, JSON frames (see the README's protocol table).
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");

@@ -108,10 +108,8 @@ class LiveReply:
         self.cancel_grace()
         if self.task is None or self.task.done() or self.finished or self.stop_requested.is_set():
             return  # (finished: its `end` is out, only the inspector's last trace frames are left)
-        # BEGIN TASK 4.3
         self.stop_requested.set()
         self.task.cancel()
-        # END TASK 4.3
 
 
 class LocalWatch:
@@ -382,7 +380,6 @@ class ReplyHub:
         reply.turn = (conversation.turns if conversation else 0) + 1
         if self.feed is not None:
             self.feed.begin(reply)
-        # BEGIN TASK 4.1
         reply.task = asyncio.create_task(generate(reply, conversation.messages if conversation else []))
         self.tasks.add(reply.task)
 
@@ -393,7 +390,6 @@ class ReplyHub:
                 del self.local[conversation_id]
 
         reply.task.add_done_callback(done)
-        # END TASK 4.1
         return reply
 
     def hold(self, task: asyncio.Task) -> asyncio.Task:

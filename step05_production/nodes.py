@@ -72,7 +72,6 @@ class StreamingChatNode(AsyncNode):
                     reply.add(text)
                     await live.publish({"type": "chunk", "content": text})
         except asyncio.CancelledError:
-            # BEGIN TASK 4.4
             if not stop_requested.is_set():
                 raise  # cancelled without a Stop: just go
             # A Stop (from the user, or nobody came back in time): leaving `async with`
@@ -82,7 +81,6 @@ class StreamingChatNode(AsyncNode):
             task = asyncio.current_task()
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
                 task.uncancel()
-            # END TASK 4.4
         except Exception as error:  # the LLM failed; post reports it and keeps history clean
             reply.error = error
         return reply

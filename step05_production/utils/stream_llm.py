@@ -5,7 +5,7 @@ Configuration comes only from the environment (or a `.env` file in the current f
   OPENAI_BASE_URL  the server; default: OpenAI when a key is set, else the local model
   OPENAI_MODEL     the model name; default: gpt-4o-mini on OpenAI, else "local-model"
 
-Try it:  python -m step04_full_chat.utils.stream_llm "Say hello in three languages"
+Try it:  python -m step05_production.utils.stream_llm "Say hello in three languages"
 """
 
 import asyncio
@@ -72,7 +72,7 @@ def text_of(line: str) -> str | None:
     """The text in one line of the server-sent event stream, or None.
 
     The SDK would build a typed object for every chunk (about 65 µs each, half of
-    step04's CPU per chunk when we profiled it); the text only needs one json.loads.
+    step05's CPU per chunk when we profiled it); the text only needs one json.loads.
     OpenAI-compatible servers send one `data: {...}` line per event, a blank line
     between events, and `data: [DONE]` at the end.
     """

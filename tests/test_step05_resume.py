@@ -1,4 +1,4 @@
-"""step04: a reply outlives its connection. A client that comes back within
+"""step05: a reply outlives its connection. A client that comes back within
 CHAT_RESUME_SECONDS gets it again from its start, then live, exactly once; a reply left
 alone is stopped after the window and stored as far as it got. Also: two tabs on one
 conversation, and resume across two servers sharing Redis."""
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from step04_full_chat import main as chat_main
-from step04_full_chat.config import settings
+from step05_production import main as chat_main
+from step05_production.config import settings
 from tests.support import (LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text,
                            wait_until)
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 WINDOW = 10  # seconds: far longer than any reconnect below
 SERVER_ENV = {"CHAT_RESUME_SECONDS": str(WINDOW)}
 
@@ -62,7 +62,6 @@ def assert_stop_ends_the_resumed_reply(ws, fake) -> None:
     wait_until(lambda: fake.cancelled == 1, what="the upstream request to be cancelled")
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_reply_resumes_after_a_dropped_connection(connect, fake):
     slow_reply(fake)
     cid = start_and_leave(connect())
@@ -81,7 +80,6 @@ def test_stop_works_on_a_resumed_reply(connect, fake):
     assert_stop_ends_the_resumed_reply(connect(conversation=cid), fake)
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
 def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypatch):
     monkeypatch.setattr(settings, "resume_seconds", 0.5)
     slow_reply(fake, chunks=400)
@@ -99,7 +97,6 @@ def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypat
     assert full_reply(fake, "tell me a story").startswith(kept) and "tick10" in kept  # went on without anyone
 
 
-@pytest.mark.task("4.1", "4.2", "4.3")
 def test_a_window_of_zero_cancels_at_once(fake, monkeypatch):
     monkeypatch.setattr(settings, "resume_seconds", 0)
     slow_reply(fake, chunks=400)

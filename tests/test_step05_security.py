@@ -1,4 +1,4 @@
-"""Step 04 as something to expose: headers, hosts and origins, per-client limits, errors.
+"""Step 05 as something to expose: headers, hosts and origins, per-client limits, errors.
 
 (Model output in a real browser: tests/test_browser_hostile.py.)
 """
@@ -12,13 +12,13 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 
-from step04_full_chat import main as chat_main
-from step04_full_chat.config import settings
-from step04_full_chat.utils.stream_llm import explain_llm_error
+from step05_production import main as chat_main
+from step05_production.config import settings
+from step05_production.utils.stream_llm import explain_llm_error
 from tests.support import (LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env,
                            read_conversation, reply_text)
 
-APP = "step04_full_chat.main"
+APP = "step05_production.main"
 
 
 @pytest.fixture
@@ -88,7 +88,6 @@ def handshake_status(port: int, host: str, origin: str | None) -> int:
     return int(status_line.split()[1])
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_server, fake):
     port = live_server.port
     # After rebinding, the attacker's name points here and Host and Origin agree.
@@ -107,7 +106,6 @@ def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_ser
 # Per-client limits -----------------------------------------------------------------
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections_per_client", 3)
     greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.1", "10.0.0.2"))
@@ -126,7 +124,6 @@ def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
         c.connections == 0 for c in chat_main.client_limits.clients.values())
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
     monkeypatch.setattr(settings, "client_rate_limit_messages", 3)
     monkeypatch.setattr(chat_main, "client_limits", type(chat_main.client_limits)())
@@ -163,7 +160,6 @@ def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypat
     assert not fake.requests
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
     with client.websocket_connect("/ws") as ws:
         chat_turn(ws, "default")
@@ -172,7 +168,6 @@ def test_every_request_bounds_the_reply_length(client, fake, monkeypatch):
     assert [r["max_tokens"] for r in fake.requests] == [1024, 50]
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_a_lone_surrogate_in_the_models_text_reaches_the_browser_as_a_question_mark(connect, fake):
     fake.reply = "half an emoji \ud83d here"  # the fake's JSON carries it escaped, as "\\ud83d"
     ws = connect()
@@ -184,7 +179,6 @@ def test_a_lone_surrogate_in_the_models_text_reaches_the_browser_as_a_question_m
     assert stored["messages"][-1]["content"] == "half an emoji ? here"
 
 
-@pytest.mark.task("4.1", "4.2")
 def test_an_oversized_frame_is_refused_by_the_app(client, fake):
     with client.websocket_connect("/ws") as ws:
         read_conversation(ws)
