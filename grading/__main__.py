@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from grading.exercises import EXERCISES, ROOT, STEPS, load_tasks, start_exercise, tasks_of
+from grading.exercises import (EXERCISES, PRODUCT_NOTE, PRODUCT_STEP, ROOT, STEPS, load_tasks, start_exercise,
+                               tasks_of, test_files)
 from grading.pytest_plugin import PROGRESS
 
 VALID = ", ".join(str(step) for step in STEPS)
@@ -31,11 +32,13 @@ def step_or_current(text: str) -> int:
 
 def grade(step: int, code: str = "exercises") -> int:
     """Run the step's fast tests against the learner's copy (or, for `check`, the reference)."""
+    if code == "exercises" and step == PRODUCT_STEP:
+        print(PRODUCT_NOTE)
+        return 2
     if code == "exercises" and not (EXERCISES / STEPS[step]).is_dir():
         print(f"There is no exercise for step {step} yet. Start it with:  make exercise STEP={step}")
         return 2
-    tests = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob(f"test_step0{step}_*.py"))
-    command = [sys.executable, "-m", "pytest", *tests, "-m", "not slow", f"--code={code}",
+    command = [sys.executable, "-m", "pytest", *test_files(step), "-m", "not slow", f"--code={code}",
                "-q", "--tb=no", "-rN", "-p", "no:cacheprovider"]
     print("$", " ".join(command[2:]))  # the command, so a learner can add options to it
     return subprocess.run(command, cwd=ROOT).returncode
@@ -53,6 +56,8 @@ def changed_since(step: int, moment: float) -> bool:
 def progress() -> int:
     done = load_progress()
     for step, package in STEPS.items():
+        if step == PRODUCT_STEP:
+            continue
         folder = EXERCISES / package
         started = folder.is_dir()
         print(f"Step {step} ({package}){'' if started else f': not started (make exercise STEP={step})'}")
@@ -69,6 +74,9 @@ def progress() -> int:
 
 
 def hint(step: int, task_id: str | None) -> int:
+    if step == PRODUCT_STEP:
+        print(PRODUCT_NOTE)
+        return 0
     tasks = load_tasks()
     if task_id is None:
         done = load_progress()

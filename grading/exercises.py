@@ -20,7 +20,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "exercises"
-STEPS = {1: "step01_echo_ws", 2: "step02_llm_stream", 3: "step03_pocketflow_node", 4: "step04_full_chat"}
+STEPS = {1: "step01_echo_ws", 2: "step02_llm_stream", 3: "step03_pocketflow_node", 4: "step04_full_chat",
+         5: "step05_production"}
+PRODUCT_STEP = 5  # the production chat: no tasks, it is there to read and to copy
+PRODUCT_NOTE = ("Step 05 is the product, not an exercise: it has no tasks. Read step05_production/README.md "
+                "and copy the folder into your own project (make chat runs it).")
+# What steps 04 and 05 both promise is tested once, on both (tests/test_chat_contract.py).
+SHARED_TESTS = {4: ["test_chat_contract.py"], 5: ["test_chat_contract.py"]}
 
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN TASK (?P<task>\d+\.\d+)\s*$")
 END = re.compile(r"^\s*# END TASK (?P<task>\d+\.\d+)\s*$")
@@ -58,6 +64,13 @@ def load_tasks() -> dict[str, Task]:
 
 def tasks_of(step: int) -> list[Task]:
     return [task for task in load_tasks().values() if task.step == step]
+
+
+def test_files(step: int) -> list[str]:
+    """The test files that grade a step, relative to the repository root."""
+    own = sorted((ROOT / "tests").glob(f"test_step0{step}_*.py"))
+    shared = [ROOT / "tests" / name for name in SHARED_TESTS.get(step, [])]
+    return [str(path.relative_to(ROOT)) for path in own + shared]
 
 
 def find_regions(lines: list[str], where: str = "") -> list[Region]:
@@ -140,6 +153,8 @@ def shown(path: Path) -> str:
 
 def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> str:
     """`make exercise`: never overwrites a learner's work; `fresh` moves it aside first."""
+    if step == PRODUCT_STEP:
+        return PRODUCT_NOTE
     target = into / STEPS[step]
     if target.exists():
         if not fresh:

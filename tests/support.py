@@ -238,3 +238,16 @@ def point_llm_at(monkeypatch, package: str, url: str) -> None:
     run time): set the variable and drop the cached clients, which hold the old address."""
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     monkeypatch.setattr(f"{package}.utils.stream_llm._clients", weakref.WeakKeyDictionary())
+
+
+def history_sent(fake) -> list[str]:
+    """The contents of the messages the LLM got in its latest request, in order."""
+    return [m["content"] for m in fake.requests[-1]["messages"]]
+
+
+def start_slow_reply(ws, fake, content: str = "tell me a long story") -> None:
+    """Start a reply of 60 chunks 0.1 s apart, and read its start and first chunk."""
+    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    ws.send_json({"type": "message", "content": content})
+    assert ws.receive_json() == {"type": "start"}
+    assert ws.receive_json()["type"] == "chunk"

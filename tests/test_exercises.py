@@ -21,7 +21,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from grading.exercises import ROOT, STEPS, find_regions, regions_in_step, tasks_of, write_exercise
+from grading.exercises import ROOT, STEPS, find_regions, regions_in_step, tasks_of, test_files, write_exercise
 from tests.support import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,7 @@ GRADED_STEPS = [step for step in STEPS if tasks_of(step)]
 def grade(step: int, code: Path | str, tmp_path: Path, task: str | None = None) -> dict[str, list]:
     """Each task's test results ({task: [failure message or None, ...]}) for `code`."""
     results = tmp_path / f"results-{step}-{task or 'all'}-{Path(str(code)).name}.json"
-    tests = sorted(str(p) for p in (ROOT / "tests").glob(f"test_step0{step}_*.py"))
-    command = [sys.executable, "-m", "pytest", *tests, "-m", "not slow", f"--code={code}",
+    command = [sys.executable, "-m", "pytest", *test_files(step), "-m", "not slow", f"--code={code}",
                f"--results-json={results}", "-q", "--tb=no", "-p", "no:cacheprovider"]
     if task:
         command.append(f"--task={task}")

@@ -58,13 +58,15 @@ def test_step03_node_notebook(notebook_fake):
 
 def test_step04_node_notebook(notebook_fake):
     output = run_notebook("03_full_chat_node.ipynb")
-    assert "stop requested: False" in output and "Event object" not in output
-    assert "4 messages in the history now" in output
-    assert "history length: 6 | max_retries: 1" in output
-    # The traced turn reached the fake with 7 messages; the failed one never reached it.
-    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5, 7]
-    assert re.search(r"post +end .*action 'done', sent \{'type': 'end'.*history now 8 messages", output)
-    assert re.search(r"exec +end .*0 chunks, caught \w+: Could not reach the language model", output)
-    assert re.search(r"post +end .*action 'failed', sent \{'type': 'error'.*history now 8 messages", output)
-    assert "stored messages: 8" in output
+    assert "action returned by post: done" in output
+    assert re.search(r'"type": "end", "stats": \{"first_chunk_ms": \d+, "chunks": \d+', output)
+    # Stop, in code: exec kept three chunks, post remembered them and said so.
+    assert "exec -> 'You said: Tell' | stopped: True | chunks: 3" in output
+    assert '"stopped": true}' in output and "post -> stopped" in output
+    assert notebook_fake.cancelled == 1, "the Stop did not close the upstream stream"
+    # The failed turn never reached the fake, and left the history as it was.
+    assert "Could not reach the language model at http://127.0.0.1:9/v1" in output
+    assert "action returned by post: failed" in output and "history: 4 -> 4 messages" in output
+    assert "6 messages in the history now" in output
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5]
     assert_stored_outputs_are_fresh("03_full_chat_node.ipynb", output)

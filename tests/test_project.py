@@ -44,11 +44,18 @@ def test_make_help_lists_every_target_the_readmes_mention():
     assert mentioned and not missing, f"`make help` does not list: {missing}"
 
 
-@pytest.mark.parametrize("step", ["", "5", "two"])
+@pytest.mark.parametrize("step", ["", "6", "two"])
 def test_make_grade_says_which_steps_exist(step):
     result = make("grade", f"STEP={step}")
     assert result.returncode != 0
-    assert "STEP must be one of 1, 2, 3, 4" in result.stderr + result.stdout
+    assert "STEP must be one of 1, 2, 3, 4, 5" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("target", ["exercise", "grade", "hint"])
+def test_step_05_is_the_product_with_no_tasks(target):
+    result = make(target, "STEP=5")
+    assert "Step 05 is the product, not an exercise" in result.stdout
+    assert not (ROOT / "exercises" / "step05_production").exists()
 
 
 def test_every_package_the_apps_import_is_declared():

@@ -1,4 +1,6 @@
-"""Step 05: the full chat. Stop, reset, busy, bad frames, upstream failures, limits.
+"""Step 05: what it adds to step 04's chat: the system prompt, reset with a new conversation,
+limits per client, the page's scripts. What both steps do (Stop, busy, bad frames, upstream
+failures) is tested on both in tests/test_chat_contract.py.
 
 Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviour before
 replies could resume); tests/test_step05_resume.py covers the resume window.
@@ -49,30 +51,6 @@ def start_slow_reply(ws, fake, content="tell me a long story"):
 # The happy path --------------------------------------------------------------------
 
 
-def test_frames_come_in_order_and_end_carries_stats(chat, fake):
-    ws = chat()
-    ws.send_json({"type": "message", "content": "hello there"})
-    frames = collect_reply(ws)
-    assert [f["type"] for f in frames] == ["start"] + ["chunk"] * 4 + ["end"]
-    assert reply_text(frames) == "You said: hello there"
-    stats = frames[-1]["stats"]
-    assert stats["chunks"] == 4
-    assert 0 <= stats["first_chunk_ms"] <= stats["duration_ms"]
-    assert "stopped" not in frames[-1]
-
-
-def test_the_conversation_is_remembered_across_turns(chat, fake):
-    ws = chat()
-    for text in ["one", "two", "three"]:
-        ws.send_json({"type": "message", "content": text})
-        collect_reply(ws)
-    assert history_sent(fake) == ["one", "You said: one", "two", "You said: two", "three"]
-
-
-def test_chunks_arrive_while_the_reply_is_still_being_written(chat, fake):
-    assert_reply_streams_incrementally(chat(), fake)
-
-
 def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "system_prompt", "You are terse.")
     with client.websocket_connect("/ws") as ws:
@@ -85,28 +63,6 @@ def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypat
 
 
 # While a reply streams ---------------------------------------------------------------
-
-
-def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
-    ws = chat()
-    start_slow_reply(ws, fake)
-    ws.send_json({"type": "stop"})
-    frames = collect_reply(ws)
-    assert frames[-1]["type"] == "end" and frames[-1]["stopped"] is True
-    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
-    assert fake.active == 0 and fake.completed == 0
-    shown = "You" + reply_text(frames)
-    fake.chunk_delay = 0
-    ws.send_json({"type": "message", "content": "next"})
-    collect_reply(ws)
-    assert history_sent(fake) == ["tell me a long story", shown, "next"]
-
-
-def test_stop_with_nothing_streaming_is_harmless(chat, fake):
-    ws = chat()
-    ws.send_json({"type": "stop"})
-    ws.send_json({"type": "message", "content": "hi"})
-    assert reply_text(collect_reply(ws)) == "You said: hi"
 
 
 def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
@@ -127,34 +83,6 @@ def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
     assert history_sent(fake) == ["fresh start"]
 
 
-def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
-    ws = chat()
-    fake.chunk_delay = 0.05
-    fake.reply = "one two three four five six seven eight"
-    ws.send_json({"type": "message", "content": "first"})
-    assert ws.receive_json()["type"] == "start"
-    ws.send_json({"type": "message", "content": "impatient"})
-    frames = collect_reply(ws)
-    errors = [f for f in frames if f["type"] == "error"]
-    assert len(errors) == 1 and "still streaming" in errors[0]["message"]
-    rest = collect_reply(ws) if frames[-1]["type"] == "error" else frames
-    assert rest[-1]["type"] == "end" and "stopped" not in rest[-1]
-    assert reply_text(frames + rest) == "one two three four five six seven eight"
-    assert fake.completed == 1 and len(fake.requests) == 1
-
-
-def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
-    ws = chat()
-    start_slow_reply(ws, fake)
-    ws.close()
-    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
-    assert fake.active == 0
-    again = chat()
-    fake.chunk_delay, fake.min_chunks = 0, 0
-    again.send_json({"type": "message", "content": "anyone?"})
-    assert reply_text(collect_reply(again)) == "You said: anyone?"
-
-
 def test_no_reply_task_survives_its_connection(client, fake):
     for _ in range(5):
         with client.websocket_connect("/ws") as ws:
@@ -162,80 +90,6 @@ def test_no_reply_task_survives_its_connection(client, fake):
             start_slow_reply(ws, fake)
     wait_until(lambda: not chat_main.reply_tasks and fake.active == 0, what="all replies to end")
     assert fake.cancelled == 5 and not chat_main.open_connections
-
-
-# Bad input -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("frame, words", [
-    ("not json at all", "must be JSON"),
-    ('["a", "list"]', "JSON object"),
-    ('"just a string"', "JSON object"),
-    ("{}", "type"),
-    ('{"type": "dance"}', "type"),
-    ('{"type": "message"}', "some text"),
-    ('{"type": "message", "content": ""}', "some text"),
-    ('{"type": "message", "content": "   \\n\\t "}', "some text"),
-    ('{"type": "message", "content": 42}', "some text"),
-    ('{"type": "message", "content": "half an emoji \\ud83d"}', "invalid Unicode"),
-    ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
-    ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
-])  # oversized frames: tests/test_step05_security.py (uvicorn itself refuses them now)
-def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, frame, words):
-    ws = chat()
-    ws.send_json({"type": "message", "content": "before"})
-    collect_reply(ws)
-    ws.send_text(frame)
-    error = ws.receive_json()
-    assert error["type"] == "error" and words in error["message"]
-    ws.send_json({"type": "message", "content": "after"})
-    assert reply_text(collect_reply(ws)) == "You said: after"
-    assert history_sent(fake) == ["before", "You said: before", "after"]
-    assert len(fake.requests) == 2, "an invalid frame reached the LLM"
-
-
-def test_a_binary_frame_gets_an_error_frame(chat, fake):
-    ws = chat()
-    ws.send_bytes(b"\x00\x01binary")
-    assert "Binary frames" in ws.receive_json()["message"]
-    ws.send_json({"type": "message", "content": "text now"})
-    assert reply_text(collect_reply(ws)) == "You said: text now"
-
-
-# Upstream failures -----------------------------------------------------------------
-
-
-# The quick faults; tests/test_campaign.py runs every fault (refused, timeout, slow too)
-# against steps 02 to 05.
-FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop": "broke off",
-            "error_midway": "broke off"}
-
-
-@pytest.mark.parametrize("failure", FAILURES)
-def test_an_upstream_failure_is_explained_and_leaves_the_conversation_intact(chat, fake, failure):
-    ws = chat()
-    ws.send_json({"type": "message", "content": "keep me"})
-    collect_reply(ws)
-    fake.fail_next(failure, times=3)  # more than the SDK's own retries
-    ws.send_json({"type": "message", "content": "this fails"})
-    error = collect_reply(ws)[-1]
-    assert error["type"] == "error" and FAILURES[failure] in error["message"]
-    assert "Traceback" not in error["message"]
-    fake.faults.clear()
-    ws.send_json({"type": "message", "content": "works again"})
-    assert reply_text(collect_reply(ws)) == "You said: works again"
-    assert history_sent(fake) == ["keep me", "You said: keep me", "works again"]
-
-
-def test_nothing_is_retried_after_the_first_chunk(chat, fake):
-    fake.fail_next("drop")
-    ws = chat()
-    ws.send_json({"type": "message", "content": "one two three four five"})
-    frames = collect_reply(ws)
-    assert [f["type"] for f in frames][:3] == ["start", "chunk", "chunk"]
-    assert frames[-1]["type"] == "error"
-    assert reply_text(frames) == "You said:", "chunks were repeated"
-    assert fake.started == 1 and len(fake.requests) == 1
 
 
 # Limits and origin -----------------------------------------------------------------
