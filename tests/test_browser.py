@@ -9,7 +9,9 @@ from tests.support import LiveServer, llm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step05_production"]
+STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step04_full_chat", "step05_production"]
+# The two full chat pages (Stop, New chat, status): what they share is tested on both.
+CHATS = ["step04_full_chat", "step05_production"]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
 
@@ -85,9 +87,10 @@ def test_the_reply_grows_while_it_streams(step, page, fake, fake_server):
         assert len(early) < len(final) and "tick11" not in early
 
 
-def test_step05_stop_ends_a_slow_reply_within_a_second(page, fake, fake_server):
+@pytest.mark.parametrize("step", CHATS)
+def test_stop_ends_a_slow_reply_within_a_second(step, page, fake, fake_server):
     fake.chunk_delay, fake.min_chunks = 0.3, 100
-    with serve("step05_production", fake_server) as server:
+    with serve(step, fake_server) as server:
         open_chat(page, server.url)
         send(page, "talk for a long time")
         page.wait_for_selector(".assistant.streaming")
@@ -122,11 +125,12 @@ def test_step05_the_cursor_ends_the_text_while_it_streams(page, fake, fake_serve
         assert page.evaluate(CURSOR) is None  # no streaming message, no cursor
 
 
-def test_step05_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, fake, fake_server):
+@pytest.mark.parametrize("step", CHATS)
+def test_auto_scroll_follows_the_reply_but_never_fights_the_reader(step, page, fake, fake_server):
     fake.chunk_delay, fake.reply = 0.04, "".join(f"Line{i}\n\n" for i in range(90))
     distance_to_bottom = "(() => { const l = document.querySelector('#log'); " \
                          "return l.scrollHeight - l.scrollTop - l.clientHeight; })()"
-    with serve("step05_production", fake_server) as server:
+    with serve(step, fake_server) as server:
         open_chat(page, server.url)
         send(page, "a tall reply")
         page.wait_for_function("(() => { const l = document.querySelector('#log'); "
@@ -139,8 +143,9 @@ def test_step05_auto_scroll_follows_the_reply_but_never_fights_the_reader(page, 
         page.wait_for_selector(".assistant .meta", timeout=15000)
 
 
-def test_step05_new_chat_clears_the_conversation(page, fake, fake_server):
-    with serve("step05_production", fake_server) as server:
+@pytest.mark.parametrize("step", CHATS)
+def test_new_chat_clears_the_conversation(step, page, fake, fake_server):
+    with serve(step, fake_server) as server:
         open_chat(page, server.url)
         send(page, "first message")
         page.wait_for_selector(".assistant .meta")
@@ -193,8 +198,9 @@ def test_step05_reconnects_after_a_server_restart(page, fake, fake_server):
         assert "You said: back again" in page.inner_text(".assistant")
 
 
-def test_step05_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(page, fake, fake_server):
-    with serve("step05_production", fake_server) as server:
+@pytest.mark.parametrize("step", CHATS)
+def test_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(step, page, fake, fake_server):
+    with serve(step, fake_server) as server:
         open_chat(page, server.url)
         page.fill("#input", "line one")
         page.keyboard.press("Shift+Enter")
@@ -207,14 +213,44 @@ def test_step05_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(
     assert fake.requests[-1]["messages"][-1]["content"] == "line one\nline two"
 
 
-def test_step05_works_at_mobile_width(browser, fake, fake_server):
+@pytest.mark.parametrize("step", CHATS)
+def test_works_at_mobile_width(step, browser, fake, fake_server):
     context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True,
                                   **TEST_CONTEXT)
     page = context.new_page()
-    with serve("step05_production", fake_server) as server:
+    with serve(step, fake_server) as server:
         open_chat(page, server.url)
         send(page, "small screen")
         page.wait_for_selector(".assistant .meta")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 375, "the page scrolls sideways on a phone"
     context.close()
+
+
+def test_step04_after_a_reconnect_says_the_conversation_is_new(page, fake, fake_server):
+    server = serve("step04_full_chat", fake_server)
+    with server:
+        open_chat(page, server.url)
+        send(page, "before the restart")
+        page.wait_for_selector(".assistant .meta")
+    page.wait_for_selector("#status[data-state=reconnecting]")
+    with serve("step04_full_chat", fake_server, port=server.port):
+        page.wait_for_selector("#status[data-state=ready]", timeout=15000)
+        assert "this is a new chat" in page.inner_text("#notice")
+        assert page.locator("#log .msg").count() == 0, "the old messages would suggest the server remembers them"
+        send(page, "after it")
+        page.wait_for_selector(".assistant .meta")
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == ["after it"]
+
+
+def test_step04_shows_model_output_as_text_only(page, fake, fake_server):
+    fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
+                  '[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
+    with serve("step04_full_chat", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "be evil")
+        page.wait_for_selector(".assistant .meta")
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.pwned") is None
+        assert page.locator(".assistant .body *").count() == 0, "the reply became HTML"
+        assert page.inner_text(".assistant .body") == fake.reply
