@@ -1,5 +1,5 @@
-"""Screenshots from a real browser run: the step05 chat mid-reply and at mobile width, and
-the flow inspector of steps 03 and 05 after two turns.
+"""Screenshots from a real browser run: the step 04 and step 05 chats mid-reply, step 05 at
+mobile width, and the flow inspector of steps 03 and 05 after two turns.
 
     make screenshots      (writes docs/screenshots/*.png)
 """
@@ -70,8 +70,11 @@ def main() -> None:
             shoot_inspector(browser, server.url, fake_server.fake, "step05-inspector.png")
             with LiveServer("step03_pocketflow_node.main:app", env=env) as step03:
                 shoot_inspector(browser, step03.url, fake_server.fake, "step03-inspector.png")
+            with LiveServer("step04_full_chat.main:app", env=env) as step04:
+                shoot(browser, step04.url, fake_server.fake, "step04-streaming.png", viewport={"width": 1000, "height": 640})
             browser.close()
-    print(f"wrote {OUT}/step05-streaming.png, step05-mobile.png, step05-inspector.png and step03-inspector.png")
+    print(f"wrote {OUT}/step04-streaming.png, step05-streaming.png, step05-mobile.png, step05-inspector.png "
+          "and step03-inspector.png")
 
 
 if __name__ == "__main__":
