@@ -52,7 +52,7 @@ llm: $(STAMP)
 	$(BIN)/python -m local_llm serve --port $(LLM_PORT)
 
 fake: $(STAMP)
-	$(BIN)/python -m tests.fake_llm --port $(LLM_PORT)
+	$(BIN)/python -m harness.fake_llm --port $(LLM_PORT)
 
 # Debian's Chromium for the browser tests (`playwright install` cannot download one here).
 chromium:
@@ -96,7 +96,7 @@ check: $(STAMP)
 	@$(BIN)/python -m grading check "$(STEP)"
 
 notebooks: $(STAMP)
-	$(BIN)/python -m tests.notebooks
+	$(BIN)/python -m harness.notebooks
 
 screenshots: $(STAMP) chromium
 	$(BIN)/python -m bench.screenshots

@@ -11,8 +11,8 @@ import time
 
 import local_llm
 from step05_production.utils.stream_llm import get_client
-from tests.fake_llm import free_port
-from tests.support import ROOT, LiveServer, WsClient, llm_env
+from harness.fake_llm import free_port
+from harness.support import ROOT, LiveServer, WsClient, llm_env
 
 OUT = ROOT / "docs" / "bench"
 

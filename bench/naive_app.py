@@ -5,7 +5,7 @@ as in `client = AsyncOpenAI()` written inside the handler, and never closes it.
 Building a client creates a TLS context: synchronous CPU work on the event loop,
 paid by every open connection at once.
 
-    PROBED_APP=bench.naive_app:app uvicorn tests.loop_probe:app
+    PROBED_APP=bench.naive_app:app uvicorn harness.loop_probe:app
 """
 
 import os

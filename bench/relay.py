@@ -4,10 +4,10 @@
     python -m bench.relay --smoke      # seconds: the harness itself (run by `make test`)
 
 Set-up, three processes on this machine:
-- the fake upstream (`tests/fake_llm.py --stamp`) sends every reply on a fixed schedule:
+- the fake upstream (`harness/fake_llm.py --stamp`) sends every reply on a fixed schedule:
   CHUNKS chunks, DELAY apart, each carrying its own send time (time.monotonic() is one
   clock for every process on a Linux machine);
-- the app under test under uvicorn, wrapped by `tests/loop_probe.py`, which reports the
+- the app under test under uvicorn, wrapped by `harness/loop_probe.py`, which reports the
   server's RSS, CPU time and event-loop lag;
 - N WebSocket clients in this process, all sending their message at the same moment.
 
@@ -45,8 +45,8 @@ import httpx
 from tqdm import tqdm
 from websockets.asyncio.client import connect
 
-from tests.fake_llm import free_port
-from tests.support import ROOT, LiveServer, llm_env, wait_for_port
+from harness.fake_llm import free_port
+from harness.support import ROOT, LiveServer, llm_env, wait_for_port
 
 CHUNKS, DELAY = 50, 0.020  # the upstream's schedule: 50 chunks, 20 ms apart
 VARIANTS = {
@@ -126,11 +126,11 @@ SMOKE = Plan(concurrency=[1, 4], capacity=[8], memory_clients=8, chunks=5, delay
 
 
 class FakeUpstream:
-    """tests/fake_llm.py in its own process, on the fixed, stamped schedule."""
+    """harness/fake_llm.py in its own process, on the fixed, stamped schedule."""
 
     def __init__(self, chunks: int, delay: float):
         self.port = free_port()
-        self.command = [sys.executable, "-m", "tests.fake_llm", "--port", str(self.port), "--stamp",
+        self.command = [sys.executable, "-m", "harness.fake_llm", "--port", str(self.port), "--stamp",
                         "--delay", str(delay), "--min-chunks", str(chunks), "--reply", "x"]
 
     def __enter__(self) -> FakeUpstream:
@@ -153,7 +153,7 @@ def serve(variant: str, upstream: FakeUpstream, store: str = "") -> LiveServer:
     env = llm_env(upstream.base_url, PROBED_APP=VARIANTS[variant], CHAT_MAX_CONNECTIONS="100000",
                   CHAT_RATE_LIMIT_MESSAGES="100000", CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
                   CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000", CHAT_STORE_URL=store)
-    return LiveServer("tests.loop_probe:app", env=env, extra_args=UVICORN_ARGS)
+    return LiveServer("harness.loop_probe:app", env=env, extra_args=UVICORN_ARGS)
 
 
 async def probe(server: LiveServer, path: str = "/_probe") -> dict:

@@ -16,7 +16,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from tests.support import ROOT, LiveServer, llm_env
+from harness.support import ROOT, LiveServer, llm_env
 
 FRAMES = 15
 STEP = 20  # characters per frame, about one streamed chunk or two

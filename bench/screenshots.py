@@ -9,8 +9,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from tests.fake_llm import FakeLLMServer
-from tests.support import LiveServer, llm_env
+from harness.fake_llm import FakeLLMServer
+from harness.support import LiveServer, llm_env
 from tests.test_browser import CHROMIUM_ARGS
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from step05_production.store import new_conversation_id, open_store
-from tests.redis_server import RedisServer
-from tests.support import ROOT
+from harness.redis_server import RedisServer
+from harness.support import ROOT
 
 OUT = ROOT / "docs" / "bench"
 REPLY = "word " * 160  # about a short answer: 800 characters

@@ -57,6 +57,7 @@ def progress() -> int:
     done = load_progress()
     for step, package in STEPS.items():
         if step == PRODUCT_STEP:
+            print(f"Step {step} ({package}): the product, with no tasks: read it and copy it")
             continue
         folder = EXERCISES / package
         started = folder.is_dir()

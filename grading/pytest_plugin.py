@@ -61,9 +61,12 @@ def code_folder(config) -> Path | None:
 def pytest_configure(config):
     config.addinivalue_line("markers", "task(id, ...): the exercise task(s) this test grades")
     folder = code_folder(config)
+    # Where the code under test lives, for fixtures that start a server on it (tests/conftest.py
+    # reads it from the config, so tests and grading never import each other).
+    config.workshop_code_folder = folder
     if folder is not None:
         sys.meta_path.insert(0, FromFolder(folder))
-        from tests.support import RECEIVE_TIMEOUT  # a learner's stuck loop fails in seconds
+        from harness.support import RECEIVE_TIMEOUT  # a learner's stuck loop fails in seconds
         RECEIVE_TIMEOUT.seconds = 5.0
         if getattr(config.option, "timeout", None) is None:  # no --timeout given: 20 s a test
             config.option.timeout = 20

@@ -14,12 +14,16 @@ from urllib.parse import urlencode
 
 import pytest
 
-from grading.pytest_plugin import code_folder
-from tests.fake_llm import FakeLLMServer
-from tests.redis_server import RedisServer
-from tests.support import LiveServer, LocalClient, WsClient, llm_env, read_conversation
+from harness.fake_llm import FakeLLMServer
+from harness.redis_server import RedisServer
+from harness.support import LiveServer, LocalClient, WsClient, llm_env, read_conversation
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
+
+
+def code_folder(config):
+    """The folder of the code under test (grading's --code option), None for the reference steps."""
+    return config.workshop_code_folder
 
 # step05's conversations go to a throwaway SQLite file for the whole run, never the
 # repository's; set before any step is imported, and inherited by every server process.

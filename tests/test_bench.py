@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT
+from harness.support import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.support import LiveServer, llm_env
+from harness.support import LiveServer, llm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -14,8 +14,8 @@ from websockets.exceptions import ConnectionClosed
 
 from step05_production import main as chat_main
 from step05_production.config import settings
-from tests.fake_llm import free_port
-from tests.support import (LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at,
+from harness.fake_llm import free_port
+from harness.support import (LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at,
                            read_conversation, reply_text, wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
@@ -151,7 +151,7 @@ def test_thirty_concurrent_clients_each_get_only_their_own_reply(step05_server, 
 def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 50  # 20 streams of 50 chunks, 20 ms apart
     env = llm_env(fake_server.base_url, PROBED_APP="step05_production.main:app")
-    with LiveServer("tests.loop_probe:app", env=env) as server:
+    with LiveServer("harness.loop_probe:app", env=env) as server:
         httpx.get(server.url + "/_probe/start").raise_for_status()
         results = run_clients(server.ws_url, 20, lambda i: f"stream {i}")
         probe = httpx.get(server.url + "/_probe").json()

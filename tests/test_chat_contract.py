@@ -9,7 +9,7 @@ here (step 05 with CHAT_RESUME_SECONDS=0); tests/test_step05_resume.py covers re
 
 import pytest
 
-from tests.support import (assert_reply_streams_incrementally, collect_reply, history_sent, reply_text,
+from harness.support import (assert_reply_streams_incrementally, collect_reply, history_sent, reply_text,
                            start_slow_reply, wait_until)
 
 APPS = ["step04_full_chat.main", "step05_production.main"]

@@ -22,7 +22,7 @@ import pytest
 from websockets.sync.client import connect
 
 from grading.exercises import ROOT, STEPS, find_regions, regions_in_step, tasks_of, test_files, write_exercise
-from tests.support import LiveServer
+from harness.support import LiveServer
 
 pytestmark = pytest.mark.slow
 

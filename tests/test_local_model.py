@@ -9,9 +9,9 @@ import pytest
 import local_llm
 from local_llm import LocalModelError, start_local_llm
 from step05_production import main as chat_main
-from tests.fake_llm import free_port
-from tests.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, reply_text
-from tests.notebooks import execute, text_output
+from harness.fake_llm import free_port
+from harness.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, reply_text
+from harness.notebooks import execute, text_output
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -105,7 +105,7 @@ def run_make_chat(env, *args):
     import subprocess
     import sys
 
-    from tests.support import ROOT, wait_for_port
+    from harness.support import ROOT, wait_for_port
 
     chat_port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(chat_port), *args],
@@ -145,7 +145,7 @@ def test_make_llm_starts_again_at_once_after_it_is_stopped():
 
     import httpx
 
-    from tests.support import ROOT
+    from harness.support import ROOT
 
     port = free_port()
     command = [sys.executable, "-m", "local_llm", "serve", "--port", str(port)]
@@ -171,7 +171,7 @@ def test_make_chat_says_clearly_when_its_port_is_taken(fake_server):
     import subprocess
     import sys
 
-    from tests.support import ROOT
+    from harness.support import ROOT
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))

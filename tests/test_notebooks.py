@@ -6,7 +6,7 @@ import re
 import nbformat
 import pytest
 
-from tests.notebooks import NAMES, NOTEBOOKS, configure_fake, execute, masked, text_output
+from harness.notebooks import NAMES, NOTEBOOKS, configure_fake, execute, masked, text_output
 
 pytestmark = pytest.mark.slow
 

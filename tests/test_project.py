@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from tests.support import ROOT
+from harness.support import ROOT
 
 TRACKED = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
 MARKDOWN = [ROOT / name for name in TRACKED if name.endswith(".md")]

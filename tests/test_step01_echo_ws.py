@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from step01_echo_ws.main import app
-from tests.support import WsClient
+from harness.support import WsClient
 
 APP = "step01_echo_ws.main"
 

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from step02_llm_stream.main import app
 from step02_llm_stream.utils.stream_llm import stream_llm
-from tests.fake_llm import free_port
-from tests.support import assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
+from harness.fake_llm import free_port
+from harness.support import assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
 
 APP = "step02_llm_stream.main"
 
@@ -150,7 +150,7 @@ def test_stream_llm_reports_a_stream_cut_midway_as_cut_off(fake):
 def test_stream_llm_lets_a_refused_connection_through_as_it_is(fake, monkeypatch):
     import openai
 
-    from tests.support import point_llm_at
+    from harness.support import point_llm_at
 
     point_llm_at(monkeypatch, "step02_llm_stream", f"http://127.0.0.1:{free_port()}/v1")
 
@@ -167,7 +167,7 @@ def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch
     broken connection: the user should read "took too long", not "broke off"."""
     import openai
 
-    from tests.support import point_llm_at
+    from harness.support import point_llm_at
 
     monkeypatch.setattr("step02_llm_stream.utils.stream_llm.TIMEOUT", 0.5)
     point_llm_at(monkeypatch, "step02_llm_stream", os.environ["OPENAI_BASE_URL"])  # the new timeout

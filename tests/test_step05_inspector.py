@@ -14,7 +14,7 @@ from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply
 from step05_production.tracing import Tracer
-from tests.support import (LocalClient, collect_reply, frames_until_the_flow_ends, phases, read_conversation,
+from harness.support import (LocalClient, collect_reply, frames_until_the_flow_ends, phases, read_conversation,
                            reply_text)
 
 APP = "step05_production.main"

@@ -17,7 +17,7 @@ from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply, ReplyHub
 from step05_production.store import MemoryStore, trim_history
-from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
+from harness.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
                            read_conversation, reply_text, wait_until)
 
 APP = "step05_production.main"

@@ -9,7 +9,7 @@ import pytest
 
 from step05_production import main as chat_main
 from step05_production.config import settings
-from tests.support import (LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text,
+from harness.support import (LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text,
                            wait_until)
 
 APP = "step05_production.main"

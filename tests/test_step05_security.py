@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.utils.stream_llm import explain_llm_error
-from tests.support import (LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env,
+from harness.support import (LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env,
                            read_conversation, reply_text)
 
 APP = "step05_production.main"

@@ -9,7 +9,7 @@ import pytest
 from step05_production import store as store_module
 from step05_production.config import settings
 from step05_production.store import StoreError, is_valid_id, new_conversation_id, open_store
-from tests.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
+from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import openai
 from dotenv import load_dotenv
 
-# Where `make llm` (the embedded model) and `python -m tests.fake_llm` listen by default.
+# Where `make llm` (the embedded model) and `python -m harness.fake_llm` listen by default.
 LOCAL_LLM_URL = "http://127.0.0.1:8808/v1"
 
 # Connecting should be quick; a reply may pause for a while between two tokens.

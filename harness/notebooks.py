@@ -1,4 +1,4 @@
-"""Run the notebooks against the fake LLM; `python -m tests.notebooks --save` (make notebooks)
+"""Run the notebooks against the fake LLM; `python -m harness.notebooks --save` (make notebooks)
 stores their outputs in the .ipynb files, so they read well on GitHub without running.
 
 The tests execute them the same way and compare with the stored outputs (numbers masked,
@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from tests.fake_llm import FakeLLM, FakeLLMServer
+from harness.fake_llm import FakeLLM, FakeLLMServer
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = sorted(path.name for path in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_llm import free_port
-from tests.support import wait_for_port
+from harness.fake_llm import free_port
+from harness.support import wait_for_port
 
 
 class RedisServer:

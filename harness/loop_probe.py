@@ -2,7 +2,7 @@
 
 The campaign and the benchmarks run it under a real uvicorn:
 
-    PROBED_APP=step05_production.main:app uvicorn tests.loop_probe:app
+    PROBED_APP=step05_production.main:app uvicorn harness.loop_probe:app
 
 Every path except /_probe goes to the step's app unchanged.
   GET /_probe/start   (re)starts the event-loop lag sampler

@@ -18,7 +18,7 @@ import anyio
 from fastapi.testclient import TestClient
 from websockets.sync.client import connect
 
-from tests.fake_llm import free_port
+from harness.fake_llm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

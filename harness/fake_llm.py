@@ -12,7 +12,7 @@ started, completed, dropped and saw cancelled by the client.
 
 Start it by hand (from the repository root):
 
-    python -m tests.fake_llm --port 8808
+    python -m harness.fake_llm --port 8808
 
 and point a step at it with OPENAI_BASE_URL=http://127.0.0.1:8808/v1.
 """
