@@ -67,7 +67,7 @@ def progress() -> int:
             mark = "✓ done " if state and state["done"] else "✗ to do"
             note = ""
             if state and started and changed_since(step, state["graded_at"]):
-                note = "  (edited since graded: make grade STEP=%d)" % step
+                note = f"  (edited since graded: make grade STEP={step})"
             elif state is None and started:
                 note = "  (not graded yet)"
             print(f"  {mark}  Task {task.id}  {task.title} (~{task.minutes} min){note}")

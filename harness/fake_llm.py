@@ -244,7 +244,7 @@ def main() -> None:
         except OSError:
             raise SystemExit(f"error: port {args.port} is taken (is `make llm` or `make fake` running?). "
                              f"Choose another: make fake LLM_PORT=8809, then "
-                             f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step.")
+                             f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step.") from None
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
     print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")

@@ -33,7 +33,7 @@ def read_message(text: str) -> str:
     try:
         frame = json.loads(text)
     except ValueError:
-        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.")
+        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.") from None
     if not isinstance(frame, dict) or frame.get("type") != "message":
         raise ValueError("Expected a frame like {\"type\": \"message\", \"content\": \"Hi\"}.")
     content = frame.get("content")

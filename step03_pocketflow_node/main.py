@@ -35,7 +35,7 @@ def read_frame(text: str) -> dict:
     try:
         frame = json.loads(text)
     except ValueError:
-        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.")
+        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.") from None
     if isinstance(frame, dict) and frame.get("type") == "inspect" and isinstance(frame.get("on"), bool):
         return frame  # the page's Inspect button: trace frames on or off
     if not isinstance(frame, dict) or frame.get("type") != "message":
