@@ -82,6 +82,8 @@ def hint(step: int, task_id: str | None) -> int:
     if task_id is None:
         done = load_progress()
         todo = [task for task in tasks_of(step) if not done.get(task.id, {}).get("done")]
+        # The task the grader named as next: the first "to do", not one that only waits on it.
+        todo.sort(key=lambda task: done.get(task.id, {}).get("state", "to do") != "to do")
         if not todo:
             print(f"Every task of step {step} passed when last graded. Compare with the reference:\n"
                   f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}")

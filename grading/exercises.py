@@ -172,5 +172,5 @@ def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> st
     titles = "\n".join(f"  Task {t.id}: {t.title} (about {t.minutes} min)" for t in tasks_of(step))
     return (f"{moved}Wrote {shown(target)}/ with these tasks (look for TODO):\n{titles}\n"
             f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
-            f"Run it: {'CHAT_INSPECTOR=1 ' if step == 4 else ''}"
-            f".venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload")
+            f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload"
+            f"{' --ws-max-size 65536' if step == 4 else ''}")

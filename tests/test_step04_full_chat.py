@@ -82,6 +82,38 @@ def test_stop_cancels_the_reply_and_returns_once_its_end_is_sent(fake):
     wait_until(lambda: fake.cancelled == 1, what="the upstream request to be closed")
 
 
+class StallsAtTheEnd(RecordingSocket):
+    """A client whose connection stalls just as the reply's `end` frame goes out."""
+
+    def __init__(self):
+        super().__init__()
+        self.sending_end = asyncio.Event()
+
+    async def send_json(self, frame: dict) -> None:
+        if frame["type"] == "end":
+            self.sending_end.set()
+            await asyncio.sleep(0.5)  # the write waits for a slow client
+        await super().send_json(frame)
+
+
+@pytest.mark.task("4.3")
+def test_a_stop_that_lands_as_the_reply_ends_returns_normally(fake):
+    async def scenario():
+        socket = StallsAtTheEnd()
+        session = ChatSession(socket)
+        session.shared["user_message"] = "short"
+        session.shared["stop_requested"] = asyncio.Event()
+        session.reply = asyncio.create_task(session.run_reply())  # what 4.1 does
+        await asyncio.wait_for(socket.sending_end.wait(), 5)  # post is sending `end`
+        try:
+            await asyncio.wait_for(session.stop(), 5)
+        except asyncio.CancelledError:
+            pytest.fail("stop() raised the reply's own cancellation: it would end the connection's loop")
+        assert session.reply.done()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.task("4.1", "4.3")
 def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
     fake.chunk_delay, fake.min_chunks = 1.0, 5
