@@ -3,8 +3,8 @@ so the user can stop it, start over, or be told to wait, and bad input never hur
 Conversations are stored (store.py), and a reply outlives a dropped connection so the
 client can come back for it (replies.py, session.py).
 
-Run from the repository root:  uvicorn step05_production.main:app --ws-max-size 65536
-(or `make chat`, which also starts the embedded local model).
+Run from the repository root:  python -m step05_production  (server.py: uvicorn with the
+chat's server-level limits), or `make chat`, which also starts the embedded local model.
 """
 
 import asyncio
@@ -20,8 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from .config import settings
 from .protocol import FrameError, parse_client_frame
 from .replies import ReplyHub
-from .security import (ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit,
-                       cap_server_frame_size, client_address, origin_allowed)
+from .security import ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit, client_address, origin_allowed
+from .server import warn_about_missing_limits
 from .session import ChatSession
 from .store import StoreError, open_store
 from .utils.stream_llm import get_client
@@ -50,7 +50,7 @@ async def lifespan(app: FastAPI):
 app = FastAPI(title="Step 05: full chat", lifespan=lifespan,
               docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
-cap_server_frame_size(settings.max_frame_bytes)  # even when uvicorn ran without --ws-max-size
+warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 # Per worker process: the open connections and the replies being generated right now.

@@ -1,11 +1,10 @@
 """What keeps the chat safe to expose: response headers, the Host allowlist, the Origin
-check, per-client limits and the server's frame size.
+check and per-client limits. (The server's own limits, the frame size among them: server.py.)
 
 main.py wires these in with a few lines; each piece says below which attack it stops.
 """
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import deque
@@ -203,25 +202,3 @@ class InvalidFrameGuard:
             await asyncio.sleep(settings.invalid_frame_delay_seconds)
         return True
 
-
-def cap_server_frame_size(limit: int) -> None:
-    """Make uvicorn refuse WebSocket frames over `limit` bytes whatever command started it.
-
-    uvicorn buffers a whole frame (16 MiB by default) before the app can look at it, so
-    a size check in the app comes too late for memory. uvicorn creates one protocol
-    object per connection from its Config, and it imports this app while loading that
-    Config: lowering `ws_max_size` there applies to every connection that follows.
-    Under another server this finds no Config and only logs that --ws-max-size is needed.
-    """
-    try:
-        from uvicorn.config import Config
-    except ImportError:
-        Config = None
-    frame = inspect.currentframe()
-    while frame is not None:  # from this call outwards, to uvicorn's Config.load()
-        owner = frame.f_locals.get("self")
-        if Config is not None and isinstance(owner, Config):
-            owner.ws_max_size = min(owner.ws_max_size, limit)
-            return
-        frame = frame.f_back
-    log.info("not started by uvicorn: set the server's WebSocket frame limit to %d bytes", limit)
