@@ -65,6 +65,14 @@ async def index():
     return FileResponse(STATIC / "index.html")
 
 
+@app.get("/healthz")
+async def health():
+    """For a load balancer: this process answers. The store is not checked on purpose:
+    when a shared Redis is away every host would fail at once and be taken out, while
+    each one can still tell its users so and recover by itself (design.md, "Redis away")."""
+    return {"status": "ok"}
+
+
 BUSY = "A reply is still streaming. Wait for it, or press Stop."
 
 

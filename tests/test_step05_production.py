@@ -330,6 +330,17 @@ def test_the_page_loads_its_scripts_from_this_server(client):
         assert asset in page and client.get(asset).status_code == 200
 
 
+def test_the_health_check_answers_ok_for_load_balancers(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.headers["x-content-type-options"] == "nosniff"  # the security headers too
+    assert "content-security-policy" in response.headers
+
+
+def test_the_health_check_is_behind_the_host_allowlist(client):
+    assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+
+
 # Each task's piece alone ------------------------------------------------------------
 
 
