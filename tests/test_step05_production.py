@@ -4,12 +4,15 @@ Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviou
 replies could resume); tests/test_step05_resume.py covers the resume window.
 """
 
+import ast
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+import step05_production
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
@@ -424,3 +427,39 @@ def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(
     else:
         assert isinstance(result, asyncio.CancelledError), f"without a Stop the cancellation must go on, got {result!r}"
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be closed")
+
+
+# It stands alone ---------------------------------------------------------------------
+
+PACKAGE = Path(step05_production.__file__).parent
+NOT_SHIPPED = ("tests", "grading", "local_llm", "bench", "exercises")  # the workshop, not the chat
+
+
+def imports_of(path: Path) -> list[str]:
+    """The modules a file imports, relative imports made absolute."""
+    package = [PACKAGE.name, *path.relative_to(PACKAGE).parent.parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                found.append(node.module)
+            elif node.level > len(package):  # above the package: whatever holds it
+                found.append("." * node.level + (node.module or ""))
+            else:
+                found.append(".".join(package[:len(package) - node.level + 1] + [node.module or ""]).rstrip("."))
+    return found
+
+
+def test_the_production_chat_imports_nothing_from_the_workshop_around_it():
+    """Copied alone into a product, it must still run: no tests, grading, local model,
+    bench or other step."""
+    leaks = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for module in imports_of(path):
+            top = module.split(".")[0]
+            if module.startswith(".") or top in NOT_SHIPPED or (top.startswith("step0") and top != PACKAGE.name):
+                leaks.append(f"{path.relative_to(PACKAGE)}: {module}")
+    assert not leaks, leaks
+    assert "step05_production.utils.stream_llm" in imports_of(PACKAGE / "nodes.py")  # relative imports resolved
