@@ -31,17 +31,26 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    """Start-up, then the app's state while it runs, then shutdown.
+
+    The state is per run of the app (one worker process, or one in-process test client),
+    and every request sees it as `websocket.state` / `request.state`."""
     # Build the LLM client before the first user arrives. Building it loads the TLS
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
     get_client().chat.completions
-    await hub.open(lambda: open_store(settings.store_url))
+    hub = ReplyHub()
+    await hub.open(open_store(settings.store_url))
     # The start-up objects (modules, the app, the client) live as long as the process.
     # Freezing them keeps the garbage collector from walking them all again: that
     # first full collection stalled every stream for ~60 ms on our test machine.
     gc.collect()
     gc.freeze()
-    yield
+    yield {
+        "hub": hub,  # the replies being generated right now
+        "open_connections": set(),  # every open WebSocket (CHAT_MAX_CONNECTIONS)
+        "client_limits": ClientLimits(),  # connections and messages per client address
+    }
     await hub.close()  # replies in progress are stopped and stored as far as they got
     await get_client().close()  # the upstream connections, at shutdown
 
@@ -52,12 +61,6 @@ app = FastAPI(title="Step 05: full chat", lifespan=lifespan,
 app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
 warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-# Per worker process: the open connections and the replies being generated right now.
-open_connections: set[WebSocket] = set()
-hub = ReplyHub()
-reply_tasks: set[asyncio.Task] = hub.tasks
-client_limits = ClientLimits()
 
 
 @app.get("/")
@@ -89,6 +92,8 @@ async def chat(websocket: WebSocket):
         await websocket.close(code=1008)  # before accept: the browser gets HTTP 403
         return
     await websocket.accept()
+    state = websocket.state  # what the lifespan yielded
+    open_connections, client_limits = state.open_connections, state.client_limits
     if len(open_connections) >= settings.max_connections:
         await send_error(websocket, "The chat is full right now. Please try again in a minute.")
         await websocket.close(code=1013, reason="server full")
@@ -100,7 +105,7 @@ async def chat(websocket: WebSocket):
         return
 
     open_connections.add(websocket)
-    session = ChatSession(websocket, hub)
+    session = ChatSession(websocket, state.hub)
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
     invalid_frames = InvalidFrameGuard()
     try:

@@ -324,15 +324,9 @@ class ReplyHub:
         self.tasks: set[asyncio.Task] = set()
         self.forwarders: set[asyncio.Task] = set()
         self.feed: RedisFeed | None = None
-        # One process may run the app's lifespan more than once at a time (two in-process
-        # test clients): the first opens the store, the last one out closes it.
-        self.users = 0
 
-    async def open(self, open_store) -> None:
-        self.users += 1
-        if self.users > 1:
-            return
-        self.store = store = open_store()
+    async def open(self, store) -> None:
+        self.store = store
         if hasattr(store, "redis"):  # a Redis store: share the replies through it too
             self.feed = RedisFeed(store.redis, self.local)
             self.feed.listener = asyncio.create_task(self.feed.listen())
@@ -399,9 +393,6 @@ class ReplyHub:
 
     async def close(self) -> None:
         """At shutdown: stop every reply (each is stored as far as it got), then let go of Redis."""
-        self.users -= 1
-        if self.users > 0:
-            return
         for reply in list(self.local.values()):
             reply.stop()
         await asyncio.gather(*self.tasks, *self.forwarders, return_exceptions=True)

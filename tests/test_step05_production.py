@@ -35,7 +35,7 @@ def client(fake):
     """In-process only: for tests that change settings or the environment of the app."""
     with LocalClient(chat_main.app) as test_client:
         yield test_client
-    assert not chat_main.reply_tasks, "a reply task outlived its connection"
+    assert not test_client.app_state["hub"].tasks, "a reply task outlived its connection"
 
 
 def history_sent(fake) -> list[str]:
@@ -163,8 +163,9 @@ def test_no_reply_task_survives_its_connection(client, fake):
         with client.websocket_connect("/ws") as ws:
             read_conversation(ws)
             start_slow_reply(ws, fake)
-    wait_until(lambda: not chat_main.reply_tasks and fake.active == 0, what="all replies to end")
-    assert fake.cancelled == 5 and not chat_main.open_connections
+    state = client.app_state  # the lifespan's state, which the app reads as websocket.state
+    wait_until(lambda: not state["hub"].tasks and fake.active == 0, what="all replies to end")
+    assert fake.cancelled == 5 and not state["open_connections"]
 
 
 # Bad input -------------------------------------------------------------------------
@@ -325,6 +326,23 @@ def test_an_idle_connection_is_closed(client, fake, monkeypatch):
         assert closed.value.code == 1000
 
 
+def test_each_running_app_has_its_own_state(fake):
+    """Two in-process clients of one app: each runs the lifespan, so each has its own
+    replies, store and limits, and one closing leaves the other working."""
+    first, second = LocalClient(chat_main.app), LocalClient(chat_main.app)
+    with second:
+        with first:
+            assert first.app_state["hub"] is not second.app_state["hub"]
+            assert first.app_state["client_limits"] is not second.app_state["client_limits"]
+            with first.websocket_connect("/ws") as ws:
+                read_conversation(ws)
+                assert first.app_state["open_connections"] and not second.app_state["open_connections"]
+        with second.websocket_connect("/ws") as ws:  # the first one's shutdown closed only its own store
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": "still here"})
+            assert reply_text(collect_reply(ws)) == "You said: still here"
+
+
 def test_the_page_loads_its_scripts_from_this_server(client):
     page = client.get("/").text
     assert "http" not in page.split("<body>")[0].replace('name="viewport"', ""), "no CDN"
@@ -350,7 +368,7 @@ def test_the_health_check_is_behind_the_host_allowlist(client):
 def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
     async def scenario():
         hub = ReplyHub()
-        await hub.open(MemoryStore)
+        await hub.open(MemoryStore())
         release = asyncio.Event()
         ran = []
 

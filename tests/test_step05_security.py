@@ -120,13 +120,12 @@ def test_one_address_cannot_hold_every_connection(fake, monkeypatch):
             assert chat_turn(ws, "again") == "You said: again"
         for ws in held:
             ws.__exit__(None, None, None)
-    assert not chat_main.client_limits.clients or all(
-        c.connections == 0 for c in chat_main.client_limits.clients.values())
+    limits = greedy.app_state["client_limits"]  # the lifespan's state, which the app reads as websocket.state
+    assert not limits.clients or all(c.connections == 0 for c in limits.clients.values())
 
 
 def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
-    monkeypatch.setattr(settings, "client_rate_limit_messages", 3)
-    monkeypatch.setattr(chat_main, "client_limits", type(chat_main.client_limits)())
+    monkeypatch.setattr(settings, "client_rate_limit_messages", 3)  # each client's lifespan counts afresh
     greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.3", "10.0.0.4"))
     with greedy, other:
         for i in range(3):  # a fresh connection for every message
