@@ -19,15 +19,22 @@ from fastapi.staticfiles import StaticFiles
 
 from .config import settings
 from .protocol import FrameError, parse_client_frame
-from .replies import ReplyHub
+from .redis_feed import RedisFeed
+from .replies import LocalFeed, ReplyFeed, ReplyHub
 from .security import ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit, client_address, origin_allowed
 from .server import warn_about_missing_limits
 from .session import ChatSession
-from .store import StoreError, open_store
+from .store import ConversationStore, RedisStore, StoreError, open_store
 from .utils.stream_llm import get_client
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
+
+def reply_feed_for(store: ConversationStore) -> ReplyFeed:
+    """With a Redis store, replies are shared through Redis too, so a reconnect that lands
+    on another process or host can follow them. Otherwise a reply stays in its process."""
+    return RedisFeed(store.redis) if isinstance(store, RedisStore) else LocalFeed()
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
@@ -39,8 +46,9 @@ async def lifespan(app: FastAPI):
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
     get_client().chat.completions
-    hub = ReplyHub()
-    await hub.open(open_store(settings.store_url))
+    store = open_store(settings.store_url)
+    hub = ReplyHub(store, reply_feed_for(store))
+    await hub.start()
     # The start-up objects (modules, the app, the client) live as long as the process.
     # Freezing them keeps the garbage collector from walking them all again: that
     # first full collection stalled every stream for ~60 ms on our test machine.
@@ -52,6 +60,7 @@ async def lifespan(app: FastAPI):
         "client_limits": ClientLimits(),  # connections and messages per client address
     }
     await hub.close()  # replies in progress are stopped and stored as far as they got
+    await store.close()
     await get_client().close()  # the upstream connections, at shutdown
 
 

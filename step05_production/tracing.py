@@ -44,7 +44,7 @@ def snapshot(value, depth: int = 0):
 
 
 class Tracer:
-    """One reply's trace, for the connection (a ChatSession) that asked for the reply."""
+    """One reply's trace, for its asker: the connection (a ChatSession) that asked for the reply."""
 
     def __init__(self, reply, session):
         self.reply, self.session = reply, session
@@ -52,7 +52,7 @@ class Tracer:
     @property
     def on(self) -> bool:
         # Checked at every event: the panel may open or close mid-reply, the client may leave.
-        return self.session.inspecting and self.reply.sender is self.session.websocket
+        return self.session.inspecting and self.reply.asker is self.session.websocket
 
     async def emit(self, phase: str, event: str, **fields) -> None:
         if not self.on:

@@ -16,7 +16,7 @@ import step05_production
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
-from step05_production.replies import LiveReply, ReplyHub
+from step05_production.replies import LiveReply, LocalFeed, ReplyHub
 from step05_production.store import MemoryStore, trim_history
 from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
                            read_conversation, reply_text, wait_until)
@@ -367,8 +367,7 @@ def test_the_health_check_is_behind_the_host_allowlist(client):
 
 def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
     async def scenario():
-        hub = ReplyHub()
-        await hub.open(MemoryStore())
+        hub = ReplyHub(MemoryStore(), LocalFeed())
         release = asyncio.Event()
         ran = []
 
@@ -376,13 +375,13 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
             ran.append(history)
             await release.wait()
 
-        reply = await hub.begin("conversation-a", "hi", generate, sender=None)
+        reply = await hub.begin("conversation-a", "hi", generate, asker=None)
         assert reply is not None and isinstance(reply.task, asyncio.Task), "begin must start a task"
         assert not reply.task.done(), "begin must not wait for the reply: the loop has frames to read"
         assert reply.task in hub.tasks, "hold the task (a task nobody holds can be garbage-collected)"
         await asyncio.sleep(0)
         assert ran == [[]], "the task runs generate(reply, history)"
-        assert await hub.begin("conversation-a", "again", generate, sender=None) is None  # busy
+        assert await hub.begin("conversation-a", "again", generate, asker=None) is None  # busy
         release.set()
         await reply.task
         await asyncio.sleep(0)
@@ -394,17 +393,16 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
 
 def test_stop_marks_the_stop_then_cancels_the_reply_task():
     async def scenario():
-        reply = LiveReply("conversation-b", 1, "hi")
         seen = {}
 
-        async def generating():
+        async def generating(reply):
             try:
                 await asyncio.sleep(30)
             except asyncio.CancelledError:
                 seen["stop_requested"] = reply.stop_requested.is_set()
                 raise
 
-        reply.task = asyncio.create_task(generating())
+        reply = LiveReply("conversation-b", 1, "hi", asker=None, generate=generating)
         await asyncio.sleep(0)
         reply.stop()
         await asyncio.gather(reply.task, return_exceptions=True)
