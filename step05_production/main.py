@@ -13,15 +13,17 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .config import settings
 from .protocol import FrameError, parse_client_frame
 from .redis_feed import RedisFeed
 from .replies import LocalFeed, ReplyFeed, ReplyHub
-from .security import ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit, client_address, origin_allowed
+from .security import (ClientLimits, InvalidFrameGuard, RateLimit, SecurityHeadersMiddleware, client_address,
+                       origin_allowed)
 from .server import warn_about_missing_limits
 from .session import ChatSession
 from .store import ConversationStore, RedisStore, StoreError, open_store
@@ -29,6 +31,8 @@ from .utils.stream_llm import get_client
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
+router = APIRouter()  # the pages and the WebSocket; create_app() below puts them in an app
+
 
 def reply_feed_for(store: ConversationStore) -> ReplyFeed:
     """With a Redis store, replies are shared through Redis too, so a reconnect that lands
@@ -64,20 +68,12 @@ async def lifespan(app: FastAPI):
     await get_client().close()  # the upstream connections, at shutdown
 
 
-# No /docs or /openapi.json: the chat has no HTTP API to document.
-app = FastAPI(title="Step 05: full chat", lifespan=lifespan,
-              docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
-warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
-app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-
-@app.get("/")
+@router.get("/")
 async def index():
     return FileResponse(STATIC / "index.html")
 
 
-@app.get("/healthz")
+@router.get("/healthz")
 async def health():
     """For a load balancer: this process answers. The store is not checked on purpose:
     when a shared Redis is away every host would fail at once and be taken out, while
@@ -94,7 +90,7 @@ async def send_error(websocket: WebSocket, message: str) -> None:
     await websocket.send_json({"type": "error", "message": message, "refused": True})
 
 
-@app.websocket("/ws")
+@router.websocket("/ws")
 async def chat(websocket: WebSocket):
     if not origin_allowed(websocket):
         log.warning("refused a WebSocket from origin %.100r", websocket.headers.get("origin"))
@@ -165,3 +161,22 @@ async def chat(websocket: WebSocket):
         open_connections.discard(websocket)
         client_limits.close(address)
         await session.leave()  # a reply it was showing runs on for the resume window
+
+
+def create_app() -> FastAPI:
+    """The chat as an ASGI app, configured from the settings as they are now."""
+    # No /docs or /openapi.json: the chat has no HTTP API to document.
+    app = FastAPI(title="Step 05: full chat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The Host allowlist, on every request before the app sees it (HTTP 400). Why: after
+    # DNS rebinding, a hostile site's name points at this server, so the visitor's browser
+    # sends `Host: evil.example` and `Origin: http://evil.example`. They match each other,
+    # so only a list of *our* names stops it. (No redirect to a www. name: refused.)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(settings.allowed_hosts), www_redirect=False)
+    app.add_middleware(SecurityHeadersMiddleware)  # added last, so outermost: on the refusals too
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(router)
+    return app
+
+
+warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
+app = create_app()

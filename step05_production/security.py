@@ -5,7 +5,6 @@ main.py wires these in with a few lines; each piece says below which attack it s
 """
 
 import asyncio
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,8 +13,6 @@ from urllib.parse import urlsplit
 from fastapi import WebSocket
 
 from .config import settings
-
-log = logging.getLogger(__name__)
 
 # The page only needs its own scripts, styles, images and WebSocket. Model output is
 # sanitized before it reaches the page; this policy is the second line of defence if
@@ -49,14 +46,13 @@ def host_name(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if ":" in netloc else netloc
 
 
-class GuardMiddleware:
-    """Every HTTP response gets the security headers, and any request for a Host not in
-    the allowlist is refused, before the app sees it.
+# The start of every HTTP response: a page, a file, an error, or a WebSocket handshake refused.
+RESPONSE_STARTS = ("http.response.start", "websocket.http.response.start")
 
-    Why the Host allowlist: after DNS rebinding, a hostile site's name points at this
-    server, so the visitor's browser sends `Host: evil.example` and `Origin:
-    http://evil.example`. They match each other, so only a list of *our* names stops it.
-    """
+
+class SecurityHeadersMiddleware:
+    """Every HTTP response gets the security headers, refusals included (added outside
+    the Host allowlist in main.py, so its 400s get them too)."""
 
     def __init__(self, app):  # any ASGI app
         self.app = app
@@ -64,35 +60,13 @@ class GuardMiddleware:
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if not host_allowed(scope):
-            return await refuse(scope, send)
 
         async def send_with_headers(message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in RESPONSE_STARTS:
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-def request_host(scope: dict) -> str:
-    return next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-
-
-def host_allowed(scope: dict) -> bool:
-    return host_name(request_host(scope)) in settings.allowed_hosts
-
-
-async def refuse(scope: dict, send) -> None:
-    log.warning("refused a request for host %.100r", request_host(scope))
-    if scope["type"] == "websocket":  # closed before accept: the browser sees HTTP 403
-        await send({"type": "websocket.close", "code": 1008, "reason": ""})
-        return
-    body = b"Unknown host name. Set CHAT_ALLOWED_HOSTS to serve this one.\n"
-    headers = [(b"content-type", b"text/plain; charset=utf-8"),
-               (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def origin_allowed(websocket: WebSocket) -> bool:
