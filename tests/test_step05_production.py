@@ -9,6 +9,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
@@ -18,6 +19,7 @@ from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply, LocalFeed, ReplyHub
 from step05_production.store import MemoryStore, trim_history
+from step05_production.utils.stream_llm import StreamCutOff
 from tests.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
                            read_conversation, reply_text, wait_until)
 
@@ -443,6 +445,24 @@ def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(
     else:
         assert isinstance(result, asyncio.CancelledError), f"without a Stop the cancellation must go on, got {result!r}"
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be closed")
+
+
+@pytest.mark.parametrize("failure, shown", [("500", ""), ("drop", "You said:")])
+def test_a_failed_llm_call_goes_to_pocketflows_exec_fallback_with_the_part_shown(fake, failure, shown):
+    """exec lets an LLM failure out; pocketflow hands it to exec_fallback_async after the
+    last attempt, which returns it (post explains it), with the chunks already shown."""
+    fake.fail_next(failure, times=3)  # more than the SDK's own retries
+
+    async def scenario():
+        node, live = StreamingChatNode(), RecordingLive()
+        prep_res = ([{"role": "user", "content": "one two three"}], live, asyncio.Event())
+        with pytest.raises((openai.APIStatusError, StreamCutOff)) as raised:
+            await node.exec_async(prep_res)
+        return raised.value, await node.exec_fallback_async(prep_res, raised.value)
+
+    error, reply = asyncio.run(scenario())
+    assert reply.error is error and not reply.stopped
+    assert reply.text == shown and len(reply.parts) == len(shown.split())
 
 
 # It stands alone ---------------------------------------------------------------------
