@@ -1,6 +1,9 @@
 """step05's production start, `python -m step05_production`: uvicorn with every server-level
 limit set; and what a plain `uvicorn step05_production.main:app` is told at start-up."""
 
+import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +12,9 @@ from websockets.exceptions import ConnectionClosed
 from step05_production.__main__ import parse_arguments
 from step05_production.config import settings
 from step05_production.server import server_limits
-from tests.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
+from tests.fake_llm import free_port
+from tests.support import (ROOT, LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text,
+                           wait_for_port)
 
 ADVICE = "python -m step05_production"  # what the app says when its command lacks a limit
 
@@ -77,3 +82,23 @@ def test_uvicorn_run_with_the_app_object_warns_that_the_frame_limit_is_not_appli
             read_conversation(ws)
         log = server.log_text()
     assert "cannot lower the server's WebSocket frame limit" in log, log
+
+
+@pytest.mark.slow
+def test_make_chat_runs_the_chat_with_the_same_server_limits(fake_server, fake):
+    port = free_port()  # `make chat` with OPENAI_BASE_URL set: the chat alone, no local model
+    process = subprocess.Popen([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)], cwd=ROOT,
+                               env={**os.environ, **llm_env(fake_server.base_url)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, timeout=60, process=process)
+        with WsClient(f"ws://127.0.0.1:{port}/ws") as ws:
+            read_conversation(ws)
+            ws.send_text("x" * (settings.max_frame_bytes + 1))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.receive_text(timeout=10)
+            assert closed.value.rcvd.code == 1009
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        log = "".join(process.communicate(timeout=30))
+    assert ADVICE not in log, log
