@@ -22,8 +22,14 @@ from .config import settings
 from .protocol import FrameError, parse_client_frame
 from .redis_feed import RedisFeed
 from .replies import LocalFeed, ReplyFeed, ReplyHub
-from .security import (ClientLimits, InvalidFrameGuard, RateLimit, SecurityHeadersMiddleware, client_address,
-                       origin_allowed)
+from .security import (
+    ClientLimits,
+    InvalidFrameGuard,
+    RateLimit,
+    SecurityHeadersMiddleware,
+    client_address,
+    origin_allowed,
+)
 from .server import warn_about_missing_limits
 from .session import ChatSession
 from .store import ConversationStore, RedisStore, StoreError, open_store
@@ -49,7 +55,7 @@ async def lifespan(app: FastAPI):
     # Build the LLM client before the first user arrives. Building it loads the TLS
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
-    get_client().chat.completions
+    _ = get_client().chat.completions  # (touching it imports the SDK's lazily loaded modules)
     store = open_store(settings.store_url)
     hub = ReplyHub(store, reply_feed_for(store))
     await hub.start()

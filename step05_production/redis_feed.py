@@ -37,7 +37,8 @@ class RedisFeed(ReplyFeed):
     """
 
     def __init__(self, redis):
-        from redis.exceptions import RedisError  # redis-py: installed only for a Redis store
+        # Imported here: redis-py is installed only for a Redis store.
+        from redis.exceptions import RedisError
 
         self.redis, self.errors = redis, RedisError
         self.replies: dict[str, LiveReply] = {}  # this process's, for the other processes' orders

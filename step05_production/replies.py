@@ -145,7 +145,7 @@ class LiveReply:
         if self.asker is not None:
             try:
                 await self.asker.send_json(frame)
-            except Exception:  # the client that asked is gone: the reply goes on without it
+            except Exception:  # noqa: BLE001 (whatever the failure, the asker is gone: the reply goes on without it)
                 self.drop_asker()
 
     def drop_asker(self) -> None:

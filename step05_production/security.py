@@ -18,7 +18,7 @@ from .config import settings
 # sanitized before it reaches the page; this policy is the second line of defence if
 # something ever slips through: no other origin can be loaded, framed, posted to or
 # connected to. (CSP 3's 'self' covers ws:// and wss:// to the page's own host.)
-CONTENT_SECURITY_POLICY = "; ".join([
+CSP_DIRECTIVES = (
     "default-src 'none'",
     "script-src 'self'",
     "style-src 'self'",
@@ -29,7 +29,8 @@ CONTENT_SECURITY_POLICY = "; ".join([
     "base-uri 'none'",
     "object-src 'none'",
     "form-action 'self'",
-])
+)
+CONTENT_SECURITY_POLICY = "; ".join(CSP_DIRECTIVES)
 SECURITY_HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-content-type-options", b"nosniff"),

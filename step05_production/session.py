@@ -85,7 +85,7 @@ class ChatSession:
         except StoreError:  # a reply followed through a shared feed, and the feed is unreachable
             await self.send_quietly({"type": "error", "message":
                                      "Lost the reply: the conversation store (Redis) is unreachable."})
-        except Exception:  # the client went away mid-send: nothing to tell anyone
+        except Exception:  # noqa: BLE001, S110 (the client went away mid-send: nothing to tell anyone)
             pass
         finally:
             self.watch = None
@@ -94,7 +94,7 @@ class ChatSession:
     async def send_quietly(self, frame: dict) -> None:
         try:
             await self.websocket.send_json(frame)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (the client is gone too: nobody to tell)
             pass
 
     def busy(self) -> bool:

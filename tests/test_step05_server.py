@@ -13,8 +13,16 @@ from step05_production.__main__ import parse_arguments
 from step05_production.config import settings
 from step05_production.server import server_limits
 from tests.fake_llm import free_port
-from tests.support import (ROOT, LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text,
-                           wait_for_port)
+from tests.support import (
+    ROOT,
+    LiveServer,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+    wait_for_port,
+)
 
 ADVICE = "python -m step05_production"  # what the app says when its command lacks a limit
 
@@ -75,8 +83,9 @@ def test_uvicorn_run_with_the_app_object_warns_that_the_frame_limit_is_not_appli
     # uvicorn.run(app) imports nothing itself: the app was imported before uvicorn's
     # settings existed, so the app cannot lower the frame limit, and says so.
     server = LiveServer("unused", env=llm_env(fake_server.base_url))
-    server.command = [sys.executable, "-c", "import uvicorn; from step05_production.main import app; "
-                      f"uvicorn.run(app, host='127.0.0.1', port={server.port}, log_level='warning')"]
+    run_with_the_app_object = ("import uvicorn; from step05_production.main import app; "
+                               f"uvicorn.run(app, host='127.0.0.1', port={server.port}, log_level='warning')")
+    server.command = [sys.executable, "-c", run_with_the_app_object]
     with server:
         with WsClient(server.ws_url) as ws:
             read_conversation(ws)
