@@ -76,12 +76,16 @@ def step03_shared(tracer_on: bool | None) -> dict:
     return shared
 
 
+async def no_generation(reply) -> None:
+    """The flows below run on the reply themselves, many times over."""
+
+
 def step05_shared(tracer_on: bool | None) -> dict:
-    reply = LiveReply("bench", 1, "hello")
+    tab = Tab(bool(tracer_on))
+    reply = LiveReply("bench", 1, "hello", asker=tab.websocket if tracer_on is not None else None,
+                      generate=no_generation)
     shared = {"reply": reply, "user_message": "hello", "conversation_history": []}
     if tracer_on is not None:
-        tab = Tab(tracer_on)
-        reply.sender = tab.websocket
         shared["tracer"] = step05_tracing.Tracer(reply, tab)
     return shared
 

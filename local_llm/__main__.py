@@ -8,9 +8,6 @@ import time
 
 from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, port_is_free, start_local_llm
 
-# Matches the app's own frame limit (step05_production/config.py).
-WS_MAX_SIZE = 64 * 1024
-
 
 def uses_remote_llm() -> bool:
     return bool(os.getenv("OPENAI_API_KEY") or os.getenv("OPENAI_BASE_URL"))
@@ -63,17 +60,16 @@ def main() -> int:
         except KeyboardInterrupt:
             return 0
 
-    import uvicorn
-
     # The workshop's chat, on loopback: the page's flow inspector may show the system prompt.
     os.environ.setdefault("CHAT_INSPECTOR", "1")
-    print(f"\n  Chat: open http://127.0.0.1:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
+    # Imported only now: the chat reads its settings (CHAT_INSPECTOR) when it is imported.
+    from step05_production.server import serve
+
+    print(f"\n  Chat: open http://{HOST}:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
     try:
-        # Per-message compression is off: it costs CPU and memory per connection for
-        # small chunks that barely compress, and compressed frames have enabled
-        # side-channel attacks (CRIME/BREACH-style) when secrets share a stream.
-        uvicorn.run("step05_production.main:app", host="127.0.0.1", port=args.chat_port,
-                    ws_max_size=WS_MAX_SIZE, ws_per_message_deflate=False, log_level="warning")
+        # What `python -m step05_production` runs: uvicorn with the chat's server-level
+        # limits (frame size, no per-message compression, ...; step05_production/server.py).
+        serve(host=HOST, port=args.chat_port, log_level="warning")
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
         pass
     del server  # stops llama.cpp's threads

@@ -69,6 +69,7 @@ class Settings:
     idle_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_IDLE_TIMEOUT_SECONDS", 900))
     # Host names this server answers to (comma-separated; no port). Anything else is
     # refused, which is what stops DNS rebinding. Add your domain when you deploy.
+    # (Starlette's TrustedHostMiddleware checks them: "*.example.com" covers subdomains.)
     allowed_hosts: frozenset = field(default_factory=lambda: _names(
         "CHAT_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
     # Origins allowed besides the page's own (comma-separated, e.g. https://chat.example.com).

@@ -3,8 +3,8 @@ so the user can stop it, start over, or be told to wait, and bad input never hur
 Conversations are stored (store.py), and a reply outlives a dropped connection so the
 client can come back for it (replies.py, session.py).
 
-Run from the repository root:  uvicorn step05_production.main:app --ws-max-size 65536
-(or `make chat`, which also starts the embedded local model).
+Run from the repository root:  python -m step05_production  (server.py: uvicorn with the
+chat's server-level limits), or `make chat`, which also starts the embedded local model.
 """
 
 import asyncio
@@ -13,56 +13,78 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .config import settings
 from .protocol import FrameError, parse_client_frame
-from .replies import ReplyHub
-from .security import (ClientLimits, GuardMiddleware, InvalidFrameGuard, RateLimit,
-                       cap_server_frame_size, client_address, origin_allowed)
+from .redis_feed import RedisFeed
+from .replies import LocalFeed, ReplyFeed, ReplyHub
+from .security import (
+    ClientLimits,
+    InvalidFrameGuard,
+    RateLimit,
+    SecurityHeadersMiddleware,
+    client_address,
+    origin_allowed,
+)
+from .server import warn_about_missing_limits
 from .session import ChatSession
-from .store import StoreError, open_store
+from .store import ConversationStore, RedisStore, StoreError, open_store
 from .utils.stream_llm import get_client
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
+router = APIRouter()  # the pages and the WebSocket; create_app() below puts them in an app
+
+
+def reply_feed_for(store: ConversationStore) -> ReplyFeed:
+    """With a Redis store, replies are shared through Redis too, so a reconnect that lands
+    on another process or host can follow them. Otherwise a reply stays in its process."""
+    return RedisFeed(store.redis) if isinstance(store, RedisStore) else LocalFeed()
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    """Start-up, then the app's state while it runs, then shutdown.
+
+    The state is per run of the app (one worker process, or one in-process test client),
+    and every request sees it as `websocket.state` / `request.state`."""
     # Build the LLM client before the first user arrives. Building it loads the TLS
     # certificates and the SDK's lazily imported modules: about 60 ms of blocking work
     # that would otherwise freeze every open connection at the first message.
-    get_client().chat.completions
-    await hub.open(lambda: open_store(settings.store_url))
+    _ = get_client().chat.completions  # (touching it imports the SDK's lazily loaded modules)
+    store = open_store(settings.store_url)
+    hub = ReplyHub(store, reply_feed_for(store))
+    await hub.start()
     # The start-up objects (modules, the app, the client) live as long as the process.
     # Freezing them keeps the garbage collector from walking them all again: that
     # first full collection stalled every stream for ~60 ms on our test machine.
     gc.collect()
     gc.freeze()
-    yield
+    yield {
+        "hub": hub,  # the replies being generated right now
+        "open_connections": set(),  # every open WebSocket (CHAT_MAX_CONNECTIONS)
+        "client_limits": ClientLimits(),  # connections and messages per client address
+    }
     await hub.close()  # replies in progress are stopped and stored as far as they got
+    await store.close()
     await get_client().close()  # the upstream connections, at shutdown
 
 
-# No /docs or /openapi.json: the chat has no HTTP API to document.
-app = FastAPI(title="Step 05: full chat", lifespan=lifespan,
-              docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(GuardMiddleware)  # security headers on every response; the Host allowlist
-cap_server_frame_size(settings.max_frame_bytes)  # even when uvicorn ran without --ws-max-size
-app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-# Per worker process: the open connections and the replies being generated right now.
-open_connections: set[WebSocket] = set()
-hub = ReplyHub()
-reply_tasks: set[asyncio.Task] = hub.tasks
-client_limits = ClientLimits()
-
-
-@app.get("/")
+@router.get("/")
 async def index():
     return FileResponse(STATIC / "index.html")
+
+
+@router.get("/healthz")
+async def health():
+    """For a load balancer: this process answers. The store is not checked on purpose:
+    when a shared Redis is away every host would fail at once and be taken out, while
+    each one can still tell its users so and recover by itself (design.md, "Redis away")."""
+    return {"status": "ok"}
 
 
 BUSY = "A reply is still streaming. Wait for it, or press Stop."
@@ -74,13 +96,15 @@ async def send_error(websocket: WebSocket, message: str) -> None:
     await websocket.send_json({"type": "error", "message": message, "refused": True})
 
 
-@app.websocket("/ws")
+@router.websocket("/ws")
 async def chat(websocket: WebSocket):
     if not origin_allowed(websocket):
         log.warning("refused a WebSocket from origin %.100r", websocket.headers.get("origin"))
         await websocket.close(code=1008)  # before accept: the browser gets HTTP 403
         return
     await websocket.accept()
+    state = websocket.state  # what the lifespan yielded
+    open_connections, client_limits = state.open_connections, state.client_limits
     if len(open_connections) >= settings.max_connections:
         await send_error(websocket, "The chat is full right now. Please try again in a minute.")
         await websocket.close(code=1013, reason="server full")
@@ -92,7 +116,7 @@ async def chat(websocket: WebSocket):
         return
 
     open_connections.add(websocket)
-    session = ChatSession(websocket, hub)
+    session = ChatSession(websocket, state.hub)
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
     invalid_frames = InvalidFrameGuard()
     try:
@@ -143,3 +167,22 @@ async def chat(websocket: WebSocket):
         open_connections.discard(websocket)
         client_limits.close(address)
         await session.leave()  # a reply it was showing runs on for the resume window
+
+
+def create_app() -> FastAPI:
+    """The chat as an ASGI app, configured from the settings as they are now."""
+    # No /docs or /openapi.json: the chat has no HTTP API to document.
+    app = FastAPI(title="Step 05: full chat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The Host allowlist, on every request before the app sees it (HTTP 400). Why: after
+    # DNS rebinding, a hostile site's name points at this server, so the visitor's browser
+    # sends `Host: evil.example` and `Origin: http://evil.example`. They match each other,
+    # so only a list of *our* names stops it. (No redirect to a www. name: refused.)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(settings.allowed_hosts), www_redirect=False)
+    app.add_middleware(SecurityHeadersMiddleware)  # added last, so outermost: on the refusals too
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(router)
+    return app
+
+
+warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
+app = create_app()

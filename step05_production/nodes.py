@@ -48,6 +48,10 @@ class StreamingChatNode(AsyncNode):
 
     Frames go to shared["reply"] (replies.LiveReply), which hands them to every
     connection showing this reply, so the reply does not depend on any one socket.
+
+    A failed LLM call leaves exec; pocketflow then calls exec_fallback_async, which
+    returns the failure for post to explain. (A Stop is a cancellation, not an
+    Exception: pocketflow lets it through, and exec handles it itself.)
     """
 
     def __init__(self):
@@ -64,7 +68,9 @@ class StreamingChatNode(AsyncNode):
 
     async def exec_async(self, prep_res):
         messages, live, stop_requested = prep_res
-        reply = Reply()
+        # Kept on the node (pocketflow runs a copy of it per turn, and keeps its own
+        # cur_retry there too) so that exec_fallback_async can report the part shown.
+        self.reply = reply = Reply()
         try:
             await live.publish({"type": "start"})
             async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
@@ -81,9 +87,13 @@ class StreamingChatNode(AsyncNode):
             task = asyncio.current_task()
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
                 task.uncancel()
-        except Exception as error:  # the LLM failed; post reports it and keeps history clean
-            reply.error = error
         return reply
+
+    async def exec_fallback_async(self, prep_res, exc):
+        """The LLM call failed (pocketflow calls this after the last attempt): return the
+        failure with the part already shown; post reports it and keeps the history clean."""
+        self.reply.error = exc
+        return self.reply
 
     async def post_async(self, shared, prep_res, reply: Reply):
         live = shared["reply"]

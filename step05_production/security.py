@@ -1,12 +1,10 @@
 """What keeps the chat safe to expose: response headers, the Host allowlist, the Origin
-check, per-client limits and the server's frame size.
+check and per-client limits. (The server's own limits, the frame size among them: server.py.)
 
 main.py wires these in with a few lines; each piece says below which attack it stops.
 """
 
 import asyncio
-import inspect
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,13 +14,11 @@ from fastapi import WebSocket
 
 from .config import settings
 
-log = logging.getLogger(__name__)
-
 # The page only needs its own scripts, styles, images and WebSocket. Model output is
 # sanitized before it reaches the page; this policy is the second line of defence if
 # something ever slips through: no other origin can be loaded, framed, posted to or
 # connected to. (CSP 3's 'self' covers ws:// and wss:// to the page's own host.)
-CONTENT_SECURITY_POLICY = "; ".join([
+CSP_DIRECTIVES = (
     "default-src 'none'",
     "script-src 'self'",
     "style-src 'self'",
@@ -33,7 +29,8 @@ CONTENT_SECURITY_POLICY = "; ".join([
     "base-uri 'none'",
     "object-src 'none'",
     "form-action 'self'",
-])
+)
+CONTENT_SECURITY_POLICY = "; ".join(CSP_DIRECTIVES)
 SECURITY_HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -50,14 +47,13 @@ def host_name(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if ":" in netloc else netloc
 
 
-class GuardMiddleware:
-    """Every HTTP response gets the security headers, and any request for a Host not in
-    the allowlist is refused, before the app sees it.
+# The start of every HTTP response: a page, a file, an error, or a WebSocket handshake refused.
+RESPONSE_STARTS = ("http.response.start", "websocket.http.response.start")
 
-    Why the Host allowlist: after DNS rebinding, a hostile site's name points at this
-    server, so the visitor's browser sends `Host: evil.example` and `Origin:
-    http://evil.example`. They match each other, so only a list of *our* names stops it.
-    """
+
+class SecurityHeadersMiddleware:
+    """Every HTTP response gets the security headers, refusals included (added outside
+    the Host allowlist in main.py, so its 400s get them too)."""
 
     def __init__(self, app):  # any ASGI app
         self.app = app
@@ -65,35 +61,13 @@ class GuardMiddleware:
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if not host_allowed(scope):
-            return await refuse(scope, send)
 
         async def send_with_headers(message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in RESPONSE_STARTS:
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-def request_host(scope: dict) -> str:
-    return next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-
-
-def host_allowed(scope: dict) -> bool:
-    return host_name(request_host(scope)) in settings.allowed_hosts
-
-
-async def refuse(scope: dict, send) -> None:
-    log.warning("refused a request for host %.100r", request_host(scope))
-    if scope["type"] == "websocket":  # closed before accept: the browser sees HTTP 403
-        await send({"type": "websocket.close", "code": 1008, "reason": ""})
-        return
-    body = b"Unknown host name. Set CHAT_ALLOWED_HOSTS to serve this one.\n"
-    headers = [(b"content-type", b"text/plain; charset=utf-8"),
-               (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def origin_allowed(websocket: WebSocket) -> bool:
@@ -203,25 +177,3 @@ class InvalidFrameGuard:
             await asyncio.sleep(settings.invalid_frame_delay_seconds)
         return True
 
-
-def cap_server_frame_size(limit: int) -> None:
-    """Make uvicorn refuse WebSocket frames over `limit` bytes whatever command started it.
-
-    uvicorn buffers a whole frame (16 MiB by default) before the app can look at it, so
-    a size check in the app comes too late for memory. uvicorn creates one protocol
-    object per connection from its Config, and it imports this app while loading that
-    Config: lowering `ws_max_size` there applies to every connection that follows.
-    Under another server this finds no Config and only logs that --ws-max-size is needed.
-    """
-    try:
-        from uvicorn.config import Config
-    except ImportError:
-        Config = None
-    frame = inspect.currentframe()
-    while frame is not None:  # from this call outwards, to uvicorn's Config.load()
-        owner = frame.f_locals.get("self")
-        if Config is not None and isinstance(owner, Config):
-            owner.ws_max_size = min(owner.ws_max_size, limit)
-            return
-        frame = frame.f_back
-    log.info("not started by uvicorn: set the server's WebSocket frame limit to %d bytes", limit)

@@ -8,7 +8,7 @@ from fastapi import WebSocket
 
 from .config import settings
 from .flow import create_streaming_chat_flow
-from .replies import LiveReply, LocalWatch, ReplyHub
+from .replies import LiveReply, ReplyHub, Watch
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
 from .tracing import Tracer
 
@@ -44,8 +44,8 @@ class ChatSession:
     def __init__(self, websocket: WebSocket, hub: ReplyHub):
         self.websocket, self.hub = websocket, hub
         self.conversation_id: str | None = None
-        self.asked: LiveReply | None = None  # the reply this connection asked for (sent to it directly)
-        self.watch = None  # or a reply it follows through a copy (it came back, another tab)
+        self.own_reply: LiveReply | None = None  # the reply it asked for (it is that reply's asker)
+        self.watch: Watch | None = None  # or a reply it follows through a copy (it came back, another tab)
         self.forwarding: asyncio.Task | None = None
         self.inspecting = False  # trace frames for the replies it asks for (tracing.py)
 
@@ -64,7 +64,7 @@ class ChatSession:
                 conversation = Conversation(requested_id, [])
         await self.show(conversation or Conversation(new_conversation_id(), []), watch)
 
-    async def show(self, conversation: Conversation, watch=None) -> None:
+    async def show(self, conversation: Conversation, watch: Watch | None = None) -> None:
         self.conversation_id = conversation.id
         messages = list(conversation.messages)
         if watch is not None:  # the question whose answer is still being written
@@ -73,19 +73,19 @@ class ChatSession:
         if watch is not None:
             self.follow(watch)
 
-    def follow(self, watch) -> None:
+    def follow(self, watch: Watch) -> None:
         self.watch = watch
         self.forwarding = self.hub.hold(asyncio.create_task(self.forward(watch)))
 
-    async def forward(self, watch) -> None:
+    async def forward(self, watch: Watch) -> None:
         """Copy the reply's frames to this client until its end (or the client leaves)."""
         try:
             async for frame in watch.frames():
                 await self.websocket.send_json(frame)
-        except (StoreError, getattr(self.hub.feed, "errors", StoreError)):
+        except StoreError:  # a reply followed through a shared feed, and the feed is unreachable
             await self.send_quietly({"type": "error", "message":
                                      "Lost the reply: the conversation store (Redis) is unreachable."})
-        except Exception:  # the client went away mid-send: nothing to tell anyone
+        except Exception:  # noqa: BLE001, S110 (the client went away mid-send: nothing to tell anyone)
             pass
         finally:
             self.watch = None
@@ -94,24 +94,24 @@ class ChatSession:
     async def send_quietly(self, frame: dict) -> None:
         try:
             await self.websocket.send_json(frame)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (the client is gone too: nobody to tell)
             pass
 
     def busy(self) -> bool:
         """A reply is streaming to this connection, or for this conversation in this process."""
-        asked = self.asked is not None and not self.asked.finished and not self.asked.task.done()
+        own = self.own_reply is not None and not self.own_reply.finished and not self.own_reply.task.done()
         following = self.forwarding is not None and not self.forwarding.done()
-        return asked or following or self.hub.replying(self.conversation_id)
+        return own or following or self.hub.replying(self.conversation_id)
 
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""
         reply = await self.hub.begin(
             self.conversation_id, text,
             lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
-            sender=self.websocket)
+            asker=self.websocket)
         if reply is None:
             return False
-        self.asked = reply
+        self.own_reply = reply
         return True
 
     async def inspect(self, on: bool) -> None:
@@ -124,9 +124,9 @@ class ChatSession:
 
     async def stop(self) -> None:
         """Stop the reply shown here, and wait for its `end` to reach the client."""
-        if self.asked is not None and not self.asked.task.done():
-            self.asked.stop()
-            await asyncio.wait([self.asked.task], timeout=STOP_WAIT_SECONDS)  # it sends `end` itself
+        if self.own_reply is not None and not self.own_reply.task.done():
+            self.own_reply.stop()
+            await asyncio.wait([self.own_reply.task], timeout=STOP_WAIT_SECONDS)  # it sends `end` itself
         elif self.watch is not None and self.forwarding is not None:
             await self.watch.stop()
             await asyncio.wait([self.forwarding], timeout=STOP_WAIT_SECONDS)
@@ -141,7 +141,7 @@ class ChatSession:
 
     async def leave(self) -> None:
         """The client is gone: stop copying. A reply left alone runs on for the resume window."""
-        if self.asked is not None and self.asked.sender is self.websocket:
-            self.asked.drop_sender()
+        if self.own_reply is not None and self.own_reply.asker is self.websocket:
+            self.own_reply.drop_asker()
         if self.forwarding is not None and not self.forwarding.done():
             self.forwarding.cancel()

@@ -191,7 +191,6 @@ class RedisStore(ConversationStore):
 
     def __init__(self, url: str):
         import redis.asyncio  # only needed with a redis:// store
-
         from redis.exceptions import RedisError, WatchError
         self.errors, self.WatchError = RedisError, WatchError
         # Short timeouts: when Redis is away the user hears so in seconds, not minutes.

@@ -9,7 +9,10 @@ mid-way sees the reply, not its trace.
 
 The inspector is off unless the server enables it (CHAT_INSPECTOR=1; `make chat` does):
 its snapshots show the system prompt and the conversation, which a deployment may not
-want every visitor to read. pocketflow itself is not changed.
+want every visitor to read. pocketflow itself is not changed, but two of its private
+methods are used here, as pocketflow 0.0.3 defines them (the version pinned in the
+project's dependencies): check `run_node_traced` and `TracedFlow._orch_async` against
+pocketflow's source before upgrading it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def snapshot(value, depth: int = 0):
 
 
 class Tracer:
-    """One reply's trace, for the connection (a ChatSession) that asked for the reply."""
+    """One reply's trace, for its asker: the connection (a ChatSession) that asked for the reply."""
 
     def __init__(self, reply, session):
         self.reply, self.session = reply, session
@@ -52,7 +55,7 @@ class Tracer:
     @property
     def on(self) -> bool:
         # Checked at every event: the panel may open or close mid-reply, the client may leave.
-        return self.session.inspecting and self.reply.sender is self.session.websocket
+        return self.session.inspecting and self.reply.asker is self.session.websocket
 
     async def emit(self, phase: str, event: str, **fields) -> None:
         if not self.on:
@@ -114,7 +117,10 @@ def describe_post(shared, action) -> dict:
 
 
 async def run_node_traced(node, shared, tracer):
-    """What PocketFlow's `_run_async` does for a node (prep, exec, post), each phase traced."""
+    """What PocketFlow's `_run_async` does for a node (prep, exec, post), each phase traced.
+
+    Pinned to pocketflow 0.0.3: `AsyncNode._run_async` is prep_async, `_exec` (exec_async
+    with the retries and exec_fallback_async), then post_async; `_exec` is private."""
     name = type(node).__name__
     prep_res = await traced_phase(tracer, "prep", name, lambda: node.prep_async(shared),
                                   lambda result: {"returned": snapshot(result)})
@@ -127,6 +133,8 @@ class TracedFlow(AsyncFlow):
     """An AsyncFlow that reports itself and every node it runs to `shared["tracer"]`."""
 
     async def _orch_async(self, shared, params=None):
+        """pocketflow 0.0.3's private `AsyncFlow._orch_async`, each node run by
+        `run_node_traced`: the same copy per node, params and successor lookup."""
         tracer = shared.get("tracer") or Untraced()
         node, action = copy.copy(self.start_node), None  # a fresh copy per run, as PocketFlow does
         while node:

@@ -64,7 +64,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
 
         one_frame()
     assert count >= 300
-    assert not chat_main.reply_tasks
+    assert not client.app_state["hub"].tasks
 
 
 def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
@@ -78,10 +78,11 @@ def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
                 ws.send_json({"type": "message", "content": "a long one"})
                 assert ws.receive_json()["type"] == "start"
                 assert ws.receive_json()["type"] == "chunk"
-        wait_until(lambda: fake.active == 0 and not chat_main.reply_tasks, timeout=20,
+        state = client.app_state  # the lifespan's state, which the app reads as websocket.state
+        wait_until(lambda: fake.active == 0 and not state["hub"].tasks, timeout=20,
                    what="every upstream stream and reply task to end")
     assert fake.cancelled == 50 and fake.completed == 0
-    assert not chat_main.open_connections
+    assert not state["open_connections"]
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,24 @@ Here a client that leaves is not waited for (CHAT_RESUME_SECONDS=0, the behaviou
 replies could resume); tests/test_step05_resume.py covers the resume window.
 """
 
+import ast
 import asyncio
 import time
+from pathlib import Path
 
+import openai
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+import step05_production
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
-from step05_production.replies import LiveReply, ReplyHub
+from step05_production.replies import LiveReply, LocalFeed, ReplyHub
 from step05_production.store import MemoryStore, trim_history
-from harness.support import (LocalClient, assert_told_and_closed, assert_reply_streams_incrementally, collect_reply,
-                           read_conversation, reply_text, wait_until)
+from step05_production.utils.stream_llm import StreamCutOff
+from harness.support import (LocalClient, assert_told_and_closed, collect_reply, history_sent, read_conversation,
+                             reply_text, start_slow_reply, wait_until)
 
 APP = "step05_production.main"
 SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}
@@ -34,18 +39,7 @@ def client(fake):
     """In-process only: for tests that change settings or the environment of the app."""
     with LocalClient(chat_main.app) as test_client:
         yield test_client
-    assert not chat_main.reply_tasks, "a reply task outlived its connection"
-
-
-def history_sent(fake) -> list[str]:
-    return [m["content"] for m in fake.requests[-1]["messages"]]
-
-
-def start_slow_reply(ws, fake, content="tell me a long story"):
-    fake.chunk_delay, fake.min_chunks = 0.1, 60
-    ws.send_json({"type": "message", "content": content})
-    assert ws.receive_json() == {"type": "start"}
-    assert ws.receive_json()["type"] == "chunk"
+    assert not test_client.app_state["hub"].tasks, "a reply task outlived its connection"
 
 
 # The happy path --------------------------------------------------------------------
@@ -88,8 +82,9 @@ def test_no_reply_task_survives_its_connection(client, fake):
         with client.websocket_connect("/ws") as ws:
             read_conversation(ws)
             start_slow_reply(ws, fake)
-    wait_until(lambda: not chat_main.reply_tasks and fake.active == 0, what="all replies to end")
-    assert fake.cancelled == 5 and not chat_main.open_connections
+    state = client.app_state  # the lifespan's state, which the app reads as websocket.state
+    wait_until(lambda: not state["hub"].tasks and fake.active == 0, what="all replies to end")
+    assert fake.cancelled == 5 and not state["open_connections"]
 
 
 # Limits and origin -----------------------------------------------------------------
@@ -176,6 +171,23 @@ def test_an_idle_connection_is_closed(client, fake, monkeypatch):
         assert closed.value.code == 1000
 
 
+def test_each_running_app_has_its_own_state(fake):
+    """Two in-process clients of one app: each runs the lifespan, so each has its own
+    replies, store and limits, and one closing leaves the other working."""
+    first, second = LocalClient(chat_main.app), LocalClient(chat_main.app)
+    with second:
+        with first:
+            assert first.app_state["hub"] is not second.app_state["hub"]
+            assert first.app_state["client_limits"] is not second.app_state["client_limits"]
+            with first.websocket_connect("/ws") as ws:
+                read_conversation(ws)
+                assert first.app_state["open_connections"] and not second.app_state["open_connections"]
+        with second.websocket_connect("/ws") as ws:  # the first one's shutdown closed only its own store
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": "still here"})
+            assert reply_text(collect_reply(ws)) == "You said: still here"
+
+
 def test_the_page_loads_its_scripts_from_this_server(client):
     page = client.get("/").text
     assert "http" not in page.split("<body>")[0].replace('name="viewport"', ""), "no CDN"
@@ -184,13 +196,23 @@ def test_the_page_loads_its_scripts_from_this_server(client):
         assert asset in page and client.get(asset).status_code == 200
 
 
+def test_the_health_check_answers_ok_for_load_balancers(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.headers["x-content-type-options"] == "nosniff"  # the security headers too
+    assert "content-security-policy" in response.headers
+
+
+def test_the_health_check_is_behind_the_host_allowlist(client):
+    assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+
+
 # Each task's piece alone ------------------------------------------------------------
 
 
 def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends():
     async def scenario():
-        hub = ReplyHub()
-        await hub.open(MemoryStore)
+        hub = ReplyHub(MemoryStore(), LocalFeed())
         release = asyncio.Event()
         ran = []
 
@@ -198,13 +220,13 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
             ran.append(history)
             await release.wait()
 
-        reply = await hub.begin("conversation-a", "hi", generate, sender=None)
+        reply = await hub.begin("conversation-a", "hi", generate, asker=None)
         assert reply is not None and isinstance(reply.task, asyncio.Task), "begin must start a task"
         assert not reply.task.done(), "begin must not wait for the reply: the loop has frames to read"
         assert reply.task in hub.tasks, "hold the task (a task nobody holds can be garbage-collected)"
         await asyncio.sleep(0)
         assert ran == [[]], "the task runs generate(reply, history)"
-        assert await hub.begin("conversation-a", "again", generate, sender=None) is None  # busy
+        assert await hub.begin("conversation-a", "again", generate, asker=None) is None  # busy
         release.set()
         await reply.task
         await asyncio.sleep(0)
@@ -216,17 +238,16 @@ def test_begin_runs_the_reply_in_a_task_and_frees_the_conversation_when_it_ends(
 
 def test_stop_marks_the_stop_then_cancels_the_reply_task():
     async def scenario():
-        reply = LiveReply("conversation-b", 1, "hi")
         seen = {}
 
-        async def generating():
+        async def generating(reply):
             try:
                 await asyncio.sleep(30)
             except asyncio.CancelledError:
                 seen["stop_requested"] = reply.stop_requested.is_set()
                 raise
 
-        reply.task = asyncio.create_task(generating())
+        reply = LiveReply("conversation-b", 1, "hi", asker=None, generate=generating)
         await asyncio.sleep(0)
         reply.stop()
         await asyncio.gather(reply.task, return_exceptions=True)
@@ -267,3 +288,57 @@ def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(
     else:
         assert isinstance(result, asyncio.CancelledError), f"without a Stop the cancellation must go on, got {result!r}"
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be closed")
+
+
+@pytest.mark.parametrize("failure, shown", [("500", ""), ("drop", "You said:")])
+def test_a_failed_llm_call_goes_to_pocketflows_exec_fallback_with_the_part_shown(fake, failure, shown):
+    """exec lets an LLM failure out; pocketflow hands it to exec_fallback_async after the
+    last attempt, which returns it (post explains it), with the chunks already shown."""
+    fake.fail_next(failure, times=3)  # more than the SDK's own retries
+
+    async def scenario():
+        node, live = StreamingChatNode(), RecordingLive()
+        prep_res = ([{"role": "user", "content": "one two three"}], live, asyncio.Event())
+        with pytest.raises((openai.APIStatusError, StreamCutOff)) as raised:
+            await node.exec_async(prep_res)
+        return raised.value, await node.exec_fallback_async(prep_res, raised.value)
+
+    error, reply = asyncio.run(scenario())
+    assert reply.error is error and not reply.stopped
+    assert reply.text == shown and len(reply.parts) == len(shown.split())
+
+
+# It stands alone ---------------------------------------------------------------------
+
+PACKAGE = Path(step05_production.__file__).parent
+NOT_SHIPPED = ("tests", "grading", "local_llm", "bench", "exercises")  # the workshop, not the chat
+
+
+def imports_of(path: Path) -> list[str]:
+    """The modules a file imports, relative imports made absolute."""
+    package = [PACKAGE.name, *path.relative_to(PACKAGE).parent.parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                found.append(node.module)
+            elif node.level > len(package):  # above the package: whatever holds it
+                found.append("." * node.level + (node.module or ""))
+            else:
+                found.append(".".join(package[:len(package) - node.level + 1] + [node.module or ""]).rstrip("."))
+    return found
+
+
+def test_the_production_chat_imports_nothing_from_the_workshop_around_it():
+    """Copied alone into a product, it must still run: no tests, grading, local model,
+    bench or other step."""
+    leaks = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for module in imports_of(path):
+            top = module.split(".")[0]
+            if module.startswith(".") or top in NOT_SHIPPED or (top.startswith("step0") and top != PACKAGE.name):
+                leaks.append(f"{path.relative_to(PACKAGE)}: {module}")
+    assert not leaks, leaks
+    assert "step05_production.utils.stream_llm" in imports_of(PACKAGE / "nodes.py")  # relative imports resolved

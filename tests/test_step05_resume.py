@@ -89,7 +89,7 @@ def test_a_reply_left_alone_is_stopped_after_the_window_and_kept(fake, monkeypat
         time.sleep(0.3)
         assert fake.cancelled == 0, "cancelled before the window passed"
         wait_until(lambda: fake.cancelled == 1, timeout=5, what="the upstream request to be cancelled")
-        wait_until(lambda: not chat_main.reply_tasks, what="the reply task to end")
+        wait_until(lambda: not client.app_state["hub"].tasks, what="the reply task to end")
         with client.websocket_connect(f"/ws?conversation={cid}") as ws:
             messages = read_conversation(ws)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and "status" not in messages[0]

@@ -9,9 +9,9 @@ Try it:  python -m step05_production.utils.stream_llm "Say hello in three langua
 """
 
 import asyncio
+import ipaddress
 import json
 import os
-import ipaddress
 import sys
 import weakref
 from collections.abc import AsyncIterator
