@@ -10,9 +10,9 @@ import threading
 import time
 
 import local_llm
-from step05_production.utils.stream_llm import get_client
 from harness.fake_llm import free_port
 from harness.support import ROOT, LiveServer, WsClient, llm_env
+from step05_production.utils.stream_llm import get_client
 
 OUT = ROOT / "docs" / "bench"
 

@@ -213,7 +213,7 @@ async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
     streaming = await probe(server)
     try:
         await asyncio.wait_for(chats, plan.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         run.failures = clients - len(run.whole_reply)
     after = await probe(server)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)

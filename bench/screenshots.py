@@ -10,8 +10,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from harness.fake_llm import FakeLLMServer
-from harness.support import LiveServer, llm_env
-from tests.test_browser import CHROMIUM_ARGS
+from harness.support import CHROMIUM_ARGS, LiveServer, llm_env
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 REPLY = ("Here is a **WebSocket** echo server in FastAPI:\n\n```python\n@app.websocket(\"/ws\")\n"

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from step05_production.store import new_conversation_id, open_store
 from harness.redis_server import RedisServer
 from harness.support import ROOT
+from step05_production.store import new_conversation_id, open_store
 
 OUT = ROOT / "docs" / "bench"
 REPLY = "word " * 160  # about a short answer: 800 characters

@@ -6,8 +6,17 @@ import json
 import subprocess
 import sys
 
-from grading.exercises import (EXERCISES, PRODUCT_NOTE, PRODUCT_STEP, ROOT, STEPS, load_tasks, start_exercise,
-                               tasks_of, test_files)
+from grading.exercises import (
+    EXERCISES,
+    PRODUCT_NOTE,
+    PRODUCT_STEP,
+    ROOT,
+    STEPS,
+    load_tasks,
+    start_exercise,
+    tasks_of,
+    test_files,
+)
 from grading.pytest_plugin import PROGRESS
 
 VALID = ", ".join(str(step) for step in STEPS)

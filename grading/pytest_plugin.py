@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from grading.exercises import EXERCISES, ROOT, STEPS, load_tasks
+from grading.exercises import EXERCISES, STEPS, load_tasks
 
 PROGRESS = EXERCISES / ".progress.json"
 STUB = re.compile(r'raise NotImplementedError\("Task (\d+\.\d+) ')

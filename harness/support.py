@@ -13,7 +13,6 @@ import time
 import weakref
 from pathlib import Path
 
-
 import anyio
 from fastapi.testclient import TestClient
 from websockets.sync.client import connect
@@ -251,3 +250,8 @@ def start_slow_reply(ws, fake, content: str = "tell me a long story") -> None:
     ws.send_json({"type": "message", "content": content})
     assert ws.receive_json() == {"type": "start"}
     assert ws.receive_json()["type"] == "chunk"
+
+
+# How the tests, the screenshots and the benchmarks start Chromium (Debian's, or Playwright's own).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]

@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .config import settings
 from .protocol import FrameError, parse_client_frame
@@ -129,7 +129,7 @@ async def chat(websocket: WebSocket):
         while True:
             try:
                 message = await asyncio.wait_for(websocket.receive(), settings.idle_timeout_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if session.busy():
                     continue  # quiet because it is reading a long reply: not idle
                 await websocket.close(code=1000, reason="idle")

@@ -16,7 +16,7 @@ import pytest
 
 from harness.fake_llm import FakeLLMServer
 from harness.redis_server import RedisServer
-from harness.support import LiveServer, LocalClient, WsClient, llm_env, read_conversation
+from harness.support import CHROMIUM_ARGS, LiveServer, LocalClient, WsClient, llm_env, read_conversation
 
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
@@ -139,3 +139,32 @@ def redis_server(tmp_path):
     """A real redis-server of its own, on a free loopback port."""
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium, for the browser tests (one per test module)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:  # never a silent skip: the browser tests must run
+        pytest.fail("No chromium on PATH. `make test` installs Debian's chromium; elsewhere run "
+                    "`.venv/bin/python -m playwright install chromium`.")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that fails the test on any JavaScript error. bypass_csp: Playwright's
+    wait_for_function evaluates its string with eval, which step 05's CSP forbids (these tests
+    drive the page; tests/test_browser_hostile.py keeps the CSP on)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 700}, bypass_csp=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

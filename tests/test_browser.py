@@ -1,6 +1,5 @@
 """Every step's page in a real browser: Debian's Chromium, driven by Playwright."""
 
-import shutil
 import time
 
 import pytest
@@ -12,38 +11,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step04_full_chat", "step05_production"]
 # The two full chat pages (Stop, New chat, status): what they share is tested on both.
 CHATS = ["step04_full_chat", "step05_production"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:  # never a silent skip: the browser tests must run
-        pytest.fail("No chromium on PATH. `make test` installs Debian's chromium; elsewhere run "
-                    "`.venv/bin/python -m playwright install chromium`.")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-# Playwright's wait_for_function evaluates its string with eval, which step05's CSP
-# forbids; these tests drive the page, tests/test_browser_hostile.py keeps the CSP on.
-TEST_CONTEXT = {"bypass_csp": True}
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1000, "height": 700}, **TEST_CONTEXT)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+TEST_CONTEXT = {"bypass_csp": True}  # as the `page` fixture's (tests/conftest.py)
 
 
 def serve(step, fake_server, port=None, **settings):

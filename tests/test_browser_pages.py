@@ -3,7 +3,7 @@ error, and no serious accessibility violation (axe-core, WCAG 2.1 AA and best pr
 
 import pytest
 
-from tests.test_browser import STEPS, browser, page, send, serve  # noqa: F401 (fixtures)
+from tests.test_browser import STEPS, send, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -80,7 +80,7 @@ def test_the_inspector_shows_prep_exec_post_for_each_turn(step, page, fake, fake
             send(page, text)
             wait_for_traced_turn(page, turn)
         turns = page.query_selector_all(".turn")
-        for turn, expected_history in zip(turns, (2, 4)):
+        for turn, expected_history in zip(turns, (2, 4), strict=True):
             rows = [row.get_attribute("data-phase") for row in turn.query_selector_all(".phase")]
             assert rows == ["prep", "exec", "post", "flow"]
             assert f"history: {expected_history} messages" in turn.inner_text()

@@ -3,7 +3,7 @@ place, a restart keeps it, a second tab shares it, and New chat starts a fresh o
 
 import pytest
 
-from tests.test_browser import browser, open_chat, page, send, serve  # noqa: F401 (fixtures)
+from tests.test_browser import open_chat, send, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -9,14 +9,25 @@ import threading
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
+from harness.fake_llm import free_port
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    point_llm_at,
+    read_conversation,
+    reply_text,
+    wait_until,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
-from harness.fake_llm import free_port
-from harness.support import (LocalClient, LiveServer, WsClient, collect_reply, llm_env, point_llm_at,
-                           read_conversation, reply_text, wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
 

@@ -9,8 +9,14 @@ here (step 05 with CHAT_RESUME_SECONDS=0); tests/test_step05_resume.py covers re
 
 import pytest
 
-from harness.support import (assert_reply_streams_incrementally, collect_reply, history_sent, reply_text,
-                           start_slow_reply, wait_until)
+from harness.support import (
+    assert_reply_streams_incrementally,
+    collect_reply,
+    history_sent,
+    reply_text,
+    start_slow_reply,
+    wait_until,
+)
 
 APPS = ["step04_full_chat.main", "step05_production.main"]
 SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}  # step 05: a reply whose client left stops at once

@@ -7,11 +7,11 @@ import threading
 import pytest
 
 import local_llm
+from harness.fake_llm import free_port
+from harness.notebooks import execute, text_output
+from harness.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, reply_text
 from local_llm import LocalModelError, start_local_llm
 from step05_production import main as chat_main
-from harness.fake_llm import free_port
-from harness.support import LocalClient, LiveServer, WsClient, collect_reply, llm_env, reply_text
-from harness.notebooks import execute, text_output
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 

@@ -5,8 +5,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from step01_echo_ws.main import app
 from harness.support import WsClient
+from step01_echo_ws.main import app
 
 APP = "step01_echo_ws.main"
 

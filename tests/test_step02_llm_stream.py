@@ -7,10 +7,10 @@ from contextlib import aclosing
 import pytest
 from fastapi.testclient import TestClient
 
-from step02_llm_stream.main import app
-from step02_llm_stream.utils.stream_llm import stream_llm
 from harness.fake_llm import free_port
 from harness.support import assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
+from step02_llm_stream.main import app
+from step02_llm_stream.utils.stream_llm import stream_llm
 
 APP = "step02_llm_stream.main"
 

@@ -5,10 +5,15 @@ import asyncio
 import pytest
 from pocketflow import AsyncFlow
 
+from harness.support import (
+    assert_reply_streams_incrementally,
+    collect_reply,
+    frames_until_the_flow_ends,
+    phases,
+    reply_text,
+)
 from step03_pocketflow_node.flow import create_streaming_chat_flow
 from step03_pocketflow_node.nodes import StreamingChatNode
-from harness.support import (assert_reply_streams_incrementally, collect_reply, frames_until_the_flow_ends, phases,
-                           reply_text)
 
 APP = "step03_pocketflow_node.main"
 

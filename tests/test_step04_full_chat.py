@@ -11,11 +11,11 @@ import json
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+from harness.support import LocalClient, collect_reply, history_sent, reply_text, start_slow_reply, wait_until
 from step04_full_chat import main as chat_main
 from step04_full_chat import nodes
 from step04_full_chat.nodes import StreamingChatNode, bounded
 from step04_full_chat.session import ChatSession
-from harness.support import LocalClient, collect_reply, history_sent, reply_text, start_slow_reply, wait_until
 
 APP = "step04_full_chat.main"
 

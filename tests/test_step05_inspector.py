@@ -9,13 +9,19 @@ from contextlib import contextmanager
 
 import pytest
 
+from harness.support import (
+    LocalClient,
+    collect_reply,
+    frames_until_the_flow_ends,
+    phases,
+    read_conversation,
+    reply_text,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply
 from step05_production.tracing import Tracer
-from harness.support import (LocalClient, collect_reply, frames_until_the_flow_ends, phases, read_conversation,
-                           reply_text)
 
 APP = "step05_production.main"
 SERVER_ENV = {"CHAT_INSPECTOR": "1"}

@@ -16,14 +16,22 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 import step05_production
+from harness.support import (
+    LocalClient,
+    assert_told_and_closed,
+    collect_reply,
+    history_sent,
+    read_conversation,
+    reply_text,
+    start_slow_reply,
+    wait_until,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply, LocalFeed, ReplyHub
 from step05_production.store import MemoryStore, trim_history
 from step05_production.utils.stream_llm import StreamCutOff
-from harness.support import (LocalClient, assert_told_and_closed, collect_reply, history_sent, read_conversation,
-                             reply_text, start_slow_reply, wait_until)
 
 APP = "step05_production.main"
 SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}

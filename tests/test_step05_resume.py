@@ -7,10 +7,18 @@ import time
 
 import pytest
 
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+    wait_until,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
-from harness.support import (LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text,
-                           wait_until)
 
 APP = "step05_production.main"
 WINDOW = 10  # seconds: far longer than any reconnect below

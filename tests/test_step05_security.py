@@ -12,11 +12,19 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    assert_told_and_closed,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.utils.stream_llm import explain_llm_error
-from harness.support import (LiveServer, LocalClient, assert_told_and_closed, WsClient, collect_reply, llm_env,
-                           read_conversation, reply_text)
 
 APP = "step05_production.main"
 

@@ -9,9 +9,6 @@ import sys
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from step05_production.__main__ import parse_arguments
-from step05_production.config import settings
-from step05_production.server import server_limits
 from harness.fake_llm import free_port
 from harness.support import (
     ROOT,
@@ -23,6 +20,9 @@ from harness.support import (
     reply_text,
     wait_for_port,
 )
+from step05_production.__main__ import parse_arguments
+from step05_production.config import settings
+from step05_production.server import server_limits
 
 ADVICE = "python -m step05_production"  # what the app says when its command lacks a limit
 

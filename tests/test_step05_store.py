@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
 from step05_production import store as store_module
 from step05_production.config import settings
 from step05_production.store import StoreError, is_valid_id, new_conversation_id, open_store
-from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
@@ -82,7 +82,7 @@ def test_the_count_cap_drops_the_least_recently_used(store_url, monkeypatch):
     async def use(store):
         for cid in ids:
             await store.add_turn(cid, "q", "a")
-            time.sleep(0.002)  # distinct last-use times
+            await asyncio.sleep(0.002)  # distinct last-use times
         return [await store.load(cid) is not None for cid in ids]
 
     assert run(with_store(store_url, use)) == [False, False, True, True, True]
