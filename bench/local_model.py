@@ -16,9 +16,14 @@ from step05_production.utils.stream_llm import get_client
 
 OUT = ROOT / "docs" / "bench"
 
-PROMPTS = ["Write a short poem about the sea.", "Explain what a WebSocket is.",
-           "Give three tips for learning Python.", "Describe a cat in two sentences.",
-           "What is the capital of France? Explain briefly.", "List five fruits and their colours."]
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a WebSocket is.",
+    "Give three tips for learning Python.",
+    "Describe a cat in two sentences.",
+    "What is the capital of France? Explain briefly.",
+    "List five fruits and their colours.",
+]
 ROUNDS = 2  # each prompt twice per path: the rates are medians of 12 and 24 streams
 
 
@@ -26,7 +31,8 @@ async def raw_once(prompt):
     began = time.perf_counter()
     first, chunks = None, 0
     stream = await get_client().chat.completions.create(
-        model="m", messages=[{"role": "user", "content": prompt}], stream=True)
+        model="m", messages=[{"role": "user", "content": prompt}], stream=True
+    )
     async with stream:
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -60,12 +66,17 @@ def report(label, samples):
 
 
 def write_markdown(started_in: float) -> None:
-    lines = ["# The embedded model: raw against through step05", "",
-             "Written by `python -m bench.local_model` (`make bench`): SmolLM2-135M in llama.cpp (xllamacpp), "
-             f"started in {started_in:.2f} s, temperature 0 so both paths generate the same tokens; "
-             f"{len(PROMPTS)} prompts × {ROUNDS}, raw and relayed interleaved. Rate = (tokens − 1) ÷ (last − first token). "
-             "The relayed first token is quicker only because llama.cpp has just cached the same prompt.", "",
-             "| path | first token, median (ms) | tokens/s per stream, median | streams |", "|---|---:|---:|---:|"]
+    lines = [
+        "# The embedded model: raw against through step05",
+        "",
+        "Written by `python -m bench.local_model` (`make bench`): SmolLM2-135M in llama.cpp (xllamacpp), "
+        f"started in {started_in:.2f} s, temperature 0 so both paths generate the same tokens; "
+        f"{len(PROMPTS)} prompts × {ROUNDS}, raw and relayed interleaved. Rate = (tokens − 1) ÷ (last − first token). "
+        "The relayed first token is quicker only because llama.cpp has just cached the same prompt.",
+        "",
+        "| path | first token, median (ms) | tokens/s per stream, median | streams |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {label} | {ttft:.0f} | {rate:.1f} | {count} |" for label, (ttft, rate, count) in ROWS.items()]
     for concurrency in (1, 2):
         raw = ROWS[f"raw, {concurrency} concurrent"][1]
@@ -78,6 +89,7 @@ def write_markdown(started_in: float) -> None:
 
 def main():
     import os
+
     port = free_port()
     began = time.perf_counter()
     local_llm.TEMPERATURE = 0.0  # greedy: both paths generate the very same tokens

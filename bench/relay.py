@@ -80,16 +80,22 @@ class Run:
 
     def summary(self) -> dict:
         def in_ms(values):
-            return {name: round(quantile(values, q) * 1000, 1) if values else None
-                    for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}
+            return {
+                name: round(quantile(values, q) * 1000, 1) if values else None
+                for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+            }
 
         return {
-            "variant": self.variant, "clients": self.clients, "failures": self.failures,
+            "variant": self.variant,
+            "clients": self.clients,
+            "failures": self.failures,
             "first_chunk_ms": in_ms(self.first_chunk),
             "first_chunk_overhead_ms": in_ms(self.first_chunk_overhead),
             "chunk_latency_ms": in_ms(self.chunk_latency),
             "whole_reply_s_p50": round(statistics.median(self.whole_reply), 3) if self.whole_reply else None,
-            "upstream_chunks_per_s_p50": round(statistics.median(self.upstream_rate), 1) if self.upstream_rate else None,
+            "upstream_chunks_per_s_p50": round(statistics.median(self.upstream_rate), 1)
+            if self.upstream_rate
+            else None,
             "cpu_us_per_chunk": round(self.cpu_us_per_chunk, 1),
             "server_lag_max_ms": self.server_lag_max_ms,
             "server_sockets_after": self.sockets_after,
@@ -118,8 +124,17 @@ class Plan:
 
 
 FULL = Plan(concurrency=[1, 10, 50, 100, 200], capacity=[100, 200, 300, 400, 500, 600, 800, 1000], memory_clients=500)
-SMOKE = Plan(concurrency=[1, 4], capacity=[8], memory_clients=8, chunks=5, delay=0.01, timeout=30.0,
-             capacity_chunks=6, store_clients=4, store_rounds=1)
+SMOKE = Plan(
+    concurrency=[1, 4],
+    capacity=[8],
+    memory_clients=8,
+    chunks=5,
+    delay=0.01,
+    timeout=30.0,
+    capacity_chunks=6,
+    store_clients=4,
+    store_rounds=1,
+)
 
 
 # The pieces: upstream, server, clients ----------------------------------------------
@@ -130,8 +145,20 @@ class FakeUpstream:
 
     def __init__(self, chunks: int, delay: float):
         self.port = free_port()
-        self.command = [sys.executable, "-m", "harness.fake_llm", "--port", str(self.port), "--stamp",
-                        "--delay", str(delay), "--min-chunks", str(chunks), "--reply", "x"]
+        self.command = [
+            sys.executable,
+            "-m",
+            "harness.fake_llm",
+            "--port",
+            str(self.port),
+            "--stamp",
+            "--delay",
+            str(delay),
+            "--min-chunks",
+            str(chunks),
+            "--reply",
+            "x",
+        ]
 
     def __enter__(self) -> FakeUpstream:
         self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -150,9 +177,15 @@ class FakeUpstream:
 def serve(variant: str, upstream: FakeUpstream, store: str = "") -> LiveServer:
     store = store or f"sqlite:///{STORE_DIR}/{variant}-{free_port()}.sqlite3"
     # Every bench client connects from 127.0.0.1: lift the per-address caps too.
-    env = llm_env(upstream.base_url, PROBED_APP=VARIANTS[variant], CHAT_MAX_CONNECTIONS="100000",
-                  CHAT_RATE_LIMIT_MESSAGES="100000", CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
-                  CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000", CHAT_STORE_URL=store)
+    env = llm_env(
+        upstream.base_url,
+        PROBED_APP=VARIANTS[variant],
+        CHAT_MAX_CONNECTIONS="100000",
+        CHAT_RATE_LIMIT_MESSAGES="100000",
+        CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
+        CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000",
+        CHAT_STORE_URL=store,
+    )
     return LiveServer("harness.loop_probe:app", env=env, extra_args=UVICORN_ARGS)
 
 
@@ -197,8 +230,7 @@ async def chat_once(ws, go: asyncio.Event, run: Run, chunks: int, start_after: f
     run.upstream_rate.append((chunks - 1) / (stamps[-1] - stamps[0]))
 
 
-async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
-                  spread: float = 0.0) -> tuple[Run, dict]:
+async def measure(server: LiveServer, variant: str, clients: int, plan: Plan, spread: float = 0.0) -> tuple[Run, dict]:
     """N clients send at once, or evenly over `spread` seconds (a class arriving rather than
     a burst). Returns the run and the server's memory figures (KiB)."""
     run = Run(variant, clients)
@@ -222,11 +254,11 @@ async def measure(server: LiveServer, variant: str, clients: int, plan: Plan,
     relayed = max(1, len(run.chunk_latency))
     run.cpu_us_per_chunk = (after["cpu_seconds"] - idle["cpu_seconds"]) / relayed * 1e6
     run.server_lag_max_ms = after["lag_ms"]["max"]
-    memory = {"idle_kib_per_connection": (idle["rss_kib"] - before["rss_kib"]) / clients,
-              "streaming_kib_per_connection": (streaming["rss_kib"] - before["rss_kib"]) / clients}
+    memory = {
+        "idle_kib_per_connection": (idle["rss_kib"] - before["rss_kib"]) / clients,
+        "streaming_kib_per_connection": (streaming["rss_kib"] - before["rss_kib"]) / clients,
+    }
     return run, memory
-
-
 
 
 async def warm_up(server: LiveServer, plan: Plan) -> None:
@@ -249,20 +281,33 @@ def store_on_off(plan: Plan, upstream: FakeUpstream) -> dict:
             for name, server in (("on", on), ("off", off)):
                 run, _ = asyncio.run(measure(server, "step05", plan.store_clients, plan))
                 summary = run.summary()
-                rounds[name].append({"first_chunk_ms_p50": summary["first_chunk_ms"]["p50"],
-                                     "whole_reply_s_p50": summary["whole_reply_s_p50"],
-                                     "failures": summary["failures"]})
-    return {"clients": plan.store_clients, "rounds": rounds,
-            **{f"first_chunk_ms_p50_{name}": statistics.median(r["first_chunk_ms_p50"] for r in rounds[name])
-               for name in rounds}}
+                rounds[name].append(
+                    {
+                        "first_chunk_ms_p50": summary["first_chunk_ms"]["p50"],
+                        "whole_reply_s_p50": summary["whole_reply_s_p50"],
+                        "failures": summary["failures"],
+                    }
+                )
+    return {
+        "clients": plan.store_clients,
+        "rounds": rounds,
+        **{
+            f"first_chunk_ms_p50_{name}": statistics.median(r["first_chunk_ms_p50"] for r in rounds[name])
+            for name in rounds
+        },
+    }
 
 
 def run_plan(plan: Plan) -> dict:
     steps = len(plan.concurrency) * len(VARIANTS) + len(plan.capacity) + 2
     progress = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
-    results = {"schedule": {"chunks": plan.chunks, "delay_ms": plan.delay * 1000},
-               "capacity_schedule": {"chunks": plan.capacity_chunks, "delay_ms": CAPACITY_DELAY * 1000},
-               "runs": [], "capacity": [], "memory": {}}
+    results = {
+        "schedule": {"chunks": plan.chunks, "delay_ms": plan.delay * 1000},
+        "capacity_schedule": {"chunks": plan.capacity_chunks, "delay_ms": CAPACITY_DELAY * 1000},
+        "runs": [],
+        "capacity": [],
+        "memory": {},
+    }
     with FakeUpstream(plan.chunks, plan.delay) as upstream:
         for variant in VARIANTS:
             with serve(variant, upstream) as server:
@@ -289,14 +334,19 @@ def run_plan(plan: Plan) -> dict:
         asyncio.run(warm_up(server, capacity))
         for clients in plan.capacity:
             progress.set_postfix_str(f"capacity, {clients} streams")
-            run, _ = asyncio.run(measure(server, "step05", clients, capacity, spread=capacity.chunks * capacity.delay / 2))
+            run, _ = asyncio.run(
+                measure(server, "step05", clients, capacity, spread=capacity.chunks * capacity.delay / 2)
+            )
             results["capacity"].append(run.summary())
             progress.update()
             if run.failures or quantile(run.chunk_latency, 0.99) > CAPACITY_P99_LIMIT:
                 break
     progress.close()
-    held = [r["clients"] for r in results["capacity"]
-            if not r["failures"] and r["chunk_latency_ms"]["p99"] <= CAPACITY_P99_LIMIT * 1000]
+    held = [
+        r["clients"]
+        for r in results["capacity"]
+        if not r["failures"] and r["chunk_latency_ms"]["p99"] <= CAPACITY_P99_LIMIT * 1000
+    ]
     results["capacity_streams"] = max(held, default=0)
     return results
 

@@ -77,8 +77,10 @@ def measure(sizes: list[int]) -> list[dict]:
     text = reply_text(max(sizes) + FRAMES * STEP + 10)
     rows = []
     # The page needs no LLM to render: nothing is sent, so any address will do.
-    with LiveServer("step05_production.main:app", env=llm_env("http://127.0.0.1:9/v1")) as server, \
-            sync_playwright() as playwright:
+    with (
+        LiveServer("step05_production.main:app", env=llm_env("http://127.0.0.1:9/v1")) as server,
+        sync_playwright() as playwright,
+    ):
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         page.goto(server.url)
@@ -86,23 +88,30 @@ def measure(sizes: list[int]) -> list[dict]:
         for size in sizes:
             for mode in ("full re-render", "incremental"):
                 times = page.evaluate(MEASURE, [text, size, FRAMES, STEP, mode.split()[0]])
-                rows.append({"chars": size, "mode": mode, "median_ms": statistics.median(times),
-                             "max_ms": max(times)})
+                rows.append({"chars": size, "mode": mode, "median_ms": statistics.median(times), "max_ms": max(times)})
         browser.close()
     return rows
 
 
 def write_table(rows: list[dict], out: Path) -> Path:
-    lines = ["# Render time per frame (step05's page, Chromium)", "",
-             f"Each frame adds {STEP} characters to a Markdown reply and renders it, forced layout "
-             f"included; median and max of {FRAMES} frames. Made by `python -m bench.render`.", "",
-             "| reply length | full re-render (before): median / max | incremental (now): median / max |",
-             "|---|---|---|"]
+    lines = [
+        "# Render time per frame (step05's page, Chromium)",
+        "",
+        f"Each frame adds {STEP} characters to a Markdown reply and renders it, forced layout "
+        f"included; median and max of {FRAMES} frames. Made by `python -m bench.render`.",
+        "",
+        "| reply length | full re-render (before): median / max | incremental (now): median / max |",
+        "|---|---|---|",
+    ]
     for size in sorted({r["chars"] for r in rows}):
-        full, incremental = (next(r for r in rows if r["chars"] == size and r["mode"] == mode)
-                             for mode in ("full re-render", "incremental"))
-        lines.append(f"| {size:,} characters | {full['median_ms']:.1f} / {full['max_ms']:.1f} ms "
-                     f"| {incremental['median_ms']:.1f} / {incremental['max_ms']:.1f} ms |")
+        full, incremental = (
+            next(r for r in rows if r["chars"] == size and r["mode"] == mode)
+            for mode in ("full re-render", "incremental")
+        )
+        lines.append(
+            f"| {size:,} characters | {full['median_ms']:.1f} / {full['max_ms']:.1f} ms "
+            f"| {incremental['median_ms']:.1f} / {incremental['max_ms']:.1f} ms |"
+        )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "render.md"
     path.write_text("\n".join(lines) + "\n")

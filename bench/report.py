@@ -12,9 +12,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"step05": "step05 (one client, aiohttp transport, lines read directly)",
-          "step02": "step02 (one client, the SDK's defaults)",
-          "naive": "naive baseline (step05 with a new client per message)"}
+LABELS = {
+    "step05": "step05 (one client, aiohttp transport, lines read directly)",
+    "step02": "step02 (one client, the SDK's defaults)",
+    "naive": "naive baseline (step05 with a new client per message)",
+}
 
 
 def fmt(value) -> str:
@@ -22,19 +24,23 @@ def fmt(value) -> str:
 
 
 def runs_table(runs: list[dict]) -> list[str]:
-    lines = ["| variant | clients | first chunk p50 / p99 (ms) | its overhead p50 / p99 (ms) "
-             "| chunk latency p50 / p99 / max (ms) "
-             "| whole reply p50 (s) | upstream's real rate (chunks/s) | server CPU per chunk (µs) | server loop lag max (ms) | failed "
-             "| server sockets after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | clients | first chunk p50 / p99 (ms) | its overhead p50 / p99 (ms) "
+        "| chunk latency p50 / p99 / max (ms) "
+        "| whole reply p50 (s) | upstream's real rate (chunks/s) | server CPU per chunk (µs) | server loop lag max (ms) | failed "
+        "| server sockets after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
         first, chunk, extra = r["first_chunk_ms"], r["chunk_latency_ms"], r["first_chunk_overhead_ms"]
-        lines.append(f"| {r['variant']} | {r['clients']} | {fmt(first['p50'])} / {fmt(first['p99'])} "
-                     f"| {fmt(extra['p50'])} / {fmt(extra['p99'])} "
-                     f"| {fmt(chunk['p50'])} / {fmt(chunk['p99'])} / {fmt(chunk['max'])} "
-                     f"| {fmt(r['whole_reply_s_p50'])} | {fmt(r['upstream_chunks_per_s_p50'])} "
-                     f"| {fmt(r['cpu_us_per_chunk'])} "
-                     f"| {fmt(r['server_lag_max_ms'])} | {r['failures']} | {r.get('server_sockets_after', '–')} |")
+        lines.append(
+            f"| {r['variant']} | {r['clients']} | {fmt(first['p50'])} / {fmt(first['p99'])} "
+            f"| {fmt(extra['p50'])} / {fmt(extra['p99'])} "
+            f"| {fmt(chunk['p50'])} / {fmt(chunk['p99'])} / {fmt(chunk['max'])} "
+            f"| {fmt(r['whole_reply_s_p50'])} | {fmt(r['upstream_chunks_per_s_p50'])} "
+            f"| {fmt(r['cpu_us_per_chunk'])} "
+            f"| {fmt(r['server_lag_max_ms'])} | {r['failures']} | {r.get('server_sockets_after', '–')} |"
+        )
     return lines
 
 
@@ -69,12 +75,17 @@ def store_lines(results: dict) -> list[str]:
     def rounds(name):
         return ", ".join(f"{r['first_chunk_ms_p50']:g}" for r in ab["rounds"][name])
 
-    return ["## Store on vs off (step05, one worker)", "",
-            f"{ab['clients']} clients sending at once, against step05 with its default store (a SQLite "
-            "file) and with `CHAT_STORE_URL=memory://`, both servers up, in alternating rounds. "
-            "First chunk, median of each round (ms):", "",
-            f"- store on: {rounds('on')} → median {ab['first_chunk_ms_p50_on']:g} ms",
-            f"- store off: {rounds('off')} → median {ab['first_chunk_ms_p50_off']:g} ms", ""]
+    return [
+        "## Store on vs off (step05, one worker)",
+        "",
+        f"{ab['clients']} clients sending at once, against step05 with its default store (a SQLite "
+        "file) and with `CHAT_STORE_URL=memory://`, both servers up, in alternating rounds. "
+        "First chunk, median of each round (ms):",
+        "",
+        f"- store on: {rounds('on')} → median {ab['first_chunk_ms_p50_on']:g} ms",
+        f"- store off: {rounds('off')} → median {ab['first_chunk_ms_p50_off']:g} ms",
+        "",
+    ]
 
 
 def targets_table(results: dict) -> list[str]:
@@ -88,14 +99,25 @@ def targets_table(results: dict) -> list[str]:
         return f"| {target} | {measured} | {'met' if met else 'not met'} |"
 
     return [
-        "## Targets (issue #7)", "",
-        "| target | measured | |", "|---|---|---|",
-        row("50 clients: first chunk, median ≤ 30 ms", f"{at50['first_chunk_ms']['p50']} ms "
-            f"(of which the fake upstream's own: {own:.1f} ms)", at50["first_chunk_ms"]["p50"] <= 30),
-        row("50 clients: whole reply, median ≤ 1.1 s", f"{at50['whole_reply_s_p50']} s",
-            at50["whole_reply_s_p50"] <= 1.1),
-        row("≥ 500 streams at 20 chunks/s, p99 chunk overhead ≤ 100 ms", f"{results['capacity_streams']} streams",
-            results["capacity_streams"] >= 500),
+        "## Targets (issue #7)",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        row(
+            "50 clients: first chunk, median ≤ 30 ms",
+            f"{at50['first_chunk_ms']['p50']} ms (of which the fake upstream's own: {own:.1f} ms)",
+            at50["first_chunk_ms"]["p50"] <= 30,
+        ),
+        row(
+            "50 clients: whole reply, median ≤ 1.1 s",
+            f"{at50['whole_reply_s_p50']} s",
+            at50["whole_reply_s_p50"] <= 1.1,
+        ),
+        row(
+            "≥ 500 streams at 20 chunks/s, p99 chunk overhead ≤ 100 ms",
+            f"{results['capacity_streams']} streams",
+            results["capacity_streams"] >= 500,
+        ),
         row("≤ 64 KiB per idle connection", f"{idle} KiB", idle <= 64),
         "",
     ]
@@ -108,10 +130,18 @@ def plot(runs: list[dict], path: Path) -> None:
         clients = [r["clients"] for r in mine]
         first_axis.plot(clients, [r["first_chunk_overhead_ms"]["p50"] for r in mine], marker="o", label=label)
         chunk_axis.plot(clients, [r["chunk_latency_ms"]["p99"] for r in mine], marker="o", label=label)
-    first_axis.set(title="First chunk: overhead over the upstream's, median", xlabel="concurrent clients",
-                   ylabel="ms (log scale)", yscale="log")
-    chunk_axis.set(title="Every chunk: latency through the relay, p99", xlabel="concurrent clients",
-                   ylabel="ms (log scale)", yscale="log")
+    first_axis.set(
+        title="First chunk: overhead over the upstream's, median",
+        xlabel="concurrent clients",
+        ylabel="ms (log scale)",
+        yscale="log",
+    )
+    chunk_axis.set(
+        title="Every chunk: latency through the relay, p99",
+        xlabel="concurrent clients",
+        ylabel="ms (log scale)",
+        yscale="log",
+    )
     for axis in (first_axis, chunk_axis):
         axis.grid(True, which="both", alpha=0.3)
     first_axis.legend(fontsize=8)

@@ -58,8 +58,9 @@ async def measure(url: str, turns: int, conversations: int, concurrent: int) -> 
         at_once: list[float] = []
         first_burst_lags = []  # the first burst also opens the connections (Redis: one per turn at once)
         for batch in range(turns // concurrent):
-            at_once += await asyncio.gather(*(one_turn(store, ids[(batch * concurrent + i) % conversations], i)
-                                              for i in range(concurrent)))
+            at_once += await asyncio.gather(
+                *(one_turn(store, ids[(batch * concurrent + i) % conversations], i) for i in range(concurrent))
+            )
             if batch == 0:
                 first_burst_lags, lags[:] = lags[:], []
     finally:
@@ -69,12 +70,16 @@ async def measure(url: str, turns: int, conversations: int, concurrent: int) -> 
     def ms(values, q):
         return round(quantile(values, q) * 1000, 2)
 
-    return {"turns": turns, "conversations": conversations, "concurrent": concurrent,
-            "one_at_a_time_ms": {"p50": ms(one_at_a_time, 0.5), "p99": ms(one_at_a_time, 0.99)},
-            "at_once_ms": {"p50": ms(at_once, 0.5), "p99": ms(at_once, 0.99)},
-            "loop_lag_max_ms": round(max(lags, default=0) * 1000, 2),
-            "first_burst_loop_lag_max_ms": round(max(first_burst_lags, default=0) * 1000, 2),
-            "turns_per_s_one_at_a_time": round(turns / sum(one_at_a_time))}
+    return {
+        "turns": turns,
+        "conversations": conversations,
+        "concurrent": concurrent,
+        "one_at_a_time_ms": {"p50": ms(one_at_a_time, 0.5), "p99": ms(one_at_a_time, 0.99)},
+        "at_once_ms": {"p50": ms(at_once, 0.5), "p99": ms(at_once, 0.99)},
+        "loop_lag_max_ms": round(max(lags, default=0) * 1000, 2),
+        "first_burst_loop_lag_max_ms": round(max(first_burst_lags, default=0) * 1000, 2),
+        "turns_per_s_one_at_a_time": round(turns / sum(one_at_a_time)),
+    }
 
 
 def run(turns: int, conversations: int, concurrent: int) -> dict:
@@ -87,25 +92,35 @@ def run(turns: int, conversations: int, concurrent: int) -> dict:
 
 
 def write_report(results: dict, out: Path, seconds: float) -> Path:
-    lines = ["# Store benchmark: the cost of a turn", "",
-             f"Written by `python -m bench.store` (`make bench`) in {seconds:.1f} s. A turn = load the "
-             "conversation + append the user message and the reply (~800 characters) in one write; "
-             "histories grow to step05's limits (40 messages).", "",
-             "| store | turns | one at a time p50 / p99 (ms) | turns/s, one at a time "
-             "| concurrent turns | at once p50 / p99 (ms) | event-loop lag max (ms) | lag max in the first burst (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Store benchmark: the cost of a turn",
+        "",
+        f"Written by `python -m bench.store` (`make bench`) in {seconds:.1f} s. A turn = load the "
+        "conversation + append the user message and the reply (~800 characters) in one write; "
+        "histories grow to step05's limits (40 messages).",
+        "",
+        "| store | turns | one at a time p50 / p99 (ms) | turns/s, one at a time "
+        "| concurrent turns | at once p50 / p99 (ms) | event-loop lag max (ms) | lag max in the first burst (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['turns']} | {r['one_at_a_time_ms']['p50']} / {r['one_at_a_time_ms']['p99']} "
-                     f"| {r['turns_per_s_one_at_a_time']} | {r['concurrent']} "
-                     f"| {r['at_once_ms']['p50']} / {r['at_once_ms']['p99']} | {r['loop_lag_max_ms']} "
-                     f"| {r['first_burst_loop_lag_max_ms']} |")
-    lines += ["", "SQLite runs in a thread of its own (WAL, synchronous=NORMAL), so the event loop only "
-              "waits for the hand-over; Redis is one round trip to load and a WATCH/MULTI transaction to append.",
-              "The first burst of concurrent turns is shown apart: with Redis it also opens one connection per "
-              "turn at once (redis-py's pool grows on demand), a one-time cost; the lag column is every other moment. "
-              "Those later spikes are the garbage collector (with `gc.disable()` they vanish, measured "
-              "in a 40-burst probe): the Redis path makes more short-lived objects in the event loop's "
-              "thread than SQLite's, whose work happens in its own thread.", ""]
+        lines.append(
+            f"| {name} | {r['turns']} | {r['one_at_a_time_ms']['p50']} / {r['one_at_a_time_ms']['p99']} "
+            f"| {r['turns_per_s_one_at_a_time']} | {r['concurrent']} "
+            f"| {r['at_once_ms']['p50']} / {r['at_once_ms']['p99']} | {r['loop_lag_max_ms']} "
+            f"| {r['first_burst_loop_lag_max_ms']} |"
+        )
+    lines += [
+        "",
+        "SQLite runs in a thread of its own (WAL, synchronous=NORMAL), so the event loop only "
+        "waits for the hand-over; Redis is one round trip to load and a WATCH/MULTI transaction to append.",
+        "The first burst of concurrent turns is shown apart: with Redis it also opens one connection per "
+        "turn at once (redis-py's pool grows on demand), a one-time cost; the lag column is every other moment. "
+        "Those later spikes are the garbage collector (with `gc.disable()` they vanish, measured "
+        "in a 40-burst probe): the Redis path makes more short-lived objects in the event loop's "
+        "thread than SQLite's, whose work happens in its own thread.",
+        "",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "store.json").write_text(json.dumps(results, indent=1))
     (out / "store.md").write_text("\n".join(lines))

@@ -33,7 +33,9 @@ class Step03Node(AsyncNode):
     """Step 03's shape: streams to the socket in the shared store."""
 
     async def prep_async(self, shared):
-        return shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}], shared["websocket"]
+        return shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}], shared[
+            "websocket"
+        ]
 
     async def exec_async(self, prep_res):
         await prep_res[1].send_json({"type": "chunk", "content": "hi"})
@@ -82,8 +84,9 @@ async def no_generation(reply) -> None:
 
 def step05_shared(tracer_on: bool | None) -> dict:
     tab = Tab(bool(tracer_on))
-    reply = LiveReply("bench", 1, "hello", asker=tab.websocket if tracer_on is not None else None,
-                      generate=no_generation)
+    reply = LiveReply(
+        "bench", 1, "hello", asker=tab.websocket if tracer_on is not None else None, generate=no_generation
+    )
     shared = {"reply": reply, "user_message": "hello", "conversation_history": []}
     if tracer_on is not None:
         shared["tracer"] = step05_tracing.Tracer(reply, tab)
@@ -118,13 +121,18 @@ async def measure() -> dict[str, float]:
 
 def main() -> None:
     results = asyncio.run(measure())
-    lines = ["# The flow inspector's cost per turn", "",
-             f"`.venv/bin/python -m bench.tracing`: {TURNS} turns × {ROUNDS} rounds, medians; "
-             "nodes that do almost nothing, so this is the flow's own work. A real turn streams from "
-             "the LLM for milliseconds to seconds.", "",
-             "| flow | µs per turn | vs the step's AsyncFlow |", "|---|---|---|"]
+    lines = [
+        "# The flow inspector's cost per turn",
+        "",
+        f"`.venv/bin/python -m bench.tracing`: {TURNS} turns × {ROUNDS} rounds, medians; "
+        "nodes that do almost nothing, so this is the flow's own work. A real turn streams from "
+        "the LLM for milliseconds to seconds.",
+        "",
+        "| flow | µs per turn | vs the step's AsyncFlow |",
+        "|---|---|---|",
+    ]
     for name, value in results.items():
-        base = results[name[:len("step 0N")] + " AsyncFlow (no inspector)"]
+        base = results[name[: len("step 0N")] + " AsyncFlow (no inspector)"]
         lines.append(f"| {name} | {value:.1f} | {value - base:+.1f} µs |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")

@@ -47,8 +47,20 @@ def grade(step: int, code: str = "exercises") -> int:
     if code == "exercises" and not (EXERCISES / STEPS[step]).is_dir():
         print(f"There is no exercise for step {step} yet. Start it with:  make exercise STEP={step}")
         return 2
-    command = [sys.executable, "-m", "pytest", *test_files(step), "-m", "not slow", f"--code={code}",
-               "-q", "--tb=no", "-rN", "-p", "no:cacheprovider"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *test_files(step),
+        "-m",
+        "not slow",
+        f"--code={code}",
+        "-q",
+        "--tb=no",
+        "-rN",
+        "-p",
+        "no:cacheprovider",
+    ]
     print("$", " ".join(command[2:]))  # the command, so a learner can add options to it
     return subprocess.run(command, cwd=ROOT).returncode
 
@@ -94,15 +106,16 @@ def hint(step: int, task_id: str | None) -> int:
         # The task the grader named as next: the first "to do", not one that only waits on it.
         todo.sort(key=lambda task: done.get(task.id, {}).get("state", "to do") != "to do")
         if not todo:
-            print(f"Every task of step {step} passed when last graded. Compare with the reference:\n"
-                  f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}")
+            print(
+                f"Every task of step {step} passed when last graded. Compare with the reference:\n"
+                f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}"
+            )
             return 0
         task = todo[0]
     elif task_id in tasks and tasks[task_id].step == step:
         task = tasks[task_id]
     else:
-        print(f"Step {step} has no task {task_id!r}: its tasks are "
-              + ", ".join(task.id for task in tasks_of(step)))
+        print(f"Step {step} has no task {task_id!r}: its tasks are " + ", ".join(task.id for task in tasks_of(step)))
         return 2
     print(f"Task {task.id}: {task.title} (about {task.minutes} min)\n")
     print(task.todo.strip(), "\n\nHint:\n" + task.hint.strip())

@@ -20,11 +20,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "exercises"
-STEPS = {1: "step01_echo_ws", 2: "step02_llm_stream", 3: "step03_pocketflow_node", 4: "step04_full_chat",
-         5: "step05_production"}
+STEPS = {
+    1: "step01_echo_ws",
+    2: "step02_llm_stream",
+    3: "step03_pocketflow_node",
+    4: "step04_full_chat",
+    5: "step05_production",
+}
 PRODUCT_STEP = 5  # the production chat: no tasks, it is there to read and to copy
-PRODUCT_NOTE = ("Step 05 is the product, not an exercise: it has no tasks. Read step05_production/README.md "
-                "and copy the folder into your own project (make chat runs it).")
+PRODUCT_NOTE = (
+    "Step 05 is the product, not an exercise: it has no tasks. Read step05_production/README.md "
+    "and copy the folder into your own project (make chat runs it)."
+)
 # What steps 04 and 05 both promise is tested once, on both (tests/test_chat_contract.py).
 SHARED_TESTS = {4: ["test_chat_contract.py"], 5: ["test_chat_contract.py"]}
 
@@ -58,8 +65,7 @@ class Region:
 def load_tasks() -> dict[str, Task]:
     with open(ROOT / "grading" / "tasks.toml", "rb") as file:
         entries = tomllib.load(file)["task"]
-    return {entry["id"]: Task(**{key: entry[key] for key in Task.__dataclass_fields__})
-            for entry in entries}
+    return {entry["id"]: Task(**{key: entry[key] for key in Task.__dataclass_fields__}) for entry in entries}
 
 
 def tasks_of(step: int) -> list[Task]:
@@ -76,15 +82,15 @@ def test_files(step: int) -> list[str]:
 def find_regions(lines: list[str], where: str = "") -> list[Region]:
     regions, open_at = [], None
     for index, line in enumerate(lines):
-        if (begin := BEGIN.match(line)):
+        if begin := BEGIN.match(line):
             if open_at is not None:
                 raise ValueError(f"{where}:{index + 1}: task {begin['task']} begins inside another task")
             open_at = (index, begin)
-        elif (end := END.match(line)):
+        elif end := END.match(line):
             if open_at is None or open_at[1]["task"] != end["task"]:
                 raise ValueError(f"{where}:{index + 1}: END TASK {end['task']} without its BEGIN")
             start, begin = open_at
-            body = ast.parse(textwrap.dedent("".join(lines[start + 1:index])))
+            body = ast.parse(textwrap.dedent("".join(lines[start + 1 : index])))
             has_yield = any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in ast.walk(body))
             regions.append(Region(begin["task"], start, index, begin["indent"], has_yield))
             open_at = None
@@ -98,9 +104,11 @@ def stub(task: Task, region: Region, package: str) -> list[str]:
     pad = region.indent
     lines = [f"{pad}# TODO Task {task.id}: {task.title} (about {task.minutes} min)\n"]
     lines += [f"{pad}#   {line}\n" if line else f"{pad}#\n" for line in task.todo.strip().splitlines()]
-    lines += [f"{pad}#   Stuck? make hint STEP={task.step}    Done? make grade STEP={task.step}\n",
-              f'{pad}raise NotImplementedError("Task {task.id} ({task.title}) is not written yet: '
-              f"see {package}/README.md, 'Your turn'\")\n"]
+    lines += [
+        f"{pad}#   Stuck? make hint STEP={task.step}    Done? make grade STEP={task.step}\n",
+        f'{pad}raise NotImplementedError("Task {task.id} ({task.title}) is not written yet: '
+        f"see {package}/README.md, 'Your turn'\")\n",
+    ]
     if region.has_yield:
         lines.append(f"{pad}yield  # keeps this function a generator until you write it; then delete this line\n")
     return lines
@@ -114,7 +122,7 @@ def exercise_source(text: str, package: str, only: set[str] | None = None, where
         if region.task not in tasks or STEPS[tasks[region.task].step] != package:
             raise ValueError(f"{where}: task {region.task} is not a task of {package} in tasks.toml")
         if only is None or region.task in only:
-            lines[region.begin:region.end + 1] = stub(tasks[region.task], region, package)
+            lines[region.begin : region.end + 1] = stub(tasks[region.task], region, package)
     source = "".join(lines)
     ast.parse(source, filename=where)  # a region must be whole statements
     return source
@@ -158,19 +166,25 @@ def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> st
     target = into / STEPS[step]
     if target.exists():
         if not fresh:
-            return (f"{shown(target)}/ already exists: nothing was changed, your work is safe.\n"
-                    f"To start this step over, run `make exercise STEP={step} FRESH=1` "
-                    f"(your current copy is moved aside, not deleted).")
+            return (
+                f"{shown(target)}/ already exists: nothing was changed, your work is safe.\n"
+                f"To start this step over, run `make exercise STEP={step} FRESH=1` "
+                f"(your current copy is moved aside, not deleted)."
+            )
         kept = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         target.rename(kept)
-        moved = (f"Your previous copy is now {shown(kept)}/ (to go back to it: delete the new "
-                 f"{shown(target)}/ and rename that folder to {target.name}).\n")
+        moved = (
+            f"Your previous copy is now {shown(kept)}/ (to go back to it: delete the new "
+            f"{shown(target)}/ and rename that folder to {target.name}).\n"
+        )
     else:
         moved = ""
     into.mkdir(exist_ok=True)
     write_exercise(step, into)
     titles = "\n".join(f"  Task {t.id}: {t.title} (about {t.minutes} min)" for t in tasks_of(step))
-    return (f"{moved}Wrote {shown(target)}/ with these tasks (look for TODO):\n{titles}\n"
-            f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
-            f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload"
-            f"{' --ws-max-size 65536' if step == 4 else ''}")
+    return (
+        f"{moved}Wrote {shown(target)}/ with these tasks (look for TODO):\n{titles}\n"
+        f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
+        f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload"
+        f"{' --ws-max-size 65536' if step == 4 else ''}"
+    )

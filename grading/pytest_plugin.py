@@ -42,11 +42,13 @@ class FromFolder(importlib.abc.MetaPathFinder):
 
 def pytest_addoption(parser):
     group = parser.getgroup("grading")
-    group.addoption("--code", default="reference",
-                    help="reference | exercises | a folder of step0N_* packages (default: reference)")
+    group.addoption(
+        "--code", default="reference", help="reference | exercises | a folder of step0N_* packages (default: reference)"
+    )
     group.addoption("--task", default=None, help="run only the tests of this task, e.g. 2.1")
-    group.addoption("--results-json", default=None,
-                    help="write each task's test failures (null for a pass) to this file")
+    group.addoption(
+        "--results-json", default=None, help="write each task's test failures (null for a pass) to this file"
+    )
 
 
 def code_folder(config) -> Path | None:
@@ -67,6 +69,7 @@ def pytest_configure(config):
     if folder is not None:
         sys.meta_path.insert(0, FromFolder(folder))
         from harness.support import RECEIVE_TIMEOUT  # a learner's stuck loop fails in seconds
+
         RECEIVE_TIMEOUT.seconds = 5.0
         if getattr(config.option, "timeout", None) is None:  # no --timeout given: 20 s a test
             config.option.timeout = 20
@@ -96,7 +99,8 @@ def pytest_collection_finish(session):
         module = sys.modules.get(package)
         if module is not None and (folder / package).is_dir():
             assert Path(module.__file__).is_relative_to(folder), (
-                f"{package} was imported from {module.__file__}, not from {folder}")
+                f"{package} was imported from {module.__file__}, not from {folder}"
+            )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -111,8 +115,11 @@ def pytest_runtest_makereport(item, call):
         results[item.nodeid] = (tasks, f"{item.name}: {message.splitlines()[0][:300]}")
         if tasks:  # name the task right in the failure, with what to do about it
             catalogue = load_tasks()
-            lines = [f"Task {t}: {catalogue[t].title}. Stuck? make hint STEP={catalogue[t].step}"
-                     for t in tasks if t in catalogue]
+            lines = [
+                f"Task {t}: {catalogue[t].title}. Stuck? make hint STEP={catalogue[t].step}"
+                for t in tasks
+                if t in catalogue
+            ]
             report.sections.append(("this test grades", "\n".join(lines)))
 
 
@@ -129,6 +136,7 @@ def summarise(results: dict) -> dict[str, list[tuple[tuple[str, ...], str | None
 def states(by_task, todo: set[str]) -> dict[str, str]:
     """done; to do (still a TODO, or a test of its own fails); waits (its only failing tests
     also grade another task that is to do: finish that one first)."""
+
     def own_failure(task):
         return any(failure and len(tasks) <= 1 for tasks, failure in by_task[task])
 
@@ -174,14 +182,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         task = unfinished[0]
         failure = next((failure for _, failure in by_task[task] if failure), "its TODO is still there")
         if task in catalogue:
-            write(f"\nNext: Task {task}, {catalogue[task].title}. "
-                  f"Stuck? make hint STEP={catalogue[task].step}")
+            write(f"\nNext: Task {task}, {catalogue[task].title}. Stuck? make hint STEP={catalogue[task].step}")
         else:
-            write("\nNext: the other checks test code outside the tasks: did an edit outside a TODO "
-                  "break it? Compare with the step folder (git diff --no-index <step> exercises/<step>).")
+            write(
+                "\nNext: the other checks test code outside the tasks: did an edit outside a TODO "
+                "break it? Compare with the step folder (git diff --no-index <step> exercises/<step>)."
+            )
         write(f"  First failing test: {failure}")
-        write("  (A test can grade two tasks, so the counts add up to more than the tests run.\n"
-              "   All the details: add --tb=short to the pytest command above, or run it with -x.)")
+        write(
+            "  (A test can grade two tasks, so the counts add up to more than the tests run.\n"
+            "   All the details: add --tb=short to the pytest command above, or run it with -x.)"
+        )
         write("make will now say 'Error 1': that only means not every task passes yet.")
     else:
         steps = sorted({catalogue[task].step for task in by_task if task in catalogue})
@@ -196,8 +207,12 @@ def stubs_left(folder: Path | None, steps: set[int]) -> set[str]:
     """The tasks whose `raise NotImplementedError` stub is still in the code under test."""
     if folder is None:
         return set()
-    return {match for step in steps for path in (folder / STEPS[step]).rglob("*.py")
-            for match in STUB.findall(path.read_text())}
+    return {
+        match
+        for step in steps
+        for path in (folder / STEPS[step]).rglob("*.py")
+        for match in STUB.findall(path.read_text())
+    }
 
 
 def record_progress(state: dict[str, str], catalogue) -> None:

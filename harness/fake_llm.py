@@ -75,8 +75,12 @@ class FakeLLM:
         text = self.reply if self.reply is not None else f"You said: {said[-1] if said else ''}"
         if self.recall and self.reply is None:
             earlier = len(said) - 1
-            text += (f" (I remember {earlier} earlier message{'s' if earlier != 1 else ''} from you;"
-                     f' the first was "{said[0]}")' if earlier else " (This is your first message.)")
+            text += (
+                f" (I remember {earlier} earlier message{'s' if earlier != 1 else ''} from you;"
+                f' the first was "{said[0]}")'
+                if earlier
+                else " (This is your first message.)"
+            )
         pieces = re.findall(r"\s*\S+", text) or [text]
         pieces += [f" tick{i}" for i in range(len(pieces), self.min_chunks)]
         return pieces
@@ -138,8 +142,15 @@ def create_app(fake: FakeLLM) -> Starlette:
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(chunks)}
             choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
-                                 "created": int(time.time()), "choices": [choice]})
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "model": model,
+                    "created": int(time.time()),
+                    "choices": [choice],
+                }
+            )
         delay = fake.slow_delay if fault == "slow" else fake.chunk_delay
 
         async def events():
@@ -158,8 +169,10 @@ def create_app(fake: FakeLLM) -> Starlette:
                         raise _DroppedStream("fault injected: stream dropped midway")
                     if fault == "error_midway" and index == min(2, len(chunks) - 1):
                         # What OpenAI sends when generation fails after the stream has started.
-                        error = {"message": "The server had an error while processing your request.",
-                                 "type": "server_error"}
+                        error = {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                        }
                         yield f"data: {json.dumps({'error': error})}\n\n"
                         fake.completed += 1
                         finished = True
@@ -184,10 +197,12 @@ def create_app(fake: FakeLLM) -> Starlette:
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models),
+        ]
+    )
 
 
 def free_port() -> int:
@@ -202,8 +217,14 @@ class FakeLLMServer:
     def __init__(self, fake: FakeLLM | None = None, port: int | None = None):
         self.fake = fake or FakeLLM()
         self.port = port or free_port()
-        config = uvicorn.Config(create_app(self.fake), host="127.0.0.1", port=self.port,
-                                log_level="critical", lifespan="off", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            create_app(self.fake),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="critical",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -232,19 +253,26 @@ def main() -> None:
     parser.add_argument("--min-chunks", type=int, default=0)
     parser.add_argument("--reply", default=None, help="a fixed reply instead of 'You said: ...'")
     parser.add_argument("--stamp", action="store_true", help="chunks carry their send time (for bench/)")
-    parser.add_argument("--no-recall", dest="recall", action="store_false",
-                        help="only echo the last message (by default the reply also shows the history it got)")
+    parser.add_argument(
+        "--no-recall",
+        dest="recall",
+        action="store_false",
+        help="only echo the last message (by default the reply also shows the history it got)",
+    )
     args = parser.parse_args()
-    fake = FakeLLM(chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp,
-                   recall=args.recall)
+    fake = FakeLLM(
+        chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp, recall=args.recall
+    )
     with socket.socket() as probe:  # say so plainly, before claiming to be up
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", args.port))
         except OSError:
-            raise SystemExit(f"error: port {args.port} is taken (is `make llm` or `make fake` running?). "
-                             f"Choose another: make fake LLM_PORT=8809, then "
-                             f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step.") from None
+            raise SystemExit(
+                f"error: port {args.port} is taken (is `make llm` or `make fake` running?). "
+                f"Choose another: make fake LLM_PORT=8809, then "
+                f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step."
+            ) from None
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
     print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")

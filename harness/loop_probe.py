@@ -56,8 +56,11 @@ def report() -> dict:
     ordered = sorted(lags)
     p99 = ordered[int(len(ordered) * 0.99)] if ordered else 0.0
     return {
-        "lag_ms": {"max": round((ordered[-1] if ordered else 0.0) * 1000, 2), "p99": round(p99 * 1000, 2),
-                   "samples": len(ordered)},
+        "lag_ms": {
+            "max": round((ordered[-1] if ordered else 0.0) * 1000, 2),
+            "p99": round(p99 * 1000, 2),
+            "samples": len(ordered),
+        },
         "rss_kib": resident_kib(),
         "cpu_seconds": time.process_time(),
         "sockets": open_sockets(),
@@ -74,6 +77,5 @@ async def app(scope, receive, send):
         lags.clear()
         sampler = asyncio.create_task(sample_lag())
     body = json.dumps(report()).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

@@ -32,17 +32,27 @@ def execute(name: str) -> nbformat.NotebookNode:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     # iopub_timeout: on a busy machine a cell's printing can reach us seconds after the cell
     # finished; the default (4 s) would drop it silently.
-    NotebookClient(notebook, timeout=120, iopub_timeout=30, raise_on_iopub_timeout=True, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        notebook,
+        timeout=120,
+        iopub_timeout=30,
+        raise_on_iopub_timeout=True,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
     return notebook
 
 
 def text_output(notebook: nbformat.NotebookNode) -> str:
     """Everything the code cells printed, a cell per paragraph. (The kernel may split one
     cell's printing into several stream outputs at any point, so they are joined as one.)"""
-    return "\n".join("".join(output.get("text", "") or output.get("data", {}).get("text/plain", "")
-                             for output in cell.get("outputs", []))
-                     for cell in notebook.cells if cell.cell_type == "code")
+    return "\n".join(
+        "".join(
+            output.get("text", "") or output.get("data", {}).get("text/plain", "") for output in cell.get("outputs", [])
+        )
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    )
 
 
 def masked(text: str) -> str:

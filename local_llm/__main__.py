@@ -17,6 +17,7 @@ def stop_on_ctrl_c_or_kill() -> None:
     """Ctrl-C (SIGINT) and a polite kill (SIGTERM) both stop the model. Set explicitly:
     a shell script that starts us in the background has SIGINT ignored, and Python
     keeps an ignored signal ignored."""
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -32,8 +33,11 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.command == "chat" and not port_is_free(HOST, args.chat_port):
-        print(f"error: Port {args.chat_port} on {HOST} is already taken (another chat, or another "
-              f"server?). Stop it, or choose another port: make chat PORT=8001", file=sys.stderr)
+        print(
+            f"error: Port {args.chat_port} on {HOST} is already taken (another chat, or another "
+            f"server?). Stop it, or choose another port: make chat PORT=8001",
+            file=sys.stderr,
+        )
         return 1
 
     server = None
@@ -44,8 +48,11 @@ def main() -> int:
         except LocalModelError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-        print(f"Local model {MODEL_NAME} ready at {base_url(HOST, args.port)} "
-              f"(started in {time.perf_counter() - began:.2f} s)", flush=True)
+        print(
+            f"Local model {MODEL_NAME} ready at {base_url(HOST, args.port)} "
+            f"(started in {time.perf_counter() - began:.2f} s)",
+            flush=True,
+        )
         os.environ["OPENAI_BASE_URL"] = base_url(HOST, args.port)
         os.environ.setdefault("OPENAI_MODEL", MODEL_NAME)
     else:

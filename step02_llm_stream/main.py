@@ -33,9 +33,9 @@ def read_message(text: str) -> str:
     try:
         frame = json.loads(text)
     except ValueError:
-        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.") from None
+        raise ValueError('Frames must be JSON, like {"type": "message", "content": "Hi"}.') from None
     if not isinstance(frame, dict) or frame.get("type") != "message":
-        raise ValueError("Expected a frame like {\"type\": \"message\", \"content\": \"Hi\"}.")
+        raise ValueError('Expected a frame like {"type": "message", "content": "Hi"}.')
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
         raise ValueError("The message content must be non-empty text.")

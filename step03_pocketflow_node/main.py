@@ -35,11 +35,11 @@ def read_frame(text: str) -> dict:
     try:
         frame = json.loads(text)
     except ValueError:
-        raise ValueError("Frames must be JSON, like {\"type\": \"message\", \"content\": \"Hi\"}.") from None
+        raise ValueError('Frames must be JSON, like {"type": "message", "content": "Hi"}.') from None
     if isinstance(frame, dict) and frame.get("type") == "inspect" and isinstance(frame.get("on"), bool):
         return frame  # the page's Inspect button: trace frames on or off
     if not isinstance(frame, dict) or frame.get("type") != "message":
-        raise ValueError("Expected a frame like {\"type\": \"message\", \"content\": \"Hi\"}.")
+        raise ValueError('Expected a frame like {"type": "message", "content": "Hi"}.')
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
         raise ValueError("The message content must be non-empty text.")

@@ -18,9 +18,7 @@ class StreamingChatNode(AsyncNode):
     async def prep_async(self, shared):
         # Read only: the history so far plus the new message, and where to send chunks.
         # BEGIN TASK 3.2
-        messages = shared["conversation_history"] + [
-            {"role": "user", "content": shared["user_message"]}
-        ]
+        messages = shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}]
         return messages, shared["websocket"]
         # END TASK 3.2
 

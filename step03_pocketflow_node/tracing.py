@@ -70,11 +70,15 @@ async def traced_phase(tracer: Tracer, phase: str, node: str, run, describe):
     try:
         result = await run()
     except BaseException as error:  # reported, then raised on: tracing never swallows
-        await tracer.emit(phase, "error", node=node, ms=round((time.perf_counter() - began) * 1000, 1),
-                          error=snapshot(error) if isinstance(error, Exception) else type(error).__name__)
+        await tracer.emit(
+            phase,
+            "error",
+            node=node,
+            ms=round((time.perf_counter() - began) * 1000, 1),
+            error=snapshot(error) if isinstance(error, Exception) else type(error).__name__,
+        )
         raise
-    await tracer.emit(phase, "end", node=node, ms=round((time.perf_counter() - began) * 1000, 1),
-                      **describe(result))
+    await tracer.emit(phase, "end", node=node, ms=round((time.perf_counter() - began) * 1000, 1), **describe(result))
     return result
 
 
@@ -86,16 +90,26 @@ def history_snapshot(shared) -> dict:
 async def run_node_traced(node, shared, tracer: Tracer):
     """What PocketFlow's `_run_async` does for a node (prep, exec, post), each phase traced."""
     name = type(node).__name__
-    prep_res = await traced_phase(tracer, "prep", name, lambda: node.prep_async(shared),
-                                  lambda result: {"returned": snapshot(result)})
+    prep_res = await traced_phase(
+        tracer, "prep", name, lambda: node.prep_async(shared), lambda result: {"returned": snapshot(result)}
+    )
     if tracer.on and isinstance(prep_res, tuple):  # count the chunks exec sends
         prep_res = tuple(ChunkCounter(part) if hasattr(part, "send_json") else part for part in prep_res)
     counters = [part for part in (prep_res if isinstance(prep_res, tuple) else ()) if isinstance(part, ChunkCounter)]
-    exec_res = await traced_phase(tracer, "exec", name, lambda: node._exec(prep_res),
-                                  lambda result: {"chunks": sum(c.chunks for c in counters),
-                                                  "returned": snapshot(result)})
-    return await traced_phase(tracer, "post", name, lambda: node.post_async(shared, prep_res, exec_res),
-                              lambda action: {"action": action, **history_snapshot(shared)})
+    exec_res = await traced_phase(
+        tracer,
+        "exec",
+        name,
+        lambda: node._exec(prep_res),
+        lambda result: {"chunks": sum(c.chunks for c in counters), "returned": snapshot(result)},
+    )
+    return await traced_phase(
+        tracer,
+        "post",
+        name,
+        lambda: node.post_async(shared, prep_res, exec_res),
+        lambda action: {"action": action, **history_snapshot(shared)},
+    )
 
 
 class TracedFlow(AsyncFlow):
@@ -112,5 +126,10 @@ class TracedFlow(AsyncFlow):
 
     async def run_async(self, shared):
         tracer = shared.get("tracer") or Tracer(None)
-        return await traced_phase(tracer, "flow", type(self).__name__, lambda: super(TracedFlow, self).run_async(shared),
-                                  lambda action: {"action": action, **history_snapshot(shared)})
+        return await traced_phase(
+            tracer,
+            "flow",
+            type(self).__name__,
+            lambda: super(TracedFlow, self).run_async(shared),
+            lambda action: {"action": action, **history_snapshot(shared)},
+        )

@@ -41,14 +41,18 @@ class Reply:
 
     def stats(self) -> dict:
         first = None if self.first_chunk_at is None else round((self.first_chunk_at - self.began) * 1000)
-        return {"first_chunk_ms": first, "chunks": len(self.parts),
-                "duration_ms": round((time.monotonic() - self.began) * 1000)}
+        return {
+            "first_chunk_ms": first,
+            "chunks": len(self.parts),
+            "duration_ms": round((time.monotonic() - self.began) * 1000),
+        }
 
 
 def bounded(history: list[dict]) -> list[dict]:
     """Drop the oldest turns (user + assistant) until both bounds hold; never the newest turn."""
-    while len(history) > 2 and (len(history) > MAX_HISTORY_MESSAGES
-                                or sum(len(m["content"]) for m in history) > MAX_HISTORY_CHARS):
+    while len(history) > 2 and (
+        len(history) > MAX_HISTORY_MESSAGES or sum(len(m["content"]) for m in history) > MAX_HISTORY_CHARS
+    ):
         history = history[2:]
     return history
 
@@ -99,10 +103,13 @@ class StreamingChatNode(AsyncNode):
             await websocket.send_json({"type": "error", "message": explain_llm_error(reply.error)})
             return "failed"
         if reply.text:  # a Stop before the first chunk leaves nothing worth remembering
-            shared["conversation_history"] = bounded(shared["conversation_history"] + [
-                {"role": "user", "content": shared["user_message"]},
-                {"role": "assistant", "content": reply.text},
-            ])
+            shared["conversation_history"] = bounded(
+                shared["conversation_history"]
+                + [
+                    {"role": "user", "content": shared["user_message"]},
+                    {"role": "assistant", "content": reply.text},
+                ]
+            )
         end = {"type": "end", "stats": reply.stats()}
         if reply.stopped:
             end["stopped"] = True

@@ -18,8 +18,12 @@ class ChatSession:
     def __init__(self, websocket: WebSocket):
         self.websocket = websocket
         # The design doc's shared store, plus how the node learns that a Stop was asked.
-        self.shared = {"websocket": websocket, "user_message": "", "conversation_history": [],
-                       "stop_requested": asyncio.Event()}
+        self.shared = {
+            "websocket": websocket,
+            "user_message": "",
+            "conversation_history": [],
+            "stop_requested": asyncio.Event(),
+        }
         self.flow = create_streaming_chat_flow()
         self.reply: asyncio.Task | None = None  # the task running the flow for the latest message
 

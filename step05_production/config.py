@@ -50,19 +50,16 @@ class Settings:
     # Messages one client address may send in the same window, over all its connections.
     # A classroom behind one NAT address is one "client": 60 learners sending 5 a minute
     # fit; one script opening 50 connections cannot send 50 × 20.
-    client_rate_limit_messages: int = field(
-        default_factory=lambda: _int("CHAT_CLIENT_RATE_LIMIT_MESSAGES", 300))
+    client_rate_limit_messages: int = field(default_factory=lambda: _int("CHAT_CLIENT_RATE_LIMIT_MESSAGES", 300))
     # Open WebSocket connections one worker accepts at once, and from one client address.
     # A quarter per address: a whole classroom behind one NAT address fits (250
     # tabs), and no single address can lock everybody else out.
     max_connections: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS", 1000))
-    max_connections_per_client: int = field(
-        default_factory=lambda: _int("CHAT_MAX_CONNECTIONS_PER_CLIENT", 250))
+    max_connections_per_client: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS_PER_CLIENT", 250))
     # Invalid frames one connection may send in the rate window: past half of them each
     # answer is delayed, at the limit the connection is closed with 1008.
     invalid_frame_limit: int = field(default_factory=lambda: _int("CHAT_INVALID_FRAME_LIMIT", 20))
-    invalid_frame_delay_seconds: float = field(
-        default_factory=lambda: _float("CHAT_INVALID_FRAME_DELAY_SECONDS", 0.5))
+    invalid_frame_delay_seconds: float = field(default_factory=lambda: _float("CHAT_INVALID_FRAME_DELAY_SECONDS", 0.5))
     # The longest reply the LLM may write (max_tokens on every request): bounds its cost.
     max_reply_tokens: int = field(default_factory=lambda: _int("CHAT_MAX_REPLY_TOKENS", 1024))
     # Close a connection after this long without a frame from the client.
@@ -70,8 +67,7 @@ class Settings:
     # Host names this server answers to (comma-separated; no port). Anything else is
     # refused, which is what stops DNS rebinding. Add your domain when you deploy.
     # (Starlette's TrustedHostMiddleware checks them: "*.example.com" covers subdomains.)
-    allowed_hosts: frozenset = field(default_factory=lambda: _names(
-        "CHAT_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
+    allowed_hosts: frozenset = field(default_factory=lambda: _names("CHAT_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"))
     # Origins allowed besides the page's own (comma-separated, e.g. https://chat.example.com).
     allowed_origins: frozenset = field(default_factory=lambda: _names("CHAT_ALLOWED_ORIGINS"))
     # Where conversations live (store.py): a SQLite file by default, or redis://host:port/db.

@@ -39,8 +39,7 @@ class Reply:
             return round(seconds * 1000)
 
         first = None if self.first_chunk_at is None else ms(self.first_chunk_at - self.began)
-        return {"first_chunk_ms": first, "chunks": len(self.parts),
-                "duration_ms": ms(time.monotonic() - self.began)}
+        return {"first_chunk_ms": first, "chunks": len(self.parts), "duration_ms": ms(time.monotonic() - self.began)}
 
 
 class StreamingChatNode(AsyncNode):
@@ -61,9 +60,7 @@ class StreamingChatNode(AsyncNode):
 
     async def prep_async(self, shared):
         system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
-        messages = system + shared["conversation_history"] + [
-            {"role": "user", "content": shared["user_message"]}
-        ]
+        messages = system + shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}]
         return messages, shared["reply"], shared["stop_requested"]
 
     async def exec_async(self, prep_res):
@@ -110,8 +107,9 @@ class StreamingChatNode(AsyncNode):
                 await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
                 return "failed"
             # The shared store shows the same history the next turn will load.
-            shared["conversation_history"] = with_turn(shared["conversation_history"],
-                                                       shared["user_message"], reply.text)
+            shared["conversation_history"] = with_turn(
+                shared["conversation_history"], shared["user_message"], reply.text
+            )
         end = {"type": "end", "stats": reply.stats()}
         if reply.stopped:
             end["stopped"] = True

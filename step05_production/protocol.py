@@ -44,9 +44,9 @@ def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: i
         try:
             content.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud83d": half an emoji cut in two
-            raise FrameError("The message contains invalid Unicode (half of an emoji?): "
-                             "send whole characters.") from None
+            raise FrameError(
+                "The message contains invalid Unicode (half of an emoji?): send whole characters."
+            ) from None
     if len(content) > max_message_chars:
-        raise FrameError(f"Messages are limited to {max_message_chars} characters; "
-                         f"this one has {len(content)}.")
+        raise FrameError(f"Messages are limited to {max_message_chars} characters; this one has {len(content)}.")
     return {"type": "message", "content": content}

@@ -114,8 +114,15 @@ class LiveReply:
     own as the reply is made.
     """
 
-    def __init__(self, conversation_id: str, turn: int, user_message: str, asker,
-                 generate: Callable[["LiveReply"], Coroutine], feed: ReplyFeed | None = None):
+    def __init__(
+        self,
+        conversation_id: str,
+        turn: int,
+        user_message: str,
+        asker,
+        generate: Callable[["LiveReply"], Coroutine],
+        feed: ReplyFeed | None = None,
+    ):
         self.conversation_id, self.turn, self.user_message = conversation_id, turn, user_message
         self.asker = asker  # the WebSocket of the connection that asked, while it is there (then None)
         self.feed = feed or LocalFeed()
@@ -232,8 +239,7 @@ class ReplyHub:
     async def start(self) -> None:
         await self.feed.start(self.local)
 
-    async def find(self, conversation_id: str, stored_turns: int,
-                   reply_here: LiveReply | None = None) -> Watch | None:
+    async def find(self, conversation_id: str, stored_turns: int, reply_here: LiveReply | None = None) -> Watch | None:
         """A watch on the conversation's reply that is not in its stored turns yet,
         generated here or (a shared feed) elsewhere."""
         reply = reply_here or self.local.get(conversation_id)
@@ -268,8 +274,7 @@ class ReplyHub:
             self.starting.discard(conversation_id)
         turn = (conversation.turns if conversation else 0) + 1
         history = conversation.messages if conversation else []
-        reply = LiveReply(conversation_id, turn, user_message, asker,
-                          lambda reply: generate(reply, history), self.feed)
+        reply = LiveReply(conversation_id, turn, user_message, asker, lambda reply: generate(reply, history), self.feed)
         self.local[conversation_id] = reply
         self.tasks.add(reply.task)
         reply.task.add_done_callback(lambda task: self.forget(reply))

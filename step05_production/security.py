@@ -85,9 +85,11 @@ def origin_allowed(websocket: WebSocket) -> bool:
         return True
     parts = urlsplit(origin)
     page_scheme = {"ws": "http", "wss": "https"}.get(websocket.url.scheme)
-    return (parts.scheme == page_scheme
-            and parts.netloc.lower() == websocket.headers.get("host", "").lower()
-            and host_name(parts.netloc) in settings.allowed_hosts)
+    return (
+        parts.scheme == page_scheme
+        and parts.netloc.lower() == websocket.headers.get("host", "").lower()
+        and host_name(parts.netloc) in settings.allowed_hosts
+    )
 
 
 def client_address(websocket: WebSocket) -> str:
@@ -126,8 +128,9 @@ class RateLimit:
 @dataclass
 class Client:
     connections: int = 0
-    messages: RateLimit = field(default_factory=lambda: RateLimit(
-        settings.client_rate_limit_messages, settings.rate_limit_seconds))
+    messages: RateLimit = field(
+        default_factory=lambda: RateLimit(settings.client_rate_limit_messages, settings.rate_limit_seconds)
+    )
 
 
 class ClientLimits:
@@ -155,8 +158,7 @@ class ClientLimits:
         if client.connections <= 0 and client.messages.idle():
             del self.clients[address]
         if len(self.clients) > 10_000:
-            self.clients = {a: c for a, c in self.clients.items()
-                            if c.connections > 0 or not c.messages.idle()}
+            self.clients = {a: c for a, c in self.clients.items() if c.connections > 0 or not c.messages.idle()}
 
     def allow_message(self, address: str) -> bool:
         return self.clients.setdefault(address, Client()).messages.allow()
@@ -176,4 +178,3 @@ class InvalidFrameGuard:
         if len(self.recent.times) > settings.invalid_frame_limit // 2:
             await asyncio.sleep(settings.invalid_frame_delay_seconds)
         return True
-

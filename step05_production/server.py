@@ -46,17 +46,30 @@ def server_limits() -> dict:
     }
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          forwarded_allow_ips: str = FORWARDED_ALLOW_IPS,
-          timeout_keep_alive: int = KEEP_ALIVE_SECONDS, **uvicorn_options) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    forwarded_allow_ips: str = FORWARDED_ALLOW_IPS,
+    timeout_keep_alive: int = KEEP_ALIVE_SECONDS,
+    **uvicorn_options,
+) -> None:
     """Run the chat under uvicorn with `server_limits()`, until Ctrl-C or SIGTERM."""
     import uvicorn  # here, so that importing this module never needs the server
 
-    uvicorn.run(APP, host=host, port=port, workers=workers,
-                # The client address (per-client limits) comes from X-Forwarded-For
-                # only when the connection comes from one of these proxies.
-                proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
-                timeout_keep_alive=timeout_keep_alive, **server_limits(), **uvicorn_options)
+    uvicorn.run(
+        APP,
+        host=host,
+        port=port,
+        workers=workers,
+        # The client address (per-client limits) comes from X-Forwarded-For
+        # only when the connection comes from one of these proxies.
+        proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_keep_alive=timeout_keep_alive,
+        **server_limits(),
+        **uvicorn_options,
+    )
 
 
 def uvicorn_config_loading_this_app():
@@ -86,15 +99,22 @@ def warn_about_missing_limits() -> None:
     chat's, and say at WARNING which of `server_limits()` the command lacks."""
     config = uvicorn_config_loading_this_app()
     if config is None:
-        log.warning("Not started by `python -m step05_production` or `uvicorn step05_production.main:app`: "
-                    "the chat cannot lower the server's WebSocket frame limit to %d bytes; set it in "
-                    "the server (uvicorn: ws_max_size).", settings.max_frame_bytes)
+        log.warning(
+            "Not started by `python -m step05_production` or `uvicorn step05_production.main:app`: "
+            "the chat cannot lower the server's WebSocket frame limit to %d bytes; set it in "
+            "the server (uvicorn: ws_max_size).",
+            settings.max_frame_bytes,
+        )
         return
-    lacking = {name: getattr(config, name) for name, wanted in server_limits().items()
-               if getattr(config, name) != wanted}
+    lacking = {
+        name: getattr(config, name) for name, wanted in server_limits().items() if getattr(config, name) != wanted
+    }
     config.ws_max_size = min(config.ws_max_size, settings.max_frame_bytes)
     if lacking:
-        log.warning("uvicorn runs without the chat's server limits (%s). Start it with "
-                    "`python -m step05_production`. (The WebSocket frame limit is lowered to "
-                    "%d bytes anyway.)", ", ".join(f"{name}={value!r}" for name, value in lacking.items()),
-                    settings.max_frame_bytes)
+        log.warning(
+            "uvicorn runs without the chat's server limits (%s). Start it with "
+            "`python -m step05_production`. (The WebSocket frame limit is lowered to "
+            "%d bytes anyway.)",
+            ", ".join(f"{name}={value!r}" for name, value in lacking.items()),
+            settings.max_frame_bytes,
+        )

@@ -83,8 +83,9 @@ class ChatSession:
             async for frame in watch.frames():
                 await self.websocket.send_json(frame)
         except StoreError:  # a reply followed through a shared feed, and the feed is unreachable
-            await self.send_quietly({"type": "error", "message":
-                                     "Lost the reply: the conversation store (Redis) is unreachable."})
+            await self.send_quietly(
+                {"type": "error", "message": "Lost the reply: the conversation store (Redis) is unreachable."}
+            )
         except Exception:  # noqa: BLE001, S110 (the client went away mid-send: nothing to tell anyone)
             pass
         finally:
@@ -106,9 +107,11 @@ class ChatSession:
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""
         reply = await self.hub.begin(
-            self.conversation_id, text,
+            self.conversation_id,
+            text,
             lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
-            asker=self.websocket)
+            asker=self.websocket,
+        )
         if reply is None:
             return False
         self.own_reply = reply

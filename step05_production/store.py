@@ -39,14 +39,12 @@ def is_valid_id(value) -> bool:
 
 def trim_history(history: list[dict], max_messages: int, max_chars: int) -> None:
     """Drop the oldest turns (user + assistant pairs) until both bounds hold."""
-    while history and (len(history) > max_messages or
-                       sum(len(m["content"]) for m in history) > max_chars):
+    while history and (len(history) > max_messages or sum(len(m["content"]) for m in history) > max_chars):
         del history[:2]
 
 
 def with_turn(messages: list[dict], user: str, assistant: str) -> list[dict]:
-    history = messages + [{"role": "user", "content": user},
-                          {"role": "assistant", "content": assistant}]
+    history = messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     trim_history(history, settings.max_history_messages, settings.max_history_chars)
     return history
 
@@ -97,7 +95,8 @@ class MemoryStore(ConversationStore):
     async def add_turn(self, conversation_id, user, assistant):
         old = self.conversations.pop(conversation_id, None) or Conversation(conversation_id, [])
         self.conversations[conversation_id] = Conversation(
-            conversation_id, with_turn(old.messages, user, assistant), old.turns + 1)
+            conversation_id, with_turn(old.messages, user, assistant), old.turns + 1
+        )
         while len(self.conversations) > settings.store_max_conversations:
             del self.conversations[next(iter(self.conversations))]  # the least recently used
 
@@ -129,8 +128,10 @@ class SQLiteStore(ConversationStore):
             self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed turn
-            self.db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, "
-                            "messages TEXT NOT NULL, turns INTEGER NOT NULL, updated REAL NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, "
+                "messages TEXT NOT NULL, turns INTEGER NOT NULL, updated REAL NOT NULL)"
+            )
             self.db.execute("CREATE INDEX IF NOT EXISTS conversations_by_age ON conversations (updated)")
         return self.db
 
@@ -138,9 +139,14 @@ class SQLiteStore(ConversationStore):
         return time.time() - settings.store_retention_days * 86400
 
     def _load(self, conversation_id):
-        row = self._connect().execute(
-            "SELECT messages, turns FROM conversations WHERE id = ? AND updated >= ?",
-            (conversation_id, self._cutoff())).fetchone()
+        row = (
+            self._connect()
+            .execute(
+                "SELECT messages, turns FROM conversations WHERE id = ? AND updated >= ?",
+                (conversation_id, self._cutoff()),
+            )
+            .fetchone()
+        )
         return row and Conversation(conversation_id, json.loads(row[0]), row[1])
 
     def _add_turn(self, conversation_id, user, assistant):
@@ -148,14 +154,18 @@ class SQLiteStore(ConversationStore):
         db.execute("BEGIN IMMEDIATE")  # read and write as one, whichever worker writes too
         try:
             old = self._load(conversation_id) or Conversation(conversation_id, [])
-            db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
-                       (conversation_id, json.dumps(with_turn(old.messages, user, assistant)),
-                        old.turns + 1, time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
+                (conversation_id, json.dumps(with_turn(old.messages, user, assistant)), old.turns + 1, time.time()),
+            )
             if time.monotonic() - self.pruned_at > PRUNE_EVERY_SECONDS:
                 self.pruned_at = time.monotonic()
                 db.execute("DELETE FROM conversations WHERE updated < ?", (self._cutoff(),))
-                db.execute("DELETE FROM conversations WHERE id IN (SELECT id FROM conversations "
-                           "ORDER BY updated DESC LIMIT -1 OFFSET ?)", (settings.store_max_conversations,))
+                db.execute(
+                    "DELETE FROM conversations WHERE id IN (SELECT id FROM conversations "
+                    "ORDER BY updated DESC LIMIT -1 OFFSET ?)",
+                    (settings.store_max_conversations,),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -192,10 +202,12 @@ class RedisStore(ConversationStore):
     def __init__(self, url: str):
         import redis.asyncio  # only needed with a redis:// store
         from redis.exceptions import RedisError, WatchError
+
         self.errors, self.WatchError = RedisError, WatchError
         # Short timeouts: when Redis is away the user hears so in seconds, not minutes.
-        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
-                                                  health_check_interval=15)
+        self.redis = redis.asyncio.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
+        )
         self.pruned_at = 0.0
 
     @staticmethod
@@ -222,8 +234,13 @@ class RedisStore(ConversationStore):
                         raw = await pipe.get(key)
                         old = json.loads(raw) if raw else {"messages": [], "turns": 0}
                         pipe.multi()
-                        pipe.set(key, json.dumps({"messages": with_turn(old["messages"], user, assistant),
-                                                  "turns": old["turns"] + 1}), ex=ttl)
+                        pipe.set(
+                            key,
+                            json.dumps(
+                                {"messages": with_turn(old["messages"], user, assistant), "turns": old["turns"] + 1}
+                            ),
+                            ex=ttl,
+                        )
                         pipe.zadd(self.INDEX, {conversation_id: time.time()})
                         await pipe.execute()
                         break

@@ -88,11 +88,11 @@ async def traced_phase(tracer, phase: str, node: str, run, describe):
         result = await run()
     except BaseException as error:  # reported, then raised on: tracing never swallows
         # Only the kind of error: its text may name internal hosts (the log has it all).
-        await tracer.emit(phase, "error", node=node, ms=round((time.perf_counter() - began) * 1000, 1),
-                          error=type(error).__name__)
+        await tracer.emit(
+            phase, "error", node=node, ms=round((time.perf_counter() - began) * 1000, 1), error=type(error).__name__
+        )
         raise
-    await tracer.emit(phase, "end", node=node, ms=round((time.perf_counter() - began) * 1000, 1),
-                      **describe(result))
+    await tracer.emit(phase, "end", node=node, ms=round((time.perf_counter() - began) * 1000, 1), **describe(result))
     return result
 
 
@@ -122,11 +122,17 @@ async def run_node_traced(node, shared, tracer):
     Pinned to pocketflow 0.0.3: `AsyncNode._run_async` is prep_async, `_exec` (exec_async
     with the retries and exec_fallback_async), then post_async; `_exec` is private."""
     name = type(node).__name__
-    prep_res = await traced_phase(tracer, "prep", name, lambda: node.prep_async(shared),
-                                  lambda result: {"returned": snapshot(result)})
+    prep_res = await traced_phase(
+        tracer, "prep", name, lambda: node.prep_async(shared), lambda result: {"returned": snapshot(result)}
+    )
     exec_res = await traced_phase(tracer, "exec", name, lambda: node._exec(prep_res), describe_reply)
-    return await traced_phase(tracer, "post", name, lambda: node.post_async(shared, prep_res, exec_res),
-                              lambda action: describe_post(shared, action))
+    return await traced_phase(
+        tracer,
+        "post",
+        name,
+        lambda: node.post_async(shared, prep_res, exec_res),
+        lambda action: describe_post(shared, action),
+    )
 
 
 class TracedFlow(AsyncFlow):
@@ -145,5 +151,10 @@ class TracedFlow(AsyncFlow):
 
     async def run_async(self, shared):
         tracer = shared.get("tracer") or Untraced()
-        return await traced_phase(tracer, "flow", type(self).__name__, lambda: super(TracedFlow, self).run_async(shared),
-                                  lambda action: {"action": action, **history_snapshot(shared)})
+        return await traced_phase(
+            tracer,
+            "flow",
+            type(self).__name__,
+            lambda: super(TracedFlow, self).run_async(shared),
+            lambda action: {"action": action, **history_snapshot(shared)},
+        )

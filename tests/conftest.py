@@ -25,6 +25,7 @@ def code_folder(config):
     """The folder of the code under test (grading's --code option), None for the reference steps."""
     return config.workshop_code_folder
 
+
 # step05's conversations go to a throwaway SQLite file for the whole run, never the
 # repository's; set before any step is imported, and inherited by every server process.
 STORE_DIR = tempfile.mkdtemp(prefix="chat-store-")
@@ -126,11 +127,13 @@ OPEN_WITH_A_CONVERSATION = {"step05_production.main"}
 def chat(connect, app_name):
     """Steps 04 and 05: like connect, past step 05's conversation frame, so a test reads the
     frames the two steps share."""
+
     def open_chat(**options):
         ws = connect(**options)
         if app_name in OPEN_WITH_A_CONVERSATION:
             read_conversation(ws)
         return ws
+
     return open_chat
 
 
@@ -148,8 +151,10 @@ def browser():
 
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:  # never a silent skip: the browser tests must run
-        pytest.fail("No chromium on PATH. `make test` installs Debian's chromium; elsewhere run "
-                    "`.venv/bin/python -m playwright install chromium`.")
+        pytest.fail(
+            "No chromium on PATH. `make test` installs Debian's chromium; elsewhere run "
+            "`.venv/bin/python -m playwright install chromium`."
+        )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser

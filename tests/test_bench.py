@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 def smoke_run(module: str, out, results_file: str) -> dict:
     """`python -m <module> --smoke --out <out>`; its results, once it exits cleanly."""
-    done = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((out / results_file).read_text())
 
@@ -40,8 +45,13 @@ def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
 
 @pytest.mark.browser
 def test_the_render_benchmark_runs_and_writes_its_table(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench.render", "--sizes", "3000", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.render", "--sizes", "3000", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in (tmp_path / "render.md").read_text().splitlines() if line.startswith("| 3,000"))
     assert row.count(" ms") == 2, row

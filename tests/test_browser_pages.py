@@ -13,11 +13,13 @@ AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
 def load_and_reply(page, url, step):
     """Open the page, send one message and wait for the whole reply (or the echo)."""
     page.goto(url)
-    page.wait_for_function("document.body.innerText.includes('connected') || "
-                           "document.querySelector('#status').dataset.state === 'ready'")
+    page.wait_for_function(
+        "document.body.innerText.includes('connected') || document.querySelector('#status').dataset.state === 'ready'"
+    )
     send(page, "hello")
-    page.wait_for_function("document.body.innerText.includes('Echo: hello') || "
-                           "document.body.innerText.includes('You said: hello')")
+    page.wait_for_function(
+        "document.body.innerText.includes('Echo: hello') || document.body.innerText.includes('You said: hello')"
+    )
     if step == "step05_production":
         page.wait_for_selector("#status[data-state=ready]")
 
@@ -25,8 +27,7 @@ def load_and_reply(page, url, step):
 @pytest.mark.parametrize("step", STEPS)
 def test_the_page_loads_without_a_failed_request_or_console_error(step, page, fake, fake_server):
     failed, console_errors = [], []
-    page.on("response", lambda response: response.status >= 400 and failed.append(
-        f"{response.status} {response.url}"))
+    page.on("response", lambda response: response.status >= 400 and failed.append(f"{response.status} {response.url}"))
     page.on("requestfailed", lambda request: failed.append(f"failed {request.url}"))
     page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
     with serve(step, fake_server) as server:
@@ -46,10 +47,15 @@ def test_no_serious_accessibility_violation_after_a_reply(step, page, fake, fake
         results = Axe().run(page, options={"runOnly": {"type": "tag", "values": AXE_TAGS}})
     violations = results.response["violations"]
     for violation in violations:  # the minor ones are listed, not failed
-        print(f"{step}: {violation['impact']}: {violation['id']}: {violation['help']} "
-              f"({len(violation['nodes'])} element(s))")
-    serious = [f"{v['id']} ({v['impact']}): {v['help']}: {[n['target'] for n in v['nodes']]}"
-               for v in violations if v["impact"] in ("serious", "critical")]
+        print(
+            f"{step}: {violation['impact']}: {violation['id']}: {violation['help']} "
+            f"({len(violation['nodes'])} element(s))"
+        )
+    serious = [
+        f"{v['id']} ({v['impact']}): {v['help']}: {[n['target'] for n in v['nodes']]}"
+        for v in violations
+        if v["impact"] in ("serious", "critical")
+    ]
     assert not serious, f"{step}: {serious}"
     # The landmark rules an earlier audit found (moderate and minor) are fixed on every page: keep them so.
     landmarks = [v["id"] for v in violations if v["id"] in ("landmark-one-main", "region", "aria-allowed-role")]
@@ -57,15 +63,18 @@ def test_no_serious_accessibility_violation_after_a_reply(step, page, fake, fake
 
 
 def wait_until_connected(page):
-    page.wait_for_function("document.body.innerText.includes('connected') || "
-                           "document.querySelector('#status').dataset.state === 'ready'")
+    page.wait_for_function(
+        "document.body.innerText.includes('connected') || document.querySelector('#status').dataset.state === 'ready'"
+    )
 
 
 def wait_for_traced_turn(page, turn: int):
     """Until the inspector shows `turn` turns, the last one traced to the flow's end."""
-    page.wait_for_function(f"document.querySelectorAll('.turn').length === {turn} && "
-                           f"document.querySelectorAll('.turn')[{turn - 1}]"
-                           ".querySelector('[data-phase=flow][data-event=end]') !== null")
+    page.wait_for_function(
+        f"document.querySelectorAll('.turn').length === {turn} && "
+        f"document.querySelectorAll('.turn')[{turn - 1}]"
+        ".querySelector('[data-phase=flow][data-event=end]') !== null"
+    )
 
 
 @pytest.mark.parametrize("step", ["step03_pocketflow_node", "step05_production"])

@@ -15,8 +15,11 @@ def texts(page, selector):
 
 
 def wait_for_text(page, selector, text, timeout=15000):
-    page.wait_for_function("([selector, text]) => [...document.querySelectorAll(selector)]"
-                           ".some(n => n.innerText.includes(text))", arg=[selector, text], timeout=timeout)
+    page.wait_for_function(
+        "([selector, text]) => [...document.querySelectorAll(selector)].some(n => n.innerText.includes(text))",
+        arg=[selector, text],
+        timeout=timeout,
+    )
 
 
 def test_a_reload_mid_reply_shows_the_reply_finishing_in_place(page, fake, fake_server):
@@ -55,7 +58,10 @@ def test_a_reload_and_a_restart_keep_the_conversation(page, fake, fake_server):
         send(page, "still there?")
         wait_for_text(page, ".assistant", "still there?")
     assert [m["content"] for m in fake.requests[-1]["messages"]] == [
-        "remember me", "You said: remember me", "still there?"]
+        "remember me",
+        "You said: remember me",
+        "still there?",
+    ]
 
 
 def test_a_second_tab_follows_the_reply_and_new_chat_starts_afresh(page, fake, fake_server):

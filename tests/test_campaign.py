@@ -37,14 +37,15 @@ json_values = st.recursive(
     max_leaves=30,
 )
 frames = st.one_of(
-    st.text(max_size=300),                                                   # random text
-    json_values.map(json.dumps),                                             # random JSON
-    st.fixed_dictionaries({"type": st.sampled_from(["message", "stop", "reset", "", "MESSAGE"]),
-                           "content": json_values}).map(json.dumps),         # near-valid frames
-    st.integers(1, 50_000).map(lambda depth: "[" * depth + "]" * depth),     # deep nesting
-    st.integers(1, 4000).map(lambda digits: "9" * digits),                   # huge numbers
+    st.text(max_size=300),  # random text
+    json_values.map(json.dumps),  # random JSON
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "stop", "reset", "", "MESSAGE"]), "content": json_values}
+    ).map(json.dumps),  # near-valid frames
+    st.integers(1, 50_000).map(lambda depth: "[" * depth + "]" * depth),  # deep nesting
+    st.integers(1, 4000).map(lambda digits: "9" * digits),  # huge numbers
     st.integers(1, 4000).map(lambda digits: '{"type": "message", "content": ' + "1" * digits + "}"),
-    st.binary(max_size=300),                                                 # binary frames
+    st.binary(max_size=300),  # binary frames
 )
 
 
@@ -57,8 +58,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
         read_conversation(ws)
         count = 0
 
-        @hypothesis_settings(max_examples=400, deadline=None, derandomize=True,
-                             suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
         @given(frame=frames)
         def one_frame(frame):
             nonlocal count
@@ -90,8 +90,11 @@ def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
                 assert ws.receive_json()["type"] == "start"
                 assert ws.receive_json()["type"] == "chunk"
         state = client.app_state  # the lifespan's state, which the app reads as websocket.state
-        wait_until(lambda: fake.active == 0 and not state["hub"].tasks, timeout=20,
-                   what="every upstream stream and reply task to end")
+        wait_until(
+            lambda: fake.active == 0 and not state["hub"].tasks,
+            timeout=20,
+            what="every upstream stream and reply task to end",
+        )
     assert fake.cancelled == 50 and fake.completed == 0
     assert not state["open_connections"]
 
@@ -106,7 +109,8 @@ def step05_server(fake_server):
 # Invalid UTF-8 cannot go through TestClient, so these frames go to a real server.
 BAD_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xe2\x82", b"\x80"]
 invalid_utf8_frames = st.tuples(st.text(max_size=40), st.sampled_from(BAD_UTF8), st.text(max_size=40)).map(
-    lambda parts: parts[0].encode() + parts[1] + parts[2].encode())
+    lambda parts: parts[0].encode() + parts[1] + parts[2].encode()
+)
 
 
 def test_invalid_utf8_text_frames_close_with_1007_and_the_server_goes_on(step05_server, fake):

@@ -119,20 +119,23 @@ def test_a_client_leaving_mid_reply_cancels_the_upstream_request(chat, fake):
 
 
 @pytest.mark.task("4.1", "4.2")
-@pytest.mark.parametrize("frame, words", [
-    ("not json at all", "must be JSON"),
-    ('["a", "list"]', "JSON object"),
-    ('"just a string"', "JSON object"),
-    ("{}", "type"),
-    ('{"type": "dance"}', "type"),
-    ('{"type": "message"}', "some text"),
-    ('{"type": "message", "content": ""}', "some text"),
-    ('{"type": "message", "content": "   \\n\\t "}', "some text"),
-    ('{"type": "message", "content": 42}', "some text"),
-    ('{"type": "message", "content": "half an emoji \\ud83d"}', "invalid Unicode"),
-    ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
-    ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
-])  # oversized frames: tests/test_step05_security.py (uvicorn itself refuses them now)
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        ("not json at all", "must be JSON"),
+        ('["a", "list"]', "JSON object"),
+        ('"just a string"', "JSON object"),
+        ("{}", "type"),
+        ('{"type": "dance"}', "type"),
+        ('{"type": "message"}', "some text"),
+        ('{"type": "message", "content": ""}', "some text"),
+        ('{"type": "message", "content": "   \\n\\t "}', "some text"),
+        ('{"type": "message", "content": 42}', "some text"),
+        ('{"type": "message", "content": "half an emoji \\ud83d"}', "invalid Unicode"),
+        ('{"type": "message", "content": "' + "x" * 9000 + '"}', "limited to 8000"),
+        ("[" * 60_000, "must be JSON"),  # nesting deep enough to overflow a recursive parser
+    ],
+)  # oversized frames: tests/test_step05_security.py (uvicorn itself refuses them now)
 def test_an_invalid_frame_gets_an_error_frame_and_the_chat_goes_on(chat, fake, frame, words):
     ws = chat()
     ws.send_json({"type": "message", "content": "before"})
@@ -160,8 +163,13 @@ def test_a_binary_frame_gets_an_error_frame(chat, fake):
 
 # The quick faults; tests/test_campaign.py runs every fault (refused, timeout, slow too)
 # against steps 02 to 05.
-FAILURES = {"401": "API key", "429": "rate-limiting", "500": "HTTP 500", "drop": "broke off",
-            "error_midway": "broke off"}
+FAILURES = {
+    "401": "API key",
+    "429": "rate-limiting",
+    "500": "HTTP 500",
+    "drop": "broke off",
+    "error_midway": "broke off",
+}
 
 
 @pytest.mark.task("4.1", "4.2")
@@ -191,5 +199,3 @@ def test_nothing_is_retried_after_the_first_chunk(chat, fake):
     assert frames[-1]["type"] == "error"
     assert reply_text(frames) == "You said:", "chunks were repeated"
     assert fake.started == 1 and len(fake.requests) == 1
-
-

@@ -32,8 +32,20 @@ GRADED_STEPS = [step for step in STEPS if tasks_of(step)]
 def grade(step: int, code: Path | str, tmp_path: Path, task: str | None = None) -> dict[str, list]:
     """Each task's test results ({task: [failure message or None, ...]}) for `code`."""
     results = tmp_path / f"results-{step}-{task or 'all'}-{Path(str(code)).name}.json"
-    command = [sys.executable, "-m", "pytest", *test_files(step), "-m", "not slow", f"--code={code}",
-               f"--results-json={results}", "-q", "--tb=no", "-p", "no:cacheprovider"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *test_files(step),
+        "-m",
+        "not slow",
+        f"--code={code}",
+        f"--results-json={results}",
+        "-q",
+        "--tb=no",
+        "-p",
+        "no:cacheprovider",
+    ]
     if task:
         command.append(f"--task={task}")
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -92,7 +104,9 @@ def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, 
         matcher = difflib.SequenceMatcher(None, lines, copied.splitlines(keepends=True), autojunk=False)
         for kind, first, last, _, _ in matcher.get_opcodes():
             changed = set(range(first, last))
-            assert kind == "equal" or changed <= inside, f"{copy} changed lines outside a task: {sorted(changed - inside)}"
+            assert kind == "equal" or changed <= inside, (
+                f"{copy} changed lines outside a task: {sorted(changed - inside)}"
+            )
 
 
 @pytest.mark.parametrize("step", GRADED_STEPS)

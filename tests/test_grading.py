@@ -24,8 +24,9 @@ def test_make_exercise_never_overwrites_and_fresh_moves_the_old_copy_aside(tmp_p
 
 
 def run_grading(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grading", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "grading", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_hint_names_the_task_and_refuses_one_from_another_step():

@@ -54,6 +54,7 @@ def test_two_chats_stream_at_the_same_time(model_url):
     env = llm_env(model_url)
     results = {}
     with LiveServer("step05_production.main:app", env=env) as server:
+
         def chat(name):
             with WsClient(server.ws_url) as ws:
                 ws.send_json({"type": "message", "content": f"Write a short poem about {name}."})
@@ -108,16 +109,20 @@ def run_make_chat(env, *args):
     from harness.support import ROOT, wait_for_port
 
     chat_port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(chat_port), *args],
-                               cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "local_llm", "chat", "--chat-port", str(chat_port), *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     wait_for_port(chat_port, timeout=60, process=process)
     return process, f"ws://127.0.0.1:{chat_port}/ws"
 
 
 @pytest.mark.parametrize("configured", [True, False], ids=["OPENAI_BASE_URL set", "nothing set"])
 def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, configured):
-    env = {"OPENAI_API_KEY": "", "OPENAI_MODEL": "",
-           "OPENAI_BASE_URL": fake_server.base_url if configured else ""}
+    env = {"OPENAI_API_KEY": "", "OPENAI_MODEL": "", "OPENAI_BASE_URL": fake_server.base_url if configured else ""}
     fake_server.fake.reset()
     process, ws_url = run_make_chat(env, "--port", str(free_port()))
     try:
@@ -150,8 +155,9 @@ def test_make_llm_starts_again_at_once_after_it_is_stopped():
     port = free_port()
     command = [sys.executable, "-m", "local_llm", "serve", "--port", str(port)]
     for attempt in ("first start", "restart"):
-        process = subprocess.Popen(command, cwd=ROOT, env=os.environ, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         try:
             first_line = process.stdout.readline()  # printed once the model is loaded, or an error
             assert "ready at" in first_line, f"{attempt}: {first_line}{process.stdout.read()}"
@@ -178,8 +184,14 @@ def test_make_chat_says_clearly_when_its_port_is_taken(fake_server):
         squatter.listen()
         port = squatter.getsockname()[1]
         env = {**os.environ, **llm_env(fake_server.base_url)}
-        result = subprocess.run([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode != 0
     assert "Chat: open" not in result.stdout, "it must not invite the user to a port it cannot use"
     assert f"Port {port}" in result.stderr and "PORT=" in result.stderr, result.stderr

@@ -60,21 +60,28 @@ def test_step_05_is_the_product_with_no_tasks(target):
 
 def test_every_package_the_apps_import_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {re.split(r"[\[<>=!~ ]", spec)[0].lower()
-                for spec in project["dependencies"] + project["optional-dependencies"]["local"]}
+    declared = {
+        re.split(r"[\[<>=!~ ]", spec)[0].lower()
+        for spec in project["dependencies"] + project["optional-dependencies"]["local"]
+    }
     distributions = importlib.metadata.packages_distributions()
     for name in TRACKED:
         if not re.match(r"(step0\d_\w+|local_llm)/.*\.py$", name):
             continue
         for node in ast.walk(ast.parse((ROOT / name).read_text())):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            )
             for module in modules:
                 top = module.split(".")[0]
                 if top in sys.stdlib_module_names or top.startswith(("step0", "local_llm")):
                     continue
                 owners = {d.lower() for d in distributions.get(top, [])}
-                assert owners & declared, f"{name} imports {top} ({owners or 'not installed'}), not a declared dependency"
+                assert owners & declared, (
+                    f"{name} imports {top} ({owners or 'not installed'}), not a declared dependency"
+                )
 
 
 def test_step01_comments_and_readme_number_the_loop_alike():

@@ -47,8 +47,9 @@ def test_each_message_is_answered_without_memory(connect, fake):
     assert fake.requests[-1]["messages"] == [{"role": "user", "content": "second"}]
 
 
-@pytest.mark.parametrize("fault, words", [("500", "HTTP 500"), ("429", "rate-limiting"),
-                                          ("drop", "broke off"), ("401", "API key")])
+@pytest.mark.parametrize(
+    "fault, words", [("500", "HTTP 500"), ("429", "rate-limiting"), ("drop", "broke off"), ("401", "API key")]
+)
 @pytest.mark.task("2.1", "2.2")
 def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connect, fake, fault, words):
     fake.fail_next(fault, times=3)  # more than the SDK's own retries
@@ -61,12 +62,14 @@ def test_an_upstream_failure_is_an_error_frame_and_the_next_message_works(connec
     ws.send_json({"type": "message", "content": "fine now"})
     first = ws.receive_json()
     assert first == {"type": "start"}, (
-        f"after the error frame the server sent {first}: an error ends that reply (no 'end' after it)")
+        f"after the error frame the server sent {first}: an error ends that reply (no 'end' after it)"
+    )
     assert reply_text([first] + collect_reply(ws)) == "You said: fine now"
 
 
-@pytest.mark.parametrize("frame", ["not json", '["a", "list"]', '{"type": "message", "content": "  "}',
-                                   '{"type": "dance"}'])
+@pytest.mark.parametrize(
+    "frame", ["not json", '["a", "list"]', '{"type": "message", "content": "  "}', '{"type": "dance"}']
+)
 @pytest.mark.task("2.1", "2.2")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake, frame):
     ws = connect()

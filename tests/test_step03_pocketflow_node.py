@@ -91,7 +91,10 @@ def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
     ws.send_json({"type": "message", "content": "and this works"})
     assert reply_text(collect_reply(ws)) == "You said: and this works"
     assert [m["content"] for m in fake.requests[-1]["messages"]] == [
-        "remember me", "You said: remember me", "and this works"]
+        "remember me",
+        "You said: remember me",
+        "and this works",
+    ]
 
 
 @pytest.mark.task("3.1", "3.2", "3.3")
@@ -107,8 +110,7 @@ def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake
 
 
 def store(message="and now?", history=None):
-    return {"websocket": RecordingSocket(), "user_message": message,
-            "conversation_history": list(history or [])}
+    return {"websocket": RecordingSocket(), "user_message": message, "conversation_history": list(history or [])}
 
 
 EARLIER = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "You said: hi"}]
@@ -149,7 +151,9 @@ def test_post_appends_the_turn_and_returns_the_default_action():
     action = asyncio.run(StreamingChatNode().post_async(shared, None, "You said: and now?"))
     assert action == "default"
     assert shared["conversation_history"] == EARLIER + [
-        {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "You said: and now?"}]
+        {"role": "user", "content": "and now?"},
+        {"role": "assistant", "content": "You said: and now?"},
+    ]
 
 
 @pytest.mark.task("3.1", "3.2", "3.3", "3.4")
@@ -162,7 +166,8 @@ def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
     assert reply_text(collect_reply(ws)) == "You said: My name is Ada. (This is your first message.)"
     ws.send_json({"type": "message", "content": "What is my name?"})
     assert reply_text(collect_reply(ws)) == (
-        'You said: What is my name? (I remember 1 earlier message from you; the first was "My name is Ada.")')
+        'You said: What is my name? (I remember 1 earlier message from you; the first was "My name is Ada.")'
+    )
 
 
 # The flow inspector ----------------------------------------------------------------------
@@ -176,10 +181,14 @@ def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, f
         ws.send_json({"type": "message", "content": text})
         frames = frames_until_the_flow_ends(ws)
         chunks = sum(f["type"] == "chunk" for f in frames)
-        assert phases(frames) == (["flow start", "prep start", "prep end", "exec start", "start"]
-                                  + ["chunk"] * chunks + ["end", "exec end", "post start", "post end", "flow end"])
-        prep_end, exec_end, post_end = (next(f for f in frames if f.get("phase") == p and f.get("event") == "end")
-                                        for p in ("prep", "exec", "post"))
+        assert phases(frames) == (
+            ["flow start", "prep start", "prep end", "exec start", "start"]
+            + ["chunk"] * chunks
+            + ["end", "exec end", "post start", "post end", "flow end"]
+        )
+        prep_end, exec_end, post_end = (
+            next(f for f in frames if f.get("phase") == p and f.get("event") == "end") for p in ("prep", "exec", "post")
+        )
         assert prep_end["node"] == "StreamingChatNode" and prep_end["ms"] >= 0
         assert prep_end["returned"][0][-1] == {"role": "user", "content": text}  # the messages prep built
         assert len(prep_end["returned"][0]) == 2 * turn - 1
@@ -194,8 +203,7 @@ def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     fake.fail_next("500", times=3)
     ws.send_json({"type": "message", "content": "doomed"})
     frames = frames_until_the_flow_ends(ws)
-    assert phases(frames) == ["flow start", "prep start", "prep end", "exec start", "start",
-                              "exec error", "flow error"]
+    assert phases(frames) == ["flow start", "prep start", "prep end", "exec start", "start", "exec error", "flow error"]
     assert "InternalServerError" in frames[-2]["error"]
     assert ws.receive_json()["type"] == "error"  # and the user is told, as before
 

@@ -57,7 +57,9 @@ def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
         await asyncio.wait_for(session.reply, 5)  # ...until its end
         assert not session.busy() and socket.types()[-1] == "end"
         assert session.shared["conversation_history"][-2:] == [
-            {"role": "user", "content": "hello"}, {"role": "assistant", "content": reply_text(socket.frames)}]
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": reply_text(socket.frames)},
+        ]
 
     asyncio.run(scenario())
 
@@ -204,8 +206,9 @@ def test_no_reply_outlives_its_connection(fake):
     wait_until(lambda: fake.cancelled == 5 and fake.active == 0, what="every upstream request to be closed")
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost.evil.example",
-                                    "https://localhost"])
+@pytest.mark.parametrize(
+    "origin", ["http://evil.example", "null", "http://localhost.evil.example", "https://localhost"]
+)
 def test_another_sites_page_may_not_open_the_socket(fake, origin):
     with LocalClient(chat_main.app) as client, pytest.raises(WebSocketDisconnect) as refused:
         with client.websocket_connect("/ws", headers={"origin": origin}):
@@ -227,8 +230,7 @@ def test_history_is_bounded_oldest_turns_first_but_never_the_newest(monkeypatch)
     monkeypatch.setattr(nodes, "MAX_HISTORY_CHARS", 300)
     history = []
     for i in range(10):
-        history = bounded(history + [{"role": "user", "content": f"q{i}"},
-                                     {"role": "assistant", "content": "a" * 50}])
+        history = bounded(history + [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * 50}])
     assert [m["content"] for m in history[::2]] == ["q7", "q8", "q9"]
     huge = bounded(history + [{"role": "user", "content": "q10"}, {"role": "assistant", "content": "b" * 1000}])
     assert [m["content"] for m in huge] == ["q10", "b" * 1000], "the newest turn must survive, whatever its size"

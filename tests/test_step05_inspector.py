@@ -56,8 +56,11 @@ def test_each_phase_is_traced_in_order_and_the_history_grows_2_then_4(chat, fake
         frames = frames_until_the_flow_ends(ws)
         chunks = sum(f["type"] == "chunk" for f in frames)
         # Unlike step 03, post sends `end`: it stores the turn first.
-        assert phases(frames) == (["flow start", "prep start", "prep end", "exec start", "start"]
-                                  + ["chunk"] * chunks + ["exec end", "post start", "end", "post end", "flow end"])
+        assert phases(frames) == (
+            ["flow start", "prep start", "prep end", "exec start", "start"]
+            + ["chunk"] * chunks
+            + ["exec end", "post start", "end", "post end", "flow end"]
+        )
         prep, exec_, post = event(frames, "prep"), event(frames, "exec"), event(frames, "post")
         assert prep["node"] == "StreamingChatNode" and prep["ms"] >= 0
         messages, live, stop = prep["returned"]
@@ -76,8 +79,18 @@ def test_a_caught_llm_failure_shows_in_exec_and_post_and_the_history_is_untouche
     ws.send_json({"type": "message", "content": "doomed"})
     frames = frames_until_the_flow_ends(ws)
     # exec catches the failure and returns it; post reports it: no exec error, no flow error.
-    assert phases(frames) == ["flow start", "prep start", "prep end", "exec start", "start",
-                              "exec end", "post start", "error", "post end", "flow end"]
+    assert phases(frames) == [
+        "flow start",
+        "prep start",
+        "prep end",
+        "exec start",
+        "start",
+        "exec end",
+        "post start",
+        "error",
+        "post end",
+        "flow end",
+    ]
     told = next(f for f in frames if f["type"] == "error")["message"]
     assert event(frames, "exec")["returned"]["error"] == f"InternalServerError: {told}"
     post = event(frames, "post")
@@ -233,7 +246,6 @@ def test_a_long_history_shows_its_newest_messages(chat, fake):
     post = event(frames_until_the_flow_ends(ws), "post")
     assert post["history_length"] == 24
     assert post["history"][0] == "… 4 earlier" and post["history"][-1]["content"] == "You said: turn 12"
-
 
 
 def test_an_unexpected_error_shows_only_its_kind_in_the_trace(client, fake, monkeypatch):

@@ -115,19 +115,21 @@ def test_long_conversations_keep_the_system_prompt_and_drop_old_turns(client, fa
         for i in range(6):
             ws.send_json({"type": "message", "content": f"turn {i}"})
             collect_reply(ws)
-    assert history_sent(fake) == ["Be brief.", "turn 3", "You said: turn 3",
-                                  "turn 4", "You said: turn 4", "turn 5"]
+    assert history_sent(fake) == ["Be brief.", "turn 3", "You said: turn 3", "turn 4", "You said: turn 4", "turn 5"]
 
 
-@pytest.mark.parametrize("origin, allowed", [
-    (None, True),
-    ("http://localhost", True),
-    ("https://localhost", False),  # the page is http: a wrong scheme is another origin
-    ("http://evil.example", False),
-    ("null", False),
-    ("http://localhost.evil.example", False),
-    ("https://chat.example.com", True),  # configured below
-])
+@pytest.mark.parametrize(
+    "origin, allowed",
+    [
+        (None, True),
+        ("http://localhost", True),
+        ("https://localhost", False),  # the page is http: a wrong scheme is another origin
+        ("http://evil.example", False),
+        ("null", False),
+        ("http://localhost.evil.example", False),
+        ("https://chat.example.com", True),  # configured below
+    ],
+)
 def test_only_the_pages_own_origin_and_configured_ones_may_connect(client, fake, monkeypatch, origin, allowed):
     monkeypatch.setattr(settings, "allowed_origins", frozenset({"https://chat.example.com"}))
     headers = {"origin": origin} if origin else {}
@@ -199,8 +201,12 @@ def test_each_running_app_has_its_own_state(fake):
 def test_the_page_loads_its_scripts_from_this_server(client):
     page = client.get("/").text
     assert "http" not in page.split("<body>")[0].replace('name="viewport"', ""), "no CDN"
-    for asset in ["/static/app.js", "/static/style.css", "/static/vendor/marked.umd.js",
-                  "/static/vendor/purify.min.js"]:
+    for asset in [
+        "/static/app.js",
+        "/static/style.css",
+        "/static/vendor/marked.umd.js",
+        "/static/vendor/purify.min.js",
+    ]:
         assert asset in page and client.get(asset).status_code == 200
 
 
@@ -335,7 +341,7 @@ def imports_of(path: Path) -> list[str]:
             elif node.level > len(package):  # above the package: whatever holds it
                 found.append("." * node.level + (node.module or ""))
             else:
-                found.append(".".join(package[:len(package) - node.level + 1] + [node.module or ""]).rstrip("."))
+                found.append(".".join(package[: len(package) - node.level + 1] + [node.module or ""]).rstrip("."))
     return found
 
 

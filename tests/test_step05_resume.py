@@ -77,8 +77,10 @@ def test_a_reply_resumes_after_a_dropped_connection(connect, fake):
     assert_resumes_whole(connect(conversation=cid), cid, fake)
     assert fake.started == 1 and len(fake.requests) == 1, "the model was asked twice"
     stored = read_conversation(connect(conversation=cid))["messages"]
-    assert stored == [{"role": "user", "content": "tell me a story"},
-                      {"role": "assistant", "content": full_reply(fake, "tell me a story")}]
+    assert stored == [
+        {"role": "user", "content": "tell me a story"},
+        {"role": "assistant", "content": full_reply(fake, "tell me a story")},
+    ]
 
 
 @pytest.mark.slow
@@ -157,7 +159,12 @@ def test_two_tabs_one_reply_at_a_time_and_one_history(connect, fake):
     second.send_json({"type": "message", "content": "from tab two"})
     collect_reply(second)
     assert [m["content"] for m in fake.requests[-1]["messages"]] == [
-        "from tab one", "You said: from tab one", "long one", long_reply, "from tab two"]
+        "from tab one",
+        "You said: from tab one",
+        "long one",
+        long_reply,
+        "from tab two",
+    ]
 
 
 @pytest.mark.slow
@@ -195,7 +202,10 @@ def test_a_reply_resumes_on_another_host(fake, two_hosts):
         assert_resumes_whole(ws, cid, fake)
     assert fake.started == 1, "the model was asked twice"
     with WsClient(f"{host_a.ws_url}?conversation={cid}") as ws:
-        assert read_conversation(ws)["messages"][-1] == {"role": "assistant", "content": full_reply(fake, "tell me a story")}
+        assert read_conversation(ws)["messages"][-1] == {
+            "role": "assistant",
+            "content": full_reply(fake, "tell me a story"),
+        }
 
 
 @pytest.mark.slow
@@ -245,4 +255,9 @@ def test_two_tabs_on_two_hosts_one_reply_at_a_time(fake, two_hosts):
             second.send_json({"type": "message", "content": "my turn"})  # free again after `end`
             assert reply_text(collect_reply(second)) == "You said: my turn"
     assert [m["content"] for m in fake.requests[-1]["messages"]] == [
-        "hello", "You said: hello", "long one", long_reply, "my turn"]
+        "hello",
+        "You said: hello",
+        "long one",
+        long_reply,
+        "my turn",
+    ]

@@ -43,11 +43,19 @@ def chat_turn(ws, text: str) -> str:
 # Headers ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, status", [
-    ("/", 200), ("/static/app.js", 200), ("/static/vendor/purify.min.js", 200),
-    ("/static/nothing.js", 404), ("/nothing", 404),
-    ("/docs", 404), ("/redoc", 404), ("/openapi.json", 404),  # no API-docs routes
-])
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/", 200),
+        ("/static/app.js", 200),
+        ("/static/vendor/purify.min.js", 200),
+        ("/static/nothing.js", 404),
+        ("/nothing", 404),
+        ("/docs", 404),
+        ("/redoc", 404),
+        ("/openapi.json", 404),  # no API-docs routes
+    ],
+)
 def test_every_response_carries_the_security_headers(client, path, status):
     response = client.get(path)
     assert response.status_code == status
@@ -65,12 +73,21 @@ def test_every_response_carries_the_security_headers(client, path, status):
 # Hosts and origins -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host, status", [
-    ("localhost", 200), ("localhost:8000", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200),
-    ("LocalHost", 200),
-    ("evil.example", 400), ("evil.example:8000", 400), ("localhost.evil.example", 400),
-    ("", 400), ("chat.example.com", 400),
-])
+@pytest.mark.parametrize(
+    "host, status",
+    [
+        ("localhost", 200),
+        ("localhost:8000", 200),
+        ("127.0.0.1:8000", 200),
+        ("[::1]:8000", 200),
+        ("LocalHost", 200),
+        ("evil.example", 400),
+        ("evil.example:8000", 400),
+        ("localhost.evil.example", 400),
+        ("", 400),
+        ("chat.example.com", 400),
+    ],
+)
 def test_pages_are_served_only_for_allowed_host_names(client, host, status):
     response = client.get("/", headers={"host": host})
     assert response.status_code == status
@@ -89,8 +106,14 @@ def test_a_deployment_names_its_own_hosts(fake, monkeypatch):
 def handshake_status(port: int, host: str, origin: str | None) -> int:
     """The HTTP status of a WebSocket handshake with exactly these Host and Origin headers,
     as a browser after DNS rebinding would send them."""
-    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    lines = [
+        "GET /ws HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
     if origin:
         lines.append(f"Origin: {origin}")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

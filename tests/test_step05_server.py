@@ -30,8 +30,16 @@ ADVICE = "python -m step05_production"  # what the app says when its command lac
 def entry_point_server(fake_server, *options: str) -> LiveServer:
     """`python -m step05_production` on a free loopback port, its LLM the fake."""
     server = LiveServer("unused", env=llm_env(fake_server.base_url))
-    server.command = [sys.executable, "-m", "step05_production", "--host", "127.0.0.1",
-                      "--port", str(server.port), *options]
+    server.command = [
+        sys.executable,
+        "-m",
+        "step05_production",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server.port),
+        *options,
+    ]
     return server
 
 
@@ -44,10 +52,27 @@ def test_the_server_limits_follow_the_chats_settings(monkeypatch):
 
 
 def test_the_entry_point_takes_the_servers_options():
-    args = parse_arguments(["--host", "0.0.0.0", "--port", "9000", "--workers", "3",
-                            "--forwarded-allow-ips", "10.0.0.2", "--timeout-keep-alive", "75"])
+    args = parse_arguments(
+        [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9000",
+            "--workers",
+            "3",
+            "--forwarded-allow-ips",
+            "10.0.0.2",
+            "--timeout-keep-alive",
+            "75",
+        ]
+    )
     assert (args.host, args.port, args.workers, args.forwarded_allow_ips, args.timeout_keep_alive) == (
-        "0.0.0.0", 9000, 3, "10.0.0.2", 75)
+        "0.0.0.0",
+        9000,
+        3,
+        "10.0.0.2",
+        75,
+    )
     defaults = parse_arguments([])
     assert (defaults.host, defaults.port, defaults.workers) == ("127.0.0.1", 8000, 1)
 
@@ -83,8 +108,10 @@ def test_uvicorn_run_with_the_app_object_warns_that_the_frame_limit_is_not_appli
     # uvicorn.run(app) imports nothing itself: the app was imported before uvicorn's
     # settings existed, so the app cannot lower the frame limit, and says so.
     server = LiveServer("unused", env=llm_env(fake_server.base_url))
-    run_with_the_app_object = ("import uvicorn; from step05_production.main import app; "
-                               f"uvicorn.run(app, host='127.0.0.1', port={server.port}, log_level='warning')")
+    run_with_the_app_object = (
+        "import uvicorn; from step05_production.main import app; "
+        f"uvicorn.run(app, host='127.0.0.1', port={server.port}, log_level='warning')"
+    )
     server.command = [sys.executable, "-c", run_with_the_app_object]
     with server:
         with WsClient(server.ws_url) as ws:
@@ -96,9 +123,14 @@ def test_uvicorn_run_with_the_app_object_warns_that_the_frame_limit_is_not_appli
 @pytest.mark.slow
 def test_make_chat_runs_the_chat_with_the_same_server_limits(fake_server, fake):
     port = free_port()  # `make chat` with OPENAI_BASE_URL set: the chat alone, no local model
-    process = subprocess.Popen([sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)], cwd=ROOT,
-                               env={**os.environ, **llm_env(fake_server.base_url)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "local_llm", "chat", "--chat-port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **llm_env(fake_server.base_url)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_port(port, timeout=60, process=process)
         with WsClient(f"ws://127.0.0.1:{port}/ws") as ws:

@@ -45,8 +45,12 @@ def test_a_turn_is_stored_whole_and_loaded_back(store_url):
 
     conversation = run(with_store(store_url, use))
     assert conversation.turns == 2
-    assert conversation.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                     {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}]
+    assert conversation.messages == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "yes"},
+    ]
 
 
 def test_delete_forgets_a_conversation(store_url):
@@ -108,9 +112,14 @@ def test_redis_keys_expire_after_the_retention_time(redis_server, monkeypatch):
     assert 29 * 86400 < ttl <= 30 * 86400
 
 
-@pytest.mark.parametrize("url, path", [("sqlite:///chat.sqlite3", "chat.sqlite3"),
-                                       ("sqlite:///data/c.db", "data/c.db"),
-                                       ("sqlite:////var/lib/chat/c.db", "/var/lib/chat/c.db")])
+@pytest.mark.parametrize(
+    "url, path",
+    [
+        ("sqlite:///chat.sqlite3", "chat.sqlite3"),
+        ("sqlite:///data/c.db", "data/c.db"),
+        ("sqlite:////var/lib/chat/c.db", "/var/lib/chat/c.db"),
+    ],
+)
 def test_sqlite_urls_read_like_sqlalchemy(url, path):
     assert open_store(url).path == path
 
@@ -151,8 +160,14 @@ def test_reconnecting_with_the_id_continues_the_conversation(connect, fake):
     ws, cid = conversation_with_one_turn(connect, "my name is Ada")
     ws.close()  # a reload, or a dropped connection
     again = connect(conversation=cid)
-    assert read_conversation(again) == {"type": "conversation", "id": cid, "messages": [
-        {"role": "user", "content": "my name is Ada"}, {"role": "assistant", "content": "You said: my name is Ada"}]}
+    assert read_conversation(again) == {
+        "type": "conversation",
+        "id": cid,
+        "messages": [
+            {"role": "user", "content": "my name is Ada"},
+            {"role": "assistant", "content": "You said: my name is Ada"},
+        ],
+    }
     again.send_json({"type": "message", "content": "what is my name?"})
     collect_reply(again)
     assert history_sent(fake) == ["my name is Ada", "You said: my name is Ada", "what is my name?"]
@@ -167,8 +182,9 @@ def test_a_stored_turn_is_there_right_after_its_end(connect, fake):
         assert len(read_conversation(connect(conversation=cid))["messages"]) == 2 * (1 + (text == "two"))
 
 
-@pytest.mark.parametrize("bad_id", ["", "nope", "x" * 300, "../../../etc/passwd", "%00%ff", "é" * 22,
-                                    "A" * 22])  # the last is well-formed but was never stored
+@pytest.mark.parametrize(
+    "bad_id", ["", "nope", "x" * 300, "../../../etc/passwd", "%00%ff", "é" * 22, "A" * 22]
+)  # the last is well-formed but was never stored
 def test_an_unknown_or_malformed_id_starts_a_new_conversation(connect, fake, bad_id):
     ws = connect(conversation=bad_id)
     frame = read_conversation(ws)
@@ -188,7 +204,10 @@ def test_a_failed_turn_stores_nothing(connect, fake):
     fake.fail_next("500", times=3)
     ws.send_json({"type": "message", "content": "lost"})
     assert collect_reply(ws)[-1]["type"] == "error"
-    assert [m["content"] for m in read_conversation(connect(conversation=cid))["messages"]] == ["kept", "You said: kept"]
+    assert [m["content"] for m in read_conversation(connect(conversation=cid))["messages"]] == [
+        "kept",
+        "You said: kept",
+    ]
 
 
 @pytest.mark.slow
@@ -200,7 +219,9 @@ def test_a_restart_keeps_the_conversation(fake, fake_server, tmp_path):
         collect_reply(ws)
     with LiveServer(f"{APP}:app", env=env) as server, WsClient(f"{server.ws_url}?conversation={cid}") as ws:
         assert [m["content"] for m in read_conversation(ws)["messages"]] == [
-            "before the restart", "You said: before the restart"]
+            "before the restart",
+            "You said: before the restart",
+        ]
         ws.send_json({"type": "message", "content": "after"})
         collect_reply(ws)
     assert history_sent(fake) == ["before the restart", "You said: before the restart", "after"]
@@ -234,7 +255,10 @@ def test_two_servers_sharing_redis_share_conversations(fake, fake_server, redis_
             collect_reply(ws)
             # right after `end`, on the other host
             with WsClient(f"{host_b.ws_url}?conversation={cid}") as other:
-                assert [m["content"] for m in read_conversation(other)["messages"]] == ["on host A", "You said: on host A"]
+                assert [m["content"] for m in read_conversation(other)["messages"]] == [
+                    "on host A",
+                    "You said: on host A",
+                ]
                 other.send_json({"type": "message", "content": "on host B"})
                 collect_reply(other)
     assert history_sent(fake) == ["on host A", "You said: on host A", "on host B"]
@@ -258,6 +282,13 @@ def test_redis_going_away_is_explained_and_the_chat_recovers(fake, fake_server, 
             assert getattr(closed.value, "rcvd", None) is not None and closed.value.rcvd.code == 1013
         redis_server.start()  # same port, same data
         ws.send_json({"type": "message", "content": "after the outage"})
-        assert reply_text(collect_reply(ws, )) == "You said: after the outage"
+        assert (
+            reply_text(
+                collect_reply(
+                    ws,
+                )
+            )
+            == "You said: after the outage"
+        )
     assert history_sent(fake) == ["before the outage", "You said: before the outage", "after the outage"]
     assert not any(m["content"] == "during the outage" for r in fake.requests for m in r["messages"])

@@ -29,9 +29,7 @@ load_dotenv()  # a .env file, if there is one; real environment variables win
 # client (and a TLS handshake) on every message. Its connections belong to the
 # event loop that opened them, so a process running several loops (tests, notebooks)
 # gets one client per loop.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
-    weakref.WeakKeyDictionary()
-)
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = weakref.WeakKeyDictionary()
 
 
 def llm_base_url() -> str | None:
@@ -69,9 +67,7 @@ async def stream_llm(messages: list[dict]) -> AsyncIterator[str]:
     server stops generating.
     """
     # BEGIN TASK 2.1
-    stream = await get_client().chat.completions.create(
-        model=llm_model(), messages=messages, stream=True
-    )
+    stream = await get_client().chat.completions.create(model=llm_model(), messages=messages, stream=True)
     async with stream:  # closes the HTTP response however we leave this block
         try:
             async for chunk in stream:
@@ -97,7 +93,11 @@ def explain_llm_error(error: Exception) -> str:
         return "The language model took too long to answer. Try again."
     if isinstance(error, openai.APIConnectionError):
         where = llm_base_url() or "api.openai.com"
-        hint = " Start the local model with `make llm` (or scripted replies with `make fake`)." if where == LOCAL_LLM_URL else ""
+        hint = (
+            " Start the local model with `make llm` (or scripted replies with `make fake`)."
+            if where == LOCAL_LLM_URL
+            else ""
+        )
         return f"Could not reach the language model at {where}.{hint}"
     if isinstance(error, openai.AuthenticationError):
         return "The language model rejected the API key. Check OPENAI_API_KEY."

@@ -33,9 +33,7 @@ load_dotenv()  # a .env file, if there is one; real environment variables win
 # client (and a TLS handshake) on every message. httpx connections belong to the
 # event loop that opened them, so a process running several loops (tests, notebooks)
 # gets one client per loop.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
-    weakref.WeakKeyDictionary()
-)
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = weakref.WeakKeyDictionary()
 
 
 def llm_base_url() -> str | None:
@@ -143,7 +141,11 @@ def explain_llm_error(error: Exception) -> str:
         where = llm_base_url() or "https://api.openai.com"
         if not is_loopback(where):
             return "Could not reach the language model. Please try again later."
-        hint = " Start the local model with `make llm` (or scripted replies with `make fake`)." if where == LOCAL_LLM_URL else ""
+        hint = (
+            " Start the local model with `make llm` (or scripted replies with `make fake`)."
+            if where == LOCAL_LLM_URL
+            else ""
+        )
         return f"Could not reach the language model at {where}.{hint}"
     if isinstance(error, openai.AuthenticationError):
         return "The language model rejected the API key. Check OPENAI_API_KEY."
