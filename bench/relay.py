@@ -19,7 +19,8 @@ Measured at the client:
 - whole reply: sending the message to the `end` frame (the schedule's own: CHUNKS x DELAY).
 Measured in the server: CPU time per relayed chunk, RSS per idle and per streaming connection.
 
-Variants: step05 (with its default store, a SQLite file), step02 (no task, no flow) and the
+Variants: step05 (with its default store, a SQLite file), step04 (the lesson: the reply in a task,
+no store, the SDK's own parsing), step02 (no task, no flow) and the
 naive baseline (bench/naive_app.py: step05 with a new AsyncOpenAI client for every message).
 Store on vs off: the 50-client burst against step05 with its SQLite store and with
 CHAT_STORE_URL=memory://, both servers up, in alternating rounds so both see the same load.
@@ -51,6 +52,7 @@ from harness.support import ROOT, LiveServer, llm_env, wait_for_port
 CHUNKS, DELAY = 50, 0.020  # the upstream's schedule: 50 chunks, 20 ms apart
 VARIANTS = {
     "step05": "step05_production.main:app",
+    "step04": "step04_full_chat.main:app",
     "step02": "step02_llm_stream.main:app",
     "naive": "bench.naive_app:app",
 }

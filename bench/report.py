@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {
     "step05": "step05 (one client, aiohttp transport, lines read directly)",
+    "step04": "step04 (one client, the SDK's defaults, a task per reply, no store)",
     "step02": "step02 (one client, the SDK's defaults)",
     "naive": "naive baseline (step05 with a new client per message)",
 }

@@ -27,7 +27,7 @@ def smoke_run(module: str, out, results_file: str) -> dict:
 def test_the_benchmark_harness_runs_and_writes_its_table_and_plot(tmp_path):
     results = smoke_run("bench.relay", tmp_path, "results.json")
     runs = results["runs"]
-    assert {r["variant"] for r in runs} == {"step05", "step02", "naive"}
+    assert {r["variant"] for r in runs} == {"step05", "step04", "step02", "naive"}
     store = results["store_on_off"]
     for name in ("on", "off"):
         assert [r["failures"] for r in store["rounds"][name]] == [0]
