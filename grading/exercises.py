@@ -9,6 +9,7 @@ is replaced by a comment saying what to write and `raise NotImplementedError(...
 from __future__ import annotations
 
 import ast
+import os
 import functools
 import re
 import shutil
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXERCISES = ROOT / "exercises"
+# The learner's copies (git-ignored); the tests of the grader point it elsewhere.
+EXERCISES = Path(os.environ.get("WORKSHOP_EXERCISES") or ROOT / "exercises")
 STEPS = {
     1: "step01_echo_ws",
     2: "step02_llm_stream",
@@ -45,7 +47,7 @@ class Task:
     title: str
     minutes: int
     todo: str
-    hint: str
+    hints: tuple[str, ...]  # level 1: the idea, 2: the shape, 3: nearly the code
 
     @property
     def step(self) -> int:
@@ -65,7 +67,10 @@ class Region:
 def load_tasks() -> dict[str, Task]:
     with open(ROOT / "grading" / "tasks.toml", "rb") as file:
         entries = tomllib.load(file)["task"]
-    return {entry["id"]: Task(**{key: entry[key] for key in Task.__dataclass_fields__}) for entry in entries}
+    return {
+        entry["id"]: Task(entry["id"], entry["title"], entry["minutes"], entry["todo"], tuple(entry["hints"]))
+        for entry in entries
+    }
 
 
 def tasks_of(step: int) -> list[Task]:

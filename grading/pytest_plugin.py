@@ -221,6 +221,6 @@ def record_progress(state: dict[str, str], catalogue) -> None:
     now = time.time()
     for task, value in state.items():
         if task in catalogue:
-            progress[task] = {"done": value == "done", "state": value, "graded_at": now}
+            progress[task] = {**progress.get(task, {}), "done": value == "done", "state": value, "graded_at": now}
     PROGRESS.parent.mkdir(exist_ok=True)
     PROGRESS.write_text(json.dumps(progress, indent=1, sort_keys=True))

@@ -112,6 +112,14 @@ class LiveServer:
         self.log.close()
 
 
+def silence(seconds: float) -> str:
+    """What a test says when the next frame never came: in a learner's terms, the likely causes."""
+    return (
+        f"the server sent nothing for {seconds} s: does your code still read the next frame "
+        "(in a loop), and does it answer without waiting for something that never comes?"
+    )
+
+
 class RECEIVE_TIMEOUT:
     """How long a test waits for the server's next frame. Grading a learner's exercise
     lowers it (a loop that stopped after one message should fail in seconds, not minutes)."""
@@ -131,7 +139,7 @@ def bound_receive(session) -> None:
         try:
             return session.portal.call(within_time)
         except TimeoutError:
-            raise TimeoutError(f"the server sent nothing for {RECEIVE_TIMEOUT.seconds} s") from None
+            raise TimeoutError(silence(RECEIVE_TIMEOUT.seconds)) from None
 
     session.receive = receive  # receive_text and receive_json go through it
 
@@ -157,7 +165,7 @@ class WsClient:
         try:
             return self.connection.recv(timeout=timeout)
         except TimeoutError:
-            raise TimeoutError(f"the server sent nothing for {timeout} s") from None
+            raise TimeoutError(silence(timeout)) from None
 
     def receive_json(self, timeout: float | None = None):
         return json.loads(self.receive_text(timeout))

@@ -12,6 +12,7 @@ step's own tests (`--code=<folder>`):
 """
 
 import difflib
+import re
 import json
 import subprocess
 import sys
@@ -21,7 +22,16 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from grading.exercises import ROOT, STEPS, find_regions, regions_in_step, tasks_of, test_files, write_exercise
+from grading.exercises import (
+    ROOT,
+    STEPS,
+    find_regions,
+    load_tasks,
+    regions_in_step,
+    tasks_of,
+    test_files,
+    write_exercise,
+)
 from harness.support import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -121,6 +131,25 @@ def test_every_task_is_marked_in_the_code_and_has_a_hint_and_a_readme_section(st
     readme = (ROOT / STEPS[step] / "README.md").read_text()
     for task in tasks_of(step):
         assert task.id in marked, f"Task {task.id} has no BEGIN/END TASK region in {STEPS[step]}"
-        assert task.hint.strip() and task.todo.strip() and task.minutes > 0
+        assert len(task.hints) == 3 and all(h.strip() for h in task.hints) and task.todo.strip() and task.minutes > 0
+        assert "https://" in task.hints[0], f"Task {task.id}'s first hint level links no official doc"
         assert f"### Task {task.id}:" in readme, f"{STEPS[step]}/README.md has no '### Task {task.id}:' section"
     assert set(marked) <= {task.id for task in tasks_of(step)}, "a region names a task that tasks.toml lacks"
+
+
+def code_lines(path: Path, region) -> list[str]:
+    """The statements a task's region holds, without comments, as a learner would type them."""
+    lines = path.read_text().splitlines()[region.begin + 1 : region.end]
+    code = [re.sub(r"\s+#.*$", "", line).strip() for line in lines if not line.strip().startswith("#")]
+    return [line for line in code if len(line) >= 12]  # `return`, `else:`, `raise` give nothing away
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_no_line_of_a_solution_is_written_in_its_todo_or_the_readme(step):
+    readme = " ".join((ROOT / STEPS[step] / "README.md").read_text().split())
+    for task_id, places in regions_in_step(step).items():
+        todo = " ".join(load_tasks()[task_id].todo.split())
+        for path, region in places:
+            for line in code_lines(path, region):
+                assert line not in todo, f"Task {task_id}'s TODO gives away {line!r}"
+                assert line not in readme, f"{STEPS[step]}/README.md gives away {line!r} (task {task_id})"

@@ -1,9 +1,16 @@
 """The learner's commands around the exercises: start, start over, grade with nothing yet."""
 
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 
-from grading.exercises import ROOT, STEPS, start_exercise
+import pytest
+
+from grading.exercises import ROOT, STEPS, load_tasks, start_exercise
 
 
 def test_make_exercise_never_overwrites_and_fresh_moves_the_old_copy_aside(tmp_path):
@@ -23,15 +30,16 @@ def test_make_exercise_never_overwrites_and_fresh_moves_the_old_copy_aside(tmp_p
     assert "previous copy" in fresh and "# my own work" not in main.read_text()
 
 
-def run_grading(*args) -> subprocess.CompletedProcess:
+def run_grading(*args, exercises=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WORKSHOP_EXERCISES": str(exercises)} if exercises else None
     return subprocess.run(
-        [sys.executable, "-m", "grading", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "grading", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
     )
 
 
-def test_hint_names_the_task_and_refuses_one_from_another_step():
-    hint = run_grading("hint", "2", "2.1")
-    assert hint.returncode == 0 and "Task 2.1" in hint.stdout and "Hint:" in hint.stdout
+def test_hint_names_the_task_and_refuses_one_from_another_step(tmp_path):
+    hint = run_grading("hint", "2", "2.1", exercises=tmp_path)
+    assert hint.returncode == 0 and "Task 2.1" in hint.stdout and "Hint, level 1 of 3" in hint.stdout
     wrong = run_grading("hint", "2", "3.1")
     assert wrong.returncode == 2 and "its tasks are 2.1, 2.2" in wrong.stdout
 
@@ -42,3 +50,57 @@ def test_progress_lists_every_task_of_every_step():
     for step in STEPS:
         assert f"Step {step} ({STEPS[step]})" in progress.stdout
     assert "Task 3.4" in progress.stdout
+
+
+def test_each_hint_gives_the_next_level_and_progress_counts_them(tmp_path):
+    task = load_tasks()["3.3"]
+    for level in (1, 2, 3, 3):  # the last level stays the last
+        shown = run_grading("hint", "3", "3.3", exercises=tmp_path)
+        assert shown.returncode == 0 and f"level {level} of 3" in shown.stdout, shown.stdout
+        assert task.hints[level - 1].strip() in shown.stdout
+    assert "last level" in shown.stdout
+    picked = run_grading("hint", "3", "3.3", "--level", "1", exercises=tmp_path)
+    assert "level 1 of 3" in picked.stdout
+    (tmp_path / STEPS[3]).mkdir()
+    progress = run_grading("progress", exercises=tmp_path)
+    line = next(line for line in progress.stdout.splitlines() if "Task 3.3" in line)
+    assert "hints 3/3" in line and "not graded yet" in line
+
+
+def test_hint_with_nothing_left_says_so_and_succeeds(tmp_path):
+    result = run_grading("hint", "", exercises=tmp_path)  # `make hint` with no STEP, nothing started
+    assert result.returncode == 0 and "make exercise STEP=" in result.stdout
+
+
+@pytest.mark.slow
+def test_watch_grades_again_when_a_file_is_saved_and_stops_cleanly(tmp_path):
+    start_exercise(1, into=tmp_path)
+    env = {**os.environ, "WORKSHOP_EXERCISES": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "grading", "watch", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()
+
+    def read_until_watching(seconds: float = 90) -> str:
+        seen, deadline = [], time.monotonic() + seconds
+        while not (seen and seen[-1].startswith("Watching")):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        return "".join(seen)
+
+    try:
+        first = read_until_watching()
+        assert "Task 1.1" in first and "to do" in first
+        main = tmp_path / STEPS[1] / "main.py"
+        main.write_text(main.read_text() + "\n# saved\n")
+        second = read_until_watching()
+        assert "Task 1.1" in second, "saving a file did not grade again"
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        rest = watcher.communicate(timeout=30)[0]
+    assert watcher.returncode == 0 and "Stopped watching." in rest

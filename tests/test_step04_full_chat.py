@@ -44,12 +44,15 @@ async def wait_for_frames(socket: RecordingSocket, count: int, seconds: float = 
 
 @pytest.mark.task("4.1")
 def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
-    fake.chunk_delay, fake.min_chunks = 0.05, 10
+    fake.chunk_delay, fake.min_chunks = 0.05, 40  # two seconds of reply
 
     async def scenario():
         socket = RecordingSocket()
         session = ChatSession(socket)
-        await asyncio.wait_for(session.send_message("hello"), 1)  # returns at once, not after the reply
+        try:
+            await asyncio.wait_for(session.send_message("hello"), 1)  # returns at once, not after the reply
+        except TimeoutError:
+            pytest.fail("send_message waited for the reply: it must start it and return while the reply streams")
         assert session.busy(), "busy() should be True while the reply streams"
         assert "end" not in socket.types(), "send_message waited for the whole reply"
         await wait_for_frames(socket, 3)  # the reply goes on by itself: start and chunks...
