@@ -100,7 +100,8 @@ def progress() -> int:
 
 def watch(step: int) -> int:
     """rustlings' watch mode: grade the exercise again every time one of its files is saved."""
-    from watchfiles import PythonFilter, watch as changes  # installed with uvicorn[standard]
+    from watchfiles import PythonFilter  # installed with uvicorn[standard]
+    from watchfiles import watch as changes
 
     folder = EXERCISES / STEPS[step]
     if step == PRODUCT_STEP or not folder.is_dir():

@@ -9,8 +9,8 @@ is replaced by a comment saying what to write and `raise NotImplementedError(...
 from __future__ import annotations
 
 import ast
-import os
 import functools
+import os
 import re
 import shutil
 import textwrap

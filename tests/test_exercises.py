@@ -12,8 +12,8 @@ step's own tests (`--code=<folder>`):
 """
 
 import difflib
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
