@@ -118,6 +118,7 @@ bench: $(STAMP) chromium redis-server
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.local_model
 	$(BIN)/python -m bench.tracing
+	$(BIN)/python -m bench.grading
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

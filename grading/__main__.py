@@ -13,11 +13,11 @@ from grading.exercises import (
     ROOT,
     STEPS,
     Task,
+    grading_command,
     load_tasks,
     shown,
     start_exercise,
     tasks_of,
-    test_files,
 )
 from grading.pytest_plugin import PROGRESS
 
@@ -49,20 +49,8 @@ def grade(step: int, code: str = "exercises") -> int:
     if code == "exercises" and not (EXERCISES / STEPS[step]).is_dir():
         print(f"There is no exercise for step {step} yet. Start it with:  make exercise STEP={step}")
         return 2
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *test_files(step),
-        "-m",
-        "not slow",
-        f"--code={code}",
-        "-q",
-        "--tb=no",
-        "-rN",
-        "-p",
-        "no:cacheprovider",
-    ]
+    command = grading_command(step, code)
+    command.insert(command.index("--tb=no") + 1, "-rN")
     print("$", " ".join(command[2:]))  # the command, so a learner can add options to it
     return subprocess.run(command, cwd=ROOT).returncode
 

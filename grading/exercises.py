@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import shutil
+import sys
 import textwrap
 import time
 import tomllib
@@ -77,7 +78,27 @@ def tasks_of(step: int) -> list[Task]:
     return [task for task in load_tasks().values() if task.step == step]
 
 
-def test_files(step: int) -> list[str]:
+def grading_command(step: int, code: str) -> list[str]:
+    """The pytest command that grades a step's code (`make grade`, `make check`, the two-sided
+    check): its fast tests, in process only, against `code` (reference, exercises or a folder)."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        *grading_tests(step),
+        "-m",
+        "not slow",
+        f"--code={code}",
+        f"--step={step}",
+        "--in-process-only",
+        "-q",
+        "--tb=no",
+        # Plugins these tests do not use cost a second of start-up on every grade.
+        *("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio", "-p", "no:platformdirs"),
+    ]
+
+
+def grading_tests(step: int) -> list[str]:
     """The test files that grade a step, relative to the repository root."""
     own = sorted((ROOT / "tests").glob(f"test_step0{step}_*.py"))
     shared = [ROOT / "tests" / name for name in SHARED_TESTS.get(step, [])]

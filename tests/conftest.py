@@ -21,6 +21,25 @@ from harness.support import CHROMIUM_ARGS, LiveServer, LocalClient, WsClient, ll
 LLM_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("workshop")
+    group.addoption("--step", type=int, default=None, help="in tests run on several steps' apps, only this step's")
+    group.addoption(
+        "--in-process-only",
+        action="store_true",
+        help="run the WebSocket tests through TestClient only, not again under uvicorn (grading: fast feedback)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("in_process_only"):
+        items[:] = [item for item in items if not uses(item, "connect", "uvicorn")]
+
+
+def uses(item, fixture: str, value: str) -> bool:
+    return getattr(item, "callspec", None) is not None and item.callspec.params.get(fixture) == value
+
+
 def code_folder(config):
     """The folder of the code under test (grading's --code option), None for the reference steps."""
     return config.workshop_code_folder
@@ -54,9 +73,11 @@ def pytest_generate_tests(metafunc):
     steps share); a learner's copy is graded only against the steps it has."""
     apps = getattr(metafunc.module, "APPS", None)
     if apps and "app_name" in metafunc.fixturenames:
-        folder = code_folder(metafunc.config)
+        folder, step = code_folder(metafunc.config), metafunc.config.getoption("step")
         if folder is not None:
             apps = [app for app in apps if (folder / app.split(".")[0]).is_dir()]
+        if step is not None:
+            apps = [app for app in apps if app.startswith(f"step0{step}_")]
         metafunc.parametrize("app_name", apps, scope="module")
 
 

@@ -65,3 +65,10 @@ def test_the_store_benchmark_runs_both_stores_and_writes_its_table(tmp_path):
         assert 0 < figures["at_once_ms"]["p50"] <= figures["at_once_ms"]["p99"]
     table = (tmp_path / "store.md").read_text()
     assert "| sqlite | 20 |" in table and "| redis | 20 |" in table
+
+
+def test_the_grading_benchmark_times_a_solved_and_an_untouched_copy(tmp_path):
+    rows = smoke_run("bench.grading", tmp_path, "grading.json")
+    assert [row["step"] for row in rows] == [1]
+    assert all(0 < seconds < 60 for seconds in rows[0]["solved_s"] + rows[0]["untouched_s"])
+    assert "| 1 |" in (tmp_path / "grading.md").read_text()

@@ -15,7 +15,6 @@ import difflib
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -26,10 +25,10 @@ from grading.exercises import (
     ROOT,
     STEPS,
     find_regions,
+    grading_command,
     load_tasks,
     regions_in_step,
     tasks_of,
-    test_files,
     write_exercise,
 )
 from harness.support import LiveServer
@@ -42,20 +41,7 @@ GRADED_STEPS = [step for step in STEPS if tasks_of(step)]
 def grade(step: int, code: Path | str, tmp_path: Path, task: str | None = None) -> dict[str, list]:
     """Each task's test results ({task: [failure message or None, ...]}) for `code`."""
     results = tmp_path / f"results-{step}-{task or 'all'}-{Path(str(code)).name}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *test_files(step),
-        "-m",
-        "not slow",
-        f"--code={code}",
-        f"--results-json={results}",
-        "-q",
-        "--tb=no",
-        "-p",
-        "no:cacheprovider",
-    ]
+    command = [*grading_command(step, str(code)), f"--results-json={results}"]
     if task:
         command.append(f"--task={task}")
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

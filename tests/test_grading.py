@@ -85,7 +85,8 @@ def test_watch_grades_again_when_a_file_is_saved_and_stops_cleanly(tmp_path):
         text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True)
+    reader.start()
 
     def read_until_watching(seconds: float = 90) -> str:
         seen, deadline = [], time.monotonic() + seconds
@@ -102,5 +103,7 @@ def test_watch_grades_again_when_a_file_is_saved_and_stops_cleanly(tmp_path):
         assert "Task 1.1" in second, "saving a file did not grade again"
     finally:
         watcher.send_signal(signal.SIGINT)
-        rest = watcher.communicate(timeout=30)[0]
+        watcher.wait(timeout=30)
+        reader.join(timeout=10)
+    rest = "".join(lines.queue)
     assert watcher.returncode == 0 and "Stopped watching." in rest

@@ -44,13 +44,13 @@ async def wait_for_frames(socket: RecordingSocket, count: int, seconds: float = 
 
 @pytest.mark.task("4.1")
 def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
-    fake.chunk_delay, fake.min_chunks = 0.05, 40  # two seconds of reply
+    fake.chunk_delay, fake.min_chunks = 0.05, 12  # 0.6 s of reply
 
     async def scenario():
         socket = RecordingSocket()
         session = ChatSession(socket)
         try:
-            await asyncio.wait_for(session.send_message("hello"), 1)  # returns at once, not after the reply
+            await asyncio.wait_for(session.send_message("hello"), 0.3)  # at once, not after the reply
         except TimeoutError:
             pytest.fail("send_message waited for the reply: it must start it and return while the reply streams")
         assert session.busy(), "busy() should be True while the reply streams"
