@@ -16,6 +16,7 @@ from grading.exercises import (
     grading_command,
     load_tasks,
     shown,
+    stale_note,
     start_exercise,
     tasks_of,
 )
@@ -49,6 +50,9 @@ def grade(step: int, code: str = "exercises") -> int:
     if code == "exercises" and not (EXERCISES / STEPS[step]).is_dir():
         print(f"There is no exercise for step {step} yet. Start it with:  make exercise STEP={step}")
         return 2
+    note = stale_note(step, EXERCISES / STEPS[step]) if code == "exercises" else None
+    if note:
+        print(note + "\n")
     command = grading_command(step, code)
     command.insert(command.index("--tb=no") + 1, "-rN")
     print("$", " ".join(command[2:]))  # the command, so a learner can add options to it

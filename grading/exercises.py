@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -173,7 +174,42 @@ def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
         if "# BEGIN TASK" in text:
             text = exercise_source(text, package, only, str(path.relative_to(into)))
         path.write_text(own_run_command(text, package))
+    readme = target / "README.md"
+    readme.write_text(links_from(readme.read_text(), target))
+    (target / STAMP).write_text(reference_version(step) + "\n")
     return target
+
+
+STAMP = ".made-from"  # in an exercise: the version of the step it was made from
+
+
+def reference_version(step: int) -> str:
+    """A fingerprint of the reference step's files: it changes when `git pull` changes the step."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / STEPS[step]).rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stale_note(step: int, folder: Path) -> str | None:
+    """What to say when an exercise was made from another version of its step, or None."""
+    stamp = folder / STAMP
+    if not stamp.is_file() or stamp.read_text().strip() == reference_version(step):
+        return None
+    return (
+        f"Note: step {step} has changed since your copy was made (a `git pull`?). The tests grade the\n"
+        f"new version, so a task you solved may fail. See what changed with\n"
+        f"  git diff --no-index {STEPS[step]} {shown(folder)}\n"
+        f"or start this step over (your copy is kept aside): make exercise STEP={step} FRESH=1"
+    )
+
+
+def links_from(readme: str, folder: Path) -> str:
+    """The step README's links to the rest of the repository (../docs/...), made right from
+    the exercise copy's folder, which sits deeper than the step's own."""
+    up = Path(os.path.relpath(ROOT, folder)).as_posix()
+    return readme.replace("](../", f"]({up}/").replace('src="../', f'src="{up}/')
 
 
 def own_run_command(text: str, package: str) -> str:
@@ -210,7 +246,7 @@ def start_exercise(step: int, fresh: bool = False, into: Path = EXERCISES) -> st
     titles = "\n".join(f"  Task {t.id}: {t.title} (about {t.minutes} min)" for t in tasks_of(step))
     return (
         f"{moved}Wrote {shown(target)}/ with these tasks (look for TODO):\n{titles}\n"
-        f"Read {STEPS[step]}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
+        f"Read {shown(target)}/README.md ('Your turn'), write the code, then: make grade STEP={step}\n"
         f"Run it: .venv/bin/uvicorn exercises.{STEPS[step]}.main:app --reload"
         f"{' --ws-max-size 65536' if step == 4 else ''}"
     )

@@ -26,8 +26,10 @@ from grading.exercises import (
     STEPS,
     find_regions,
     grading_command,
+    links_from,
     load_tasks,
     regions_in_step,
+    stale_note,
     tasks_of,
     write_exercise,
 )
@@ -90,6 +92,9 @@ def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, 
         if path.is_dir() or "__pycache__" in path.parts:
             continue
         copy = exercise / path.relative_to(reference)
+        if path == reference / "README.md":  # the one rule for it: its links made right from the copy
+            assert copy.read_text() == links_from(path.read_text(), exercise)
+            continue
         if path.suffix != ".py":
             assert copy.read_bytes() == path.read_bytes(), f"{copy} differs from {path}"
             continue
@@ -139,3 +144,20 @@ def test_no_line_of_a_solution_is_written_in_its_todo_or_the_readme(step):
             for line in code_lines(path, region):
                 assert line not in todo, f"Task {task_id}'s TODO gives away {line!r}"
                 assert line not in readme, f"{STEPS[step]}/README.md gives away {line!r} (task {task_id})"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_the_exercise_readmes_links_lead_where_the_steps_do(step, tmp_path):
+    exercise = write_exercise(step, tmp_path)
+    text = re.sub(r"```.*?```", "", (exercise / "README.md").read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+:", target) and not target.startswith("#"):
+            assert (exercise / target.split("#")[0]).resolve().exists(), f"{target} leads nowhere"
+
+
+def test_an_exercise_from_an_older_step_says_so_when_graded(tmp_path):
+    exercise = write_exercise(1, tmp_path)
+    assert stale_note(1, exercise) is None
+    (exercise / ".made-from").write_text("0123456789abcdef\n")  # as if made before a `git pull`
+    note = stale_note(1, exercise)
+    assert "step 1 has changed since your copy was made" in note and "FRESH=1" in note
