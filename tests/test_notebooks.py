@@ -51,8 +51,12 @@ def test_step03_node_notebook(notebook_fake):
     assert 'the first was "My name is Ada.")' in output  # turn 2 was sent the history
     assert "4 messages in the history now" in output
     assert "history length: 6 | max_retries: 1" in output
+    # Change this and see: a retried exec shows the user the start of the reply twice.
+    assert "the user got: start chunk chunk start chunk" in output
+    assert "the reply shown: 'You said:You said: Tell me a story." in output
     assert "post   end" in output and "history now 8 messages" in output  # the traced turn
-    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5, 7]
+    # Three turns, the retried exec's two requests (a new conversation each time), the traced turn.
+    assert [len(r["messages"]) for r in notebook_fake.requests] == [1, 3, 5, 1, 1, 7]
     assert_stored_outputs_are_fresh("02_streaming_chat_node.ipynb", output)
 
 
