@@ -3,7 +3,9 @@
 import argparse
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 
 from . import HOST, MODEL_NAME, PORT, LocalModelError, base_url, port_is_free, start_local_llm
@@ -23,6 +25,23 @@ def stop_on_ctrl_c_or_kill() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+
+
+def announce_when_listening(port: int) -> None:
+    """Print the chat's URL once it answers, not before: a click on it must find the chat."""
+
+    def wait_then_print() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, port), timeout=0.5).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            print(f"\n  Chat: open http://{HOST}:{port}  (Ctrl-C to stop)\n", flush=True)
+            return
+
+    threading.Thread(target=wait_then_print, daemon=True).start()
 
 
 def main() -> int:
@@ -72,7 +91,7 @@ def main() -> int:
     # Imported only now: the chat reads its settings (CHAT_INSPECTOR) when it is imported.
     from step05_production.server import serve
 
-    print(f"\n  Chat: open http://{HOST}:{args.chat_port}  (Ctrl-C to stop)\n", flush=True)
+    announce_when_listening(args.chat_port)
     try:
         # What `python -m step05_production` runs: uvicorn with the chat's server-level
         # limits (frame size, no per-message compression, ...; step05_production/server.py).

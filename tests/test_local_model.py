@@ -106,7 +106,7 @@ def run_make_chat(env, *args):
     import subprocess
     import sys
 
-    from harness.support import ROOT, wait_for_port
+    from harness.support import ROOT
 
     chat_port = free_port()
     process = subprocess.Popen(
@@ -116,22 +116,26 @@ def run_make_chat(env, *args):
         stdout=subprocess.PIPE,
         text=True,
     )
-    wait_for_port(chat_port, timeout=60, process=process)
-    return process, f"ws://127.0.0.1:{chat_port}/ws"
+    printed = []
+    for line in process.stdout:  # the URL is printed once the chat answers, so no waiting after it
+        printed.append(line)
+        if "Chat: open" in line:
+            return process, f"ws://127.0.0.1:{chat_port}/ws", "".join(printed)
+    raise AssertionError(f"make chat never printed its URL:\n{''.join(printed)}")
 
 
 @pytest.mark.parametrize("configured", [True, False], ids=["OPENAI_BASE_URL set", "nothing set"])
 def test_make_chat_uses_the_configured_llm_or_starts_the_local_one(fake_server, configured):
     env = {"OPENAI_API_KEY": "", "OPENAI_MODEL": "", "OPENAI_BASE_URL": fake_server.base_url if configured else ""}
     fake_server.fake.reset()
-    process, ws_url = run_make_chat(env, "--port", str(free_port()))
+    process, ws_url, printed = run_make_chat(env, "--port", str(free_port()))
     try:
-        with WsClient(ws_url) as ws:
+        with WsClient(ws_url) as ws:  # at once: the URL promised a chat that answers
             ws.send_json({"type": "message", "content": "Say hi"})
             frames = collect_reply(ws)
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C
-        output = process.communicate(timeout=20)[0]
+        output = printed + process.communicate(timeout=20)[0]
     assert_streamed_reply(frames)
     assert "Chat: open http://127.0.0.1:" in output
     if configured:
