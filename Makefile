@@ -29,7 +29,7 @@ help:
 	@echo "  make llm [LLM_PORT=8808]   only the embedded model, on http://127.0.0.1:8808/v1"
 	@echo "  make lab                   Jupyter at the repository root (notebooks/, and your copies in exercises/)"
 	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
-	@echo "                             (another LLM_PORT: export OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 for the steps)"
+	@echo "                             (another LLM_PORT: put OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 before a step's command)"
 	@echo "For maintainers"
 	@echo "  make test                  set up, lint and run every test (browser, model and campaign included)"
 	@echo "  make lint                  ruff check and ruff format --check over the whole repository"

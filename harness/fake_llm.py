@@ -270,11 +270,12 @@ def main() -> None:
         except OSError:
             raise SystemExit(
                 f"error: port {args.port} is taken (is `make llm` or `make fake` running?). "
-                f"Choose another: make fake LLM_PORT=8809, then "
-                f"export OPENAI_BASE_URL=http://127.0.0.1:8809/v1 where you run a step."
+                f"Choose another: make fake LLM_PORT=8809, then start a step with it, e.g. "
+                f"OPENAI_BASE_URL=http://127.0.0.1:8809/v1 .venv/bin/uvicorn step03_pocketflow_node.main:app"
             ) from None
     print(f"Fake LLM on http://127.0.0.1:{args.port}/v1 (Ctrl-C to stop)")
-    print(f"  export OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1")
+    if args.port != 8808:  # the steps look at 8808 by themselves; elsewhere, say so per command
+        print(f"  start a step with OPENAI_BASE_URL=http://127.0.0.1:{args.port}/v1 in front of its command")
     uvicorn.run(create_app(fake), host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -75,7 +75,10 @@ def main() -> int:
         os.environ["OPENAI_BASE_URL"] = base_url(HOST, args.port)
         os.environ.setdefault("OPENAI_MODEL", MODEL_NAME)
     else:
-        print(f"Using {os.getenv('OPENAI_BASE_URL') or 'OpenAI'} (OPENAI_* is set): no local model started.")
+        print(
+            f"Using {os.getenv('OPENAI_BASE_URL') or 'OpenAI'} (OPENAI_* is set): no local model started. "
+            "For the embedded model, unset OPENAI_BASE_URL and OPENAI_API_KEY (check .env too)."
+        )
 
     if args.command == "serve":
         print("Press Ctrl-C to stop.", flush=True)
