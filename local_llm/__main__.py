@@ -27,6 +27,28 @@ def stop_on_ctrl_c_or_kill() -> None:
         signal.signal(signum, stop)
 
 
+def check() -> int:
+    """`make doctor`'s last check: start the embedded model on a free port and get a reply."""
+    import openai
+
+    with socket.socket() as probe:  # a port nobody uses, so a running `make llm` is no obstacle
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    try:
+        server = start_local_llm(HOST, port)
+    except LocalModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    client = openai.OpenAI(base_url=base_url(HOST, port), api_key="no-key-needed", timeout=60)
+    answer = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+    )
+    text = (answer.choices[0].message.content or "").strip()
+    del server
+    print(f"ok   the embedded model answered: {text[:60]!r}")
+    return 0 if text else 1
+
+
 def announce_when_listening(port: int) -> None:
     """Print the chat's URL once it answers, not before: a click on it must find the chat."""
 
@@ -46,7 +68,7 @@ def announce_when_listening(port: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m local_llm")
-    parser.add_argument("command", choices=["serve", "chat"])
+    parser.add_argument("command", choices=["serve", "chat", "check"])
     parser.add_argument("--port", type=int, default=PORT, help="the model's port (default %(default)s)")
     parser.add_argument("--chat-port", type=int, default=8000)
     args = parser.parse_args()
@@ -58,6 +80,9 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+
+    if args.command == "check":
+        return check()
 
     server = None
     if args.command == "serve" or not uses_remote_llm():

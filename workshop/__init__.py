@@ -1,0 +1,1 @@
+"""The workshop's commands for every OS: python -m workshop --help."""
