@@ -98,12 +98,17 @@ def watch(step: int) -> int:
     folder = EXERCISES / STEPS[step]
     if step == PRODUCT_STEP or not folder.is_dir():
         return grade(step)  # says why there is nothing to watch
+    # One watcher for the whole session, started before the first grade: a save made while a
+    # grade runs is kept, and starts the next grade at once.
+    saves = changes(folder, watch_filter=PythonFilter(), debounce=300, yield_on_timeout=True, rust_timeout=200)
     try:
+        next(saves)  # starts watching (an empty answer after 0.2 s)
         while True:
             print("\033[2J\033[H", end="")  # a clear screen for every run
             grade(step)
             print(f"\nWatching {shown(folder)}/: save a file to grade again, Ctrl-C to stop.", flush=True)
-            next(changes(folder, watch_filter=PythonFilter(), debounce=300))
+            while not next(saves):
+                pass
     except KeyboardInterrupt:
         print("\nStopped watching.")
         return 0

@@ -134,7 +134,7 @@ def stub(task: Task, region: Region, package: str) -> list[str]:
     lines += [
         f"{pad}#   Stuck? make hint STEP={task.step}    Done? make grade STEP={task.step}\n",
         f'{pad}raise NotImplementedError("Task {task.id} ({task.title}) is not written yet: '
-        f"see {package}/README.md, 'Your turn'\")\n",
+        f"see README.md in this folder, 'Your turn'\")\n",
     ]
     if region.has_yield:
         lines.append(f"{pad}yield  # keeps this function a generator until you write it; then delete this line\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import itertools
 import json
 import os
@@ -140,8 +142,27 @@ def bound_receive(session) -> None:
             return session.portal.call(within_time)
         except TimeoutError:
             raise TimeoutError(silence(RECEIVE_TIMEOUT.seconds)) from None
+        except (anyio.ClosedResourceError, anyio.EndOfStream):
+            error = handler_error(session)
+            if error is None:
+                raise
+            # Say what ended the handler (a TODO's NotImplementedError, say), not that a stream closed.
+            raise RuntimeError(f"the chat's WebSocket handler stopped with {type(error).__name__}: {error}") from error
 
     session.receive = receive  # receive_text and receive_json go through it
+
+
+def handler_error(session) -> BaseException | None:
+    """The exception an in-process WebSocket session's app ended with, if it did. Starlette keeps
+    the app's future only as a clean-up callback of the session, so it is found there."""
+    for _, callback in getattr(session, "exit_stack", contextlib.ExitStack())._exit_callbacks:
+        future = getattr(getattr(callback, "__wrapped__", None), "__self__", None)
+        if isinstance(future, concurrent.futures.Future):
+            try:
+                return future.exception(timeout=1)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                return None
+    return None
 
 
 class WsClient:

@@ -67,7 +67,7 @@ def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.3")
+@pytest.mark.task("4.3", "4.4")  # the end it waits for is the node's (4.4)
 def test_stop_cancels_the_reply_and_returns_once_its_end_is_sent(fake):
     async def scenario():
         socket = RecordingSocket()
@@ -119,7 +119,7 @@ def test_a_stop_that_lands_as_the_reply_ends_returns_normally(fake):
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.1", "4.3")
+@pytest.mark.task("4.1", "4.3", "4.4")
 def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
     fake.chunk_delay, fake.min_chunks = 1.0, 5
 
