@@ -12,6 +12,11 @@ STEPS = ["step01_echo_ws", "step02_llm_stream", "step03_pocketflow_node", "step0
 # The two full chat pages (Stop, New chat, status): what they share is tested on both.
 CHATS = ["step04_full_chat", "step05_production"]
 TEST_CONTEXT = {"bypass_csp": True}  # as the `page` fixture's (tests/conftest.py)
+# A reply that tries to run script every way Markdown or HTML allows (a prompt-injected model).
+HOSTILE_REPLY = (
+    '<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
+    '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**'
+)
 
 
 def serve(step, fake_server, port=None, **settings):
@@ -129,10 +134,7 @@ def test_new_chat_clears_the_conversation(step, page, fake, fake_server):
 
 
 def test_step05_model_output_cannot_run_script(page, fake, fake_server):
-    fake.reply = (
-        '<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
-        '\n\n[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**'
-    )
+    fake.reply = HOSTILE_REPLY
     with serve("step05_production", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")
@@ -219,10 +221,7 @@ def test_step04_after_a_reconnect_says_the_conversation_is_new(page, fake, fake_
 
 
 def test_step04_shows_model_output_as_text_only(page, fake, fake_server):
-    fake.reply = (
-        '<script>window.pwned = 1</script> <img src="x" onerror="window.pwned = 2"> '
-        '[click me](javascript:window.pwned=3) <a href="javascript:window.pwned=4">raw</a> **bold**'
-    )
+    fake.reply = HOSTILE_REPLY
     with serve("step04_full_chat", fake_server) as server:
         open_chat(page, server.url)
         send(page, "be evil")
