@@ -38,7 +38,8 @@ def old_python(version: str) -> Path:
 def test_too_old_a_python_is_refused_in_one_sentence_before_pip_runs(version, tmp_path):
     python = old_python(version)
     fresh = tmp_path / "clone"  # a fresh clone, as far as set-up goes: no .venv yet
-    shutil.copytree(ROOT / "workshop", fresh / "workshop")
+    for folder in ("workshop", "locks"):
+        shutil.copytree(ROOT / folder, fresh / folder)
     shutil.copy(ROOT / "pyproject.toml", fresh)
     # PATH holds only that Python: no newer one to fall back to.
     result = run_workshop("setup", python=python, env={"PATH": str(python.parent), "PYTHON": ""}, root=fresh)
