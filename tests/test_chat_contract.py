@@ -13,12 +13,14 @@ from harness.support import (
     assert_reply_streams_incrementally,
     collect_reply,
     history_sent,
+    read_conversation,
     reply_text,
     start_slow_reply,
     wait_until,
 )
 
 APPS = ["step04_full_chat.main", "step05_production.main"]
+STORED = "step05_production.main"  # its conversations are stored: each connection opens with one
 SERVER_ENV = {"CHAT_RESUME_SECONDS": "0"}  # step 05: a reply whose client left stops at once
 
 
@@ -83,6 +85,26 @@ def test_stop_with_nothing_streaming_is_harmless(chat, fake):
     ws.send_json({"type": "stop"})
     ws.send_json({"type": "message", "content": "hi"})
     assert reply_text(collect_reply(ws)) == "You said: hi"
+
+
+@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
+def test_new_chat_stops_the_reply_and_forgets_the_conversation(connect, app_name, fake):
+    ws = connect()
+    first = read_conversation(ws) if app_name == STORED else None
+    ws.send_json({"type": "message", "content": "remember this"})
+    collect_reply(ws)
+    start_slow_reply(ws, fake)
+    ws.send_json({"type": "reset"})
+    assert collect_reply(ws)[-1]["stopped"] is True
+    assert ws.receive_json() == {"type": "reset"}
+    if first is not None:  # step 05: a new, empty conversation follows, with an id of its own
+        fresh = read_conversation(ws)
+        assert fresh["id"] != first["id"] and fresh["messages"] == []
+    wait_until(lambda: fake.cancelled == 1, what="the upstream request to be closed")
+    fake.chunk_delay, fake.min_chunks = 0, 0
+    ws.send_json({"type": "message", "content": "fresh start"})
+    collect_reply(ws)
+    assert history_sent(fake) == ["fresh start"]
 
 
 @pytest.mark.task("4.1", "4.2")

@@ -176,22 +176,6 @@ def test_stop_right_after_the_message_ends_the_reply(connect, fake):
     assert history_sent(fake) == ["again"], "a reply stopped before any chunk is not remembered"
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
-def test_new_chat_stops_the_reply_and_forgets_the_conversation(connect, fake):
-    ws = connect()
-    ws.send_json({"type": "message", "content": "remember this"})
-    collect_reply(ws)
-    start_slow_reply(ws, fake)
-    ws.send_json({"type": "reset"})
-    assert collect_reply(ws)[-1]["stopped"] is True
-    assert ws.receive_json() == {"type": "reset"}
-    wait_until(lambda: fake.cancelled == 1, what="the upstream request to be closed")
-    fake.chunk_delay, fake.min_chunks = 0, 0
-    ws.send_json({"type": "message", "content": "fresh start"})
-    collect_reply(ws)
-    assert history_sent(fake) == ["fresh start"]
-
-
 @pytest.mark.task("4.1", "4.2")
 def test_every_request_bounds_the_reply_length(connect, fake):
     ws = connect()

@@ -67,24 +67,6 @@ def test_the_system_prompt_comes_first_and_is_not_stored(client, fake, monkeypat
 # While a reply streams ---------------------------------------------------------------
 
 
-def test_reset_stops_the_reply_and_forgets_the_conversation(connect, fake):
-    ws = connect()
-    first_id = read_conversation(ws)["id"]
-    ws.send_json({"type": "message", "content": "remember this"})
-    collect_reply(ws)
-    start_slow_reply(ws, fake)
-    ws.send_json({"type": "reset"})
-    assert collect_reply(ws)[-1]["stopped"] is True
-    assert ws.receive_json() == {"type": "reset"}
-    fresh = read_conversation(ws)  # the acknowledgement is followed by a new, empty conversation
-    assert fresh["id"] != first_id and fresh["messages"] == []
-    wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
-    fake.chunk_delay, fake.min_chunks = 0, 0
-    ws.send_json({"type": "message", "content": "fresh start"})
-    collect_reply(ws)
-    assert history_sent(fake) == ["fresh start"]
-
-
 def test_no_reply_task_survives_its_connection(client, fake):
     for _ in range(5):
         with client.websocket_connect("/ws") as ws:
