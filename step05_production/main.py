@@ -28,6 +28,7 @@ from .security import (
     RateLimit,
     SecurityHeadersMiddleware,
     client_address,
+    keep_conversation_ids_out_of_logs,
     origin_allowed,
 )
 from .server import warn_about_missing_limits
@@ -185,4 +186,5 @@ def create_app() -> FastAPI:
 
 
 warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
+keep_conversation_ids_out_of_logs()
 app = create_app()

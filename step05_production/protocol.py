@@ -11,6 +11,16 @@ import json
 CLIENT_FRAME_TYPES = ("message", "stop", "reset", "inspect")
 
 
+# Unicode's tag characters (U+E0000-U+E007F) are invisible, and models read them: they carry
+# instructions no person sees, into the stored history and back to the model on every turn.
+# They arrive by pasting, or in a reply. No language needs them in a chat, so they go.
+TAG_CHARACTERS = dict.fromkeys(range(0xE0000, 0xE0080))
+
+
+def without_tag_characters(text: str) -> str:
+    return text if text.isascii() else text.translate(TAG_CHARACTERS)
+
+
 class FrameError(ValueError):
     """A frame we cannot use. The text is shown to the user, so it says what to send instead."""
 
@@ -38,6 +48,8 @@ def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: i
     if kind != "message":
         return {"type": kind}
     content = frame.get("content")
+    if isinstance(content, str):
+        content = without_tag_characters(content)
     if not isinstance(content, str) or not content.strip():
         raise FrameError('A message needs some text in "content".')
     if not content.isascii():

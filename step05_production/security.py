@@ -5,6 +5,8 @@ main.py wires these in with a few lines; each piece says below which attack it s
 """
 
 import asyncio
+import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate it
+    # A page this one opens (a link in a reply) gets no handle on it: window.opener is null.
+    (b"cross-origin-opener-policy", b"same-origin"),
 ]
 
 
@@ -178,3 +182,25 @@ class InvalidFrameGuard:
         if len(self.recent.times) > settings.invalid_frame_limit // 2:
             await asyncio.sleep(settings.invalid_frame_delay_seconds)
         return True
+
+
+class RedactConversationIds(logging.Filter):
+    """The conversation id in `/ws?conversation=<id>` is the only key to a conversation: no log
+    line may hold it. uvicorn logs each WebSocket's path with its query string; this filter,
+    on uvicorn's loggers, replaces the id with an ellipsis before any handler sees it."""
+
+    ID = re.compile(r"(conversation=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.ID.sub(r"\1…", arg) if isinstance(arg, str) else arg for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.ID.sub(r"\1…", record.msg)
+        return True
+
+
+def keep_conversation_ids_out_of_logs() -> None:
+    for name in ("uvicorn.error", "uvicorn.access"):  # the app's own log lines name no id
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, RedactConversationIds) for existing in logger.filters):
+            logger.addFilter(RedactConversationIds())

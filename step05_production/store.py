@@ -156,7 +156,12 @@ class SQLiteStore(ConversationStore):
             old = self._load(conversation_id) or Conversation(conversation_id, [])
             db.execute(
                 "INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
-                (conversation_id, json.dumps(with_turn(old.messages, user, assistant)), old.turns + 1, time.time()),
+                (
+                    conversation_id,
+                    json.dumps(with_turn(old.messages, user, assistant), ensure_ascii=False),
+                    old.turns + 1,
+                    time.time(),
+                ),
             )
             if time.monotonic() - self.pruned_at > PRUNE_EVERY_SECONDS:
                 self.pruned_at = time.monotonic()
@@ -237,7 +242,8 @@ class RedisStore(ConversationStore):
                         pipe.set(
                             key,
                             json.dumps(
-                                {"messages": with_turn(old["messages"], user, assistant), "turns": old["turns"] + 1}
+                                {"messages": with_turn(old["messages"], user, assistant), "turns": old["turns"] + 1},
+                                ensure_ascii=False,  # UTF-8 as UTF-8: an emoji costs 4 bytes, not 12
                             ),
                             ex=ttl,
                         )

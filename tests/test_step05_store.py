@@ -53,6 +53,19 @@ def test_a_turn_is_stored_whole_and_loaded_back(store_url):
     ]
 
 
+def test_text_is_stored_as_utf8_not_as_escapes(store_url, tmp_path):
+    reply = "🙂" * 100  # JSON's default escapes spend 12 bytes on each of these
+
+    async def use(store):
+        await store.add_turn("a" * 22, "hi", reply)
+        if store_url.startswith("sqlite"):
+            row = await store._run(lambda: store._connect().execute("SELECT messages FROM conversations").fetchone())
+            return len(row[0].encode())
+        return len(await store.redis.get(store.key("a" * 22)))
+
+    assert run(with_store(store_url, use)) < 100 * 4 + 200, "the stored text is not UTF-8"
+
+
 def test_delete_forgets_a_conversation(store_url):
     cid = new_conversation_id()
 

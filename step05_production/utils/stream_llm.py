@@ -21,6 +21,8 @@ import httpx2  # the HTTP library under openai 3.x; its errors are the transport
 import openai
 from dotenv import load_dotenv
 
+from ..protocol import without_tag_characters
+
 # Where `make llm` (the embedded model) and `python -m harness.fake_llm` listen by default.
 LOCAL_LLM_URL = "http://127.0.0.1:8808/v1"
 
@@ -88,7 +90,7 @@ def text_of(line: str) -> str | None:
         return None
     # The server's text is untrusted: a lone surrogate ("\ud800" in its JSON) could not be
     # sent on to the browser as UTF-8, so it becomes "?" here.
-    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+    return text if text.isascii() else without_tag_characters(text.encode("utf-8", "replace").decode("utf-8"))
 
 
 async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> AsyncIterator[str]:
