@@ -33,6 +33,12 @@ def _names(name: str, default: str = "") -> frozenset:
     return frozenset(v.strip().rstrip("/").lower() for v in value.split(",") if v.strip())
 
 
+def default_store_url() -> str:
+    """A SQLite file in ./data/, made private to its owner (store.py); a chat.sqlite3 left in
+    the current folder by an earlier version keeps being used."""
+    return "sqlite:///chat.sqlite3" if os.path.isfile("chat.sqlite3") else "sqlite:///data/chat.sqlite3"
+
+
 @dataclass
 class Settings:
     # Sent first in every request, never trimmed away. Empty: no system prompt.
@@ -62,6 +68,10 @@ class Settings:
     invalid_frame_delay_seconds: float = field(default_factory=lambda: _float("CHAT_INVALID_FRAME_DELAY_SECONDS", 0.5))
     # The longest reply the LLM may write (max_tokens on every request): bounds its cost.
     max_reply_tokens: int = field(default_factory=lambda: _int("CHAT_MAX_REPLY_TOKENS", 1024))
+    # ... and the longest reply this server relays, whatever the upstream does with
+    # max_tokens (a hostile or broken one may ignore it). Below the history bound, with a
+    # whole message, so the newest turn always fits in the history.
+    max_reply_chars: int = field(default_factory=lambda: _int("CHAT_MAX_REPLY_CHARS", 16000))
     # Close a connection after this long without a frame from the client.
     idle_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_IDLE_TIMEOUT_SECONDS", 900))
     # Host names this server answers to (comma-separated; no port). Anything else is
@@ -71,7 +81,7 @@ class Settings:
     # Origins allowed besides the page's own (comma-separated, e.g. https://chat.example.com).
     allowed_origins: frozenset = field(default_factory=lambda: _names("CHAT_ALLOWED_ORIGINS"))
     # Where conversations live (store.py): a SQLite file by default, or redis://host:port/db.
-    store_url: str = field(default_factory=lambda: os.getenv("CHAT_STORE_URL") or "sqlite:///chat.sqlite3")
+    store_url: str = field(default_factory=lambda: os.getenv("CHAT_STORE_URL") or default_store_url())
     # A conversation untouched for this long is deleted.
     store_retention_days: float = field(default_factory=lambda: _float("CHAT_STORE_RETENTION_DAYS", 30))
     # At most this many conversations are kept; the least recently used go first.
@@ -81,6 +91,13 @@ class Settings:
     inspector: bool = field(default_factory=lambda: _flag("CHAT_INSPECTOR"))
     # A reply whose client dropped goes on this long, waiting for it to come back (0: cancel at once).
     resume_seconds: float = field(default_factory=lambda: _float("CHAT_RESUME_SECONDS", 30))
+
+    def __post_init__(self):
+        if self.max_reply_chars + self.max_message_chars > self.max_history_chars:
+            raise ValueError(
+                "CHAT_MAX_REPLY_CHARS + CHAT_MAX_MESSAGE_CHARS must not pass CHAT_MAX_HISTORY_CHARS: "
+                "the newest turn must always fit in the history"
+            )
 
 
 settings = Settings()

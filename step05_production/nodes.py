@@ -23,12 +23,15 @@ class Reply:
     parts: list[str] = field(default_factory=list)
     first_chunk_at: float | None = None
     stopped: bool = False
+    truncated: bool = False  # cut at CHAT_MAX_REPLY_CHARS
     error: Exception | None = None
+    length: int = 0
 
     def add(self, text: str) -> None:
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
         self.parts.append(text)
+        self.length += len(text)
 
     @property
     def text(self) -> str:
@@ -72,8 +75,14 @@ class StreamingChatNode(AsyncNode):
             await live.publish({"type": "start"})
             async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
-                    reply.add(text)
-                    await live.publish({"type": "chunk", "content": text})
+                    room = settings.max_reply_chars - reply.length
+                    if len(text) > room:  # the server's own bound: leaving `async with` closes the request
+                        text, reply.truncated = text[:room], True
+                    if text:
+                        reply.add(text)
+                        await live.publish({"type": "chunk", "content": text})
+                    if reply.truncated:
+                        break
         except asyncio.CancelledError:
             if not stop_requested.is_set():
                 raise  # cancelled without a Stop: just go
@@ -113,5 +122,7 @@ class StreamingChatNode(AsyncNode):
         end = {"type": "end", "stats": reply.stats()}
         if reply.stopped:
             end["stopped"] = True
+        if reply.truncated:
+            end["truncated"] = True
         await live.finish(end)
         return "stopped" if reply.stopped else "done"

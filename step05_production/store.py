@@ -1,7 +1,7 @@
 """Where conversations live, so they survive reloads, reconnects and restarts.
 
 One interface, chosen by CHAT_STORE_URL:
-  sqlite:///chat.sqlite3       the default: a file, no set-up, shared by `--workers N` on one host
+  sqlite:///data/chat.sqlite3  the default: a file (owner-only), no set-up, shared by `--workers N` on one host
   sqlite:////var/lib/chat.db   an absolute path (four slashes, as in SQLAlchemy)
   redis://host:6379/0          shared by several hosts (and used to resume replies across them)
   memory://                    nothing survives the process (the benchmark's "store off")
@@ -13,6 +13,7 @@ CHAT_STORE_MAX_CONVERSATIONS conversations (the least recently used go first).
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -124,7 +125,10 @@ class SQLiteStore(ConversationStore):
 
     def _connect(self) -> sqlite3.Connection:
         if self.db is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # Conversations are private: a new database, and a new folder for it, are the
+            # owner's alone (0600, 0700); SQLite gives its -wal and -shm files the same mode.
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed turn

@@ -230,3 +230,12 @@ def test_step04_shows_model_output_as_text_only(page, fake, fake_server):
         assert page.evaluate("window.pwned") is None
         assert page.locator(".assistant .body *").count() == 0, "the reply became HTML"
         assert page.inner_text(".assistant .body") == fake.reply
+
+
+def test_step05_says_when_a_reply_was_cut_at_the_length_limit(page, fake, fake_server):
+    fake.min_chunks = 200  # more than the limit below lets through
+    with serve("step05_production", fake_server, CHAT_MAX_REPLY_CHARS="40") as server:
+        open_chat(page, server.url)
+        send(page, "talk forever")
+        page.wait_for_selector(".assistant .meta:has-text('cut at the length limit')")
+        assert len(page.inner_text(".assistant .body").strip()) <= 40

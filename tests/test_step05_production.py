@@ -338,3 +338,24 @@ def test_the_production_chat_imports_nothing_from_the_workshop_around_it():
                 leaks.append(f"{path.relative_to(PACKAGE)}: {module}")
     assert not leaks, leaks
     assert "step05_production.utils.stream_llm" in imports_of(PACKAGE / "nodes.py")  # relative imports resolved
+
+
+def test_a_reply_is_cut_at_the_servers_own_length_limit_whatever_the_upstream_does(client, fake, monkeypatch):
+    monkeypatch.setattr(settings, "max_reply_chars", 50)
+    fake.min_chunks, fake.chunk_delay = 400, 0.005  # an upstream that goes on and on (it ignores max_tokens)
+    with client.websocket_connect("/ws") as ws:
+        read_conversation(ws)
+        ws.send_json({"type": "message", "content": "talk forever"})
+        frames = collect_reply(ws)
+        assert len(reply_text(frames)) == 50 and frames[-1]["type"] == "end" and frames[-1]["truncated"] is True
+        wait_until(lambda: fake.cancelled == 1, what="the upstream request to be closed at the limit")
+        fake.min_chunks, fake.chunk_delay = 0, 0
+        ws.send_json({"type": "message", "content": "next"})
+        collect_reply(ws)
+    assert history_sent(fake)[-2] == reply_text(frames), "the cut reply is what the history keeps"
+
+
+def test_the_reply_limit_must_leave_room_for_the_newest_turn(monkeypatch):
+    monkeypatch.setenv("CHAT_MAX_REPLY_CHARS", "30000")  # + 8,000 for a message passes 32,000
+    with pytest.raises(ValueError, match="newest turn must always fit"):
+        type(settings)()

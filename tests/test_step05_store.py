@@ -305,3 +305,18 @@ def test_redis_going_away_is_explained_and_the_chat_recovers(fake, fake_server, 
         )
     assert history_sent(fake) == ["before the outage", "You said: before the outage", "after the outage"]
     assert not any(m["content"] == "during the outage" for r in fake.requests for m in r["messages"])
+
+
+def test_a_new_sqlite_database_is_private_to_its_owner(tmp_path):
+    path = tmp_path / "data" / "chat.sqlite3"
+    run(with_store(f"sqlite:///{path}", lambda store: store.add_turn("a" * 22, "hi", "hello")))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_default_store_is_in_a_data_folder_unless_an_old_chat_sqlite3_is_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHAT_STORE_URL")
+    assert type(settings)().store_url == "sqlite:///data/chat.sqlite3"
+    (tmp_path / "chat.sqlite3").write_bytes(b"")  # an earlier version's file keeps working
+    assert type(settings)().store_url == "sqlite:///chat.sqlite3"

@@ -103,7 +103,7 @@ function finishReply(metaText, cut) {
   setStreaming(false);
 }
 
-function describeStats(stats, stopped) {
+function describeStats(stats, stopped, truncated) {
   if (!stats) return stopped ? "stopped" : "";
   const parts = [];
   if (stats.first_chunk_ms !== null) parts.push(`first token ${stats.first_chunk_ms} ms`);
@@ -111,6 +111,7 @@ function describeStats(stats, stopped) {
   const rate = streamingMs > 0 ? (stats.chunks / (streamingMs / 1000)).toFixed(1) : "–";
   parts.push(`${stats.chunks} chunks`, `${rate} chunks/s`);
   if (stopped) parts.push("stopped");
+  if (truncated) parts.push("cut at the length limit");
   return parts.join(" · ");
 }
 
@@ -157,7 +158,7 @@ function handleFrame(frame) {
       scheduleRender(reply);
       break;
     case "end":
-      finishReply(describeStats(frame.stats, frame.stopped), false);
+      finishReply(describeStats(frame.stats, frame.stopped, frame.truncated), false);
       setStatus("ready");
       break;
     case "error":
