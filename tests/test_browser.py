@@ -239,3 +239,18 @@ def test_step05_says_when_a_reply_was_cut_at_the_length_limit(page, fake, fake_s
         send(page, "talk forever")
         page.wait_for_selector(".assistant .meta:has-text('cut at the length limit')")
         assert len(page.inner_text(".assistant .body").strip()) <= 40
+
+
+TYPING = "getComputedStyle(document.querySelector('.assistant.streaming .body'), '::after').content"
+
+
+@pytest.mark.parametrize("step", CHATS)
+def test_before_the_first_token_the_bubble_says_the_model_is_typing(step, page, fake, fake_server):
+    fake.fail_next("hang")  # the upstream never sends a token: the page waits as for a slow local model
+    with serve(step, fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "are you there?")
+        page.wait_for_selector(".assistant.streaming")
+        assert page.evaluate(TYPING) == '"typing…"', "an empty bubble while waiting for the first token"
+        page.click("#stop")
+        page.wait_for_selector("#status[data-state=ready]")
