@@ -180,7 +180,7 @@ def your_turn(readme: str) -> str:
 
 
 @pytest.mark.parametrize("step", GRADED_STEPS)
-def test_no_line_of_a_solution_is_written_in_its_todo_or_the_readme(step):
+def test_no_line_of_a_solution_is_written_in_a_todo_an_early_hint_or_the_readme(step):
     readme = " ".join((ROOT / STEPS[step] / "README.md").read_text().split())
     # Every TODO of the step: a learner reads them all, so one task's text must not hold another's line.
     todos = {task.id: " ".join(f"{task.title} {task.todo}".split()) for task in tasks_of(step)}
@@ -189,6 +189,8 @@ def test_no_line_of_a_solution_is_written_in_its_todo_or_the_readme(step):
             for line in code_lines(path, region):
                 for todo_id, todo in todos.items():
                     assert line not in todo, f"Task {todo_id}'s TODO gives away {line!r} (task {task_id})"
+                for level, hint in enumerate(load_tasks()[task_id].hints[:2], start=1):  # level 3 is nearly the code
+                    assert line not in " ".join(hint.split()), f"Task {task_id}'s hint {level} gives away {line!r}"
                 assert line not in readme, f"{STEPS[step]}/README.md gives away {line!r} (task {task_id})"
 
 
