@@ -16,16 +16,16 @@ class StreamingChatNode(AsyncNode):
         super().__init__(max_retries=1)
 
     async def prep_async(self, shared):
-        # Read only: the history so far plus the new message, and where to send chunks.
         # BEGIN TASK 3.2
+        # Read only: the history so far plus the new message, and where to send chunks.
         messages = shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}]
         return messages, shared["websocket"]
         # END TASK 3.2
 
     async def exec_async(self, prep_res):
         # The work: stream the reply to the browser as it is generated.
-        # exec never touches `shared`; it gets what it needs from prep and returns its result.
         # BEGIN TASK 3.3
+        # exec never touches `shared`; it gets what it needs from prep and returns its result.
         messages, websocket = prep_res
         await websocket.send_json({"type": "start"})
         parts = []
@@ -38,9 +38,9 @@ class StreamingChatNode(AsyncNode):
         # END TASK 3.3
 
     async def post_async(self, shared, prep_res, exec_res):
-        # Write back: the turn joins the history only once the reply is complete. If exec
-        # raised, post never runs, so a failed turn leaves no half-written history behind.
+        # Write back: the turn joins the history only once the reply is complete.
         # BEGIN TASK 3.4
+        # If exec raised, post never runs, so a failed turn leaves no half-written history behind.
         shared["conversation_history"] += [
             {"role": "user", "content": shared["user_message"]},
             {"role": "assistant", "content": exec_res},

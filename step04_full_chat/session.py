@@ -33,12 +33,12 @@ class ChatSession:
 
     async def send_message(self, text: str) -> None:
         """Start the reply to `text`; return while it streams."""
-        self.shared["user_message"] = text
         self.shared["stop_requested"] = asyncio.Event()  # a fresh one: no earlier Stop applies
         # BEGIN TASK 4.1
+        self.shared["user_message"] = text
         self.reply = asyncio.create_task(self.run_reply())
         # END TASK 4.1
-        # A new task first runs when this one next waits. Waiting once here lets the reply
+        # The reply first runs when this coroutine next waits. Waiting once here lets it
         # start (send `start`, open its stream) before the loop reads the next frame, so a
         # Stop sent right after the message always finds a stream to stop.
         await asyncio.sleep(0)

@@ -11,10 +11,12 @@ step's own tests (`--code=<folder>`):
   hint and a section in its step's README.
 """
 
+import ast
 import difflib
 import json
 import re
 import subprocess
+import textwrap
 from pathlib import Path
 
 import httpx
@@ -135,15 +137,80 @@ def code_lines(path: Path, region) -> list[str]:
     return [line for line in code if len(line) >= 12]  # `return`, `else:`, `raise` give nothing away
 
 
+def region_source(path: Path, region) -> str:
+    return textwrap.dedent("".join(path.read_text().splitlines(keepends=True)[region.begin + 1 : region.end]))
+
+
+def names_a_solution_uses(source: str) -> set[str]:
+    """The names a learner must know to write a region: what it reads without binding it, its
+    attributes and keyword arguments. Not `self`, and not the learner's own local names."""
+    tree = ast.parse(source)
+    own = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    own |= {node.name for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler) and node.name}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id not in own:
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.keyword) and node.arg:
+            used.add(node.arg)
+    return used - {"self"}
+
+
+def names_given(names: set[str], prose: str) -> set[str]:
+    """The names a text hands over: a code-shaped name (with `_` or a capital: create_task, BUSY,
+    StreamCutOff) wherever it stands, and any name written as code between backticks outside
+    quotes (in `{"type": "stop"}` the word stop is data; in `stop()` it is a name)."""
+    fenced = re.findall(r"```(.*?)```", prose, flags=re.S)
+    spans = fenced + re.findall(r"`([^`]+)`", re.sub(r"```.*?```", " ", prose, flags=re.S))
+    code = " ".join(re.sub(r'"[^"]*"', " ", span) for span in spans)
+
+    def shows(name: str, text: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+    return {name for name in names if shows(name, code) or (name != name.lower() or "_" in name) and shows(name, prose)}
+
+
+def your_turn(readme: str) -> str:
+    """The README's 'Your turn' section, where the tasks are introduced."""
+    found = re.search(r"^## Your turn.*?(?=^## |\Z)", readme, flags=re.S | re.M)
+    assert found, "the README has no '## Your turn' section"
+    return found.group(0)
+
+
 @pytest.mark.parametrize("step", GRADED_STEPS)
-def test_no_line_of_a_solution_is_written_in_its_todo_or_the_readme(step):
+def test_no_line_of_a_solution_is_written_in_a_todo_an_early_hint_or_the_readme(step):
     readme = " ".join((ROOT / STEPS[step] / "README.md").read_text().split())
+    # Every TODO of the step: a learner reads them all, so one task's text must not hold another's line.
+    todos = {task.id: " ".join(f"{task.title} {task.todo}".split()) for task in tasks_of(step)}
     for task_id, places in regions_in_step(step).items():
-        todo = " ".join(load_tasks()[task_id].todo.split())
         for path, region in places:
             for line in code_lines(path, region):
-                assert line not in todo, f"Task {task_id}'s TODO gives away {line!r}"
+                for todo_id, todo in todos.items():
+                    assert line not in todo, f"Task {todo_id}'s TODO gives away {line!r} (task {task_id})"
+                for level, hint in enumerate(load_tasks()[task_id].hints[:2], start=1):  # level 3 is nearly the code
+                    assert line not in " ".join(hint.split()), f"Task {task_id}'s hint {level} gives away {line!r}"
                 assert line not in readme, f"{STEPS[step]}/README.md gives away {line!r} (task {task_id})"
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
+def test_a_todo_leaves_the_learner_to_find_the_names_of_its_solution(step):
+    """A learner should find the names from the code around the TODO and from the docs, not copy
+    them from its text: the TODO, its title and the README's 'Your turn' name at most a third
+    of them (none when the solution uses fewer than three)."""
+    readme = your_turn((ROOT / STEPS[step] / "README.md").read_text())
+    too_telling = []
+    for task_id, places in sorted(regions_in_step(step).items()):
+        task = load_tasks()[task_id]
+        needed = set().union(*(names_a_solution_uses(region_source(path, region)) for path, region in places))
+        given = names_given(needed, f"{task.title}\n{task.todo}\n{readme}")
+        if len(given) > len(needed) // 3:
+            too_telling.append(f"{task_id}: {len(given)} of {len(needed)} ({', '.join(sorted(given))})")
+    assert not too_telling, (
+        "these TODOs (with their title and the README's 'Your turn') hand over the names their solution "
+        f"uses; say what must be true, not what to call: {'; '.join(too_telling)}"
+    )
 
 
 @pytest.mark.parametrize("step", GRADED_STEPS)
