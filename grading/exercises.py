@@ -175,7 +175,7 @@ def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
             text = exercise_source(text, package, only, str(path.relative_to(into)))
         path.write_text(own_run_command(text, package))
     readme = target / "README.md"
-    readme.write_text(links_from(readme.read_text(), target))
+    readme.write_text(own_run_command(links_from(readme.read_text(), target), package))
     (target / STAMP).write_text(reference_version(step) + "\n")
     return target
 
@@ -213,8 +213,10 @@ def links_from(readme: str, folder: Path) -> str:
 
 
 def own_run_command(text: str, package: str) -> str:
-    """The docstring's run command, pointed at the learner's copy instead of the reference."""
-    return text.replace(f"uvicorn {package}.main:app", f"uvicorn exercises.{package}.main:app")
+    """The run commands (uvicorn, python -m), pointed at the learner's copy instead of the reference."""
+    for command in ("uvicorn ", "python -m "):
+        text = text.replace(f"{command}{package}.", f"{command}exercises.{package}.")
+    return text
 
 
 def shown(path: Path) -> str:

@@ -30,6 +30,7 @@ from grading.exercises import (
     grading_command,
     links_from,
     load_tasks,
+    own_run_command,
     regions_in_step,
     stale_note,
     tasks_of,
@@ -87,6 +88,15 @@ def test_each_task_alone_unwritten_fails_its_own_tests(task, tmp_path):
 
 
 @pytest.mark.parametrize("step", GRADED_STEPS)
+def test_every_command_in_the_exercise_runs_the_learners_copy_not_the_answer_key(step, tmp_path):
+    exercise = write_exercise(step, tmp_path)
+    for path in [exercise / "README.md", *exercise.rglob("*.py")]:
+        text = path.read_text()
+        for command in ("uvicorn ", "python -m "):
+            assert f"{command}{STEPS[step]}." not in text, f"{path.name} runs the reference: {command}{STEPS[step]}..."
+
+
+@pytest.mark.parametrize("step", GRADED_STEPS)
 def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, tmp_path):
     exercise = write_exercise(step, tmp_path)
     reference = ROOT / STEPS[step]
@@ -94,8 +104,8 @@ def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, 
         if path.is_dir() or "__pycache__" in path.parts:
             continue
         copy = exercise / path.relative_to(reference)
-        if path == reference / "README.md":  # the one rule for it: its links made right from the copy
-            assert copy.read_text() == links_from(path.read_text(), exercise)
+        if path == reference / "README.md":  # its rules: links made right from the copy, run commands its own
+            assert copy.read_text() == own_run_command(links_from(path.read_text(), exercise), STEPS[step])
             continue
         if path.suffix != ".py":
             assert copy.read_bytes() == path.read_bytes(), f"{copy} differs from {path}"
@@ -103,7 +113,9 @@ def test_the_exercise_differs_from_the_reference_only_inside_task_regions(step, 
         lines = path.read_text().splitlines(keepends=True)
         inside = {i for region in find_regions(lines) for i in range(region.begin, region.end + 1)}
         # ...except the run command, which points at the learner's copy.
-        copied = copy.read_text().replace(f"uvicorn exercises.{STEPS[step]}.", f"uvicorn {STEPS[step]}.")
+        copied = copy.read_text()
+        for command in ("uvicorn ", "python -m "):
+            copied = copied.replace(f"{command}exercises.{STEPS[step]}.", f"{command}{STEPS[step]}.")
         matcher = difflib.SequenceMatcher(None, lines, copied.splitlines(keepends=True), autojunk=False)
         for kind, first, last, _, _ in matcher.get_opcodes():
             changed = set(range(first, last))
