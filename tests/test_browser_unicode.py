@@ -225,7 +225,7 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         later = page.evaluate(TAIL)
         # The same element, only appended to: the long block is not parsed again each frame,
         # and it shows the Markdown source until the reply ends.
-        assert marked["tag"] == "P" and later["kept"], (marked, later)
+        assert marked["tag"] == "DIV" and later["kept"], (marked, later)
         assert later["chars"] > marked["chars"] and later["em"] == 0, (marked, later)
         page.wait_for_selector(".assistant .meta", timeout=60000)
         finished = page.evaluate(FINAL)
@@ -233,6 +233,24 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         page.reload()  # the stored reply is replayed through the same path
         page.wait_for_selector(".assistant .body p")
         assert page.evaluate(FINAL) == finished
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, live_server, fake):  # noqa: F811
+    fake.chunk_delay = 0.003
+    fake.reply = "\n".join(f"- item {i}, one of many in a list with no blank line" for i in range(120))
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "a long list")
+        page.keyboard.press("Enter")
+        wait_for_length(page, 4000)
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        tail = page.evaluate("document.querySelector('.assistant .body > :last-child').innerText")
+        assert tail.startswith("- item 0, one of many") and tail.count("\n- item ") >= 60, tail[:300]
+        page.wait_for_selector(".assistant .meta")
+        assert page.locator(".assistant .body li").count() == 120
         assert not errors, errors
     finally:
         context.close()

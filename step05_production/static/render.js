@@ -170,7 +170,7 @@
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
     let frozenNodes = 0;
-    let tail = null;  // the <p> showing text[frozenChars:tailChars] as plain text, once too long
+    let tail = null;  // the <div> showing text[frozenChars:tailChars] as plain text, once too long
     let tailChars = 0;
     let plain = !markdown || !window.DOMPurify;
     let complete = false;  // finish() was called: the whole reply is rendered
@@ -204,7 +204,7 @@
         }
         const live = tokens[last];
         if (!final && text.length - frozenChars > LIVE_MARKDOWN_CHARS && live?.type !== "code") {
-          tail = document.createElement("p");
+          tail = document.createElement("div");  // a tag Markdown never makes: style.css keeps its line breaks
           tailChars = frozenChars;
           body.append(tail);
           return render();
