@@ -210,6 +210,16 @@ def wait_for_length(page, chars, timeout_ms=15000):
     raise AssertionError(f"fewer than {chars} characters shown after {timeout_ms} ms")
 
 
+def wait_for_markdown(page, emphasized, timeout_ms=10000):
+    """The reply once its Markdown is rendered (a long one is rendered in a few tasks)."""
+    for _ in range(timeout_ms // 20):
+        shown = page.evaluate(FINAL)
+        if shown["em"] == emphasized:
+            return shown
+        page.wait_for_timeout(20)
+    raise AssertionError(f"{shown['em']} of {emphasized} emphasized phrases rendered after {timeout_ms} ms")
+
+
 def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_parsed_once(browser, live_server, fake):  # noqa: F811
     fake.chunk_delay, fake.reply = 0.001, LONG_PARAGRAPH
     sentences = LONG_PARAGRAPH.count("*some emphasis*")
@@ -228,11 +238,10 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         assert marked["tag"] == "DIV" and later["kept"], (marked, later)
         assert later["chars"] > marked["chars"] and later["em"] == 0, (marked, later)
         page.wait_for_selector(".assistant .meta", timeout=60000)
-        finished = page.evaluate(FINAL)
+        finished = wait_for_markdown(page, sentences)
         assert finished == {"children": 1, "em": sentences, "code": sentences, "text": rendered}
         page.reload()  # the stored reply is replayed through the same path
-        page.wait_for_selector(".assistant .body p")
-        assert page.evaluate(FINAL) == finished
+        assert wait_for_markdown(page, sentences) == finished
         assert not errors, errors
     finally:
         context.close()

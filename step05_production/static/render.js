@@ -2,7 +2,8 @@
 // Model output is untrusted input: a web page or a document the model read can tell it
 // what to write. So a reply may only become Markdown formatting: raw HTML is shown as
 // text, images are never fetched (an image URL can carry the conversation away with
-// no click), links show where they go, and DOMPurify keeps only the tags Markdown makes.
+// no click), links show where they go, DOMPurify keeps only the tags Markdown makes, and
+// characters that could make text read as something else are shown, never applied.
 // Loaded before app.js, which uses window.ChatRender.createMarkdownView().
 
 (() => {
@@ -35,6 +36,8 @@
   // Bounds the work of one frame: a block still being written that grows past this is
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
+  // Bounds the work of one task when a long reply is rendered whole (finish()).
+  const PIECE_CHARS = 2000;
 
   function hasAny(pattern, text) {
     pattern.lastIndex = 0;  // a /g pattern's test() starts where the last one stopped
@@ -55,7 +58,7 @@
   function shownText(text, pattern = DIRECTION_CONTROLS) {
     const fragment = document.createDocumentFragment();
     let from = 0;
-    pattern.lastIndex = 0;
+    pattern.lastIndex = 0;  // matchAll starts where the pattern's last test() stopped
     for (const match of text.matchAll(pattern)) {
       fragment.append(text.slice(from, match.index), marker(match[0]));
       from = match.index + match[0].length;
@@ -184,7 +187,7 @@
       while (body.childNodes.length > frozenNodes) body.lastChild.remove();
     }
 
-    function render(final = false) {
+    function render() {
       if (plain) return showPlainText();
       if (tail) {  // no parsing until the end: append what came since the last frame
         tail.append(shownText(text.slice(tailChars)));
@@ -202,8 +205,7 @@
           frozenNodes = body.childNodes.length;
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
         }
-        const live = tokens[last];
-        if (!final && text.length - frozenChars > LIVE_MARKDOWN_CHARS && live?.type !== "code") {
+        if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
           tail = document.createElement("div");  // a tag Markdown never makes: style.css keeps its line breaks
           tailChars = frozenChars;
           body.append(tail);
@@ -216,6 +218,56 @@
       }
     }
 
+    // The reply's tokens cut into pieces of about PIECE_CHARS: whole blocks, but a longer
+    // paragraph is cut between its inline tokens, each slice rendered as a paragraph of
+    // its own and then joined to the one before (`continues`).
+    function pieces(tokens) {
+      const list = [];
+      let group = [];
+      let groupChars = 0;
+      const close = () => {
+        if (group.length) list.push({ tokens: group });
+        group = [];
+        groupChars = 0;
+      };
+      for (const token of tokens) {
+        if (token.type !== "paragraph" || token.raw.length <= PIECE_CHARS) {
+          group.push(token);
+          groupChars += token.raw.length;
+          if (groupChars >= PIECE_CHARS) close();
+          continue;
+        }
+        close();
+        for (let i = 0; i < token.tokens.length; ) {
+          const continues = i > 0;  // not the paragraph's first slice
+          const slice = [];
+          for (let chars = 0; i < token.tokens.length && chars < PIECE_CHARS; i += 1) {
+            slice.push(token.tokens[i]);
+            chars += token.tokens[i].raw.length;
+          }
+          list.push({ tokens: [{ ...token, tokens: slice }], continues });
+        }
+      }
+      close();
+      return list;
+    }
+
+    // A long reply, parsed once and rendered a piece at a time, each piece in a task of
+    // its own: a 32,000-character paragraph of inline Markdown makes some 3,000 elements,
+    // a few hundred ms in one go, and the page answers nobody meanwhile. The reply shows
+    // as it was until the rendered one replaces it.
+    async function renderInPieces() {
+      const tokens = markdown.lexer(text);
+      const rendered = document.createDocumentFragment();
+      for (const piece of pieces(tokens)) {
+        await new Promise((resolve) => setTimeout(resolve));  // the next task
+        const fragment = toFragment(piece.tokens, tokens.links);
+        if (piece.continues) rendered.lastElementChild.append(...fragment.firstChild.childNodes);
+        else rendered.append(fragment);
+      }
+      body.replaceChildren(rendered);
+    }
+
     return {
       append(chunk) {
         text += chunk.replace(/\r\n?/g, "\n");  // what marked does, so token lengths match
@@ -223,12 +275,20 @@
       // A frame scheduled before the end may fire after it: the finished view stays as it is.
       render: () => complete || render(),
       // The whole reply once more, so references and blocks that spanned a freeze
-      // point come out exactly as a one-shot render would make them.
+      // point come out exactly as a one-shot render would make them. The promise says
+      // when it is on the page (a long reply takes a few tasks).
       finish() {
-        frozenChars = frozenNodes = 0;
-        tail = null;
         complete = true;
-        render(true);
+        if (plain || text.length <= LIVE_MARKDOWN_CHARS) {
+          frozenChars = frozenNodes = 0;
+          tail = null;
+          render();
+          return Promise.resolve();
+        }
+        return renderInPieces().catch((error) => {
+          console.warn("Markdown rendering failed; showing plain text.", error);
+          showPlainText();
+        });
       },
       get text() {
         return text;
