@@ -167,8 +167,9 @@
   // block), so the cost of a frame stays flat however long the reply grows. A block that
   // grows past LIVE_MARKDOWN_CHARS (a 32,000-character paragraph with no blank line)
   // would cost more every frame: from there the rest is plain text, only appended to,
-  // until finish() parses the whole reply once. Code blocks are cheap to parse (no inline
-  // Markdown) and stay rendered.
+  // until finish() parses the whole reply once (and renders it in pieces). Code blocks
+  // are cheap to parse (no inline Markdown: ~6 ms a frame at 34,000 characters) and stay
+  // rendered.
   function createMarkdownView(body) {
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
