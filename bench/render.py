@@ -1,7 +1,8 @@
-"""Render time per animation frame of step05's page, in Chromium, as a reply grows.
+"""Render time per animation frame of step05's page, in Chromium, as a reply grows;
+and how long one very long paragraph blocks the page, streamed and replayed.
 
     make bench                       # runs this too; writes docs/bench/render.md
-    .venv/bin/python -m bench.render [--sizes 5000 20000 50000] [--out docs/bench]
+    .venv/bin/python -m bench.render [--sizes 5000 20000 50000] [--paragraph 32000] [--out docs/bench]
 
 A Markdown reply (paragraphs, lists, code, headings) is streamed into a message on the
 real page. At each size the next frames each add 20 characters and render, and the
@@ -9,14 +10,22 @@ time of that render is measured, forced layout included (median and max of 15 fr
 - "full re-render": the page before issue 12, which parsed and sanitized the whole
   reply on every frame (DOMPurify.sanitize(marked.parse(text)) into innerHTML);
 - "incremental": render.js, which renders finished blocks once and re-parses only the rest.
+
+The long paragraph (issue 22): one paragraph of --paragraph characters with no blank line,
+so no block is ever finished while it streams, is streamed by the fake LLM through the
+real chat (server, WebSocket, page), then replayed by reloading the page three times.
+Chromium's Long Tasks API reports every main-thread task over 50 ms; the table gives
+their count, their total and the longest (replay: the worst of the three reloads).
 """
 
 import argparse
 import shutil
 import statistics
+import time
 from pathlib import Path
 
-from harness.support import ROOT, LiveServer, llm_env
+from harness.fake_llm import FakeLLMServer
+from harness.support import CHROMIUM_ARGS, ROOT, LiveServer, llm_env
 
 FRAMES = 15
 STEP = 20  # characters per frame, about one streamed chunk or two
@@ -60,6 +69,93 @@ MEASURE = """async ([text, size, frames, step, mode]) => {
 }"""
 
 
+# Two kinds of paragraph: prose as models write it, and inline Markdown as dense as it gets
+# (every word an element), the costliest to parse and sanitize. Words of 5-10 characters,
+# as the fake streams one word per chunk.
+PARAGRAPHS = {
+    "prose with Markdown": "The relay reads each chunk as it comes and sends it on at once, with *some emphasis*, "
+    "a `code span` and a [link](https://example.org/docs) now and then. ",
+    "dense inline Markdown": "*emphasis* _under_ **strong** `code` ~~gone~~ plain ",
+}
+CHUNK_DELAY = 0.001  # seconds between two words: about 5,000 characters a second
+RELOADS = 3
+
+# Registered before the page's own scripts (Playwright's init script), on every load.
+OBSERVE_LONG_TASKS = """window.longTasks = [];
+new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) window.longTasks.push(entry.duration);
+}).observe({ type: "longtask" });"""
+
+
+def paragraph(kind: str, length: int) -> str:
+    words = PARAGRAPHS[kind].split(" ")
+    text, i = "", 0
+    while len(text) < length - 12:  # whole words, so the Markdown stays balanced
+        text += words[i % len(words)] + " "
+        i += 1
+    return (text + "x" * length)[: length - 1] + "."
+
+
+def long_tasks(page) -> dict:
+    durations = page.evaluate("window.longTasks")
+    return {"count": len(durations), "total_ms": sum(durations), "max_ms": max(durations, default=0.0)}
+
+
+def measure_paragraph(length: int) -> list[dict]:
+    """Long tasks while a paragraph of `length` characters streams in, and on reloads."""
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    env = llm_env(
+        "",
+        CHAT_STORE_URL="memory://",  # kept by the server process across reloads
+        CHAT_MAX_REPLY_CHARS=str(length),  # the default cut (16,000) would stop it halfway
+        CHAT_MAX_HISTORY_CHARS=str(length + 16000),
+    )
+    with FakeLLMServer() as fake, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        for kind in PARAGRAPHS:
+            fake.fake.reply, fake.fake.chunk_delay = paragraph(kind, length), CHUNK_DELAY
+            with LiveServer("step05_production.main:app", env={**env, "OPENAI_BASE_URL": fake.base_url}) as server:
+                page = browser.new_page(viewport={"width": 1000, "height": 700})
+                page.add_init_script(OBSERVE_LONG_TASKS)
+                page.goto(server.url)
+                page.wait_for_selector("#status[data-state=ready]")
+                page.evaluate("window.longTasks = []")  # the page's own start is not the reply's
+                began = time.monotonic()
+                page.fill("#input", "one long paragraph, please")
+                page.keyboard.press("Enter")
+                page.wait_for_selector(".assistant .meta", timeout=180_000)
+                seconds = time.monotonic() - began
+                page.wait_for_timeout(300)  # a task still running when .meta appeared
+                streamed = long_tasks(page)
+                replays = []
+                for _ in range(RELOADS):
+                    page.reload()
+                    page.wait_for_selector(".assistant .body p")
+                    page.wait_for_timeout(300)
+                    replays.append(long_tasks(page))
+                page.close()
+            rows.append(
+                {
+                    "kind": kind,
+                    "chars": length,
+                    "stream_s": seconds,
+                    "streamed": streamed,
+                    "replayed": max(replays, key=lambda r: r["total_ms"]),
+                }
+            )
+        browser.close()
+    return rows
+
+
+def chromium() -> str:
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        raise SystemExit("No chromium on PATH: `make chromium` installs Debian's.")
+    return executable
+
+
 def reply_text(length: int) -> str:
     text, i = "", 0
     while len(text) < length:
@@ -71,9 +167,7 @@ def reply_text(length: int) -> str:
 def measure(sizes: list[int]) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        raise SystemExit("No chromium on PATH: `make chromium` installs Debian's.")
+    executable = chromium()
     text = reply_text(max(sizes) + FRAMES * STEP + 10)
     rows = []
     # The page needs no LLM to render: nothing is sent, so any address will do.
@@ -93,7 +187,7 @@ def measure(sizes: list[int]) -> list[dict]:
     return rows
 
 
-def write_table(rows: list[dict], out: Path) -> Path:
+def write_table(rows: list[dict], out: Path, paragraph_rows: list[dict] = ()) -> Path:
     lines = [
         "# Render time per frame (step05's page, Chromium)",
         "",
@@ -112,18 +206,42 @@ def write_table(rows: list[dict], out: Path) -> Path:
             f"| {size:,} characters | {full['median_ms']:.1f} / {full['max_ms']:.1f} ms "
             f"| {incremental['median_ms']:.1f} / {incremental['max_ms']:.1f} ms |"
         )
+    if paragraph_rows:
+        lines += paragraph_table(paragraph_rows)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "render.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def paragraph_table(rows: list[dict]) -> list[str]:
+    def tasks(r: dict) -> str:
+        return f"{r['total_ms']:,.0f} ms in {r['count']} / {r['max_ms']:,.0f} ms"
+
+    lines = [
+        "",
+        f"## One paragraph of {rows[0]['chars']:,} characters (no blank line)",
+        "",
+        f"Streamed through the chat by the fake LLM (one word per chunk, {CHUNK_DELAY * 1000:g} ms apart), "
+        f"then replayed by {RELOADS} reloads. Main-thread tasks over 50 ms (Chromium's Long Tasks API): "
+        "total in how many tasks / the longest. The target: at most 1 s in total, no task over 300 ms.",
+        "",
+        "| paragraph | streamed in | streamed: long tasks total / longest | replayed: long tasks total / longest |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['stream_s']:.1f} s | {tasks(r['streamed'])} | {tasks(r['replayed'])} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
+    parser.add_argument("--paragraph", type=int, default=32000, help="the long paragraph's length (0: skip it)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = parser.parse_args()
-    path = write_table(measure(args.sizes), args.out)
+    paragraph_rows = measure_paragraph(args.paragraph) if args.paragraph else []
+    path = write_table(measure(args.sizes), args.out, paragraph_rows)
     print(path.read_text())
 
 

@@ -72,9 +72,13 @@ function addMeta(message, text) {
 // finished block at a time, and falls back to plain text if rendering ever fails.
 function renderMarkdown(message, final = false) {
   const follow = isAtBottom();
-  if (final) message.view.finish();
-  else message.view.render();
-  if (follow) log.scrollTop = log.scrollHeight;
+  const followNewText = () => follow && (log.scrollTop = log.scrollHeight);
+  if (final) {
+    message.view.finish().then(followNewText);  // a long reply is rendered in a few tasks
+  } else {
+    message.view.render();
+    followNewText();
+  }
 }
 
 // Chunks can arrive faster than the screen refreshes. Re-render the streaming message

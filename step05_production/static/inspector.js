@@ -60,7 +60,9 @@ function createInspector({ send, button, panel }) {
     if (shown !== null) {
       const details = element("details");
       details.append(element("summary", null, frame.phase === "post" ? "shared store" : "snapshot"),
-                     element("pre", null, JSON.stringify(shown, null, 1)));
+                     // Invisible characters as JSON escapes: a reply's direction override must
+                     // not reorder the snapshot it is shown in.
+                     element("pre", null, ChatRender.escapeInvisible(JSON.stringify(shown, null, 1))));
       row.append(details);
     }
     turn.append(row);

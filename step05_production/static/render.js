@@ -2,7 +2,8 @@
 // Model output is untrusted input: a web page or a document the model read can tell it
 // what to write. So a reply may only become Markdown formatting: raw HTML is shown as
 // text, images are never fetched (an image URL can carry the conversation away with
-// no click), links show where they go, and DOMPurify keeps only the tags Markdown makes.
+// no click), links show where they go, DOMPurify keeps only the tags Markdown makes, and
+// characters that could make text read as something else are shown, never applied.
 // Loaded before app.js, which uses window.ChatRender.createMarkdownView().
 
 (() => {
@@ -17,6 +18,103 @@
   };
   const SAFE_LINK = /^(?:https?:|mailto:)/i;
 
+  // Unicode deception. Direction embeddings, overrides and isolates reorder what is shown:
+  // "https://bank.example/<RLO>moc.live" reads as another address, and a code line can
+  // show a command as commented out that runs when pasted ("Trojan source"). They are
+  // never applied: each becomes a visible marker. LRM, RLM, ZWJ and ZWNJ stay in prose:
+  // Hebrew, Arabic, Persian and emoji sequences need them.
+  const DIRECTION_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/gu;
+  // In code, and in a link's label or target, nothing may hide: every invisible character
+  // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
+  const INVISIBLE = /[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu;
+  const NAMES = {
+    0x202a: "LRE", 0x202b: "RLE", 0x202c: "PDF", 0x202d: "LRO", 0x202e: "RLO",
+    0x2066: "LRI", 0x2067: "RLI", 0x2068: "FSI", 0x2069: "PDI",
+    0x200e: "LRM", 0x200f: "RLM", 0x061c: "ALM", 0x200b: "ZWSP", 0x200c: "ZWNJ", 0x200d: "ZWJ",
+    0x2060: "WJ", 0x00ad: "SHY", 0xfeff: "BOM",
+  };
+  // Bounds the work of one frame: a block still being written that grows past this is
+  // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
+  const LIVE_MARKDOWN_CHARS = 3000;
+  // Bounds the work of one task when a long reply is rendered whole (finish()).
+  const PIECE_CHARS = 2000;
+
+  function hasAny(pattern, text) {
+    pattern.lastIndex = 0;  // a /g pattern's test() starts where the last one stopped
+    return pattern.test(text);
+  }
+
+  // The marker is an <abbr>: a tag DOMPurify never lets through, so a reply cannot forge one.
+  function marker(char) {
+    const code = char.codePointAt(0);
+    const hex = `U+${code.toString(16).toUpperCase().padStart(4, "0")}`;
+    const abbr = document.createElement("abbr");
+    abbr.title = `${hex}, an invisible character (shown, not applied)`;
+    abbr.textContent = `⟨${NAMES[code] || hex}⟩`;
+    return abbr;
+  }
+
+  // Text as nodes, each character of `pattern` replaced by its marker.
+  function shownText(text, pattern = DIRECTION_CONTROLS) {
+    const fragment = document.createDocumentFragment();
+    let from = 0;
+    pattern.lastIndex = 0;  // matchAll starts where the pattern's last test() stopped
+    for (const match of text.matchAll(pattern)) {
+      fragment.append(text.slice(from, match.index), marker(match[0]));
+      from = match.index + match[0].length;
+    }
+    fragment.append(text.slice(from));
+    return fragment;
+  }
+
+  // Every text node of the rendered reply: code shows every invisible character, prose
+  // only the direction controls.
+  function showControls(root) {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const found = [];
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const pattern = node.parentElement?.closest("code") ? INVISIBLE : DIRECTION_CONTROLS;
+      if (hasAny(pattern, node.data)) found.push([node, pattern]);
+    }
+    for (const [node, pattern] of found) node.replaceWith(shownText(node.data, pattern));
+  }
+
+  // The address a link really opens, or null when it must not be clickable: hidden
+  // characters in its label or target (checked here, on the DOM, so that HTML entities
+  // such as &#x202E; are decoded), a target the URL parser refuses, or a user name in it
+  // ("https://bank.example@evil.example" opens evil.example).
+  function linkTarget(link) {
+    const href = link.getAttribute("href") || "";
+    if (hasAny(INVISIBLE, href) || hasAny(INVISIBLE, link.textContent)) return null;
+    let url;
+    try {
+      url = new URL(href);
+    } catch {
+      return null;
+    }
+    if (!["http:", "https:", "mailto:"].includes(url.protocol) || url.username || url.password) return null;
+    return url.href;  // the parser's form: the host in punycode, the rest percent-encoded
+  }
+
+  // Where a link goes, after its label: the parsed target (so a Cyrillic "bаnk" shows as
+  // xn--...), in a <bdi dir=ltr> so right-to-left text around it cannot reorder it.
+  function showTarget(link) {
+    const target = document.createElement("bdi");
+    target.dir = "ltr";
+    target.textContent = link.href;  // what a click opens, exactly
+    const note = document.createElement("small");
+    note.append("(", target, ")");
+    link.after(" ", note);
+  }
+
+  function refuseLink(link) {
+    const target = document.createElement("code");  // code: its hidden characters are shown
+    target.textContent = link.getAttribute("href") || "";
+    const note = document.createElement("small");
+    note.append("(not linked: ", target, ")");
+    link.replaceWith(...link.childNodes, " ", note);
+  }
+
   function escapeHtml(text) {
     return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
   }
@@ -29,12 +127,10 @@
     image({ text }) {
       return `<small>[image: ${escapeHtml(text || "no description")}]</small>`;
     },
-    link({ href, tokens, text }) {
+    link({ href, tokens }) {
       const label = this.parser.parseInline(tokens);
       if (!SAFE_LINK.test(href)) return label;  // javascript:, data:, relative paths...
-      const anchor = `<a href="${escapeHtml(href)}">${label}</a>`;  // rel and target: toFragment
-      // The target is shown, so "[your bank](https://evil.example)" cannot hide where it goes.
-      return text === href ? anchor : `${anchor} <small>(${escapeHtml(href)})</small>`;
+      return `<a href="${escapeHtml(href)}">${label}</a>`;  // checked and finished in toFragment
     },
     checkbox({ checked }) {  // task lists: a symbol, not a form control
       return checked ? "☑ " : "☐ ";
@@ -46,27 +142,46 @@
   function toFragment(tokens, links) {
     tokens.links = links;  // reference-style links ([text][1]) are looked up here
     const fragment = window.DOMPurify.sanitize(markdown.parser(tokens), PURIFY_OPTIONS);
-    // Set after sanitizing, on every link: a new tab that cannot script this page
-    // (noopener) and is not told which page linked to it (noreferrer).
     for (const link of fragment.querySelectorAll("a")) {
+      const target = linkTarget(link);
+      if (target === null) {
+        refuseLink(link);
+        continue;
+      }
+      link.href = target;
+      // Set after sanitizing, on every link: a new tab that cannot script this page
+      // (noopener) and is not told which page linked to it (noreferrer).
       link.rel = "noopener noreferrer";
       link.target = "_blank";
+      // The target is shown, so "[your bank](https://evil.example)" cannot hide where it
+      // goes; not twice when the label is the address itself.
+      const label = link.textContent;
+      if (label !== link.href && `${label}/` !== link.href) showTarget(link);
     }
+    showControls(fragment);
     return fragment;
   }
 
   // One message's Markdown, rendered as it streams. Finished blocks are rendered once
   // and kept; each render re-parses only the text after them (in practice the last
-  // block), so the cost of a frame stays flat however long the reply grows.
+  // block), so the cost of a frame stays flat however long the reply grows. A block that
+  // grows past LIVE_MARKDOWN_CHARS (a 32,000-character paragraph with no blank line)
+  // would cost more every frame: from there the rest is plain text, only appended to,
+  // until finish() parses the whole reply once (and renders it in pieces). Code blocks
+  // are cheap to parse (no inline Markdown: ~6 ms a frame at 34,000 characters) and stay
+  // rendered.
   function createMarkdownView(body) {
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
     let frozenNodes = 0;
+    let tail = null;  // the <div> showing text[frozenChars:tailChars] as plain text, once too long
+    let tailChars = 0;
     let plain = !markdown || !window.DOMPurify;
+    let complete = false;  // finish() was called: the whole reply is rendered
 
     function showPlainText() {  // the fallback: never wrong, never stuck
       plain = true;
-      body.textContent = text;
+      body.replaceChildren(shownText(text));
     }
 
     function dropLiveNodes() {
@@ -75,6 +190,11 @@
 
     function render() {
       if (plain) return showPlainText();
+      if (tail) {  // no parsing until the end: append what came since the last frame
+        tail.append(shownText(text.slice(tailChars)));
+        tailChars = text.length;
+        return;
+      }
       try {
         const tokens = markdown.lexer(text.slice(frozenChars));
         let last = tokens.length - 1;  // the block still being written
@@ -86,6 +206,12 @@
           frozenNodes = body.childNodes.length;
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
         }
+        if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
+          tail = document.createElement("div");  // a tag Markdown never makes: style.css keeps its line breaks
+          tailChars = frozenChars;
+          body.append(tail);
+          return render();
+        }
         body.append(toFragment(tokens.slice(finished.length), tokens.links));
       } catch (error) {  // e.g. marked's stack overflow on deeply nested quotes
         console.warn("Markdown rendering failed; showing plain text.", error);
@@ -93,16 +219,77 @@
       }
     }
 
+    // The reply's tokens cut into pieces of about PIECE_CHARS: whole blocks, but a longer
+    // paragraph is cut between its inline tokens, each slice rendered as a paragraph of
+    // its own and then joined to the one before (`continues`).
+    function pieces(tokens) {
+      const list = [];
+      let group = [];
+      let groupChars = 0;
+      const close = () => {
+        if (group.length) list.push({ tokens: group });
+        group = [];
+        groupChars = 0;
+      };
+      for (const token of tokens) {
+        if (token.type !== "paragraph" || token.raw.length <= PIECE_CHARS) {
+          group.push(token);
+          groupChars += token.raw.length;
+          if (groupChars >= PIECE_CHARS) close();
+          continue;
+        }
+        close();
+        for (let i = 0; i < token.tokens.length; ) {
+          const continues = i > 0;  // not the paragraph's first slice
+          const slice = [];
+          for (let chars = 0; i < token.tokens.length && chars < PIECE_CHARS; i += 1) {
+            slice.push(token.tokens[i]);
+            chars += token.tokens[i].raw.length;
+          }
+          list.push({ tokens: [{ ...token, tokens: slice }], continues });
+        }
+      }
+      close();
+      return list;
+    }
+
+    // A long reply, parsed once and rendered a piece at a time, each piece in a task of
+    // its own: a 32,000-character paragraph of inline Markdown makes some 3,000 elements,
+    // a few hundred ms in one go, and the page answers nobody meanwhile. The reply shows
+    // as it was until the rendered one replaces it.
+    async function renderInPieces() {
+      const tokens = markdown.lexer(text);
+      const rendered = document.createDocumentFragment();
+      for (const piece of pieces(tokens)) {
+        await new Promise((resolve) => setTimeout(resolve));  // the next task
+        const fragment = toFragment(piece.tokens, tokens.links);
+        if (piece.continues) rendered.lastElementChild.append(...fragment.firstChild.childNodes);
+        else rendered.append(fragment);
+      }
+      body.replaceChildren(rendered);
+    }
+
     return {
       append(chunk) {
         text += chunk.replace(/\r\n?/g, "\n");  // what marked does, so token lengths match
       },
-      render,
+      // A frame scheduled before the end may fire after it: the finished view stays as it is.
+      render: () => complete || render(),
       // The whole reply once more, so references and blocks that spanned a freeze
-      // point come out exactly as a one-shot render would make them.
+      // point come out exactly as a one-shot render would make them. The promise says
+      // when it is on the page (a long reply takes a few tasks).
       finish() {
-        frozenChars = frozenNodes = 0;
-        render();
+        complete = true;
+        if (plain || text.length <= LIVE_MARKDOWN_CHARS) {
+          frozenChars = frozenNodes = 0;
+          tail = null;
+          render();
+          return Promise.resolve();
+        }
+        return renderInPieces().catch((error) => {
+          console.warn("Markdown rendering failed; showing plain text.", error);
+          showPlainText();
+        });
       },
       get text() {
         return text;
@@ -110,5 +297,12 @@
     };
   }
 
-  window.ChatRender = { createMarkdownView, PURIFY_OPTIONS };
+  // JSON text (the flow inspector's snapshots) with every invisible character written as
+  // its JSON escape: still the same JSON, and nothing in it hidden or reordered.
+  function escapeInvisible(json) {
+    const escape = (unit) => `\\u${unit.charCodeAt(0).toString(16).padStart(4, "0")}`;
+    return json.replace(INVISIBLE, (char) => char.split("").map(escape).join(""));  // UTF-16 units, as JSON has it
+  }
+
+  window.ChatRender = { createMarkdownView, escapeInvisible, PURIFY_OPTIONS };
 })();

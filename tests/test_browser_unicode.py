@@ -1,0 +1,265 @@
+"""Unicode deception in model output, and a very long paragraph, on step05's page in real Chromium.
+
+Replies are scripted through the fake LLM; the page keeps its CSP (as in test_browser_hostile).
+What a reader sees is what the DOM holds: a direction override that is still in the DOM
+text is applied by the browser, so each test reads the DOM text itself.
+"""
+
+import pytest
+
+from tests.test_browser_hostile import chat, open_page
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+APP = "step05_production.main"
+# The inspector shows model output too; the long-paragraph test needs a reply of 32,000
+# characters relayed and stored whole (the defaults cut a reply at 16,000).
+SERVER_ENV = {"CHAT_INSPECTOR": "1", "CHAT_MAX_REPLY_CHARS": "32000", "CHAT_MAX_HISTORY_CHARS": "48000"}
+
+RLO, PDF, LRI, RLI, PDI = "\u202e", "\u202c", "\u2066", "\u2067", "\u2069"
+DIRECTION_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+# Counts the direction controls left in an element's text, and lists the markers shown.
+READ = """([selector, controls]) => [...document.querySelectorAll(selector)].map((el) => ({
+    raw: [...el.textContent].filter((c) => controls.includes(c)).length,
+    markers: [...el.querySelectorAll('abbr')].map((m) => m.textContent),
+    text: el.textContent,
+}))"""
+
+
+def read(page, selector):
+    return page.evaluate(READ, [selector, DIRECTION_CONTROLS])
+
+
+def wait_for_text(page, selector, text, timeout_ms=15000):
+    # Polled from here: wait_for_function would need eval, which the CSP forbids.
+    for _ in range(timeout_ms // 20):
+        if text in page.evaluate("(s) => document.querySelector(s)?.textContent ?? ''", selector):
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError(f"no {text!r} in {selector} after {timeout_ms} ms")
+
+
+def test_direction_controls_are_shown_as_markers_streaming_finished_replayed_and_inspected(browser, live_server, fake):  # noqa: F811
+    fake.chunk_delay, fake.min_chunks = 0.05, 30
+    fake.reply = f"Open invoice{RLO}fdp.exe{PDF} now, {RLI}isolated{PDI} here."
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.click("#inspect")
+        page.fill("#input", "the invoice?")
+        page.keyboard.press("Enter")
+        wait_for_text(page, ".assistant .body", "tick10")
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        [streaming] = read(page, ".assistant .body")
+        page.wait_for_selector(".assistant .meta")
+        [finished] = read(page, ".assistant .body")
+        page.wait_for_selector("[data-phase=flow]")  # the turn's last trace
+        for summary in page.locator("#inspector summary").all():
+            summary.click()
+        snapshots = read(page, "#inspector pre")
+        page.reload()
+        page.wait_for_selector(".assistant .body p")
+        [replayed] = read(page, ".assistant .body")
+        for shown in (streaming, finished, replayed):
+            assert shown["raw"] == 0, shown
+            assert shown["markers"] == ["⟨RLO⟩", "⟨PDF⟩", "⟨RLI⟩", "⟨PDI⟩"], shown
+            assert "invoice⟨RLO⟩fdp.exe⟨PDF⟩ now" in shown["text"], shown
+        # The inspector's snapshots (prep: the messages; exec: the reply; post: the history)
+        # write them as JSON escapes.
+        with_reply = [s for s in snapshots if "fdp.exe" in s["text"]]
+        assert len(with_reply) >= 2, snapshots
+        for snapshot in with_reply:
+            assert snapshot["raw"] == 0 and "invoice\\u202efdp.exe\\u202c now" in snapshot["text"], snapshot
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# Real strings whose invisible characters are part of the language.
+ORDINARY = {
+    "family emoji (ZWJ)": "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",
+    "Persian with ZWNJ": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # "I want"
+    "Hebrew with RLM": "\u05d4\u05de\u05d7\u05d9\u05e8 \u05d4\u05d5\u05d0 100$\u200f.",  # "the price is 100$."
+    "Arabic with LRM": "\u0627\u0644\u0625\u0635\u062f\u0627\u0631 \u200eGPT-4\u200e \u062c\u062f\u064a\u062f",
+}
+
+
+def test_ordinary_text_keeps_zwj_zwnj_lrm_and_rlm(browser, live_server, fake):  # noqa: F811
+    fake.reply = "\n\n".join(ORDINARY.values())
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "say it", 0)
+        paragraphs = page.eval_on_selector_all(".assistant .body p", "ps => ps.map(p => p.textContent)")
+        assert paragraphs == list(ORDINARY.values())
+        assert page.locator(".assistant .body abbr").count() == 0
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+HIDDEN_IN_LINKS = {
+    "override in the target": f"[your bank](https://bank.example/{RLO}moc.live)",
+    "override in the label": f"[https://bank.example/{RLO}moc.live](https://evil.example/)",
+    "entity-encoded override in the label": "[bank&#x202E;moc.live](https://evil.example/)",
+    "zero-width space in the host": "[bank](https://ba\u200bnk.example/)",
+    "soft hyphen in the label": "[bank\u00ad.example](https://evil.example/)",
+    "RLM in the target": "[bank](https://bank.example/\u200flogin)",
+    "bare URL with an isolate": f"see https://bank.example/{LRI}x{PDI} now",
+    "user name before the host": "[bank.example](https://bank.example@evil.example/)",
+}
+
+
+@pytest.mark.parametrize("name", list(HIDDEN_IN_LINKS))
+def test_a_link_with_hidden_characters_is_not_clickable(name, browser, live_server, fake):  # noqa: F811
+    fake.reply = f"{HIDDEN_IN_LINKS[name]}\n\nand a fine one: [docs](https://example.org/docs)"
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "link", 0)
+        hrefs = page.eval_on_selector_all(".assistant .body a", "links => links.map(a => a.href)")
+        assert hrefs == ["https://example.org/docs"], hrefs
+        first = page.locator(".assistant .body p").first
+        assert "(not linked: " in first.inner_text()
+        assert read(page, ".assistant .body")[0]["raw"] == 0
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+TARGET = """() => [...document.querySelectorAll('.assistant .body a')].map((a) => {
+    const shown = a.nextElementSibling?.querySelector('bdi');
+    return { href: a.href, label: a.textContent, shown: shown?.textContent, dir: shown?.dir,
+             isolated: shown && getComputedStyle(shown).unicodeBidi, direction: shown && getComputedStyle(shown).direction };
+})"""
+
+
+def test_a_link_shows_its_parsed_target_left_to_right_with_the_host_in_punycode(browser, live_server, fake):  # noqa: F811
+    look_alike = "b\u0430nk.example"  # a Cyrillic "а"
+    fake.reply = (
+        f"[your bank](https://{look_alike}/login)\n\n"
+        f"https://{look_alike}/\n\n"
+        # In a right-to-left paragraph: the target must still read left to right, as one piece.
+        "\u05dc\u05d7\u05e6\u05d5 [\u05db\u05d0\u05df](https://example.org/a/b?c=d) \u05e2\u05db\u05e9\u05d9\u05d5\n\n"
+        "[docs](https://example.org/docs) and <https://example.org/page>"
+    )
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "links", 0)
+        links = page.evaluate(TARGET)
+        punycode = look_alike.encode("idna").decode()  # xn--bnk-6cd.example
+        assert [link["href"] for link in links] == [
+            f"https://{punycode}/login",
+            f"https://{punycode}/",
+            "https://example.org/a/b?c=d",
+            "https://example.org/docs",
+            "https://example.org/page",
+        ]
+        for link in links[:4]:  # the target shown is exactly what a click opens
+            assert link["shown"] == link["href"], link
+            assert (link["dir"], link["isolated"], link["direction"]) == ("ltr", "isolate", "ltr"), link
+        assert links[4]["shown"] is None, "a link whose label is its address shows it once"
+        assert look_alike in links[1]["label"]  # the label is what the model wrote; the target says where it goes
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# The "Trojan source" example (CVE-2021-42574): shown, the check reads as commented out.
+TROJAN = f'if access_level != "user{RLO} {LRI}// Check if admin{PDI} {LRI}":\n    grant()'
+COPY = """(selector) => {
+    const selection = getSelection();
+    selection.selectAllChildren(document.querySelector(selector));
+    return selection.toString();
+}"""
+
+
+def test_code_shows_direction_and_invisible_characters_and_copies_what_it_shows(browser, live_server, fake):  # noqa: F811
+    fake.reply = f"```python\n{TROJAN}\n```\n\nInline: `rm\u200b -rf{RLO} x` and `a\u200eb`"
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "code", 0)
+        block, *inline = read(page, ".assistant .body code")
+        assert block["raw"] == 0 and block["markers"] == ["⟨RLO⟩", "⟨LRI⟩", "⟨PDI⟩", "⟨LRI⟩"], block
+        assert inline[0]["markers"] == ["⟨ZWSP⟩", "⟨RLO⟩"] and inline[1]["markers"] == ["⟨LRM⟩"], inline
+        copied = page.evaluate(COPY, ".assistant .body pre")
+        assert copied.strip() == page.inner_text(".assistant .body pre").strip()
+        assert not any(c in copied for c in DIRECTION_CONTROLS), repr(copied)
+        assert '"user⟨RLO⟩ ⟨LRI⟩// Check if admin⟨PDI⟩ ⟨LRI⟩":' in copied
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# A single paragraph (no blank line) of 32,000 characters with inline Markdown throughout.
+SENTENCE = "The relay sends each chunk on at once, with *some emphasis* and a `code span` here. "
+LONG_PARAGRAPH = SENTENCE * (32000 // len(SENTENCE))
+LONG_PARAGRAPH += ("and more " * 100)[: 31999 - len(LONG_PARAGRAPH)] + "."  # exactly 32,000
+MARK_TAIL = """() => { const p = document.querySelector('.assistant .body > :last-child');
+    p.kept = true; return { tag: p.tagName, chars: p.textContent.length, em: p.querySelectorAll('em').length }; }"""
+TAIL = """() => { const p = document.querySelector('.assistant .body > :last-child');
+    return { kept: p.kept === true, chars: p.textContent.length, em: p.querySelectorAll('em').length }; }"""
+FINAL = """() => { const body = document.querySelector('.assistant .body');
+    return { children: body.children.length, em: body.querySelectorAll('em').length,
+             code: body.querySelectorAll('code').length, text: body.textContent.trim() }; }"""
+
+
+def wait_for_length(page, chars, timeout_ms=15000):
+    for _ in range(timeout_ms // 20):
+        if page.evaluate("document.querySelector('.assistant .body')?.textContent.length ?? 0") > chars:
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError(f"fewer than {chars} characters shown after {timeout_ms} ms")
+
+
+def wait_for_markdown(page, emphasized, timeout_ms=10000):
+    """The reply once its Markdown is rendered (a long one is rendered in a few tasks)."""
+    for _ in range(timeout_ms // 20):
+        shown = page.evaluate(FINAL)
+        if shown["em"] == emphasized:
+            return shown
+        page.wait_for_timeout(20)
+    raise AssertionError(f"{shown['em']} of {emphasized} emphasized phrases rendered after {timeout_ms} ms")
+
+
+def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_parsed_once(browser, live_server, fake):  # noqa: F811
+    fake.chunk_delay, fake.reply = 0.001, LONG_PARAGRAPH
+    sentences = LONG_PARAGRAPH.count("*some emphasis*")
+    rendered = LONG_PARAGRAPH.replace("*", "").replace("`", "")
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "a long one")
+        page.keyboard.press("Enter")
+        wait_for_length(page, 6000)
+        marked = page.evaluate(MARK_TAIL)
+        wait_for_length(page, 12000)
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        later = page.evaluate(TAIL)
+        # The same element, only appended to: the long block is not parsed again each frame,
+        # and it shows the Markdown source until the reply ends.
+        assert marked["tag"] == "DIV" and later["kept"], (marked, later)
+        assert later["chars"] > marked["chars"] and later["em"] == 0, (marked, later)
+        page.wait_for_selector(".assistant .meta", timeout=60000)
+        finished = wait_for_markdown(page, sentences)
+        assert finished == {"children": 1, "em": sentences, "code": sentences, "text": rendered}
+        page.reload()  # the stored reply is replayed through the same path
+        assert wait_for_markdown(page, sentences) == finished
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, live_server, fake):  # noqa: F811
+    fake.chunk_delay = 0.003
+    fake.reply = "\n".join(f"- item {i}, one of many in a list with no blank line" for i in range(120))
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "a long list")
+        page.keyboard.press("Enter")
+        wait_for_length(page, 4000)
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        tail = page.evaluate("document.querySelector('.assistant .body > :last-child').innerText")
+        assert tail.startswith("- item 0, one of many") and tail.count("\n- item ") >= 60, tail[:300]
+        page.wait_for_selector(".assistant .meta")
+        assert page.locator(".assistant .body li").count() == 120
+        assert not errors, errors
+    finally:
+        context.close()
