@@ -314,3 +314,27 @@ def test_a_flood_of_bad_connections_is_logged_at_a_bounded_rate_with_a_count(fak
     assert flood.count("Invalid UTF-8 sequence") == 3, flood
     assert len(flood) < 3 * 1000, len(flood)  # three short tracebacks, not forty
     assert f"[{BAD_CONNECTIONS - 3} more like this not logged]" in after, after
+
+
+# The page whose idle connection was reclaimed ---------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_reclaimed_page_waits_for_its_user_before_reconnecting(page, fake_server, fake):
+    env = {"CHAT_MAX_CONNECTIONS": "1", "CHAT_RECLAIM_IDLE_SECONDS": "0"}
+    with plain_uvicorn_server(fake_server, **env) as server:
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        with WsClient(server.ws_url) as newcomer:  # the server is full: the idle page makes room
+            read_conversation(newcomer)
+            page.wait_for_selector("#status[data-state=paused]", timeout=5000)
+            assert "Type to reconnect" in page.inner_text("#notice")
+            time.sleep(3)  # a page reconnecting by itself would have taken the place back by now
+            assert chat_turn(newcomer, "still mine") == "You said: still mine"
+            page.click("#input")
+            page.keyboard.type("I am back")  # the user acts: the page reconnects
+            page.wait_for_selector("#status[data-state=ready]", timeout=10000)
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".assistant .meta")
+            assert "You said: I am back" in page.inner_text(".assistant")
