@@ -98,10 +98,11 @@ class Settings:
     # headers, this long after the connection opens or the previous response ends: a
     # client that sends half a request and stalls (slowloris) is cut off (server.py).
     request_head_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_REQUEST_HEAD_TIMEOUT_SECONDS", 10))
-    # New WebSocket connections per client address: a burst (a classroom opening the page
-    # together), then a steady refill. Past it: "too many new connections", closed with 1013.
-    new_connections_burst: int = field(default_factory=lambda: _int("CHAT_NEW_CONNECTIONS_BURST", 60))
-    new_connections_per_second: float = field(default_factory=lambda: _float("CHAT_NEW_CONNECTIONS_PER_SECOND", 2))
+    # New WebSocket connections per client address: a burst as large as the address's cap
+    # (a classroom reconnecting together after a restart), then a steady refill that holds
+    # a reconnect loop to a few a second. Past it: "too many new connections", 1013.
+    new_connections_burst: int = field(default_factory=lambda: _int("CHAT_NEW_CONNECTIONS_BURST", 150))
+    new_connections_per_second: float = field(default_factory=lambda: _float("CHAT_NEW_CONNECTIONS_PER_SECOND", 5))
     # A full worker closes the connection idle longest (no frame from its client for at
     # least this long, no reply running) to let a newcomer in: close code 4001.
     reclaim_idle_seconds: float = field(default_factory=lambda: _float("CHAT_RECLAIM_IDLE_SECONDS", 60))
