@@ -210,7 +210,7 @@ def create_app() -> FastAPI:
     return app
 
 
-warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
+warn_about_missing_limits()  # and apply the frame limit and the request-head timeout, whatever command started it
 keep_conversation_ids_out_of_logs()
 bound_log_floods()
 app = create_app()
