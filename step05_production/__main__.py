@@ -27,7 +27,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--forwarded-allow-ips",
         default=FORWARDED_ALLOW_IPS,
         help="the proxies whose X-Forwarded-For and X-Forwarded-Proto are believed, comma-separated "
-        "(default: $FORWARDED_ALLOW_IPS, else %(default)s: a proxy on this machine)",
+        "(default: $FORWARDED_ALLOW_IPS, else none; 127.0.0.1 for a proxy on this machine)",
     )
     parser.add_argument(
         "--timeout-keep-alive",

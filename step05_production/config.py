@@ -58,10 +58,11 @@ class Settings:
     # fit; one script opening 50 connections cannot send 50 × 20.
     client_rate_limit_messages: int = field(default_factory=lambda: _int("CHAT_CLIENT_RATE_LIMIT_MESSAGES", 300))
     # Open WebSocket connections one worker accepts at once, and from one client address.
-    # A quarter per address: a whole classroom behind one NAT address fits (250
-    # tabs), and no single address can lock everybody else out.
+    # 150 per address: a classroom behind one NAT address fits (60 learners, a couple of
+    # tabs each), and it takes 7 addresses, not 4, to fill a worker (then idle sockets
+    # are reclaimed: the block at the end).
     max_connections: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS", 1000))
-    max_connections_per_client: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS_PER_CLIENT", 250))
+    max_connections_per_client: int = field(default_factory=lambda: _int("CHAT_MAX_CONNECTIONS_PER_CLIENT", 150))
     # Invalid frames one connection may send in the rate window: past half of them each
     # answer is delayed, at the limit the connection is closed with 1008.
     invalid_frame_limit: int = field(default_factory=lambda: _int("CHAT_INVALID_FRAME_LIMIT", 20))
@@ -91,6 +92,26 @@ class Settings:
     inspector: bool = field(default_factory=lambda: _flag("CHAT_INSPECTOR"))
     # A reply whose client dropped goes on this long, waiting for it to come back (0: cancel at once).
     resume_seconds: float = field(default_factory=lambda: _float("CHAT_RESUME_SECONDS", 30))
+
+    # Exhaustion: what keeps slow, idle or noisy clients from filling the server.
+    # An HTTP request (page, file, WebSocket handshake) must arrive whole, request line and
+    # headers, this long after the connection opens or the previous response ends: a
+    # client that sends half a request and stalls (slowloris) is cut off (server.py).
+    request_head_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_REQUEST_HEAD_TIMEOUT_SECONDS", 10))
+    # New WebSocket connections per client address: a burst as large as the address's cap
+    # (a classroom reconnecting together after a restart), then a steady refill that holds
+    # a reconnect loop to a few a second. Past it: "too many new connections", 1013.
+    new_connections_burst: int = field(default_factory=lambda: _int("CHAT_NEW_CONNECTIONS_BURST", 150))
+    new_connections_per_second: float = field(default_factory=lambda: _float("CHAT_NEW_CONNECTIONS_PER_SECOND", 5))
+    # A full worker closes the connection idle longest (no frame from its client for at
+    # least this long, no reply running) to let a newcomer in: close code 4001.
+    reclaim_idle_seconds: float = field(default_factory=lambda: _float("CHAT_RECLAIM_IDLE_SECONDS", 60))
+    # Frames of every type (stop, reset, inspect too) one connection may send in the rate
+    # window; past it each frame is answered like an invalid one (slowed, then 1008).
+    frame_rate_limit: int = field(default_factory=lambda: _int("CHAT_FRAME_RATE_LIMIT", 120))
+    # Warnings and errors logged per kind of line in the rate window; the rest are counted
+    # and the count is added to the next line of that kind that is logged.
+    log_lines_per_kind: int = field(default_factory=lambda: _int("CHAT_LOG_LINES_PER_KIND", 5))
 
     def __post_init__(self):
         if self.max_reply_chars + self.max_message_chars > self.max_history_chars:

@@ -25,8 +25,10 @@ from .replies import LocalFeed, ReplyFeed, ReplyHub
 from .security import (
     ClientLimits,
     InvalidFrameGuard,
+    OpenConnections,
     RateLimit,
     SecurityHeadersMiddleware,
+    bound_log_floods,
     client_address,
     keep_conversation_ids_out_of_logs,
     origin_allowed,
@@ -67,7 +69,7 @@ async def lifespan(app: FastAPI):
     gc.freeze()
     yield {
         "hub": hub,  # the replies being generated right now
-        "open_connections": set(),  # every open WebSocket (CHAT_MAX_CONNECTIONS)
+        "open_connections": OpenConnections(),  # every open WebSocket (CHAT_MAX_CONNECTIONS)
         "client_limits": ClientLimits(),  # connections and messages per client address
     }
     await hub.close()  # replies in progress are stopped and stored as far as they got
@@ -89,6 +91,9 @@ async def health():
 
 
 BUSY = "A reply is still streaming. Wait for it, or press Stop."
+# The close code of a connection closed to make room when the worker is full (a private-use
+# code, 4000-4999): the page then waits for its user to act before it reconnects (app.js).
+RECLAIMED = 4001
 
 
 async def send_error(websocket: WebSocket, message: str) -> None:
@@ -106,21 +111,29 @@ async def chat(websocket: WebSocket):
     await websocket.accept()
     state = websocket.state  # what the lifespan yielded
     open_connections, client_limits = state.open_connections, state.client_limits
-    if len(open_connections) >= settings.max_connections:
-        await send_error(websocket, "The chat is full right now. Please try again in a minute.")
-        await websocket.close(code=1013, reason="server full")
-        return
     address = client_address(websocket)
-    if not client_limits.open(address):
-        await send_error(websocket, "Too many open chats from your address. Close some tabs and try again.")
+    refusal = client_limits.open(address)  # first, so a refused address never reclaims a socket
+    if refusal:
+        await send_error(websocket, refusal)
         await websocket.close(code=1013, reason="too many connections")
         return
+    reclaimed = None
+    if len(open_connections) >= settings.max_connections:
+        reclaimed = open_connections.take_idlest()  # the room it leaves is this newcomer's
+        if reclaimed is None:
+            client_limits.close(address)
+            await send_error(websocket, "The chat is full right now. Please try again in a minute.")
+            await websocket.close(code=1013, reason="server full")
+            return
 
-    open_connections.add(websocket)
     session = ChatSession(websocket, state.hub)
+    open_connections.add(websocket, busy=session.busy)  # counted before any await: no overshoot
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
+    frames = RateLimit(settings.frame_rate_limit, settings.rate_limit_seconds)  # every type counts
     invalid_frames = InvalidFrameGuard()
     try:
+        if reclaimed is not None:
+            await close_reclaimed(reclaimed)
         try:  # the first frame: which conversation this is, and its messages
             await session.open(websocket.query_params.get("conversation"))
         except StoreError as error:  # the page keeps its id and tries again with backoff
@@ -137,7 +150,10 @@ async def chat(websocket: WebSocket):
                 break
             if message["type"] == "websocket.disconnect":
                 break
+            open_connections.saw_frame(websocket)
             try:
+                if not frames.allow():  # stop, reset and inspect cost work too: no type is free
+                    raise FrameError("You are sending frames too fast. Please wait a moment.")
                 frame = parse_client_frame(message, settings.max_frame_bytes, settings.max_message_chars)
             except FrameError as error:
                 if not await invalid_frames.tolerate():
@@ -170,6 +186,15 @@ async def chat(websocket: WebSocket):
         await session.leave()  # a reply it was showing runs on for the resume window
 
 
+async def close_reclaimed(websocket: WebSocket) -> None:
+    """Close a connection taken for a newcomer. Its own task then reads the disconnect and
+    cleans up as after any close (its reply, had it one, would go on: it has none)."""
+    try:
+        await websocket.close(code=RECLAIMED, reason="idle while the chat was full")
+    except (RuntimeError, WebSocketDisconnect):  # it was closing anyway
+        pass
+
+
 def create_app() -> FastAPI:
     """The chat as an ASGI app, configured from the settings as they are now."""
     # No /docs or /openapi.json: the chat has no HTTP API to document.
@@ -185,6 +210,7 @@ def create_app() -> FastAPI:
     return app
 
 
-warn_about_missing_limits()  # and lower uvicorn's frame limit, whatever command started it
+warn_about_missing_limits()  # and apply the frame limit and the request-head timeout, whatever command started it
 keep_conversation_ids_out_of_logs()
+bound_log_floods()
 app = create_app()

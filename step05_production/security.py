@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -129,43 +130,122 @@ class RateLimit:
         return not self.times
 
 
+class TokenBucket:
+    """`burst` events at once, then `rate` a second on average: lets a classroom open the
+    page together, and stops a script reconnecting in a loop."""
+
+    def __init__(self, burst: int, rate: float):
+        self.burst, self.rate = burst, rate
+        self.tokens, self.updated = float(burst), time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.burst
+
+
+TOO_MANY_NEW_CONNECTIONS = "Too many new connections from your address. Wait a few seconds and try again."
+TOO_MANY_OPEN_CONNECTIONS = "Too many open chats from your address. Close some tabs and try again."
+
+
 @dataclass
 class Client:
     connections: int = 0
     messages: RateLimit = field(
         default_factory=lambda: RateLimit(settings.client_rate_limit_messages, settings.rate_limit_seconds)
     )
+    new_connections: TokenBucket = field(
+        default_factory=lambda: TokenBucket(settings.new_connections_burst, settings.new_connections_per_second)
+    )
+
+    def forgettable(self) -> bool:
+        """Nothing open and nothing to remember: a fresh entry would count the same."""
+        return self.connections <= 0 and self.messages.idle() and self.new_connections.full()
 
 
 class ClientLimits:
     """Caps per client address, across all its connections in this worker: one client
-    cannot fill the server with idle sockets or spread a flood over many connections."""
+    cannot fill the server with idle sockets, reconnect in a loop, or spread a flood
+    over many connections."""
 
     def __init__(self):
         self.clients: dict[str, Client] = {}
 
-    def open(self, address: str) -> bool:
-        """Count a new connection; False when this address already has too many."""
+    def open(self, address: str) -> str | None:
+        """Count a new connection; or say why this address may not open one now."""
+        if len(self.clients) > 10_000:  # many addresses: keep only those with something to remember
+            self.clients = {a: c for a, c in self.clients.items() if not c.forgettable()}
         client = self.clients.setdefault(address, Client())
+        if not client.new_connections.take():  # every attempt counts, refused ones too
+            return TOO_MANY_NEW_CONNECTIONS
         if client.connections >= settings.max_connections_per_client:
-            return False
+            return TOO_MANY_OPEN_CONNECTIONS
         client.connections += 1
-        return True
+        return None
 
     def close(self, address: str) -> None:
         client = self.clients.get(address)
         if client is None:
             return
         client.connections -= 1
-        # Keep the entry while its message window is still running, so reconnecting
-        # does not reset the count; forget it after that, so the table stays small.
-        if client.connections <= 0 and client.messages.idle():
+        # Keep the entry while its windows are still running, so reconnecting does not
+        # reset the counts; forget it after that, so the table stays small.
+        if client.forgettable():
             del self.clients[address]
-        if len(self.clients) > 10_000:
-            self.clients = {a: c for a, c in self.clients.items() if c.connections > 0 or not c.messages.idle()}
 
     def allow_message(self, address: str) -> bool:
         return self.clients.setdefault(address, Client()).messages.allow()
+
+
+@dataclass(eq=False)
+class OpenConnection:
+    websocket: WebSocket
+    busy: Callable[[], bool]  # whether a reply is running for it
+    last_frame: float = field(default_factory=time.monotonic)  # when its client last sent one
+
+
+class OpenConnections:
+    """Every open WebSocket of this worker (CHAT_MAX_CONNECTIONS), with when its client last
+    sent a frame. A full worker makes room for a newcomer by closing the one idle longest:
+    otherwise idle sockets, a script's or forgotten tabs, lock every newcomer out."""
+
+    def __init__(self):
+        self.connections: dict[WebSocket, OpenConnection] = {}
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def add(self, websocket: WebSocket, busy: Callable[[], bool]) -> None:
+        self.connections[websocket] = OpenConnection(websocket, busy)
+
+    def discard(self, websocket: WebSocket) -> None:
+        self.connections.pop(websocket, None)
+
+    def saw_frame(self, websocket: WebSocket) -> None:
+        if websocket in self.connections:
+            self.connections[websocket].last_frame = time.monotonic()
+
+    def take_idlest(self) -> WebSocket | None:
+        """Remove and return the connection idle longest, if it has been idle for at least
+        CHAT_RECLAIM_IDLE_SECONDS with no reply running (a reader of a long reply is not idle)."""
+        cutoff = time.monotonic() - settings.reclaim_idle_seconds
+        idle = [c for c in self.connections.values() if c.last_frame <= cutoff and not c.busy()]
+        if not idle:
+            return None
+        idlest = min(idle, key=lambda c: c.last_frame)
+        del self.connections[idlest.websocket]
+        return idlest.websocket
 
 
 class InvalidFrameGuard:
@@ -197,6 +277,44 @@ class RedactConversationIds(logging.Filter):
         if isinstance(record.msg, str):
             record.msg = self.ID.sub(r"\1…", record.msg)
         return True
+
+
+class RateLimitedLog(logging.Filter):
+    """A flood of bad connections must not become a flood of log lines: 300 frames of
+    invalid UTF-8 wrote 168 KiB of uvicorn's tracebacks in 0.4 s. Warnings and errors of one
+    kind (the same logger and message template) pass CHAT_LOG_LINES_PER_KIND times in the
+    rate window; the rest are counted, and the count is added to the next one that passes.
+    INFO lines (one per connection under --log-level info) are the access log: left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows: dict[tuple, RateLimit] = {}
+        self.suppressed: dict[tuple, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, str(record.msg))
+        if kind not in self.windows:
+            if len(self.windows) > 1000:  # templates with data in them: forget the quiet ones
+                self.windows = {k: w for k, w in self.windows.items() if not w.idle() or k in self.suppressed}
+            self.windows[kind] = RateLimit(settings.log_lines_per_kind, settings.rate_limit_seconds)
+        if not self.windows[kind].allow():
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return False
+        suppressed = self.suppressed.pop(kind, 0)
+        if suppressed:
+            record.msg = f"{record.getMessage()} [{suppressed} more like this not logged]"
+            record.args = None
+        return True
+
+
+def bound_log_floods() -> None:
+    """uvicorn's own error log (bad requests, bad frames) and the chat's refusals."""
+    for name in ("uvicorn.error", "step05_production.main"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, RateLimitedLog) for existing in logger.filters):
+            logger.addFilter(RateLimitedLog())
 
 
 def keep_conversation_ids_out_of_logs() -> None:

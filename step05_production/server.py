@@ -3,9 +3,10 @@
     python -m step05_production [--host H] [--port P] [--workers N] [--forwarded-allow-ips IPS]
 
 `uvicorn step05_production.main:app` works too, but uvicorn's defaults are made for any
-app: WebSocket frames up to 16 MiB, per-message compression on, no bound on a shutdown.
-Started that way, the app says at start-up which of these limits its command lacks
-(`warn_about_missing_limits`, called by main.py).
+app: WebSocket frames up to 16 MiB, per-message compression on, no bound on a shutdown,
+X-Forwarded-For believed from anyone on this machine. Started that way, the app applies
+what it can itself (the frame limit, the request-head timeout) and says at start-up which
+limits its command lacks (`warn_about_missing_limits`, called by main.py).
 """
 
 import inspect
@@ -17,8 +18,11 @@ from .config import settings
 # An import string, not the app object: uvicorn needs one to start --workers, and each
 # worker then imports the app while uvicorn builds its settings (see below).
 APP = "step05_production.main:app"
-# uvicorn's own variable and default: X-Forwarded-For is believed only from a proxy on this machine.
-FORWARDED_ALLOW_IPS = os.getenv("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
+# uvicorn's own variable, but not its default (127.0.0.1): X-Forwarded-For is believed from
+# no one unless a proxy is named. Otherwise any process on this machine could claim a new
+# address with every connection and pass the per-address limits.
+FORWARDED_ALLOW_IPS = os.getenv("FORWARDED_ALLOW_IPS", "")
+UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "127.0.0.1,::1")
 # An idle HTTP connection (the page and its files are loaded, the WebSocket is open) is
 # closed after this long. Behind a load balancer that keeps connections to this server
 # open, pass more than the balancer's idle timeout, or it may send on a closed one.
@@ -46,6 +50,74 @@ def server_limits() -> dict:
     }
 
 
+class RequestHeadTimeout:
+    """Mixed into uvicorn's HTTP protocol class: a request's line and headers must all arrive
+    within `request_head_timeout_seconds`, or the connection is closed.
+
+    Why: uvicorn's only HTTP timeout (timeout_keep_alive) is cancelled by the first byte, so
+    a client sending one header line a minute holds its socket forever (slowloris). The
+    timer starts when the connection opens and again when a response ends (the next request
+    may begin). Once the head is in, the request is the app's; after a WebSocket upgrade the
+    connection belongs to the WebSocket protocol (pings, the chat's idle timeout).
+    Uses only what uvicorn's h11 and httptools protocols share: connection_made,
+    connection_lost, on_response_complete, cycle, loop, transport."""
+
+    head_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.start_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.start_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def start_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(settings.request_head_timeout_seconds, self.head_timed_out)
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        upgraded = self.transport.get_protocol() is not self
+        request_running = self.cycle is not None and not self.cycle.response_complete
+        if not (upgraded or request_running or self.transport.is_closing()):
+            self.transport.close()
+
+
+def with_request_head_timeout(protocol_class: type) -> type | None:
+    """uvicorn's h11 or httptools protocol class with RequestHeadTimeout mixed in; None for
+    a class whose internals are not known to fit (another implementation)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    known = [H11Protocol]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        known.append(HttpToolsProtocol)
+    except ImportError:  # httptools is optional
+        pass
+    if issubclass(protocol_class, RequestHeadTimeout):
+        return protocol_class
+    if protocol_class not in known:
+        return None
+    return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (RequestHeadTimeout, protocol_class), {})
+
+
+# Which limits hold per worker process, for the start-up warning with --workers N.
+PER_WORKER_LIMITS = (
+    "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
+    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST) and messages per address "
+    "(CHAT_CLIENT_RATE_LIMIT_MESSAGES) are counted in each worker: with {workers} workers an "
+    "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
+)
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -63,10 +135,12 @@ def serve(
         port=port,
         workers=workers,
         # The client address (per-client limits) comes from X-Forwarded-For
-        # only when the connection comes from one of these proxies.
-        proxy_headers=True,
+        # only when the connection comes from one of these proxies (none by default).
+        proxy_headers=bool(forwarded_allow_ips.strip()),
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_keep_alive=timeout_keep_alive,
+        # (No http= here: the app puts the request-head timeout into uvicorn's protocol
+        # class itself while uvicorn imports it, in every worker; see below.)
         **server_limits(),
         **uvicorn_options,
     )
@@ -94,15 +168,32 @@ def uvicorn_config_loading_this_app():
     return None
 
 
+def chosen_http_protocol(config) -> type:
+    """The HTTP protocol class uvicorn will use. Config.load() resolves `config.http` just
+    before it imports the app; uvicorn.run() imports the app once before that (load_app()),
+    and then this resolves it the same way."""
+    if hasattr(config, "http_protocol_class"):
+        return config.http_protocol_class
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    return (
+        import_from_string(HTTP_PROTOCOLS.get(config.http, config.http))
+        if isinstance(config.http, str)
+        else config.http
+    )
+
+
 def warn_about_missing_limits() -> None:
-    """Called while the app is imported: lower uvicorn's frame limit if it is above the
-    chat's, and say at WARNING which of `server_limits()` the command lacks."""
+    """Called while the app is imported: apply what the app can to uvicorn's settings (a
+    lower frame limit, the request-head timeout), and say at WARNING what the command
+    lacks: `server_limits()`, a trusted proxy it never named, and limits that hold per worker."""
     config = uvicorn_config_loading_this_app()
     if config is None:
         log.warning(
             "Not started by `python -m step05_production` or `uvicorn step05_production.main:app`: "
-            "the chat cannot lower the server's WebSocket frame limit to %d bytes; set it in "
-            "the server (uvicorn: ws_max_size).",
+            "the chat cannot lower the server's WebSocket frame limit to %d bytes nor time out "
+            "half-sent requests; set both in the server (uvicorn: ws_max_size; a request-head timeout).",
             settings.max_frame_bytes,
         )
         return
@@ -118,3 +209,29 @@ def warn_about_missing_limits() -> None:
             ", ".join(f"{name}={value!r}" for name, value in lacking.items()),
             settings.max_frame_bytes,
         )
+    # uvicorn builds each connection's protocol from its HTTP protocol class after the
+    # import: swapping the class here gives every connection the head timeout, under any command.
+    chosen = chosen_http_protocol(config)
+    timed = None if getattr(config, "http2", False) else with_request_head_timeout(chosen)
+    if timed is None:
+        log.warning(
+            "uvicorn's HTTP protocol %s is not h11 or httptools: half-sent requests are never "
+            "timed out. Start it with `--http h11` or `--http httptools`.",
+            getattr(chosen, "__name__", chosen),
+        )
+    else:
+        config.http = config.http_protocol_class = timed
+    if (
+        config.proxy_headers
+        and "FORWARDED_ALLOW_IPS" not in os.environ
+        and config.forwarded_allow_ips in UVICORN_DEFAULT_FORWARDED_ALLOW_IPS
+    ):
+        log.warning(
+            "uvicorn believes X-Forwarded-For from %s (its default): any process on this machine "
+            "can claim a new client address with every connection and pass the per-address limits. "
+            "Start it with `python -m step05_production` (it trusts no proxy unless "
+            "--forwarded-allow-ips or FORWARDED_ALLOW_IPS names one), or with --no-proxy-headers.",
+            config.forwarded_allow_ips,
+        )
+    if config.workers > 1:
+        log.warning("Per-worker limits: " + PER_WORKER_LIMITS.format(workers=config.workers) + ".")

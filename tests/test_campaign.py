@@ -53,6 +53,7 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
     monkeypatch.setattr(settings, "rate_limit_messages", 10_000)
     # 400 bad frames and 400 messages on one socket, on purpose.
     monkeypatch.setattr(settings, "invalid_frame_limit", 10_000)
+    monkeypatch.setattr(settings, "frame_rate_limit", 10_000)  # every frame counts, resets too
     monkeypatch.setattr(settings, "client_rate_limit_messages", 10_000)
     with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
         read_conversation(ws)

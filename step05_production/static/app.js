@@ -18,6 +18,11 @@ let reply = null;        // the assistant message being streamed: { element, bod
 let everConnected = false;
 let everConnectedBefore = false;  // whether this connection is a reconnect
 let conversationId = localStorage.getItem(CONVERSATION_KEY);
+// The server closes an idle connection with this code when it is full, to let someone else
+// in (main.py). Reconnecting at once would take a place back from them, so the page waits
+// until its user types or sends.
+const RECLAIMED = 4001;
+let waitingForUser = false;
 
 // The flow inspector (inspector.js): a side panel of trace frames, off until opened.
 const inspector = createInspector({
@@ -204,6 +209,12 @@ function connect() {
   socket.onmessage = (event) => handleFrame(JSON.parse(event.data));
   socket.onclose = (event) => {
     finishReply("cut off: the connection was lost", true);
+    if (event.code === RECLAIMED) {
+      waitingForUser = true;
+      showNotice("You were away and the chat was full, so your place went to someone else. Type to reconnect.");
+      setStatus("paused");
+      return;
+    }
     // Back off 0.5 s, 1 s, 2 s ... up to 10 s, with jitter so a classroom doesn't reconnect in step.
     const delay = Math.min(10000, 500 * 2 ** reconnectAttempts) * (0.8 + Math.random() * 0.4);
     reconnectAttempts += 1;
@@ -214,7 +225,16 @@ function connect() {
   };
 }
 
+// After the server reclaimed this page's idle connection: the user is back.
+function reconnectForUser() {
+  if (!waitingForUser) return;
+  waitingForUser = false;
+  reconnectAttempts = 0;
+  connect();
+}
+
 function send() {
+  reconnectForUser();  // the text stays in the box until the connection is back
   const text = input.value;
   if (!text.trim() || reply || !socket || socket.readyState !== WebSocket.OPEN) return;
   addMessage("user", text);
@@ -227,6 +247,8 @@ $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   send();
 });
+
+input.addEventListener("input", reconnectForUser);
 
 input.addEventListener("keydown", (event) => {
   // Enter sends, Shift+Enter is a new line, and Enter that confirms an IME
@@ -248,6 +270,7 @@ $("new-chat").addEventListener("click", () => {
     localStorage.removeItem(CONVERSATION_KEY);
     log.replaceChildren();
   }
+  reconnectForUser();  // (after the line above: a reclaimed page starts its new chat offline)
   input.focus();
 });
 

@@ -1,0 +1,161 @@
+"""Step 05 under exhaustion: the figures behind docs/operations.md's "Exhaustion" table.
+
+    .venv/bin/python -m bench.exhaustion        # about a minute and a half; prints a table
+
+Each measure starts `python -m step05_production` on a free loopback port (its LLM an
+unreachable address: no reply is needed), with only the settings it names changed:
+- idle sockets one address can hold: connect from one address until refused (at most 400);
+- a newcomer when the worker is full: 1,000 idle sockets from 20 addresses (through a
+  trusted X-Forwarded-For, which this measure turns on), then the time from a newcomer's
+  connect to its first frame;
+- log bytes for 300 connections each sending a text frame of invalid UTF-8, with the log
+  bound and with it lifted (CHAT_LOG_LINES_PER_KIND=1000000, as before the bound), and
+  the same without the INFO lines (uvicorn's access log, one per connection event).
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from harness.fake_llm import free_port
+from harness.support import ROOT, wait_for_port
+
+UNREACHABLE_LLM = "http://127.0.0.1:9/v1"
+
+
+class Server:
+    def __init__(self, *options: str, **env: str):
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.command = [sys.executable, "-m", "step05_production", "--port", str(self.port), *options]
+        self.env = {**os.environ, "OPENAI_BASE_URL": UNREACHABLE_LLM, **env}
+        self.env.setdefault("CHAT_STORE_URL", f"sqlite:///{tempfile.mkdtemp(prefix='bench-exhaustion-')}/c.sqlite3")
+
+    def __enter__(self):
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout=30, process=self.process)
+        return self
+
+    def log_bytes(self) -> int:
+        self.log.seek(0, os.SEEK_END)
+        return self.log.tell()
+
+    def log_after(self, offset: int) -> bytes:
+        self.log.seek(offset)
+        return self.log.read()
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=15)
+        self.log.close()
+
+
+async def open_idle(url: str, address: str | None = None):
+    """A connection that read its first frame and then says nothing; None if refused."""
+    headers = {"X-Forwarded-For": address} if address else None
+    ws = await connect(url, additional_headers=headers, max_size=None, open_timeout=10)
+    first = json.loads(await ws.recv())
+    if first["type"] != "conversation":
+        await ws.close()
+        return None
+    return ws
+
+
+async def idle_sockets_one_address_holds() -> int:
+    # A burst large enough that only the cap on open connections counts here.
+    with Server(CHAT_NEW_CONNECTIONS_BURST="1000") as server:
+        held = []
+        for _ in range(400):
+            ws = await open_idle(server.url)
+            if ws is None:
+                break
+            held.append(ws)
+        for ws in held:
+            await ws.close()
+        return len(held)
+
+
+async def newcomer_when_full() -> dict:
+    env = {"CHAT_RECLAIM_IDLE_SECONDS": "1"}
+    with Server("--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        held = []
+        for i in range(1000):
+            held.append(await open_idle(server.url, f"10.20.{i % 20}.1"))
+        assert all(held), "the server refused a connection while filling up"
+        await asyncio.sleep(1.5)  # every one is idle past CHAT_RECLAIM_IDLE_SECONDS
+        waits = []
+        for i in range(20):
+            began = time.monotonic()
+            ws = await open_idle(server.url, f"10.30.{i}.1")
+            waits.append((time.monotonic() - began) * 1000)
+            held.append(ws)
+        reclaimed = 0
+        for ws in held[:40]:
+            try:
+                await asyncio.wait_for(ws.recv(), 1)
+            except ConnectionClosed:
+                reclaimed += ws.close_code == 4001
+            except TimeoutError:  # still open
+                pass
+        for ws in held:
+            await ws.close()
+        waits.sort()
+        return {"median_ms": waits[len(waits) // 2], "max_ms": waits[-1], "reclaimed": reclaimed}
+
+
+async def bad_connection(url: str) -> None:
+    async with connect(url, max_size=None) as ws:
+        await ws.recv()
+        await ws.send(b"ab\xff\xfe", text=True)
+        try:
+            await asyncio.wait_for(ws.recv(), 5)
+        except ConnectionClosed:
+            pass
+
+
+async def log_bytes_for_bad_connections(**env: str) -> tuple[int, int]:
+    """All the log's bytes, and those that are not uvicorn's INFO lines (one per connection
+    event: the access log, at the entry point's default log level)."""
+    with Server(CHAT_NEW_CONNECTIONS_BURST="1000", **env) as server:
+        before = server.log_bytes()
+        for _ in range(300):
+            await bad_connection(server.url)
+        await asyncio.sleep(0.5)
+        written = server.log_after(before)
+        info = sum(len(line) for line in written.splitlines(keepends=True) if line.startswith(b"INFO:"))
+        return len(written), len(written) - info
+
+
+async def main() -> None:
+    rows = [("idle sockets one address can hold", f"{await idle_sockets_one_address_holds()}")]
+    full = await newcomer_when_full()
+    rows.append(
+        (
+            "a newcomer when 1,000 idle sockets fill the worker (20 arrivals, connect to first frame)",
+            f"median {full['median_ms']:.1f} ms, max {full['max_ms']:.1f} ms; "
+            f"{full['reclaimed']} of the 40 longest idle closed with 4001",
+        )
+    )
+    unbounded = await log_bytes_for_bad_connections(CHAT_LOG_LINES_PER_KIND="1000000")
+    bounded = await log_bytes_for_bad_connections()
+    rows.append(
+        (
+            "log bytes, 300 invalid-UTF-8 connections from one address (all / without the INFO access lines)",
+            f"unbounded {unbounded[0]:,} / {unbounded[1]:,}; bounded {bounded[0]:,} / {bounded[1]:,}",
+        )
+    )
+    print("| measure | result |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
