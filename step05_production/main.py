@@ -119,7 +119,7 @@ async def chat(websocket: WebSocket):
         return
     reclaimed = None
     if len(open_connections) >= settings.max_connections:
-        reclaimed = open_connections.take_idlest()  # the room it leaves is this newcomer's
+        reclaimed = open_connections.take_for(address)  # the room it leaves is this newcomer's
         if reclaimed is None:
             client_limits.close(address)
             await send_error(websocket, "The chat is full right now. Please try again in a minute.")
@@ -127,7 +127,7 @@ async def chat(websocket: WebSocket):
             return
 
     session = ChatSession(websocket, state.hub)
-    open_connections.add(websocket, busy=session.busy)  # counted before any await: no overshoot
+    open_connections.add(websocket, address, busy=session.busy)  # counted before any await: no overshoot
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
     frames = RateLimit(settings.frame_rate_limit, settings.rate_limit_seconds)  # every type counts
     invalid_frames = InvalidFrameGuard()

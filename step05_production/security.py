@@ -8,7 +8,7 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -211,14 +211,15 @@ class ClientLimits:
 @dataclass(eq=False)
 class OpenConnection:
     websocket: WebSocket
+    address: str  # the client address it counts against
     busy: Callable[[], bool]  # whether a reply is running for it
     last_frame: float = field(default_factory=time.monotonic)  # when its client last sent one
 
 
 class OpenConnections:
     """Every open WebSocket of this worker (CHAT_MAX_CONNECTIONS), with when its client last
-    sent a frame. A full worker makes room for a newcomer by closing the one idle longest:
-    otherwise idle sockets, a script's or forgotten tabs, lock every newcomer out."""
+    sent a frame. A full worker makes room for a newcomer by closing one: otherwise idle
+    sockets, a script's or forgotten tabs, lock every newcomer out."""
 
     def __init__(self):
         self.connections: dict[WebSocket, OpenConnection] = {}
@@ -226,8 +227,8 @@ class OpenConnections:
     def __len__(self) -> int:
         return len(self.connections)
 
-    def add(self, websocket: WebSocket, busy: Callable[[], bool]) -> None:
-        self.connections[websocket] = OpenConnection(websocket, busy)
+    def add(self, websocket: WebSocket, address: str, busy: Callable[[], bool]) -> None:
+        self.connections[websocket] = OpenConnection(websocket, address, busy)
 
     def discard(self, websocket: WebSocket) -> None:
         self.connections.pop(websocket, None)
@@ -236,16 +237,30 @@ class OpenConnections:
         if websocket in self.connections:
             self.connections[websocket].last_frame = time.monotonic()
 
-    def take_idlest(self) -> WebSocket | None:
-        """Remove and return the connection idle longest, if it has been idle for at least
-        CHAT_RECLAIM_IDLE_SECONDS with no reply running (a reader of a long reply is not idle)."""
-        cutoff = time.monotonic() - settings.reclaim_idle_seconds
-        idle = [c for c in self.connections.values() if c.last_frame <= cutoff and not c.busy()]
-        if not idle:
+    def take_for(self, newcomer: str) -> WebSocket | None:
+        """Remove and return the connection that gives way to a newcomer from `newcomer`'s
+        address, or None. Never one with a reply running (its reader is not idle). First
+        choice: the one idle longest, if idle for CHAT_RECLAIM_IDLE_SECONDS. Otherwise the
+        address holding the most sockets gives up its least active one, if it holds more than
+        an equal share and more than the newcomer's address: sockets kept "active" with a
+        frame now and then, from a few addresses, cannot keep everyone else out."""
+        quiet = [c for c in self.connections.values() if not c.busy()]
+        if not quiet:
             return None
-        idlest = min(idle, key=lambda c: c.last_frame)
-        del self.connections[idlest.websocket]
-        return idlest.websocket
+        cutoff = time.monotonic() - settings.reclaim_idle_seconds
+        idle = [c for c in quiet if c.last_frame <= cutoff]
+        if not idle:
+            held = Counter(c.address for c in self.connections.values())
+            greediest, most = max(held.items(), key=lambda item: item[1])
+            equal_share = len(self.connections) / len(held.keys() | {newcomer})
+            if greediest == newcomer or most <= max(equal_share, held[newcomer] + 1):
+                return None
+            idle = [c for c in quiet if c.address == greediest]
+        chosen = min(idle, key=lambda c: c.last_frame, default=None)
+        if chosen is not None:
+            del self.connections[chosen.websocket]
+            return chosen.websocket
+        return None
 
 
 class InvalidFrameGuard:

@@ -175,6 +175,40 @@ def test_a_full_worker_never_reclaims_a_running_reply_or_a_recent_connection(fak
 
 
 @pytest.mark.slow
+def test_when_no_socket_is_idle_the_address_holding_the_most_gives_one_up(fake_server, fake):
+    # A few addresses keep their sockets "active" with a frame now and then: the idle rule
+    # alone would let them keep everyone else out. (Addresses forged through a proxy header
+    # this test names as trusted, as below.)
+    env = {"CHAT_MAX_CONNECTIONS": "4", "CHAT_RECLAIM_IDLE_SECONDS": "3600"}
+
+    def connect(address):
+        ws = WsClient(server.ws_url, additional_headers={"X-Forwarded-For": address})
+        read_conversation(ws)
+        return ws
+
+    def active(ws):
+        ws.send_json({"type": "nonsense"})
+        assert ws.receive_json()["type"] == "error"
+
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        greedy = [connect("10.0.3.1") for _ in range(3)]
+        modest = connect("10.0.3.2")
+        for ws in (greedy[1], greedy[0], modest, greedy[2]):  # greedy[1]: the greedy one's least active
+            active(ws)
+        second = connect("10.0.3.2")  # 2 of 4 sockets is within its share: room is made
+        assert chat_turn(second, "let in") == "You said: let in"
+        with pytest.raises(ConnectionClosed) as closed:
+            greedy[1].receive_text(timeout=5)
+        assert closed.value.rcvd.code == 4001
+        with WsClient(server.ws_url, additional_headers={"X-Forwarded-For": "10.0.3.1"}) as again:
+            assert "The chat is full" in again.receive_json()["message"]  # 2 and 2: no more for it
+        for ws in (greedy[0], greedy[2], modest, second):
+            active(ws)  # the others were left alone
+        for ws in (*greedy, modest, second):
+            ws.close()
+
+
+@pytest.mark.slow
 def test_a_full_server_lets_a_newcomer_in_at_once_however_many_addresses_hold_it(fake_server, fake):
     # Addresses here are forged through a trusted proxy header: the entry point believes it
     # from 127.0.0.1 only because this test names it (it is not the default).
