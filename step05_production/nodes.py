@@ -111,7 +111,11 @@ class StreamingChatNode(AsyncNode):
             # Stored before `end` is sent: a client reconnecting right after `end`, to any
             # worker or host, finds the turn.
             try:
-                await shared["store"].add_turn(shared["conversation_id"], shared["user_message"], reply.text)
+                # As the turn numbered when the reply began: if a New chat in another tab
+                # deleted the conversation meanwhile, nothing is stored and it stays deleted.
+                await shared["store"].add_turn(
+                    shared["conversation_id"], shared["user_message"], reply.text, turn=live.turn
+                )
             except StoreError as error:
                 await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
                 return "failed"

@@ -75,6 +75,11 @@ class ReplyFeed(ABC):
         """A watch on a reply generated elsewhere that is not in the stored turns yet."""
 
     @abstractmethod
+    async def discard(self, conversation_id: str) -> None:
+        """The conversation was deleted (New chat): a client opening it later must not be
+        shown its reply, even one still streaming or just ended."""
+
+    @abstractmethod
     async def close(self) -> None:
         """At shutdown: share what is still pending, then stop taking orders."""
 
@@ -102,6 +107,9 @@ class LocalFeed(ReplyFeed):
 
     async def find(self, conversation_id, stored_turns):
         return None
+
+    async def discard(self, conversation_id):
+        pass  # a reply here is forgotten as its task ends
 
     async def close(self):
         pass
@@ -246,6 +254,12 @@ class ReplyHub:
         if reply is not None:
             return LocalWatch(reply) if reply.turn > stored_turns else None
         return await self.feed.find(conversation_id, stored_turns)
+
+    async def delete(self, conversation_id: str) -> None:
+        """New chat: the conversation goes from the store, and its reply from the feed. A reply
+        still streaming for it stores nothing when it ends (add_turn's turn number)."""
+        await self.store.delete(conversation_id)
+        await self.feed.discard(conversation_id)
 
     def replying(self, conversation_id: str) -> bool:
         """A reply for this conversation is starting or being generated here and has not

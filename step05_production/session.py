@@ -138,7 +138,7 @@ class ChatSession:
     async def reset(self) -> None:
         """Forget this conversation and start a new one."""
         await self.stop()
-        await self.hub.store.delete(self.conversation_id)
+        await self.hub.delete(self.conversation_id)
         await self.websocket.send_json({"type": "reset"})
         await self.show(Conversation(new_conversation_id(), []))
 
