@@ -73,7 +73,9 @@ class StreamingChatNode(AsyncNode):
         self.reply = reply = Reply()
         try:
             await live.publish({"type": "start"})
-            async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
+            # A slot of the upstream's capacity first, maybe after a wait in turn (slots.py):
+            # `start` is out already, so the page shows the reply as coming.
+            async with live.upstream_slot(), aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
                     room = settings.max_reply_chars - reply.length
                     if len(text) > room:  # the server's own bound: leaving `async with` closes the request

@@ -9,6 +9,7 @@ from fastapi import WebSocket
 from .config import settings
 from .flow import create_streaming_chat_flow
 from .replies import LiveReply, ReplyHub, Watch
+from .security import client_address
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
 from .tracing import Tracer
 
@@ -111,6 +112,7 @@ class ChatSession:
             text,
             lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
             asker=self.websocket,
+            address=client_address(self.websocket),  # its fair share of the upstream (slots.py)
         )
         if reply is None:
             return False
