@@ -8,6 +8,8 @@ it believes from 127.0.0.1 (its default --forwarded-allow-ips), as behind a loca
 """
 
 import contextlib
+import threading
+import time
 
 import pytest
 
@@ -98,6 +100,36 @@ def test_waiting_replies_are_served_in_turn_across_addresses(serve, fake):
         )
     ]
     assert fake.completed == 7 and fake.cancelled == 0
+
+
+def test_a_classroom_of_sixty_behind_one_address_is_served_one_reply_each_in_turn(serve, fake):
+    server = serve(slots=4, per_client=2)
+    fake.chunk_delay, fake.min_chunks = 0.01, 5
+    classroom = [client_from(server, "10.0.0.50") for _ in range(60)]
+    peak, sampling = [0], threading.Event()
+
+    def sample_streams():  # the most upstream streams seen at once (a sample can only see fewer)
+        while not sampling.is_set():
+            peak[0] = max(peak[0], fake.active)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample_streams)
+    sampler.start()
+    try:
+        for n, ws in enumerate(classroom):
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": f"learner {n}"})
+            assert ws.receive_json() == {"type": "start"}
+        replies = [reply_text(collect_reply(ws)) for ws in classroom]
+    finally:
+        sampling.set()
+        sampler.join()
+    for ws in classroom:
+        ws.close()
+    assert replies == ["".join(fake.chunks_for([{"role": "user", "content": f"learner {n}"}])) for n in range(60)]
+    assert [request["messages"][-1]["content"] for request in fake.requests] == [f"learner {n}" for n in range(60)]
+    assert fake.completed == 60 and fake.cancelled == 0
+    assert 1 <= peak[0] <= 2, f"{peak[0]} streams at once from one address"
 
 
 def test_a_freed_slot_goes_to_the_address_served_least_recently(serve, fake):
