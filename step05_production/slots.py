@@ -5,14 +5,15 @@ request and gives it back when the request ends.
 With no slot free, a reply waits in the queue of its client address, and a freed slot goes
 to the waiting address served least recently (round-robin): a classroom behind one NAT
 address is served one reply after another, and a second address in between, not after all
-of them. One
-address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, so the others always
-find one soon, whatever that address does.
+of them. One address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, so the
+others always find one soon, whatever that address does.
 
 Resume gives way under load: while replies wait, replies nobody watches (their asker gone,
 kept running only so that they can be resumed) are stopped, the oldest first, one for each
-waiting reply whose slot it holds, as at the end of the resume window: each is stored as far
-as it got. A waiting reply nobody watches any more leaves the line (LiveReply does that).
+waiting reply that could take its slot, as at the end of the resume window: each is stored
+as far as it got. A waiting reply nobody watches any more leaves the line (LiveReply does that).
+
+The slots are per process (per worker): with N workers in front of one model, give each its share.
 """
 
 import asyncio
@@ -22,6 +23,8 @@ from contextlib import asynccontextmanager
 
 
 class UpstreamSlots:
+    """This process's share of the upstream model: who holds a slot, who waits, in turn."""
+
     def __init__(self, capacity: int, per_client: int):
         self.capacity, self.per_client = capacity, per_client
         self.holders: dict = {}  # LiveReply -> its client address

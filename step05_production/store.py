@@ -367,7 +367,8 @@ class RedisStore(ConversationStore):
 
     async def _keep_total_bytes(self, total: int, keep_id: str) -> None:
         """Over CHAT_STORE_MAX_TOTAL_BYTES: forget the least recently used conversations,
-        never the one just written."""
+        never the one just written. At most the 100 oldest per turn: a turn adds at most
+        one turn's bytes, so that is plenty to get back under (a lowered budget takes a few turns)."""
         excess, going = total - settings.store_max_total_bytes, []
         oldest = [i.decode() for i in await self.redis.zrange(self.INDEX, 0, 99)]
         sizes = await self.redis.hmget(self.SIZES, oldest) if oldest else []
