@@ -13,7 +13,16 @@ import time
 
 import pytest
 
-from harness.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+    wait_until,
+)
 from step05_production import main as chat_main
 from step05_production.config import settings
 
@@ -63,7 +72,8 @@ def test_replies_nobody_watches_give_way_to_a_live_one(serve, fake):
     live.send_json({"type": "message", "content": "my question"})
     assert live.receive_json() == {"type": "start"}
     assert live.receive_json()["type"] == "chunk"
-    assert fake.cancelled == 1, "the live reply streams while both unwatched ones still run"
+    # (The model hears of the hang-up a moment after the slot is free: waited for, briefly.)
+    wait_until(lambda: fake.cancelled == 1, what="one unwatched reply to give way to the live one")
     assert fake.active == 2 and fake.started == 3
     live.send_json({"type": "stop"})
     assert collect_reply(live)[-1]["stopped"] is True
@@ -86,6 +96,7 @@ def test_waiting_replies_are_served_in_turn_across_addresses(serve, fake):
         read_conversation(ws)
         ws.send_json({"type": "message", "content": f"learner {n}"})
         assert ws.receive_json() == {"type": "start"}  # in line (start is sent before the wait)
+    wait_until(lambda: len(fake.requests) >= 1, what="learner 0's request to reach the model")
     visitor = client_from(server, "10.0.0.9")
     read_conversation(visitor)
     visitor.send_json({"type": "message", "content": "visitor"})
@@ -127,7 +138,9 @@ def test_a_classroom_of_sixty_behind_one_address_is_served_one_reply_each_in_tur
     for ws in classroom:
         ws.close()
     assert replies == ["".join(fake.chunks_for([{"role": "user", "content": f"learner {n}"}])) for n in range(60)]
-    assert [request["messages"][-1]["content"] for request in fake.requests] == [f"learner {n}" for n in range(60)]
+    # In the order asked: two requests in flight at once may reach the model swapped, no more.
+    asked = [int(request["messages"][-1]["content"].split()[-1]) for request in fake.requests]
+    assert sorted(asked) == list(range(60)) and all(abs(at - n) <= 1 for at, n in enumerate(asked)), asked
     assert fake.completed == 60 and fake.cancelled == 0
     assert 1 <= peak[0] <= 2, f"{peak[0]} streams at once from one address"
 
