@@ -92,6 +92,22 @@ class Settings:
     inspector: bool = field(default_factory=lambda: _flag("CHAT_INSPECTOR"))
     # A reply whose client dropped goes on this long, waiting for it to come back (0: cancel at once).
     resume_seconds: float = field(default_factory=lambda: _float("CHAT_RESUME_SECONDS", 30))
+    # --- Fairness and byte budgets ---
+    # Replies the upstream model generates at once, from this worker (the embedded model
+    # serves 4; with N workers give each its share). A reply waits for a free slot; while
+    # one waits, a reply nobody watches (its asker gone, kept only for resume) is stopped
+    # and stored as far as it got: resume gives way to live users under load.
+    upstream_slots: int = field(default_factory=lambda: _int("CHAT_UPSTREAM_SLOTS", 4))
+    # Slots one client address may hold at once, so the others always find one free; the
+    # waiting replies are served in turn, one address after another (slots.py).
+    upstream_slots_per_client: int = field(default_factory=lambda: _int("CHAT_UPSTREAM_SLOTS_PER_CLIENT", 2))
+    # Stored bytes of one conversation's messages (UTF-8 JSON): the oldest turns go first,
+    # never the newest. Room for the largest newest turn is checked at start.
+    store_max_conversation_bytes: int = field(
+        default_factory=lambda: _int("CHAT_STORE_MAX_CONVERSATION_BYTES", 160_000)
+    )
+    # Stored bytes of all conversations together: the least recently used go first.
+    store_max_total_bytes: int = field(default_factory=lambda: _int("CHAT_STORE_MAX_TOTAL_BYTES", 1 << 30))
 
     # Exhaustion: what keeps slow, idle or noisy clients from filling the server.
     # An HTTP request (page, file, WebSocket handshake) must arrive whole, request line and
@@ -119,6 +135,15 @@ class Settings:
                 "CHAT_MAX_REPLY_CHARS + CHAT_MAX_MESSAGE_CHARS must not pass CHAT_MAX_HISTORY_CHARS: "
                 "the newest turn must always fit in the history"
             )
+        # The newest turn is never trimmed, so the largest one must fit: JSON writes a control
+        # character as \u0001, 6 bytes (any other takes at most 4 in UTF-8), plus the keys.
+        newest_turn_bytes = 6 * (self.max_message_chars + self.max_reply_chars) + 100
+        if newest_turn_bytes > self.store_max_conversation_bytes:
+            raise ValueError(
+                f"CHAT_STORE_MAX_CONVERSATION_BYTES must be at least {newest_turn_bytes}: the newest turn must always fit"
+            )
+        if not 1 <= self.upstream_slots_per_client <= self.upstream_slots:
+            raise ValueError("CHAT_UPSTREAM_SLOTS_PER_CLIENT must be between 1 and CHAT_UPSTREAM_SLOTS")
 
 
 settings = Settings()

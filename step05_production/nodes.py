@@ -73,7 +73,9 @@ class StreamingChatNode(AsyncNode):
         self.reply = reply = Reply()
         try:
             await live.publish({"type": "start"})
-            async with aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
+            # A slot of the upstream's capacity first, maybe after a wait in turn (slots.py):
+            # `start` is out already, so the page shows the reply as coming.
+            async with live.upstream_slot(), aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
                 async for text in chunks:
                     room = settings.max_reply_chars - reply.length
                     if len(text) > room:  # the server's own bound: leaving `async with` closes the request
@@ -111,7 +113,11 @@ class StreamingChatNode(AsyncNode):
             # Stored before `end` is sent: a client reconnecting right after `end`, to any
             # worker or host, finds the turn.
             try:
-                await shared["store"].add_turn(shared["conversation_id"], shared["user_message"], reply.text)
+                # As the turn numbered when the reply began: if a New chat in another tab
+                # deleted the conversation meanwhile, nothing is stored and it stays deleted.
+                await shared["store"].add_turn(
+                    shared["conversation_id"], shared["user_message"], reply.text, turn=live.turn
+                )
             except StoreError as error:
                 await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
                 return "failed"

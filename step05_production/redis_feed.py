@@ -139,10 +139,18 @@ class RedisFeed(ReplyFeed):
             return None
         meta = entries[0][1]
         if int(meta.get(b"turn", 0)) <= stored_turns:
-            return None  # that reply ended and is in the stored messages already
+            return None  # that reply is in the stored messages already, or was discarded (New chat)
         watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries)
         await watch.say("watch")
         return watch
+
+    async def discard(self, conversation_id):
+        # Without its first entry (the turn and question) what is left of the stream, or
+        # written to it after this, is never offered to a client that opens the conversation.
+        try:
+            await self.redis.delete(self.key(conversation_id))
+        except self.errors as error:
+            raise redis_unreachable(error) from error
 
     async def control(self, conversation_id: str, op: str) -> None:
         try:

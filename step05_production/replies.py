@@ -5,7 +5,8 @@ the connection that asked for it (its *asker*, sent to directly, as before repli
 resume: no extra hop per chunk), and any connection that comes back for the same
 conversation while it streams (through a queue of its own). A watcher that arrives late
 gets every frame from `start` on, then the live ones: exactly once, in order. When the last
-watcher leaves, the reply goes on for CHAT_RESUME_SECONDS; if nobody is back by then it is
+watcher leaves, the reply goes on for CHAT_RESUME_SECONDS (less when another reply waits
+for the model: resume gives way under load, slots.py); if nobody is back by then it is
 stopped, as by Stop, and the part generated so far is stored.
 
 Beyond this process, a `ReplyFeed` shares the replies: `LocalFeed` shares nothing (the
@@ -16,9 +17,11 @@ whose reconnect lands on another process or host can follow the same reply.
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import nullcontext
 from typing import Protocol
 
 from .config import settings
+from .slots import UpstreamSlots
 from .store import ConversationStore
 
 LAST_FRAMES = ("end", "error")
@@ -75,6 +78,11 @@ class ReplyFeed(ABC):
         """A watch on a reply generated elsewhere that is not in the stored turns yet."""
 
     @abstractmethod
+    async def discard(self, conversation_id: str) -> None:
+        """The conversation was deleted (New chat): a client opening it later must not be
+        shown its reply, even one still streaming or just ended."""
+
+    @abstractmethod
     async def close(self) -> None:
         """At shutdown: share what is still pending, then stop taking orders."""
 
@@ -103,6 +111,9 @@ class LocalFeed(ReplyFeed):
     async def find(self, conversation_id, stored_turns):
         return None
 
+    async def discard(self, conversation_id):
+        pass  # a reply here is forgotten as its task ends
+
     async def close(self):
         pass
 
@@ -122,10 +133,15 @@ class LiveReply:
         asker,
         generate: Callable[["LiveReply"], Coroutine],
         feed: ReplyFeed | None = None,
+        slots: UpstreamSlots | None = None,
+        address: str = "unknown",
     ):
         self.conversation_id, self.turn, self.user_message = conversation_id, turn, user_message
         self.asker = asker  # the WebSocket of the connection that asked, while it is there (then None)
         self.feed = feed or LocalFeed()
+        # The upstream's capacity, shared with the other replies (None: unbounded), and the
+        # client address it is counted against.
+        self.slots, self.address = slots, address
         self.frames: list[dict] = []
         self.watchers: set[asyncio.Queue] = set()  # connections that came (back) later
         self.remote_watchers = 0  # watchers on other processes (shared feeds only)
@@ -137,6 +153,15 @@ class LiveReply:
     @property
     def finished(self) -> bool:
         return bool(self.frames) and self.frames[-1]["type"] in LAST_FRAMES
+
+    @property
+    def watched(self) -> bool:
+        """Someone is there to read it: its asker, a connection that came back, or one elsewhere."""
+        return self.asker is not None or bool(self.watchers) or self.remote_watchers > 0
+
+    def upstream_slot(self):
+        """`async with reply.upstream_slot():` around the upstream request (slots.py)."""
+        return self.slots.slot(self, self.address) if self.slots is not None else nullcontext()
 
     async def publish(self, frame: dict, share: bool = True) -> None:
         self.frames.append(frame)
@@ -185,12 +210,16 @@ class LiveReply:
             self.grace = None
 
     def start_grace_if_alone(self) -> None:
-        watched = self.asker is not None or self.watchers or self.remote_watchers > 0
-        if watched or self.finished or self.grace is not None:
+        if self.watched or self.finished or self.grace is not None:
             return
+        if self.slots is not None and self.slots.contended:  # resume gives way under load (slots.py)
+            if self.slots.waits(self):
+                self.stop()  # nobody waits for it in the line any more
+                return
+            self.slots.make_room()  # stopped if a waiting reply needs its slot
         if settings.resume_seconds <= 0:
             self.stop()
-        else:
+        elif not self.stop_requested.is_set():
             self.grace = asyncio.get_running_loop().call_later(settings.resume_seconds, self.stop)
 
     def stop(self) -> None:
@@ -229,6 +258,8 @@ class ReplyHub:
     def __init__(self, store: ConversationStore, feed: ReplyFeed):
         self.store, self.feed = store, feed
         self.local: dict[str, LiveReply] = {}
+        # What the upstream model serves at once, shared fairly across client addresses.
+        self.slots = UpstreamSlots(settings.upstream_slots, settings.upstream_slots_per_client)
         # Conversations whose reply is being set up (claimed, history loading): taken
         # before the first await, so a second message is refused, not started twice.
         self.starting: set[str] = set()
@@ -247,6 +278,12 @@ class ReplyHub:
             return LocalWatch(reply) if reply.turn > stored_turns else None
         return await self.feed.find(conversation_id, stored_turns)
 
+    async def delete(self, conversation_id: str) -> None:
+        """New chat: the conversation goes from the store, and its reply from the feed. A reply
+        still streaming for it stores nothing when it ends (add_turn's turn number)."""
+        await self.store.delete(conversation_id)
+        await self.feed.discard(conversation_id)
+
     def replying(self, conversation_id: str) -> bool:
         """A reply for this conversation is starting or being generated here and has not
         sent its `end`. (After `end` the conversation is free, as it is across hosts, even
@@ -254,9 +291,12 @@ class ReplyHub:
         reply = self.local.get(conversation_id)
         return conversation_id in self.starting or (reply is not None and not reply.finished)
 
-    async def begin(self, conversation_id: str, user_message: str, generate, asker) -> LiveReply | None:
-        """Start a reply sent to `asker` (a WebSocket), unless one is streaming for this
-        conversation already (None). generate(reply, history) runs in a task of its own."""
+    async def begin(
+        self, conversation_id: str, user_message: str, generate, asker, address: str = "unknown"
+    ) -> LiveReply | None:
+        """Start a reply sent to `asker` (a WebSocket, from client `address`), unless one is
+        streaming for this conversation already (None). generate(reply, history) runs in a
+        task of its own."""
         if self.replying(conversation_id):
             return None
         self.starting.add(conversation_id)
@@ -274,7 +314,16 @@ class ReplyHub:
             self.starting.discard(conversation_id)
         turn = (conversation.turns if conversation else 0) + 1
         history = conversation.messages if conversation else []
-        reply = LiveReply(conversation_id, turn, user_message, asker, lambda reply: generate(reply, history), self.feed)
+        reply = LiveReply(
+            conversation_id,
+            turn,
+            user_message,
+            asker,
+            lambda reply: generate(reply, history),
+            self.feed,
+            self.slots,
+            address,
+        )
         self.local[conversation_id] = reply
         self.tasks.add(reply.task)
         reply.task.add_done_callback(lambda task: self.forget(reply))

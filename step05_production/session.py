@@ -9,6 +9,7 @@ from fastapi import WebSocket
 from .config import settings
 from .flow import create_streaming_chat_flow
 from .replies import LiveReply, ReplyHub, Watch
+from .security import client_address
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
 from .tracing import Tracer
 
@@ -111,6 +112,7 @@ class ChatSession:
             text,
             lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
             asker=self.websocket,
+            address=client_address(self.websocket),  # its fair share of the upstream (slots.py)
         )
         if reply is None:
             return False
@@ -138,7 +140,7 @@ class ChatSession:
     async def reset(self) -> None:
         """Forget this conversation and start a new one."""
         await self.stop()
-        await self.hub.store.delete(self.conversation_id)
+        await self.hub.delete(self.conversation_id)
         await self.websocket.send_json({"type": "reset"})
         await self.show(Conversation(new_conversation_id(), []))
 

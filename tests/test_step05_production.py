@@ -8,6 +8,7 @@ replies could resume); tests/test_step05_resume.py covers the resume window.
 
 import ast
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from harness.support import (
     assert_told_and_closed,
     collect_reply,
     history_sent,
+    point_llm_at,
     read_conversation,
     reply_text,
     start_slow_reply,
@@ -75,6 +77,24 @@ def test_no_reply_task_survives_its_connection(client, fake):
     state = client.app_state  # the lifespan's state, which the app reads as websocket.state
     wait_until(lambda: not state["hub"].tasks and fake.active == 0, what="all replies to end")
     assert fake.cancelled == 5 and not state["open_connections"]
+
+
+def test_an_upstream_line_that_never_ends_is_refused_before_it_is_read_whole(fake, monkeypatch):
+    """An upstream that ignores max_tokens may send one `data:` line without end: it is
+    refused at 1 MiB (stream_llm.MAX_LINE_CHARS), not buffered whole (RSS: bench/upstream_flood.py)."""
+    from bench.upstream_flood import FloodUpstream
+
+    with FloodUpstream(total_bytes=40_000_000) as upstream:
+        upstream.shape = "one line"
+        point_llm_at(monkeypatch, "step05_production", upstream.base_url)
+        with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": "write forever"})
+            frames = collect_reply(ws)
+            ws.send_json({"type": "reset"})  # the connection goes on
+            assert ws.receive_json() == {"type": "reset"}
+    assert [f["type"] for f in frames] == ["start", "error"]
+    assert upstream.sent < 15_000_000, f"{upstream.sent} bytes of the line were read (socket buffers hold a few MB)"
 
 
 # Limits and origin -----------------------------------------------------------------
@@ -261,6 +281,9 @@ class RecordingLive:
 
     async def publish(self, frame):
         self.frames.append(frame)
+
+    def upstream_slot(self):  # no other replies here to share the upstream with
+        return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])

@@ -261,3 +261,51 @@ def test_two_tabs_on_two_hosts_one_reply_at_a_time(fake, two_hosts):
         long_reply,
         "my turn",
     ]
+
+
+# New chat in one tab while another tab's reply streams ----------------------------------
+
+
+def assert_new_chat_wins(open_tab, fake) -> None:
+    """Tab two presses New chat while tab one's reply streams in the same conversation; the
+    reply runs to its end and must not bring the deleted conversation back.
+    open_tab(None) opens a new conversation, open_tab(id) that one."""
+    tab_one = open_tab(None)
+    cid = read_conversation(tab_one)["id"]
+    tab_one.send_json({"type": "message", "content": "first"})
+    collect_reply(tab_one)
+    tab_two = open_tab(cid)
+    assert len(read_conversation(tab_two)["messages"]) == 2  # tab two shows the stored turn
+    slow_reply(fake, chunks=30)
+    tab_one.send_json({"type": "message", "content": "long one"})
+    assert tab_one.receive_json() == {"type": "start"}
+    assert tab_one.receive_json()["type"] == "chunk"
+    tab_two.send_json({"type": "reset"})
+    assert tab_two.receive_json() == {"type": "reset"}
+    assert read_conversation(tab_two)["id"] != cid
+    end = collect_reply(tab_one)[-1]
+    assert end["type"] == "end" and "stopped" not in end  # the reply ran to its end, and was stored...
+    again = read_conversation(open_tab(cid))
+    assert again["id"] != cid, "the finished reply brought the deleted conversation back"
+    assert again["messages"] == []
+
+
+def test_new_chat_in_one_tab_wins_over_a_reply_finishing_in_another(connect, fake):
+    assert_new_chat_wins(lambda cid: connect(conversation=cid), fake)
+
+
+@pytest.mark.slow
+def test_new_chat_wins_with_redis_across_two_hosts(fake, two_hosts):
+    host_a, host_b = two_hosts
+    tabs = []
+
+    def open_tab(cid):  # the first tab on host A, the others on host B
+        url = host_a.ws_url if cid is None else f"{host_b.ws_url}?conversation={cid}"
+        tabs.append(WsClient(url))
+        return tabs[-1]
+
+    try:
+        assert_new_chat_wins(open_tab, fake)
+    finally:
+        for tab in tabs:
+            tab.close()

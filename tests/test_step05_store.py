@@ -105,6 +105,102 @@ def test_the_count_cap_drops_the_least_recently_used(store_url, monkeypatch):
     assert run(with_store(store_url, use)) == [False, False, True, True, True]
 
 
+def test_a_turn_numbered_before_a_delete_does_not_bring_the_conversation_back(store_url):
+    cid = new_conversation_id()
+
+    async def use(store):
+        assert await store.add_turn(cid, "q1", "a1", turn=1)
+        await store.delete(cid)  # New chat, while the reply of turn 2 streams
+        stored = await store.add_turn(cid, "q2", "a2", turn=2)
+        return stored, await store.load(cid)
+
+    assert run(with_store(store_url, use)) == (False, None)
+
+
+def test_the_byte_budget_per_conversation_drops_the_oldest_turns_never_the_newest(store_url, monkeypatch):
+    monkeypatch.setattr(settings, "store_max_conversation_bytes", 1000)
+    cid = new_conversation_id()
+
+    async def use(store):
+        kept = []
+        for i in range(6):
+            await store.add_turn(cid, f"q{i}", f"{i}" * 200 + "é" * 50)  # 300 bytes of UTF-8
+            kept.append([m["content"][:2] for m in (await store.load(cid)).messages])
+        await store.add_turn(cid, "big", "ü" * 2000)  # 4,000 bytes alone: kept all the same
+        return kept, await store.load(cid)
+
+    kept, last = run(with_store(store_url, use))
+    # Each turn is about 370 bytes of JSON: two fit in 1,000, three do not.
+    assert kept == [["q0", "00"], ["q0", "00", "q1", "11"]] + [
+        [f"q{i - 1}", f"{i - 1}" * 2, f"q{i}", f"{i}" * 2] for i in range(2, 6)
+    ]
+    assert [m["content"][:3] for m in last.messages] == ["big", "üüü"] and last.turns == 7
+
+
+def stored_sizes(store) -> tuple[int, int]:
+    """The store's own running total of bytes, and the sum of what it holds."""
+
+    async def sqlite():
+        def read():
+            db = store._connect()
+            return (
+                db.execute("SELECT bytes FROM usage").fetchone()[0],
+                db.execute("SELECT COALESCE(SUM(length(CAST(messages AS BLOB))), 0) FROM conversations").fetchone()[0],
+            )
+
+        return await store._run(read)
+
+    async def redis():
+        total = int(await store.redis.get(store.TOTAL) or 0)
+        keys = [key async for key in store.redis.scan_iter(match=store.PREFIX + "*")]
+        return total, sum([await store.redis.strlen(key) for key in keys])
+
+    return sqlite() if hasattr(store, "_connect") else redis()
+
+
+def test_the_total_byte_budget_drops_the_least_recently_used(store_url, monkeypatch):
+    reply = "x" * 950  # with its question, about 1,020 bytes stored per conversation
+    monkeypatch.setattr(settings, "store_max_total_bytes", 3500)  # three fit, four do not
+    ids = [new_conversation_id() for _ in range(6)]
+
+    async def use(store):
+        alive = []
+        for n, cid in enumerate(ids):
+            await store.add_turn(cid, "q", reply)
+            await asyncio.sleep(0.002)  # distinct last-use times
+            if n == 3:  # ids[1] is used again: now the most recently used
+                await store.add_turn(ids[1], "q", "a")
+                await asyncio.sleep(0.002)
+            alive.append([await store.load(i) is not None for i in ids])
+        sizes_full = await stored_sizes(store)
+        for cid in ids:
+            await store.delete(cid)
+        return alive, sizes_full, await stored_sizes(store)
+
+    alive, (total_full, held_full), after_deletes = run(with_store(store_url, use))
+    assert alive[-1] == [False, True, False, False, True, True]
+    assert alive[3] == [False, True, True, True, False, False]  # the fourth pushed out the first
+    assert total_full == held_full <= 3500
+    assert after_deletes == (0, 0)
+
+
+def test_a_database_from_before_the_byte_budget_gets_its_total(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)  # the schema without the byte budget's table and triggers
+    db.execute(
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, messages TEXT NOT NULL, turns INTEGER NOT NULL, updated REAL NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO conversations VALUES (?, ?, 1, ?)", ("a" * 22, '[{"role": "user", "content": "é"}]', time.time())
+    )
+    db.commit()
+    db.close()
+    total, held = run(with_store(f"sqlite:///{path}", stored_sizes))
+    assert total == held == len('[{"role": "user", "content": "é"}]'.encode())
+
+
 def test_retention_forgets_untouched_conversations(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/chat.sqlite3"
     cid = new_conversation_id()

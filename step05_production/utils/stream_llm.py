@@ -68,6 +68,26 @@ class StreamCutOff(Exception):
     """The server started a reply but the connection broke before it finished."""
 
 
+# One event line of a chat stream is a few hundred bytes; a chunk of a whole reply cut at
+# CHAT_MAX_REPLY_CHARS fits many times. A longer line is refused before it is all read:
+# httpx's iter_lines() would buffer a line that never ends (150 MB: +550 MiB of RSS,
+# bench/upstream_flood.py).
+MAX_LINE_CHARS = 1 << 20
+
+
+async def lines_of(texts: AsyncIterator[str], limit: int = MAX_LINE_CHARS) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream (ended by \n, \r\n or \r), none longer than `limit`."""
+    pending = ""
+    async for text in texts:
+        *lines, pending = (pending + text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for line in lines:
+            yield line
+        if len(pending) > limit:
+            raise StreamCutOff(f"the server sent a line longer than {limit} characters")
+    if pending:
+        yield pending
+
+
 def text_of(line: str) -> str | None:
     """The text in one line of the server-sent event stream, or None.
 
@@ -110,7 +130,7 @@ async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> Asy
     )
     async with request as response:  # closes the HTTP response however we leave this block
         try:
-            async for line in response.iter_lines():
+            async for line in lines_of(response.iter_text()):
                 text = text_of(line)
                 if text:  # the first delta only carries the role, with empty content
                     yield text

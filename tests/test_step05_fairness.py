@@ -1,0 +1,187 @@
+"""step05: the upstream model's capacity (CHAT_UPSTREAM_SLOTS) shared fairly. Replies nobody
+watches give way to live ones; waiting replies are served in turn across client addresses;
+one address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots.
+
+Tests assert order and counts; the time a user waits under load is measured in
+bench/fairness.py. Client addresses are given to a real uvicorn as X-Forwarded-For, which
+it believes from 127.0.0.1 (its default --forwarded-allow-ips), as behind a local proxy.
+"""
+
+import contextlib
+import threading
+import time
+
+import pytest
+
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+    wait_until,
+)
+from step05_production import main as chat_main
+from step05_production.config import settings
+
+APP = "step05_production.main"
+
+
+@pytest.fixture
+def serve(fake_server):
+    """serve(slots, per_client) -> a running server with those settings; 30 s to resume."""
+    servers = []
+
+    def start(slots: int, per_client: int) -> LiveServer:
+        env = llm_env(
+            fake_server.base_url,
+            CHAT_UPSTREAM_SLOTS=str(slots),
+            CHAT_UPSTREAM_SLOTS_PER_CLIENT=str(per_client),
+            CHAT_RESUME_SECONDS="30",
+        )
+        servers.append(LiveServer(f"{APP}:app", env=env).__enter__())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def client_from(server: LiveServer, address: str, conversation: str | None = None) -> WsClient:
+    query = f"?conversation={conversation}" if conversation else ""
+    return WsClient(server.ws_url + query, additional_headers={"X-Forwarded-For": address})
+
+
+def test_replies_nobody_watches_give_way_to_a_live_one(serve, fake):
+    server = serve(slots=2, per_client=2)
+    fake.chunk_delay, fake.min_chunks = 0.05, 400  # 20 s each: far longer than the test
+    left = []
+    for n in range(2):  # one address starts two long replies and goes away
+        ws = client_from(server, "10.0.0.66")
+        left.append(read_conversation(ws)["id"])
+        ws.send_json({"type": "message", "content": f"story {n}"})
+        assert ws.receive_json() == {"type": "start"}
+        assert ws.receive_json()["type"] == "chunk"
+        ws.close()
+    assert fake.active == 2 and fake.cancelled == 0  # both run on, for resume
+
+    live = client_from(server, "10.0.0.7")
+    read_conversation(live)
+    live.send_json({"type": "message", "content": "my question"})
+    assert live.receive_json() == {"type": "start"}
+    assert live.receive_json()["type"] == "chunk"
+    # (The model hears of the hang-up a moment after the slot is free: waited for, briefly.)
+    wait_until(lambda: fake.cancelled == 1, what="one unwatched reply to give way to the live one")
+    assert fake.active == 2 and fake.started == 3
+    live.send_json({"type": "stop"})
+    assert collect_reply(live)[-1]["stopped"] is True
+
+    # The one stopped is stored as far as it got; the other one still resumes.
+    shown = [read_conversation(client_from(server, "10.0.0.66", cid))["messages"] for cid in left]
+    stopped = [m for m in shown if m[-1]["role"] == "assistant"]
+    resumed = [m for m in shown if m[-1].get("status") == "replying"]
+    assert len(stopped) == 1 and len(resumed) == 1, shown
+    assert stopped[0][-1]["content"].startswith("You said:")  # the part it got to
+
+
+def test_waiting_replies_are_served_in_turn_across_addresses(serve, fake):
+    """A classroom behind one address sends six questions, then another address one: that
+    one is served second, not seventh, and each learner gets one whole reply, in turn."""
+    server = serve(slots=2, per_client=1)
+    fake.chunk_delay, fake.min_chunks = 0.02, 20
+    classroom = [client_from(server, "10.0.0.50") for _ in range(6)]
+    for n, ws in enumerate(classroom):
+        read_conversation(ws)
+        ws.send_json({"type": "message", "content": f"learner {n}"})
+        assert ws.receive_json() == {"type": "start"}  # in line (start is sent before the wait)
+    wait_until(lambda: len(fake.requests) >= 1, what="learner 0's request to reach the model")
+    visitor = client_from(server, "10.0.0.9")
+    read_conversation(visitor)
+    visitor.send_json({"type": "message", "content": "visitor"})
+    replies = [reply_text(collect_reply(ws)) for ws in [visitor, *classroom]]
+    asked = [request["messages"][-1]["content"] for request in fake.requests]
+    assert asked == ["learner 0", "visitor", "learner 1", "learner 2", "learner 3", "learner 4", "learner 5"]
+    assert replies == [
+        full
+        for full in (
+            "".join(fake.chunks_for([{"role": "user", "content": q}]))
+            for q in ["visitor", *(f"learner {n}" for n in range(6))]
+        )
+    ]
+    assert fake.completed == 7 and fake.cancelled == 0
+
+
+def test_a_classroom_of_sixty_behind_one_address_is_served_one_reply_each_in_turn(serve, fake):
+    server = serve(slots=4, per_client=2)
+    fake.chunk_delay, fake.min_chunks = 0.01, 5
+    classroom = [client_from(server, "10.0.0.50") for _ in range(60)]
+    peak, sampling = [0], threading.Event()
+
+    def sample_streams():  # the most upstream streams seen at once (a sample can only see fewer)
+        while not sampling.is_set():
+            peak[0] = max(peak[0], fake.active)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample_streams)
+    sampler.start()
+    try:
+        for n, ws in enumerate(classroom):
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": f"learner {n}"})
+            assert ws.receive_json() == {"type": "start"}
+        replies = [reply_text(collect_reply(ws)) for ws in classroom]
+    finally:
+        sampling.set()
+        sampler.join()
+    for ws in classroom:
+        ws.close()
+    assert replies == ["".join(fake.chunks_for([{"role": "user", "content": f"learner {n}"}])) for n in range(60)]
+    # In the order asked: two requests in flight at once may reach the model swapped, no more.
+    asked = [int(request["messages"][-1]["content"].split()[-1]) for request in fake.requests]
+    assert sorted(asked) == list(range(60)) and all(abs(at - n) <= 1 for at, n in enumerate(asked)), asked
+    assert fake.completed == 60 and fake.cancelled == 0
+    assert 1 <= peak[0] <= 2, f"{peak[0]} streams at once from one address"
+
+
+def test_a_freed_slot_goes_to_the_address_served_least_recently(serve, fake):
+    """One slot; a classroom's four questions wait, then a visitor's two: they alternate."""
+    server = serve(slots=1, per_client=1)
+    fake.chunk_delay, fake.min_chunks = 0.02, 10
+    asking = [(client_from(server, "10.0.0.50"), f"learner {n}") for n in range(4)]
+    asking += [(client_from(server, "10.0.0.9"), f"visitor {n}") for n in range(2)]
+    for ws, question in asking:
+        read_conversation(ws)
+        ws.send_json({"type": "message", "content": question})
+        assert ws.receive_json() == {"type": "start"}
+    for ws, _ in asking:
+        assert collect_reply(ws)[-1]["type"] == "end"
+    asked = [request["messages"][-1]["content"] for request in fake.requests]
+    assert asked == ["learner 0", "visitor 0", "learner 1", "visitor 1", "learner 2", "learner 3"]
+
+
+def test_stop_while_waiting_leaves_the_line_and_asks_nothing(fake, monkeypatch):
+    monkeypatch.setattr(settings, "upstream_slots", 1)
+    monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
+    fake.chunk_delay, fake.min_chunks = 0.02, 40
+    with LocalClient(chat_main.app) as client, contextlib.ExitStack() as sockets:
+        first, waiting, later = (sockets.enter_context(client.websocket_connect("/ws")) for _ in range(3))
+        for ws in (first, waiting, later):
+            read_conversation(ws)
+        first.send_json({"type": "message", "content": "first"})
+        assert first.receive_json() == {"type": "start"}
+        assert first.receive_json()["type"] == "chunk"
+        waiting.send_json({"type": "message", "content": "waiting"})
+        assert waiting.receive_json() == {"type": "start"}
+        waiting.send_json({"type": "stop"})
+        end = waiting.receive_json()
+        assert end["type"] == "end" and end["stopped"] is True and end["stats"]["chunks"] == 0
+        later.send_json({"type": "message", "content": "later"})
+        end = collect_reply(first)[-1]
+        assert end["type"] == "end" and "stopped" not in end
+        assert reply_text(collect_reply(later)) == "".join(fake.chunks_for([{"role": "user", "content": "later"}]))
+        assert [request["messages"][-1]["content"] for request in fake.requests] == ["first", "later"]
+        slots = client.app_state["hub"].slots
+        assert not slots.holders and not slots.waiting, "a slot or a place in line leaked"
+        assert not slots.held and not slots.served, "an address is remembered after its last reply"
