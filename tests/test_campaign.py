@@ -100,9 +100,14 @@ def test_fifty_disconnects_mid_stream_leave_nothing_behind(fake, monkeypatch):
     assert not state["open_connections"]
 
 
+# Every client here connects from 127.0.0.1, and these tests are about the relay under many
+# streams: one address may have them all (by default it gets 2 of the upstream's 4 slots).
+ONE_ADDRESS_MANY_STREAMS = {"CHAT_UPSTREAM_SLOTS": "1000", "CHAT_UPSTREAM_SLOTS_PER_CLIENT": "1000"}
+
+
 @pytest.fixture(scope="module")
 def step05_server(fake_server):
-    env = llm_env(fake_server.base_url)
+    env = llm_env(fake_server.base_url, **ONE_ADDRESS_MANY_STREAMS)
     with LiveServer("step05_production.main:app", env=env) as server:
         yield server
 
@@ -167,7 +172,7 @@ def test_thirty_concurrent_clients_each_get_only_their_own_reply(step05_server, 
 
 def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 50  # 20 streams of 50 chunks, 20 ms apart
-    env = llm_env(fake_server.base_url, PROBED_APP="step05_production.main:app")
+    env = llm_env(fake_server.base_url, PROBED_APP="step05_production.main:app", **ONE_ADDRESS_MANY_STREAMS)
     with LiveServer("harness.loop_probe:app", env=env) as server:
         httpx.get(server.url + "/_probe/start").raise_for_status()
         results = run_clients(server.ws_url, 20, lambda i: f"stream {i}")
@@ -180,7 +185,7 @@ def test_the_event_loop_never_stalls_during_twenty_streams(fake_server, fake):
 
 def test_two_workers_serve_concurrent_chats(fake_server, fake):
     fake.chunk_delay, fake.min_chunks = 0.02, 10
-    env = llm_env(fake_server.base_url)
+    env = llm_env(fake_server.base_url, **ONE_ADDRESS_MANY_STREAMS)
     with LiveServer("step05_production.main:app", env=env, extra_args=("--workers", "2")) as server:
         results = run_clients(server.ws_url, 6, lambda i: f"worker check {i}")
     assert all(results[i].startswith(f"You said: worker check {i}") for i in range(6))
