@@ -284,14 +284,29 @@ def point_llm_at(monkeypatch, package: str, url: str) -> None:
     monkeypatch.setattr(f"{package}.utils.stream_llm._clients", weakref.WeakKeyDictionary())
 
 
+def quick_sdk_retries(monkeypatch) -> None:
+    """Keep the openai SDK's retries but not its waits between them. A request that cannot
+    connect is tried 3 times, 0.5 s then 1 s apart (less jitter): real-world pacing, and
+    1.1 to 1.5 s of every test that points a step at a port where nothing listens. The step
+    still sees what it sees in real life, the SDK giving up after its retries.
+
+    The SDK has no public setting for this delay (only per-client max_retries, which belongs
+    to the step's code): the module constant is patched. Should the SDK rename it, this
+    fails at once (monkeypatch raises on a missing attribute) rather than going slow again."""
+    monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01)
+
+
 def history_sent(fake) -> list[str]:
     """The contents of the messages the LLM got in its latest request, in order."""
     return [m["content"] for m in fake.requests[-1]["messages"]]
 
 
 def start_slow_reply(ws, fake, content: str = "tell me a long story") -> None:
-    """Start a reply of 60 chunks 0.1 s apart, and read its start and first chunk."""
-    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    """Start a reply of 300 chunks 0.02 s apart, and read its start and first chunk.
+
+    Six seconds of reply, so a stop or a leave always lands in the middle of it; short
+    gaps, so the first chunk comes at once (the fake waits before every chunk, the first too)."""
+    fake.chunk_delay, fake.min_chunks = 0.02, 300
     ws.send_json({"type": "message", "content": content})
     assert ws.receive_json() == {"type": "start"}
     assert ws.receive_json()["type"] == "chunk"

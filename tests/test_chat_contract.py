@@ -73,7 +73,7 @@ def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
     assert fake.active == 0 and fake.completed == 0
     shown = "You" + reply_text(frames)
-    fake.chunk_delay = 0
+    fake.chunk_delay, fake.min_chunks = 0, 0
     ws.send_json({"type": "message", "content": "next"})
     collect_reply(ws)
     assert history_sent(fake) == ["tell me a long story", shown, "next"]

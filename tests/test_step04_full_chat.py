@@ -72,7 +72,7 @@ def test_stop_cancels_the_reply_and_returns_once_its_end_is_sent(fake):
     async def scenario():
         socket = RecordingSocket()
         session = ChatSession(socket)
-        fake.chunk_delay, fake.min_chunks = 0.1, 60
+        fake.chunk_delay, fake.min_chunks = 0.02, 300  # 6 s of reply, its first chunk in 0.02 s
         session.shared["user_message"] = "a long story"
         session.shared["stop_requested"] = asyncio.Event()
         session.reply = asyncio.create_task(session.run_reply())  # what 4.1 does
@@ -136,7 +136,7 @@ def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
 @pytest.mark.task("4.4")
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
 def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
-    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    fake.chunk_delay, fake.min_chunks = 0.02, 300  # 6 s of reply, its first chunk in 0.02 s
 
     async def scenario():
         socket, stop_requested = RecordingSocket(), asyncio.Event()
