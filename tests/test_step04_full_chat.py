@@ -44,7 +44,7 @@ async def wait_for_frames(socket: RecordingSocket, count: int, seconds: float = 
 
 @pytest.mark.task("4.1")
 def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
-    fake.chunk_delay, fake.min_chunks = 0.05, 12  # 0.6 s of reply
+    fake.hold_after = 2  # two chunks, then the rest waits for fake.release(): the reply is still streaming
 
     async def scenario():
         socket = RecordingSocket()
@@ -57,6 +57,7 @@ def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
         assert "end" not in socket.types(), "send_message waited for the whole reply"
         await wait_for_frames(socket, 3)  # the reply goes on by itself: start and chunks...
         assert session.busy()
+        fake.release()
         await asyncio.wait_for(session.reply, 5)  # ...until its end
         assert not session.busy() and socket.types()[-1] == "end"
         assert session.shared["conversation_history"][-2:] == [
