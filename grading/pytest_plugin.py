@@ -11,6 +11,7 @@ Tests name their task with `@pytest.mark.task("2.1")`. With --code set, a table 
 
 from __future__ import annotations
 
+import gc
 import importlib.abc
 import importlib.machinery
 import json
@@ -92,6 +93,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Refuse to grade the wrong code: every step package imported must come from --code."""
+    # What is imported by now (openai's and pydantic's hundreds of classes, FastAPI...) lives
+    # until the process ends: freezing it keeps the collector from walking it again in every
+    # full collection during the run and once more at exit: 0.6 s less CPU in step 04's grade.
+    gc.freeze()
     folder = code_folder(session.config)
     if folder is None:
         return

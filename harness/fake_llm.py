@@ -7,8 +7,9 @@ with `data: [DONE]`, so the real `openai` SDK is exercised end to end.
 Replies are scripted: by default the fake answers "You said: <last user message>"
 one word per chunk. With `recall` on (as `make fake` runs it), it also says how many
 earlier user messages it was sent and quotes the first one, so a chat's memory shows. It can also inject faults (HTTP 401/429/500, a stream dropped
-midway, an error event midway, a slow stream, a request that never answers) and it counts the streams it
-started, completed, dropped and saw cancelled by the client.
+midway, an error event midway, a slow stream, a request that never answers), hold a reply back
+after its first chunks until the test releases it, and it counts the streams it started,
+completed, dropped and saw cancelled by the client.
 
 Start it by hand (from the repository root):
 
@@ -50,6 +51,11 @@ class FakeLLM:
     recall: bool = False
     slow_delay: float = 0.5  # seconds between chunks for the "slow" fault
     stamp: bool = False  # each chunk's text is its send time (time.monotonic()), for bench/
+    # Send this many chunks, then hold the rest back until release() (or hold_seconds have
+    # passed): a test knows for sure that the reply is still being written, without timing it.
+    hold_after: int | None = None
+    hold_seconds: float = 2.0
+    released: bool = False
     faults: list[str] = field(default_factory=list)  # one is used up per request
     started: int = 0
     completed: int = 0
@@ -65,6 +71,10 @@ class FakeLLM:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}, expected one of {FAULTS}")
         self.faults.extend([fault] * times)
+
+    def release(self) -> None:
+        """Let a held reply go on (called from the test's thread; the stream polls for it)."""
+        self.released = True
 
     def reset(self) -> None:
         fresh = FakeLLM()
@@ -184,6 +194,12 @@ def create_app(fake: FakeLLM) -> Starlette:
                         piece = f" {received:.6f}/" if index == 0 else " "
                         piece += f"{time.monotonic():.6f}"
                     yield _chunk(completion_id, model, {"content": piece})
+                    if index + 1 == fake.hold_after:
+                        # A short poll, not an asyncio.Event: release() comes from the test's
+                        # thread, and an Event may only be set from its own loop's thread.
+                        held_until = time.monotonic() + fake.hold_seconds
+                        while not fake.released and time.monotonic() < held_until:  # noqa: ASYNC110
+                            await asyncio.sleep(0.005)
                 yield _chunk(completion_id, model, {}, finish="stop")
                 yield "data: [DONE]\n\n"
                 fake.completed += 1

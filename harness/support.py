@@ -268,13 +268,23 @@ def wait_until(condition, timeout: float = 5.0, what: str = "condition") -> None
 
 
 def assert_reply_streams_incrementally(ws, fake) -> None:
-    """With a slow fake, the first chunk must arrive well before the reply ends."""
-    fake.chunk_delay, fake.min_chunks = 0.1, 8
+    """The reply's first chunk must reach the client while the fake still holds back the
+    rest of the reply: a server that waits for the whole reply gets it only once the hold
+    ends, hold_seconds later."""
+    fake.hold_after = 1
     ws.send_json({"type": "message", "content": "go"})
-    frames = collect_reply(ws, timed=True)
-    first_chunk_at = next(at for at, f in frames if f["type"] == "chunk")
-    # Eight chunks 0.1 s apart take 0.7 s from the first; the first must not wait for the rest.
-    assert first_chunk_at < 0.45 and frames[-1][0] - first_chunk_at > 0.5
+    began = time.monotonic()
+    frames = [ws.receive_json()]
+    while frames[-1]["type"] not in ("chunk", "end", "error"):
+        frames.append(ws.receive_json())
+    waited = time.monotonic() - began
+    fake.release()
+    frames += collect_reply(ws) if frames[-1]["type"] == "chunk" else []
+    assert frames[-1]["type"] == "end", f"the reply did not end well: {frames}"
+    assert waited < fake.hold_seconds / 2, (
+        f"the first chunk came {waited:.1f} s after the message, only once the model had sent the whole "
+        "reply: send each chunk to the client as soon as it comes"
+    )
 
 
 def point_llm_at(monkeypatch, package: str, url: str) -> None:
@@ -284,14 +294,29 @@ def point_llm_at(monkeypatch, package: str, url: str) -> None:
     monkeypatch.setattr(f"{package}.utils.stream_llm._clients", weakref.WeakKeyDictionary())
 
 
+def quick_sdk_retries(monkeypatch) -> None:
+    """Keep the openai SDK's retries but not its waits between them. A request that cannot
+    connect is tried 3 times, 0.5 s then 1 s apart (less jitter): real-world pacing, and
+    1.1 to 1.5 s of every test that points a step at a port where nothing listens. The step
+    still sees what it sees in real life, the SDK giving up after its retries.
+
+    The SDK has no public setting for this delay (only per-client max_retries, which belongs
+    to the step's code): the module constant is patched. Should the SDK rename it, this
+    fails at once (monkeypatch raises on a missing attribute) rather than going slow again."""
+    monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.01)
+
+
 def history_sent(fake) -> list[str]:
     """The contents of the messages the LLM got in its latest request, in order."""
     return [m["content"] for m in fake.requests[-1]["messages"]]
 
 
 def start_slow_reply(ws, fake, content: str = "tell me a long story") -> None:
-    """Start a reply of 60 chunks 0.1 s apart, and read its start and first chunk."""
-    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    """Start a reply of 300 chunks 0.02 s apart, and read its start and first chunk.
+
+    Six seconds of reply, so a stop or a leave always lands in the middle of it; short
+    gaps, so the first chunk comes at once (the fake waits before every chunk, the first too)."""
+    fake.chunk_delay, fake.min_chunks = 0.02, 300
     ws.send_json({"type": "message", "content": content})
     assert ws.receive_json() == {"type": "start"}
     assert ws.receive_json()["type"] == "chunk"

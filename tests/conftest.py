@@ -52,6 +52,15 @@ atexit.register(shutil.rmtree, STORE_DIR, ignore_errors=True)
 os.environ["CHAT_STORE_URL"] = f"sqlite:///{STORE_DIR}/chat.sqlite3"
 
 
+# The steps keep one openai client per event loop, and every TestClient and asyncio.run is a
+# new loop: each client loads the whole CA bundle, ~35 ms, about a second of every grade.
+# The fake speaks plain HTTP, so the `fake` fixture points the trust store (SSL_CERT_DIR,
+# read by the SDK's httpx2) at this empty folder: nothing to load, and a test that reached
+# a real TLS server by mistake would fail rather than pass.
+NO_CERTIFICATES = tempfile.mkdtemp(prefix="no-certificates-")
+atexit.register(shutil.rmtree, NO_CERTIFICATES, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def fake_server():
     with FakeLLMServer() as server:
@@ -65,6 +74,8 @@ def fake(fake_server, monkeypatch):
     for name in LLM_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPENAI_BASE_URL", fake_server.base_url)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # it would win over SSL_CERT_DIR
+    monkeypatch.setenv("SSL_CERT_DIR", NO_CERTIFICATES)
     yield fake_server.fake
 
 

@@ -73,7 +73,7 @@ def test_stop_cancels_upstream_and_keeps_the_shown_part(chat, fake):
     wait_until(lambda: fake.cancelled == 1, what="the upstream stream to be cancelled")
     assert fake.active == 0 and fake.completed == 0
     shown = "You" + reply_text(frames)
-    fake.chunk_delay = 0
+    fake.chunk_delay, fake.min_chunks = 0, 0
     ws.send_json({"type": "message", "content": "next"})
     collect_reply(ws)
     assert history_sent(fake) == ["tell me a long story", shown, "next"]
@@ -110,12 +110,13 @@ def test_new_chat_stops_the_reply_and_forgets_the_conversation(connect, app_name
 @pytest.mark.task("4.1", "4.2")
 def test_a_message_during_a_reply_is_refused_and_the_reply_goes_on(chat, fake):
     ws = chat()
-    fake.chunk_delay = 0.05
+    fake.hold_after = 1  # one chunk, then the rest waits for fake.release(): the reply is still streaming
     fake.reply = "one two three four five six seven eight"
     ws.send_json({"type": "message", "content": "first"})
     assert ws.receive_json()["type"] == "start"
     ws.send_json({"type": "message", "content": "impatient"})
     frames = collect_reply(ws)
+    fake.release()
     errors = [f for f in frames if f["type"] == "error"]
     assert len(errors) == 1 and "still streaming" in errors[0]["message"]
     rest = collect_reply(ws) if frames[-1]["type"] == "error" else frames

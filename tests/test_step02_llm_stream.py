@@ -8,7 +8,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from harness.fake_llm import free_port
-from harness.support import assert_reply_streams_incrementally, collect_reply, reply_text, wait_until
+from harness.support import (
+    assert_reply_streams_incrementally,
+    collect_reply,
+    quick_sdk_retries,
+    reply_text,
+    wait_until,
+)
 from step02_llm_stream.main import app
 from step02_llm_stream.utils.stream_llm import stream_llm
 
@@ -84,6 +90,7 @@ def test_an_unreachable_local_model_names_the_command_that_starts_it(fake, monke
     monkeypatch.delenv("OPENAI_BASE_URL")  # no configuration: the steps look for the local model
     closed = f"http://127.0.0.1:{free_port()}/v1"  # and nothing listens there
     monkeypatch.setattr("step02_llm_stream.utils.stream_llm.LOCAL_LLM_URL", closed)
+    quick_sdk_retries(monkeypatch)
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "message", "content": "anyone there?"})
         error = collect_reply(ws)[-1]
@@ -156,6 +163,7 @@ def test_stream_llm_lets_a_refused_connection_through_as_it_is(fake, monkeypatch
     from harness.support import point_llm_at
 
     point_llm_at(monkeypatch, "step02_llm_stream", f"http://127.0.0.1:{free_port()}/v1")
+    quick_sdk_retries(monkeypatch)
 
     async def read_all():
         return [text async for text in stream_llm([{"role": "user", "content": "hi"}])]

@@ -44,7 +44,7 @@ async def wait_for_frames(socket: RecordingSocket, count: int, seconds: float = 
 
 @pytest.mark.task("4.1")
 def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
-    fake.chunk_delay, fake.min_chunks = 0.05, 12  # 0.6 s of reply
+    fake.hold_after = 2  # two chunks, then the rest waits for fake.release(): the reply is still streaming
 
     async def scenario():
         socket = RecordingSocket()
@@ -57,6 +57,7 @@ def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
         assert "end" not in socket.types(), "send_message waited for the whole reply"
         await wait_for_frames(socket, 3)  # the reply goes on by itself: start and chunks...
         assert session.busy()
+        fake.release()
         await asyncio.wait_for(session.reply, 5)  # ...until its end
         assert not session.busy() and socket.types()[-1] == "end"
         assert session.shared["conversation_history"][-2:] == [
@@ -72,7 +73,7 @@ def test_stop_cancels_the_reply_and_returns_once_its_end_is_sent(fake):
     async def scenario():
         socket = RecordingSocket()
         session = ChatSession(socket)
-        fake.chunk_delay, fake.min_chunks = 0.1, 60
+        fake.chunk_delay, fake.min_chunks = 0.02, 300  # 6 s of reply, its first chunk in 0.02 s
         session.shared["user_message"] = "a long story"
         session.shared["stop_requested"] = asyncio.Event()
         session.reply = asyncio.create_task(session.run_reply())  # what 4.1 does
@@ -136,7 +137,7 @@ def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
 @pytest.mark.task("4.4")
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
 def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
-    fake.chunk_delay, fake.min_chunks = 0.1, 60
+    fake.chunk_delay, fake.min_chunks = 0.02, 300  # 6 s of reply, its first chunk in 0.02 s
 
     async def scenario():
         socket, stop_requested = RecordingSocket(), asyncio.Event()
