@@ -72,3 +72,18 @@ def test_the_grading_benchmark_times_a_solved_and_an_untouched_copy(tmp_path):
     assert [row["step"] for row in rows] == [1]
     assert all(0 < seconds < 60 for seconds in rows[0]["solved_s"] + rows[0]["untouched_s"])
     assert "| 1 |" in (tmp_path / "grading.md").read_text()
+
+
+def test_the_upstream_flood_benchmark_cuts_both_floods_short(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.upstream_flood", "--mb", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    chunks, one_line = json.loads(done.stdout)
+    assert chunks["last_frame"]["type"] == "end" and chunks["last_frame"].get("truncated") is True, chunks
+    assert chunks["upstream_mb_sent"] < 10, chunks  # closed at the reply cap, not read to the end
+    assert one_line["last_frame"]["type"] == "error" and one_line["upstream_mb_sent"] < 10, one_line
