@@ -117,7 +117,10 @@ def pytest_runtest_makereport(item, call):
     if report.failed and results.get(item.nodeid, (tasks, None))[1] is None:
         crash = getattr(report.longrepr, "reprcrash", None)
         message = crash.message if crash else str(report.longrepr).strip().splitlines()[-1]
-        results[item.nodeid] = (tasks, f"{item.name}: {message.splitlines()[0][:300]}")
+        message = message.splitlines()[0][:300]
+        if TIMED_OUT in message:  # pytest-timeout's words name no behaviour: say what it means
+            message = HUNG.format(seconds=item.config.option.timeout)
+        results[item.nodeid] = (tasks, f"{item.name}: {message}")
         if tasks:  # name the task right in the failure, with what to do about it
             catalogue = load_tasks()
             lines = [
@@ -126,6 +129,17 @@ def pytest_runtest_makereport(item, call):
                 if t in catalogue
             ]
             report.sections.append(("this test grades", "\n".join(lines)))
+
+
+TIMED_OUT = "Timeout (>"  # how pytest-timeout's failure begins
+HUNG = (
+    "it never finished ({seconds} s): something waits for ever, e.g. a reply awaited where it "
+    "should run on its own, or a task waited for that nobody ends. Other failing tests may say more"
+)
+
+
+def hung(failure: str | None) -> bool:
+    return failure is not None and "it never finished (" in failure
 
 
 def summarise(results: dict) -> dict[str, list[tuple[tuple[str, ...], str | None]]]:
@@ -184,8 +198,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(f"  {mark}{label:<9} {title:<50} {passed}/{len(entries)} tests pass{note}")
     unfinished = [task for task in order if state[task] == "to do"]
     if unfinished:
-        task = unfinished[0]
-        failure = next((failure for _, failure in by_task[task] if failure), "its TODO is still there")
+        # A test that hung says least about where: a task whose failure names a behaviour goes first.
+        task = min(unfinished, key=lambda t: all(hung(f) for _, f in by_task[t] if f) and t not in todo)
+        failures = [failure for _, failure in by_task[task] if failure]
+        failure = min(failures, key=hung, default="its TODO is still there")
         if task in catalogue:
             write(f"\nNext: Task {task}, {catalogue[task].title}. Stuck? make hint STEP={catalogue[task].step}")
         else:

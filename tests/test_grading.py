@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from grading.exercises import ROOT, STEPS, load_tasks, start_exercise
+from grading.exercises import ROOT, STEPS, load_tasks, start_exercise, write_exercise
 
 
 def test_make_exercise_never_overwrites_and_fresh_moves_the_old_copy_aside(tmp_path):
@@ -107,3 +107,33 @@ def test_watch_grades_again_when_a_file_is_saved_and_stops_cleanly(tmp_path):
         reader.join(timeout=10)
     rest = "".join(lines.queue)
     assert watcher.returncode == 0 and "Stopped watching." in rest
+
+
+SYNTHETIC = """
+import time
+import pytest
+
+@pytest.mark.task("4.1")
+def test_a_client_leaving_mid_reply():  # hangs, as the trial learner's did
+    time.sleep(30)
+
+@pytest.mark.task("4.3")
+def test_a_stop_returns_normally():
+    assert False, "stop() raised the reply's own cancellation"
+"""
+
+
+def test_a_test_that_hangs_is_named_in_words_and_next_points_at_the_task_that_says_why(tmp_path):
+    # The trial learner's 4.3 bug: one test of 4.3 said why, while a test of 4.1 alone hung
+    # until the per-test timeout; the summary sent them to 4.1 with "Timeout (>20s)".
+    write_exercise(4, tmp_path, only=set())  # every task solved: only the tests below fail
+    (tmp_path / "test_synthetic.py").write_text(SYNTHETIC)
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_synthetic.py"), "-c", "pyproject.toml"]
+    command += [f"--code={tmp_path}"]
+    done = subprocess.run(
+        [*command, "--timeout=2", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    summary = done.stdout.split("= tasks =", 1)[1].split("short test summary")[0]
+    assert "Next: Task 4.3" in summary, summary
+    assert "stop() raised the reply's own cancellation" in summary.split("First failing test:", 1)[1].splitlines()[0]
+    assert "Timeout (>" not in summary, f"a bare timeout in the task summary:\n{summary}"
