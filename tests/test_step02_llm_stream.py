@@ -173,20 +173,27 @@ def test_stream_llm_lets_a_refused_connection_through_as_it_is(fake, monkeypatch
 
 
 @pytest.mark.task("2.1")
-def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch):
+@pytest.mark.parametrize("stalls", ["before the first piece", "after two pieces"])
+def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch, stalls):
     """A stream that pauses longer than the read timeout is the model being slow, not a
-    broken connection: the user should read "took too long", not "broke off"."""
+    broken connection: the user should read "took too long", not "broke off", also when
+    the pause comes after some of the reply was shown."""
     import openai
 
     from harness.support import point_llm_at
 
     monkeypatch.setattr("step02_llm_stream.utils.stream_llm.TIMEOUT", 0.5)
     point_llm_at(monkeypatch, "step02_llm_stream", os.environ["OPENAI_BASE_URL"])  # the new timeout
-    fake.fail_next("slow", times=3)
-    fake.slow_delay = 1.5
+    if stalls == "before the first piece":
+        fake.fail_next("slow", times=3)
+        fake.slow_delay = 1.5
+    else:
+        fake.hold_after, fake.hold_seconds = 2, 1.5
 
     async def read_all():
         return [text async for text in stream_llm([{"role": "user", "content": "one two three"}])]
 
     raised = raised_by(read_all)
-    assert isinstance(raised, openai.APITimeoutError), f"expected openai.APITimeoutError, got {raised!r}"
+    assert isinstance(raised, openai.APITimeoutError), (
+        f"a stream that stalls {stalls} should raise openai.APITimeoutError, got {raised!r}"
+    )
