@@ -111,6 +111,7 @@ def measure_paragraph(length: int) -> list[dict]:
         CHAT_STORE_URL="memory://",  # kept by the server process across reloads
         CHAT_MAX_REPLY_CHARS=str(length),  # the default cut (16,000) would stop it halfway
         CHAT_MAX_HISTORY_CHARS=str(length + 16000),
+        CHAT_STORE_MAX_CONVERSATION_BYTES=str(6 * (length + 8000) + 100),  # ... and store it whole
     )
     with FakeLLMServer() as fake, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)

@@ -13,8 +13,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 APP = "step05_production.main"
 # The inspector shows model output too; the long-paragraph test needs a reply of 32,000
-# characters relayed and stored whole (the defaults cut a reply at 16,000).
-SERVER_ENV = {"CHAT_INSPECTOR": "1", "CHAT_MAX_REPLY_CHARS": "32000", "CHAT_MAX_HISTORY_CHARS": "48000"}
+# characters relayed and stored whole (the defaults cut a reply at 16,000): the reply cap, the
+# history and the stored bytes allow it.
+SERVER_ENV = {
+    "CHAT_INSPECTOR": "1",
+    "CHAT_MAX_REPLY_CHARS": "32000",
+    "CHAT_MAX_HISTORY_CHARS": "48000",
+    "CHAT_STORE_MAX_CONVERSATION_BYTES": "300000",
+}
 
 RLO, PDF, LRI, RLI, PDI = "\u202e", "\u202c", "\u2066", "\u2067", "\u2069"
 DIRECTION_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -198,6 +204,7 @@ MARK_TAIL = """() => { const p = document.querySelector('.assistant .body > :las
 TAIL = """() => { const p = document.querySelector('.assistant .body > :last-child');
     return { kept: p.kept === true, chars: p.textContent.length, em: p.querySelectorAll('em').length }; }"""
 FINAL = """() => { const body = document.querySelector('.assistant .body');
+    if (!body) return { em: -1 };  // not replayed yet, after a reload
     return { children: body.children.length, em: body.querySelectorAll('em').length,
              code: body.querySelectorAll('code').length, text: body.textContent.trim() }; }"""
 
@@ -220,8 +227,21 @@ def wait_for_markdown(page, emphasized, timeout_ms=10000):
     raise AssertionError(f"{shown['em']} of {emphasized} emphasized phrases rendered after {timeout_ms} ms")
 
 
+def hold_after_chars(fake, chars: int) -> None:
+    """The fake holds its reply back once `chars` characters are out, until released: a test
+    that looks at the page mid-stream knows it is mid-stream, however slow the machine."""
+    sent = 0
+    for index, piece in enumerate(fake.chunks_for([{"role": "user", "content": "?"}])):
+        sent += len(piece)
+        if sent > chars:
+            fake.hold_after, fake.hold_seconds = index + 1, 60
+            return
+    raise AssertionError(f"the reply is shorter than {chars} characters")
+
+
 def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_parsed_once(browser, live_server, fake):  # noqa: F811
     fake.chunk_delay, fake.reply = 0.001, LONG_PARAGRAPH
+    hold_after_chars(fake, 12500)
     sentences = LONG_PARAGRAPH.count("*some emphasis*")
     rendered = LONG_PARAGRAPH.replace("*", "").replace("`", "")
     context, page, errors = open_page(browser, live_server.url)
@@ -233,6 +253,7 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         wait_for_length(page, 12000)
         assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
         later = page.evaluate(TAIL)
+        fake.release()
         # The same element, only appended to: the long block is not parsed again each frame,
         # and it shows the Markdown source until the reply ends.
         assert marked["tag"] == "DIV" and later["kept"], (marked, later)
@@ -250,6 +271,7 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
 def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, live_server, fake):  # noqa: F811
     fake.chunk_delay = 0.003
     fake.reply = "\n".join(f"- item {i}, one of many in a list with no blank line" for i in range(120))
+    hold_after_chars(fake, 4500)
     context, page, errors = open_page(browser, live_server.url)
     try:
         page.fill("#input", "a long list")
@@ -258,6 +280,7 @@ def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, liv
         assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
         tail = page.evaluate("document.querySelector('.assistant .body > :last-child').innerText")
         assert tail.startswith("- item 0, one of many") and tail.count("\n- item ") >= 60, tail[:300]
+        fake.release()
         page.wait_for_selector(".assistant .meta")
         assert page.locator(".assistant .body li").count() == 120
         assert not errors, errors
