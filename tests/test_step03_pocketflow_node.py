@@ -150,10 +150,12 @@ def test_exec_lets_an_llm_failure_through_so_post_does_not_run(fake):
 
 
 @pytest.mark.task("3.4")
-def test_post_appends_the_turn_and_returns_the_default_action():
+def test_post_appends_the_turn_and_returns_the_action_that_ends_this_flow():
     shared = store(history=EARLIER)
     action = asyncio.run(StreamingChatNode().post_async(shared, None, "You said: and now?"))
-    assert action == "default"
+    assert action == "default", (
+        f"post returned {action!r}, not the action PocketFlow follows when a node makes no choice"
+    )
     assert shared["conversation_history"] == EARLIER + [
         {"role": "user", "content": "and now?"},
         {"role": "assistant", "content": "You said: and now?"},
