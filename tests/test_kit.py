@@ -46,6 +46,19 @@ def test_a_kit_path_with_no_kit_is_named_before_anything_is_installed(tmp_path):
     assert not (clone / ".venv").exists()
 
 
+def test_a_kit_without_this_python_names_what_it_has_before_anything_is_installed(tmp_path):
+    clone = fresh_clone(tmp_path)
+    other = tmp_path / "kit"  # laid out as make kit lays it out, for another machine only
+    (other / "wheels").mkdir(parents=True)
+    (other / "targets").mkdir()
+    (other / "targets" / "windows-amd64-py3.12.txt").write_text("pip-25.3-py3-none-any.whl\n")
+    result = run_workshop("setup", "--kit", str(other), root=clone)
+    assert result.returncode == 2, result.stdout + result.stderr
+    this = "{}-py{}.{}".format(kit.this_platform(), *sys.version_info[:2])
+    assert f"The kit has no files for {this} (it was built for: windows-amd64-py3.12)" in result.stderr
+    assert "PYTHON=" in result.stderr and not (clone / ".venv").exists()
+
+
 def test_a_venv_whose_kit_is_gone_says_so_instead_of_reaching_for_the_network(tmp_path):
     clone = fresh_clone(tmp_path)
     (clone / ".venv").mkdir()  # what setup --kit left, the USB stick since taken out
@@ -144,7 +157,10 @@ def chat_reply(room: NoNetwork, clone) -> list:
     """`python -m workshop chat` in the room, and one reply fetched over its WebSocket there."""
     port = free_port()
     command = room.command([sys.executable, "-m", "workshop", "chat", "--port", port])
-    chat = subprocess.Popen(command, cwd=clone, env=offline_env(), stdout=subprocess.PIPE, text=True)
+    # A session of its own, as in a terminal: Ctrl-C reaches the workshop command and the chat it started.
+    chat = subprocess.Popen(
+        command, cwd=clone, env=offline_env(), stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         printed = []
         for line in chat.stdout:  # the URL is printed once the chat answers
@@ -159,9 +175,9 @@ def chat_reply(room: NoNetwork, clone) -> list:
         assert reply.returncode == 0, reply.stderr
         return [json.loads(line) for line in reply.stdout.splitlines()]
     finally:
-        chat.send_signal(signal.SIGINT)  # Ctrl-C
+        os.killpg(chat.pid, signal.SIGINT)  # Ctrl-C
         try:
             chat.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            chat.kill()
+            os.killpg(chat.pid, signal.SIGKILL)
             chat.communicate()

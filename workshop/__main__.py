@@ -134,6 +134,22 @@ def kit_wheels(kit: str) -> str:
     return str(wheels)
 
 
+def kit_covers(wheels: str, version: tuple, fresh: bool) -> None:
+    """Say so before pip runs when the kit was built without this platform and Python."""
+    from workshop.kit import this_platform
+
+    targets = Path(wheels).parent / "targets"  # one list of files per target (make kit)
+    wanted = "{}-py{}.{}".format(this_platform(), *version)
+    if targets.is_dir() and not (targets / (wanted + ".txt")).is_file():
+        built = ", ".join(sorted(target.stem for target in targets.glob("*.txt"))) or "nothing"
+        raise Refusal(
+            "The kit has no files for {} (it was built for: {}). {}Point at a Python it has, e.g. "
+            "PYTHON=python3.X make setup KIT=..., or ask for a kit with yours.".format(
+                wanted, built, "" if fresh else "Delete the .venv folder (made with this Python), then "
+            )
+        )
+
+
 def remember_kit(wheels: str) -> None:
     """Write .venv/pip.conf: pip inside .venv then never reaches for the network."""
     config = configparser.ConfigParser()
@@ -152,13 +168,16 @@ def setup(kind: str = "learn", kit: str = "") -> None:
     wheels = kit_wheels(kit) if kit else remembered_kit()
     if wheels and kind == "dev":
         raise Refusal("A kit holds a learner's packages only: a maintainer's set-up (make test) needs the network.")
-    if not venv_python().exists():
-        python = supported_python()
+    fresh = not venv_python().exists()
+    python = supported_python() if fresh else [str(venv_python())]
+    if version_of(python) < OLDEST:
+        raise Refusal(".venv was made with an unsupported Python: delete the .venv folder and run this again.")
+    if wheels:
+        kit_covers(wheels, version_of(python), fresh)
+    if fresh:
         check_venv_module(python)
         print("Creating .venv with", " ".join(python), "...", flush=True)
         run(python + ["-m", "venv", VENV])
-    elif version_of([str(venv_python())]) < OLDEST:
-        raise Refusal(".venv was made with an unsupported Python: delete the .venv folder and run this again.")
     pip = [venv_python(), "-m", "pip", "install", "--quiet"]
     failure = ""
     if wheels:
@@ -166,9 +185,8 @@ def setup(kind: str = "learn", kit: str = "") -> None:
         # Said on the command line too: PIP_* variables and PIP_CONFIG_FILE outrank pip.conf.
         pip += ["--no-index", "--find-links", wheels]
         failure = (
-            "The kit ({}) lacks a package of {} for this platform and Python {}.{} (see pip's "
-            "error above): the kit is older than this lock, or was built without this target. "
-            "Ask for a kit made from this commit (make kit).".format(wheels, lock_file(kind).name, *version_of(pip[:1]))
+            "The kit ({}) lacks a package of {} (see pip's error above): it is older than this lock. "
+            "Ask for a kit made from this commit (make kit).".format(wheels, lock_file(kind).name)
         )
     run(pip + ["--upgrade", "pip"], failure)
     # The project is installed in editable mode; setuptools' notice about that mode is for
@@ -221,7 +239,7 @@ def lock(args) -> int:
     return 0
 
 
-def kit(args) -> int:
+def build_kit(args) -> int:
     """Write kit/ (or --out): every file a learner's set-up needs, per platform and Python."""
     from workshop import kit as builder
 
@@ -377,7 +395,7 @@ def dispatch(args) -> int:
             if code:
                 return code
         return 0
-    return {"test": test, "lint": lint, "doctor": doctor, "lock": lock, "kit": kit}[args.command](args)
+    return {"test": test, "lint": lint, "doctor": doctor, "lock": lock, "kit": build_kit}[args.command](args)
 
 
 if __name__ == "__main__":
