@@ -21,7 +21,7 @@ from pathlib import Path
 PYTHONS = ["3.11", "3.12", "3.13", "3.14", "3.15"]
 # The oldest glibc a learner's Linux may have: 2.28 is Debian 10, RHEL 8, Ubuntu 20.04 has 2.31.
 GLIBC_MINORS = range(28, 16, -1)
-# The oldest macOS still supported by Apple (pip also takes wheels built for older ones).
+# The oldest macOS a learner's Mac may run: 13 (Ventura); pip also takes wheels built for older ones.
 MACOS = "13_0"
 
 
@@ -38,9 +38,9 @@ PLATFORMS = {
     "macos-x86_64": ("x86_64-apple-darwin", ["macosx_{}_x86_64".format(MACOS)]),
     "windows-amd64": ("x86_64-pc-windows-msvc", ["win_amd64"]),
 }
-# What set-up installs besides the lock: pip itself (upgraded first), the build backend of
-# the editable install (pyproject's build-system; pip's build isolation fetches it, from the
-# kit too), and the model's weights (a pure-Python wheel, the same for every target).
+# What set-up installs besides the lock and the model's wheel: pip itself (upgraded first) and
+# the build backend of the editable install (pyproject's build-system: pip's build isolation
+# fetches it, from the kit's --find-links too). Pure-Python wheels, the same for every target.
 SET_UP_TOOLS = ["pip", "setuptools>=77"]
 
 
@@ -110,14 +110,19 @@ def download_target(python: Path, lock: Path, platform: str, version: str, into:
             build_pure_wheel(python, pin, into, "{} Python {}".format(platform, release))
 
 
+BUILT = {}  # pin -> the pure wheel built from its sdist, or None: each sdist is built once
+
+
 def build_pure_wheel(python: Path, pin: str, into: Path, target: str) -> None:
-    built = Path(tempfile.mkdtemp(dir=str(into)))
-    command = [str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary=:all:", "-w", str(built), pin]
-    wheels = list(built.glob("*.whl")) if subprocess.run(command).returncode == 0 else []
-    if not (wheels and wheels[0].name.endswith("-none-any.whl")):
+    """The one case a wheel can be made here for any target: an sdist of pure Python."""
+    if pin not in BUILT:
+        built = Path(tempfile.mkdtemp(dir=str(into.parent)))  # the build's scratch folder, removed at its end
+        command = [str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary=:all:", "-w", str(built)]
+        wheels = list(built.glob("*.whl")) if subprocess.run(command + [pin]).returncode == 0 else []
+        BUILT[pin] = wheels[0] if wheels and wheels[0].name.endswith("-none-any.whl") else None
+    if BUILT[pin] is None:
         raise Gap("{} has no wheel for {}".format(pin, target))
-    shutil.move(str(wheels[0]), str(into / wheels[0].name))
-    shutil.rmtree(str(built))
+    shutil.copy(str(BUILT[pin]), str(into / BUILT[pin].name))
 
 
 def build(python: Path, root: Path, out: Path, platforms: list, pythons: list, model: str) -> int:
@@ -185,7 +190,8 @@ def size_report(wheels: Path, sizes: dict, shared_files: list) -> list:
 def gap_text(gaps: list) -> str:
     if not gaps:
         return "Every target above is complete."
-    return "MISSING (learners with these must use another Python):\n\n" + "\n".join("- " + g for g in gaps)
+    listed = "\n".join("- " + gap for gap in gaps)
+    return "MISSING: no files for these targets. A learner with one sets up with the network instead:\n\n" + listed
 
 
 README = """# Workshop kit: set-up with no network
