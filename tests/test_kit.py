@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -89,7 +90,10 @@ class NoNetwork:
         if shutil.which("unshare") is None or os.geteuid() != 0:
             pytest.skip("needs root and unshare for a network namespace")
         self.holder = subprocess.Popen(["unshare", "-n", "sleep", "1800"])
-        time.sleep(0.5)
+        ours, deadline = os.readlink("/proc/self/ns/net"), time.monotonic() + 10
+        while os.readlink(f"/proc/{self.holder.pid}/ns/net") == ours:  # not yet in its own namespace
+            assert time.monotonic() < deadline and self.holder.poll() is None, "unshare -n did not start"
+            time.sleep(0.05)
         subprocess.run(self.command(["ip", "link", "set", "lo", "up"]), check=True)
         return self
 
@@ -158,8 +162,9 @@ def chat_reply(room: NoNetwork, clone) -> list:
     port = free_port()
     command = room.command([sys.executable, "-m", "workshop", "chat", "--port", port])
     # A session of its own, as in a terminal: Ctrl-C reaches the workshop command and the chat it started.
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: the model's log must never block it
     chat = subprocess.Popen(
-        command, cwd=clone, env=offline_env(), stdout=subprocess.PIPE, text=True, start_new_session=True
+        command, cwd=clone, env=offline_env(), stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True
     )
     try:
         printed = []
@@ -173,11 +178,15 @@ def chat_reply(room: NoNetwork, clone) -> list:
         client = room.command([python, "-c", CLIENT, f"ws://127.0.0.1:{port}/ws"])
         reply = subprocess.run(client, capture_output=True, text=True, timeout=180)
         assert reply.returncode == 0, reply.stderr
-        return [json.loads(line) for line in reply.stdout.splitlines()]
     finally:
         os.killpg(chat.pid, signal.SIGINT)  # Ctrl-C
         try:
-            chat.communicate(timeout=20)
+            rest = chat.communicate(timeout=20)[0]
         except subprocess.TimeoutExpired:
             os.killpg(chat.pid, signal.SIGKILL)
             chat.communicate()
+            raise
+    errors.seek(0)
+    logged = errors.read()
+    assert "Stopped." in rest and "Traceback" not in logged, "Ctrl-C stops the chat cleanly:\n" + logged[-3000:]
+    return [json.loads(line) for line in reply.stdout.splitlines()]

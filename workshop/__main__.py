@@ -202,7 +202,14 @@ def setup(kind: str = "learn", kit: str = "") -> None:
 def inside(*args: str, kind: str = "learn") -> int:
     """Run `python <args>` inside .venv (set up first)."""
     setup(kind)
-    return subprocess.run([str(venv_python()), *args], cwd=ROOT).returncode
+    command = subprocess.Popen([str(venv_python()), *args], cwd=ROOT)
+    while True:
+        try:
+            return command.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the command too (a terminal signals the whole group), and it stops
+            # cleanly in its own way (the chat says "Stopped."): wait for it, with no traceback here.
+            continue
 
 
 def system_tool(name: str, debian_package: str, other: str) -> None:
