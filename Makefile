@@ -8,11 +8,12 @@ PORT   ?= 8000
 # The model's port for make llm / make fake (the steps look at 8808 unless OPENAI_BASE_URL says otherwise).
 LLM_PORT ?= 8808
 
-.PHONY: help setup doctor lock chat llm fake lab test lint grade watch check exercise progress hint notebooks screenshots bench clean
+.PHONY: help setup kit doctor lock chat llm fake lab test lint grade watch check exercise progress hint notebooks screenshots bench clean
 
 help:
 	@echo "Start here"
 	@echo "  make setup                 create .venv with a learner's packages (the other targets do it too)"
+	@echo "  make setup KIT=<dir>       the same from an instructor's kit, with no network"
 	@echo "  make chat [PORT=8000]      start the embedded model and the production chat (step 05)"
 	@echo "  make doctor                check this machine for the workshop: one line per problem, with its fix"
 	@echo "Exercises (see README, 'Start here')"
@@ -31,6 +32,7 @@ help:
 	@echo "For maintainers"
 	@echo "  make test                  set up, lint and run every test (browser, model and campaign included)"
 	@echo "  make lint                  ruff check and ruff format --check over the whole repository"
+	@echo "  make kit [KIT=kit]         write a kit for a room with no network (README, 'Instructors')"
 	@echo "  make lock                  resolve locks/learn.txt and locks/dev.txt again (newest versions in pyproject's ranges)"
 	@echo "  make check STEP=N          the reference step's fast tests (what grading compares against)"
 	@echo "  make notebooks             re-run the notebooks against the fake LLM and save their outputs"
@@ -39,7 +41,12 @@ help:
 	@echo "Without make (any OS, Windows too): python -m workshop <target> [STEP] (py -m workshop on Windows)"
 
 setup:
-	@$(W) setup
+	@$(W) setup $(if $(KIT),--kit "$(KIT)")
+
+# Every file a learner's set-up needs, for each platform and Python (README, "Instructors").
+# KIT_PLATFORMS=linux-x86_64 KIT_PYTHONS=3.11 build only those (make passes them on).
+kit:
+	@$(W) kit $(if $(KIT),--out "$(KIT)")
 
 doctor:
 	@$(W) doctor

