@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.fake_llm import FakeLLMServer
 from harness.support import ROOT
 from workshop import __main__ as workshop
 
@@ -109,6 +110,11 @@ def test_doctor_names_each_planted_problem_with_its_fix(tmp_path):
         squatter.listen()
         taken = run_workshop("doctor")
     assert taken.returncode == 1 and "Port 8808 (the model) is taken" in taken.stdout
+    assert "the embedded model answered" in taken.stdout, "a taken port must not skip the model's check"
+
+    with FakeLLMServer(port=8808):  # `make fake` (or `make llm`) running, as the README suggests: no problem
+        model_running = run_workshop("doctor", timeout=300)
+    assert model_running.returncode == 0 and "a model server already answers there" in model_running.stdout
 
     old = old_python("3.9")
     too_old = run_workshop("doctor", env={"PYTHON": str(old)})

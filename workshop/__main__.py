@@ -9,11 +9,13 @@ command inside it. Only the standard library is used here: nothing is installed 
 import argparse
 import configparser
 import hashlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,13 +304,30 @@ def doctor(args) -> int:
     free_gib = shutil.disk_usage(ROOT).free / 2**30
     if free_gib < 2:
         problems.append(f"Only {free_gib:.1f} GiB free on this disk; the set-up needs about 2 GiB. Free some space.")
+    if problems:  # no Python to ask the model with, or no room to install it
+        return report(problems)
     for port, who, fix in ((8000, "the chat", "make chat PORT=8001"), (8808, "the model", "make llm LLM_PORT=8809")):
-        if not port_is_free(port):
+        if port == 8808 and model_server_answers(port):
+            print(f"ok   port {port}: a model server already answers there (make llm or make fake)")
+        elif not port_is_free(port):
             problems.append(f"Port {port} ({who}) is taken: stop what uses it, or use another: {fix}")
-    if not problems:
-        print("ok   disk and ports; now asking the embedded model for a reply ...", flush=True)
-        if inside("-m", "local_llm", "check") != 0:
-            problems.append("The embedded model gave no reply (see above). Try: make setup, then make doctor again.")
+    # The model's own check runs on a free port of its own: a taken port does not stop it.
+    print("ok   disk; now asking the embedded model for a reply ...", flush=True)
+    if inside("-m", "local_llm", "check") != 0:
+        problems.append("The embedded model gave no reply (see above). Try: make setup, then make doctor again.")
+    return report(problems)
+
+
+def model_server_answers(port: int) -> bool:
+    """Whether an OpenAI-compatible server (make llm, make fake) answers on this port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as answer:
+            return "data" in json.loads(answer.read().decode())
+    except (OSError, ValueError):
+        return False
+
+
+def report(problems: list) -> int:
     for problem in problems:
         print("FIX  " + problem)
     print("All set for the workshop." if not problems else f"{len(problems)} problem(s) to fix.")
