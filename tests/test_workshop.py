@@ -6,12 +6,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from harness.fake_llm import FakeLLMServer
-from harness.support import ROOT
+from harness.fake_llm import FakeLLMServer, free_port
+from harness.support import ROOT, wait_for_port
 from workshop import __main__ as workshop
 
 PYENV = Path.home() / ".pyenv" / "versions"
@@ -125,3 +126,20 @@ def test_doctor_names_each_planted_problem_with_its_fix(tmp_path):
     (shadow / "__init__.py").write_text("")
     no_model = run_workshop("doctor", env={"PYTHONPATH": str(tmp_path)}, timeout=300)
     assert no_model.returncode == 1 and "The embedded model gave no reply" in no_model.stdout
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM and kill are POSIX")
+def test_killing_the_wrapper_stops_the_command_it_runs():
+    # The trial learner stopped `make fake` with `kill <pid>`: its server lived on, holding the port.
+    port = free_port()
+    wrapper = subprocess.Popen([sys.executable, "-m", "workshop", "fake", "--port", str(port)], cwd=ROOT)
+    try:
+        wait_for_port(port)
+        wrapper.terminate()
+        assert wrapper.wait(timeout=15) is not None
+        deadline = time.monotonic() + 10
+        while not workshop.port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workshop.port_is_free(port), "the fake LLM outlived the workshop command that started it"
+    finally:
+        wrapper.kill()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,10 @@ def inside(*args: str, kind: str = "learn") -> int:
     """Run `python <args>` inside .venv (set up first)."""
     setup(kind)
     command = subprocess.Popen([str(venv_python()), *args], cwd=ROOT)
+    if hasattr(signal, "SIGTERM") and os.name != "nt":
+        # `kill <pid>` of this wrapper (a script, a process manager) reaches only us: pass it
+        # on, or the command (a server holding its port) would live on without us.
+        signal.signal(signal.SIGTERM, lambda signum, frame: command.send_signal(signum))
     while True:
         try:
             return command.wait()
