@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 
-import uvicorn
 from websockets.asyncio.client import connect
 
-from harness.fake_llm import FakeLLM, create_app, free_port
+from harness.fake_llm import FakeLLM, ThreadedServer, create_app
 from harness.support import LiveServer, llm_env
 
 UPSTREAM_STREAMS = 4
@@ -53,29 +51,12 @@ class Gate:
             await self.app(scope, receive, send)
 
 
-class GatedUpstream:
+class GatedUpstream(ThreadedServer):
+    """The fake behind a gate of UPSTREAM_STREAMS: a model that serves that many at once."""
+
     def __init__(self, fake: FakeLLM):
-        self.fake, self.port = fake, free_port()
-        config = uvicorn.Config(
-            Gate(create_app(fake), UPSTREAM_STREAMS),
-            host="127.0.0.1",
-            port=self.port,
-            log_level="critical",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> GatedUpstream:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.fake = fake
+        super().__init__(Gate(create_app(fake), UPSTREAM_STREAMS))
 
 
 async def open_as(url: str, address: str):

@@ -19,35 +19,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from harness.fake_llm import free_port
+from harness.fake_llm import ThreadedServer
 from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation
 
 CHUNK_CHARS = 1000
 LINE_PIECE = 64 * 1024  # how much of the endless line is written at a time
 
 
-class FloodUpstream:
+class FloodUpstream(ThreadedServer):
     """An OpenAI-compatible /v1/chat/completions that ignores max_tokens."""
 
     def __init__(self, total_bytes: int):
         self.total_bytes, self.shape, self.sent = total_bytes, "chunks", 0
-        self.port = free_port()
-        app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        super().__init__(Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])]))
 
     async def completions(self, request):
         await request.body()
@@ -76,16 +66,6 @@ class FloodUpstream:
             yield piece
             await asyncio.sleep(0)
         yield '"}}]}\n\ndata: [DONE]\n\n'
-
-    def __enter__(self) -> FloodUpstream:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def memory_mib(pid: int) -> dict[str, float]:

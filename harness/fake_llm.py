@@ -227,14 +227,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class FakeLLMServer:
-    """Runs the fake on 127.0.0.1 in a background thread (for the test suite)."""
+class ThreadedServer:
+    """An ASGI app under uvicorn on 127.0.0.1, in a background thread (tests and benches)."""
 
-    def __init__(self, fake: FakeLLM | None = None, port: int | None = None):
-        self.fake = fake or FakeLLM()
+    def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
         config = uvicorn.Config(
-            create_app(self.fake),
+            app,
             host="127.0.0.1",
             port=self.port,
             log_level="critical",
@@ -246,20 +245,29 @@ class FakeLLMServer:
 
     @property
     def base_url(self) -> str:
+        """Where the openai SDK finds it, when the app is an OpenAI-compatible upstream."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> FakeLLMServer:
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
             if time.monotonic() > deadline:
-                raise RuntimeError("fake LLM server did not start within 10 s")
+                raise RuntimeError(f"{type(self).__name__} did not start within 10 s")
             time.sleep(0.01)
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class FakeLLMServer(ThreadedServer):
+    """Runs the fake on 127.0.0.1 in a background thread (for the test suite)."""
+
+    def __init__(self, fake: FakeLLM | None = None, port: int | None = None):
+        self.fake = fake or FakeLLM()
+        super().__init__(create_app(self.fake), port)
 
 
 def main() -> None:
