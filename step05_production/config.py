@@ -116,9 +116,16 @@ class Settings:
     store_max_conversations_per_client: int = field(
         default_factory=lambda: _int("CHAT_STORE_MAX_CONVERSATIONS_PER_CLIENT", 5_000)
     )
+    # New conversations one address may store in any hour: past it, a new conversation's
+    # turn is not stored (the user is told; continuing an earlier one still works). It bounds
+    # how fast one address churns through its own quota above.
+    store_new_conversations_per_client_hour: int = field(
+        default_factory=lambda: _int("CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR", 600)
+    )
     # The key of the HMAC that stands for a client address in the store (store.client_key):
     # set a long random secret, the same on every worker and host, so a copy of the store
-    # does not tell who talked. Empty: a plain keyed-by-nothing hash, reversible for IPv4.
+    # does not tell who talked. Empty: an HMAC anyone can recompute (an IPv4 address is
+    # then found by trying them all).
     store_client_key: str = field(default_factory=lambda: os.getenv("CHAT_STORE_CLIENT_KEY", ""))
 
     # Exhaustion: what keeps slow, idle or noisy clients from filling the server.

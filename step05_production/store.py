@@ -42,6 +42,7 @@ from .config import settings
 # secrets.token_urlsafe(16): 128 random bits, 22 URL-safe characters.
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 PRUNE_EVERY_SECONDS = 60  # retention and the count cap are enforced at most this often
+HOUR = 3600  # the window of CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR
 
 
 def new_conversation_id() -> str:
@@ -100,6 +101,13 @@ def leaving(excess_count: int, excess_bytes: int, oldest_first) -> list[str]:
         going.append(old_id)
         excess_count, excess_bytes = excess_count - 1, excess_bytes - int(size or 0)
     return going
+
+
+def too_many_new_conversations() -> "StoreError":
+    return StoreError(
+        f"This address started {settings.store_new_conversations_per_client_hour} conversations in the last"
+        " hour, the most it may: continue an earlier one, or try again later."
+    )
 
 
 @dataclass
@@ -212,6 +220,12 @@ ALTER TABLE conversations ADD COLUMN client TEXT;
 ALTER TABLE conversations ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
 UPDATE conversations SET size = length(CAST(messages AS BLOB));
 """
+# When each client created its conversations of the last hour: kept apart from the
+# conversations, so deleting one (New chat, the quota) does not give a creation back.
+CREATIONS = """
+CREATE TABLE IF NOT EXISTS creations (client TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS creations_by_client ON creations (client, at);
+"""
 OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_client ON conversations (client, updated, size, id)"
 
 
@@ -243,17 +257,19 @@ class SQLiteStore(ConversationStore):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed turn
             self.db.executescript(SCHEMA)
-            self._add_owners(self.db)
+            self._add_quota_tables(self.db)
         return self.db
 
     @staticmethod
-    def _add_owners(db: sqlite3.Connection) -> None:
+    def _add_quota_tables(db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")  # checked inside: another worker may be adding them too
         try:
             if "client" not in {column[1] for column in db.execute("PRAGMA table_info(conversations)")}:
                 for statement in OWNERS.strip().splitlines():
                     db.execute(statement)
             db.execute(OWNERS_INDEX)
+            for statement in CREATIONS.strip().splitlines():
+                db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -281,6 +297,8 @@ class SQLiteStore(ConversationStore):
             if not is_next(old.turns, turn):
                 db.execute("ROLLBACK")
                 return False
+            if client is not None and old.turns == 0:
+                self._count_creation(db, client)
             # An update, not INSERT OR REPLACE: REPLACE deletes the row without firing the
             # delete trigger, and the byte total would drift.
             # The owner is set once, by the first turn: whoever writes later, its creator pays.
@@ -298,6 +316,7 @@ class SQLiteStore(ConversationStore):
             if time.monotonic() - self.pruned_at > PRUNE_EVERY_SECONDS:
                 self.pruned_at = time.monotonic()
                 db.execute("DELETE FROM conversations WHERE updated < ?", (self._cutoff(),))
+                db.execute("DELETE FROM creations WHERE at < ?", (time.time() - HOUR,))
                 db.execute(
                     "DELETE FROM conversations WHERE id IN (SELECT id FROM conversations "
                     "ORDER BY updated DESC LIMIT -1 OFFSET ?)",
@@ -308,6 +327,15 @@ class SQLiteStore(ConversationStore):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _count_creation(db: sqlite3.Connection, client: str) -> None:
+        """A new conversation of `client`, or StoreError past its number for the hour."""
+        now = time.time()
+        made = db.execute("SELECT COUNT(*) FROM creations WHERE client = ? AND at > ?", (client, now - HOUR))
+        if made.fetchone()[0] >= settings.store_new_conversations_per_client_hour:
+            raise too_many_new_conversations()  # rolled back by the caller: nothing stored
+        db.execute("INSERT INTO creations VALUES (?, ?)", (client, now))
 
     @staticmethod
     def _keep_client_quota(db: sqlite3.Connection, client: str, keep_id: str) -> None:
@@ -406,6 +434,16 @@ for i = 3, #ARGV do
     end
 end
 """
+# Counts a new conversation of a client, by its id (a retried write counts once): 0 when the
+# client already made ARGV[2] in the last hour. KEYS: the client's creations. ARGV: now, limit, id.
+COUNT_CREATION = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - 3600)
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 3600)
+return 1
+"""
 
 
 class RedisStore(ConversationStore):
@@ -419,6 +457,7 @@ class RedisStore(ConversationStore):
     OWNERS = "chat:conversation-client"  # id -> client_key of its creator
     CLIENT_BYTES = "chat:client-bytes"  # client_key -> its conversations' bytes
     CLIENT_PREFIX = "chat:client-conversations:"  # + client_key: its conversations by last use
+    CREATIONS_PREFIX = "chat:client-creations:"  # + client_key: its new conversations of the hour
 
     def __init__(self, url: str):
         import redis.asyncio  # only needed with a redis:// store
@@ -431,6 +470,7 @@ class RedisStore(ConversationStore):
         )
         self.record_size = self.redis.register_script(RECORD_SIZE)
         self.forget_script = self.redis.register_script(FORGET)
+        self.count_creation = self.redis.register_script(COUNT_CREATION)
         self.pruned_at = 0.0
 
     @classmethod
@@ -458,6 +498,15 @@ class RedisStore(ConversationStore):
                         old = json.loads(raw) if raw else {"messages": [], "turns": 0}
                         if not is_next(old["turns"], turn):
                             return False  # deleted (New chat) or changed since the reply began
+                        if (
+                            client
+                            and not raw
+                            and not await self.count_creation(
+                                keys=[self.CREATIONS_PREFIX + client],
+                                args=[time.time(), settings.store_new_conversations_per_client_hour, conversation_id],
+                            )
+                        ):
+                            raise too_many_new_conversations()
                         value = json.dumps(
                             {"messages": with_turn(old["messages"], user, assistant), "turns": old["turns"] + 1},
                             ensure_ascii=False,  # UTF-8 as UTF-8: an emoji costs 4 bytes, not 12

@@ -11,7 +11,7 @@ import pytest
 
 from harness.support import LocalClient, collect_reply, read_conversation
 from step05_production.config import settings
-from step05_production.store import client_key, new_conversation_id, open_store
+from step05_production.store import StoreError, client_key, new_conversation_id, open_store
 
 ATTACKER, VICTIM = "203.0.113.66", "198.51.100.7"
 REPLY = "x" * 950  # with its question, about 1,020 bytes stored per conversation
@@ -184,3 +184,41 @@ def test_one_address_filling_the_store_through_the_chat_leaves_others_history(st
     # Read from the store itself: with Redis a finished reply is also replayed from the reply
     # feed for the resume window, whether or not its conversation is still stored.
     assert run(with_store(store_url, alive)) == (True, [False] * 5 + [True] * 3)
+
+
+def test_new_conversations_per_address_and_hour_are_bounded(store_url, monkeypatch):
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 3)
+    ids = [new_conversation_id() for _ in range(4)]
+
+    async def use(store):
+        attacker = store.for_client(ATTACKER)
+        for cid in ids[:3]:
+            assert await attacker.add_turn(cid, "q", "a")
+        await store.delete(ids[0])  # New chat does not give a creation back
+        with pytest.raises(StoreError, match="started 3 conversations in the last hour"):
+            await attacker.add_turn(ids[3], "q", "a")
+        assert await attacker.add_turn(ids[1], "again", "yes")  # an earlier one goes on
+        assert await store.for_client(VICTIM).add_turn(new_conversation_id(), "q", "a")  # others are not held
+        return await store.load(ids[3]), (await store.load(ids[1])).turns
+
+    assert run(with_store(store_url, use)) == (None, 2)
+
+
+def test_past_its_new_conversations_an_address_is_told_and_the_chat_goes_on(store_url, fake, monkeypatch):
+    monkeypatch.setattr(settings, "store_url", store_url)
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 2)
+    app = importlib.import_module("step05_production.main").app
+    with LocalClient(app, client=(ATTACKER, 50000)) as attacker:
+        first = one_turn(attacker, "one")
+        one_turn(attacker, "two")
+        with attacker.websocket_connect("/ws") as ws:
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": "three"})
+            error = collect_reply(ws)[-1]
+            assert error["type"] == "error" and "started 2 conversations" in error["message"]
+            assert "not saved" in error["message"]
+        with attacker.websocket_connect(f"/ws?conversation={first}") as ws:  # an earlier one goes on
+            assert read_conversation(ws)["id"] == first
+            ws.send_json({"type": "message", "content": "four"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+    assert run(with_store(store_url, lambda store: store.load(first))).turns == 2
