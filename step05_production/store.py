@@ -14,8 +14,9 @@ CHAT_STORE_MAX_TOTAL_BYTES in all (the least recently used go first; memory:// h
 Each conversation belongs to the client address that created it (stored as a keyed hash,
 never the address itself). One address may hold at most CHAT_STORE_MAX_BYTES_PER_CLIENT and
 CHAT_STORE_MAX_CONVERSATIONS_PER_CLIENT: past either, ITS least recently used conversations go,
-never another's, so one address cannot push everyone else out of the total. The total's LRU
-stays as the last resort (many addresses together). Conversations stored before owners
+never another's, so one address cannot push everyone else out of the total. It may create
+CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR in any hour (past it a new one's turn is refused
+with a StoreError). The total's LRU stays as the last resort (many addresses together). Conversations stored before owners
 existed belong to nobody and count only towards the total.
 
 A turn is stored as the number it was given when its reply started: if the conversation was
