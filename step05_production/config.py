@@ -108,6 +108,25 @@ class Settings:
     )
     # Stored bytes of all conversations together: the least recently used go first.
     store_max_total_bytes: int = field(default_factory=lambda: _int("CHAT_STORE_MAX_TOTAL_BYTES", 1 << 30))
+    # What one client address may hold of the store (the conversations it created): past
+    # either bound its OWN least recently used conversations go, so one address cannot push
+    # everyone else's out of the total above. 50 MB and 5,000: 5 % of the defaults above;
+    # a classroom behind one NAT address shares them (60 learners: 80 conversations each).
+    store_max_bytes_per_client: int = field(default_factory=lambda: _int("CHAT_STORE_MAX_BYTES_PER_CLIENT", 50_000_000))
+    store_max_conversations_per_client: int = field(
+        default_factory=lambda: _int("CHAT_STORE_MAX_CONVERSATIONS_PER_CLIENT", 5_000)
+    )
+    # New conversations one address may store in any hour: past it, a new conversation's
+    # turn is not stored (the user is told; continuing an earlier one still works). It bounds
+    # how fast one address churns through its own quota above.
+    store_new_conversations_per_client_hour: int = field(
+        default_factory=lambda: _int("CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR", 600)
+    )
+    # The key of the HMAC that stands for a client address in the store (store.client_key):
+    # set a long random secret, the same on every worker and host, so a copy of the store
+    # does not tell who talked. Empty: an HMAC anyone can recompute (an IPv4 address is
+    # then found by trying them all).
+    store_client_key: str = field(default_factory=lambda: os.getenv("CHAT_STORE_CLIENT_KEY", ""))
 
     # Exhaustion: what keeps slow, idle or noisy clients from filling the server.
     # An HTTP request (page, file, WebSocket handshake) must arrive whole, request line and

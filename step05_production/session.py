@@ -110,7 +110,10 @@ class ChatSession:
         reply = await self.hub.begin(
             self.conversation_id,
             text,
-            lambda reply, history: generate(reply, history, self.hub.store, Tracer(reply, self)),
+            # The store as this address writes it: a conversation it creates counts towards its quota.
+            lambda reply, history: generate(
+                reply, history, self.hub.store.for_client(client_address(self.websocket)), Tracer(reply, self)
+            ),
             asker=self.websocket,
             address=client_address(self.websocket),  # its fair share of the upstream (slots.py)
         )

@@ -11,12 +11,22 @@ and CHAT_STORE_MAX_CONVERSATION_BYTES (oldest turns dropped first, never the new
 CHAT_STORE_RETENTION_DAYS untouched, at most CHAT_STORE_MAX_CONVERSATIONS conversations and
 CHAT_STORE_MAX_TOTAL_BYTES in all (the least recently used go first; memory:// has no total).
 
+Each conversation belongs to the client address that created it (stored as a keyed hash,
+never the address itself). One address may hold at most CHAT_STORE_MAX_BYTES_PER_CLIENT and
+CHAT_STORE_MAX_CONVERSATIONS_PER_CLIENT: past either, ITS least recently used conversations go,
+never another's, so one address cannot push everyone else out of the total. It may create
+CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR in any hour (past it a new one's turn is refused
+with a StoreError). The total's LRU stays as the last resort (many addresses together). Conversations stored before owners
+existed belong to nobody and count only towards the total.
+
 A turn is stored as the number it was given when its reply started: if the conversation was
 deleted (New chat, in another tab) or changed meanwhile, the finishing reply stores nothing,
 so a New chat is never undone by a reply that was still streaming.
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -33,6 +43,7 @@ from .config import settings
 # secrets.token_urlsafe(16): 128 random bits, 22 URL-safe characters.
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 PRUNE_EVERY_SECONDS = 60  # retention and the count cap are enforced at most this often
+HOUR = 3600  # the window of CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR
 
 
 def new_conversation_id() -> str:
@@ -69,10 +80,35 @@ def with_turn(messages: list[dict], user: str, assistant: str) -> list[dict]:
     return history
 
 
+def client_key(address: str) -> str:
+    """What the store keeps of a client address: an HMAC keyed by CHAT_STORE_CLIENT_KEY, so
+    the stored owners can be compared but not read back (without the key, every IPv4
+    address could be hashed and matched in minutes). The same key on every worker and host."""
+    return hmac.new(settings.store_client_key.encode(), address.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def is_next(stored_turns: int, turn: int | None) -> bool:
     """Whether a turn numbered `turn` when its reply started still follows the stored ones
     (None: not numbered, always stored)."""
     return turn is None or turn == stored_turns + 1
+
+
+def leaving(excess_count: int, excess_bytes: int, oldest_first) -> list[str]:
+    """The ids to forget, oldest first, until neither the count nor the bytes are over."""
+    going = []
+    for old_id, size in oldest_first:
+        if excess_count <= 0 and excess_bytes <= 0:
+            break
+        going.append(old_id)
+        excess_count, excess_bytes = excess_count - 1, excess_bytes - int(size or 0)
+    return going
+
+
+def too_many_new_conversations() -> "StoreError":
+    return StoreError(
+        f"This address started {settings.store_new_conversations_per_client_hour} conversations in the last"
+        " hour, the most it may: continue an earlier one, or try again later."
+    )
 
 
 @dataclass
@@ -97,10 +133,13 @@ class ConversationStore:
     async def load(self, conversation_id: str) -> Conversation | None:
         raise NotImplementedError
 
-    async def add_turn(self, conversation_id: str, user: str, assistant: str, turn: int | None = None) -> bool:
+    async def add_turn(
+        self, conversation_id: str, user: str, assistant: str, turn: int | None = None, client: str | None = None
+    ) -> bool:
         """Append a user message and its reply together (creating the conversation).
         With `turn` (the stored turns + 1 when the reply started), only if the conversation
-        is still there and unchanged: False if it was deleted or changed meanwhile."""
+        is still there and unchanged: False if it was deleted or changed meanwhile.
+        `client` (a client_key) owns a conversation it creates, which counts towards its quota."""
         raise NotImplementedError
 
     async def delete(self, conversation_id: str) -> None:
@@ -109,9 +148,27 @@ class ConversationStore:
     async def close(self) -> None:
         pass
 
+    def for_client(self, address: str) -> "ClientStore":
+        return ClientStore(self, address)
+
+
+class ClientStore:
+    """The store as one client address uses it: the conversations it creates are its own
+    (the flow's node calls add_turn without knowing who asked)."""
+
+    def __init__(self, store: ConversationStore, address: str):
+        self.store, self.client = store, client_key(address)
+
+    async def add_turn(self, conversation_id, user, assistant, turn=None):
+        return await self.store.add_turn(conversation_id, user, assistant, turn, client=self.client)
+
+    def __getattr__(self, name):  # load, delete: the same for everyone
+        return getattr(self.store, name)
+
 
 class MemoryStore(ConversationStore):
-    """A dict in this process: nothing survives a restart or reaches another worker."""
+    """A dict in this process: nothing survives a restart or reaches another worker.
+    Only the count cap applies (no byte budget, no per-client quota)."""
 
     def __init__(self):
         self.conversations: dict[str, Conversation] = {}
@@ -120,7 +177,7 @@ class MemoryStore(ConversationStore):
         found = self.conversations.get(conversation_id)
         return found and Conversation(found.id, list(found.messages), found.turns)
 
-    async def add_turn(self, conversation_id, user, assistant, turn=None):
+    async def add_turn(self, conversation_id, user, assistant, turn=None, client=None):
         old = self.conversations.get(conversation_id) or Conversation(conversation_id, [])
         if not is_next(old.turns, turn):
             return False
@@ -142,7 +199,8 @@ class MemoryStore(ConversationStore):
 SCHEMA = """
 BEGIN IMMEDIATE;  -- one worker sets it up, the others then find it done
 CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY,
-    messages TEXT NOT NULL, turns INTEGER NOT NULL, updated REAL NOT NULL);
+    messages TEXT NOT NULL, turns INTEGER NOT NULL, updated REAL NOT NULL,
+    client TEXT, size INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS conversations_by_age ON conversations (updated);
 CREATE TABLE IF NOT EXISTS usage (bytes INTEGER NOT NULL);
 INSERT INTO usage SELECT COALESCE(SUM(length(CAST(messages AS BLOB))), 0) FROM conversations
@@ -155,6 +213,21 @@ CREATE TRIGGER IF NOT EXISTS usage_delete AFTER DELETE ON conversations BEGIN
     UPDATE usage SET bytes = bytes - length(CAST(OLD.messages AS BLOB)); END;
 COMMIT;
 """
+# Each conversation's owner (a client_key) and size, for the per-client quota. A database
+# from before it gets the two columns (its conversations owned by nobody). The index holds
+# all a quota check reads, so it never reads the messages themselves.
+OWNERS = """
+ALTER TABLE conversations ADD COLUMN client TEXT;
+ALTER TABLE conversations ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+UPDATE conversations SET size = length(CAST(messages AS BLOB));
+"""
+# When each client created its conversations of the last hour: kept apart from the
+# conversations, so deleting one (New chat, the quota) does not give a creation back.
+CREATIONS = """
+CREATE TABLE IF NOT EXISTS creations (client TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS creations_by_client ON creations (client, at);
+"""
+OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_client ON conversations (client, updated, size, id)"
 
 
 class SQLiteStore(ConversationStore):
@@ -185,7 +258,23 @@ class SQLiteStore(ConversationStore):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed turn
             self.db.executescript(SCHEMA)
+            self._add_quota_tables(self.db)
         return self.db
+
+    @staticmethod
+    def _add_quota_tables(db: sqlite3.Connection) -> None:
+        db.execute("BEGIN IMMEDIATE")  # checked inside: another worker may be adding them too
+        try:
+            if "client" not in {column[1] for column in db.execute("PRAGMA table_info(conversations)")}:
+                for statement in OWNERS.strip().splitlines():
+                    db.execute(statement)
+            db.execute(OWNERS_INDEX)
+            for statement in CREATIONS.strip().splitlines():
+                db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _cutoff(self) -> float:
         return time.time() - settings.store_retention_days * 86400
@@ -201,7 +290,7 @@ class SQLiteStore(ConversationStore):
         )
         return row and Conversation(conversation_id, json.loads(row[0]), row[1])
 
-    def _add_turn(self, conversation_id, user, assistant, turn):
+    def _add_turn(self, conversation_id, user, assistant, turn, client):
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")  # read and write as one, whichever worker writes too
         try:
@@ -209,17 +298,26 @@ class SQLiteStore(ConversationStore):
             if not is_next(old.turns, turn):
                 db.execute("ROLLBACK")
                 return False
+            if client is not None and old.turns == 0:
+                self._count_creation(db, client)
             # An update, not INSERT OR REPLACE: REPLACE deletes the row without firing the
             # delete trigger, and the byte total would drift.
+            # The owner is set once, by the first turn: whoever writes later, its creator pays.
+            messages = encoded(with_turn(old.messages, user, assistant))
             db.execute(
-                "INSERT INTO conversations VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                "messages = excluded.messages, turns = excluded.turns, updated = excluded.updated",
-                (conversation_id, encoded(with_turn(old.messages, user, assistant)), old.turns + 1, time.time()),
+                "INSERT INTO conversations (id, messages, turns, updated, client, size) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET messages = excluded.messages, turns = excluded.turns, "
+                "updated = excluded.updated, size = excluded.size",
+                (conversation_id, messages, old.turns + 1, time.time(), client, len(messages.encode())),
             )
+            owner = db.execute("SELECT client FROM conversations WHERE id = ?", (conversation_id,)).fetchone()[0]
+            if owner is not None:
+                self._keep_client_quota(db, owner, conversation_id)
             self._keep_total_bytes(db, conversation_id)
             if time.monotonic() - self.pruned_at > PRUNE_EVERY_SECONDS:
                 self.pruned_at = time.monotonic()
                 db.execute("DELETE FROM conversations WHERE updated < ?", (self._cutoff(),))
+                db.execute("DELETE FROM creations WHERE at < ?", (time.time() - HOUR,))
                 db.execute(
                     "DELETE FROM conversations WHERE id IN (SELECT id FROM conversations "
                     "ORDER BY updated DESC LIMIT -1 OFFSET ?)",
@@ -230,6 +328,31 @@ class SQLiteStore(ConversationStore):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _count_creation(db: sqlite3.Connection, client: str) -> None:
+        """A new conversation of `client`, or StoreError past its number for the hour."""
+        now = time.time()
+        made = db.execute("SELECT COUNT(*) FROM creations WHERE client = ? AND at > ?", (client, now - HOUR))
+        if made.fetchone()[0] >= settings.store_new_conversations_per_client_hour:
+            raise too_many_new_conversations()  # rolled back by the caller: nothing stored
+        db.execute("INSERT INTO creations VALUES (?, ?)", (client, now))
+
+    @staticmethod
+    def _keep_client_quota(db: sqlite3.Connection, client: str, keep_id: str) -> None:
+        """Over its quota (bytes or conversations), a client loses its OWN least recently used
+        conversations, never the one just written, never another client's."""
+        count, used = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM conversations WHERE client = ?", (client,)
+        ).fetchone()
+        going = leaving(
+            count - settings.store_max_conversations_per_client,
+            used - settings.store_max_bytes_per_client,
+            db.execute(
+                "SELECT id, size FROM conversations WHERE client = ? AND id != ? ORDER BY updated", (client, keep_id)
+            ),
+        )
+        db.executemany("DELETE FROM conversations WHERE id = ?", [(i,) for i in going])
 
     @staticmethod
     def _keep_total_bytes(db: sqlite3.Connection, keep_id: str) -> None:
@@ -261,8 +384,8 @@ class SQLiteStore(ConversationStore):
     async def load(self, conversation_id):
         return await self._run(self._load, conversation_id)
 
-    async def add_turn(self, conversation_id, user, assistant, turn=None):
-        return await self._run(self._add_turn, conversation_id, user, assistant, turn)
+    async def add_turn(self, conversation_id, user, assistant, turn=None, client=None):
+        return await self._run(self._add_turn, conversation_id, user, assistant, turn, client)
 
     async def delete(self, conversation_id):
         await self._run(self._delete, conversation_id)
@@ -273,16 +396,27 @@ class SQLiteStore(ConversationStore):
 
 
 # Lua, so that each runs whole inside Redis whichever process calls it at the same time.
-# A conversation's stored size is kept in a hash, and the sizes' total in one counter.
+# A conversation's stored size is kept in a hash, and the sizes' total in one counter; its
+# owner (set by the first turn only) in another hash, with the owner's bytes, and the owner's
+# conversations by last use in a sorted set of its own.
+# KEYS: sizes, total, owners, bytes per owner. ARGV: id, size, client or '', owner set prefix, now.
+# Returns the total, and the owner's bytes and conversations (0, 0 for none).
 RECORD_SIZE = """
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local new = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+local change = tonumber(ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - old)
+local total = redis.call('INCRBY', KEYS[2], change)
+if new and ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
+local owner = redis.call('HGET', KEYS[3], ARGV[1])
+if not owner then return {total, 0, 0} end
+redis.call('ZADD', ARGV[4] .. owner, ARGV[5], ARGV[1])
+return {total, redis.call('HINCRBY', KEYS[4], owner, change), redis.call('ZCARD', ARGV[4] .. owner)}
 """
-# Forgets conversations: the value, its place by last use, its size. Forgetting one twice
-# (two processes pruning at once) subtracts its size once.
+# Forgets conversations: the value, its place by last use, its size, its owner's share.
+# Forgetting one twice (two processes pruning at once) subtracts its size once.
+# KEYS: index, sizes, total, owners, bytes per owner. ARGV: value prefix, owner set prefix, ids.
 FORGET = """
-for i = 2, #ARGV do
+for i = 3, #ARGV do
     local id = ARGV[i]
     redis.call('DEL', ARGV[1] .. id)
     redis.call('ZREM', KEYS[1], id)
@@ -291,7 +425,25 @@ for i = 2, #ARGV do
         redis.call('HDEL', KEYS[2], id)
         redis.call('DECRBY', KEYS[3], size)
     end
+    local owner = redis.call('HGET', KEYS[4], id)
+    if owner then
+        redis.call('HDEL', KEYS[4], id)
+        redis.call('ZREM', ARGV[2] .. owner, id)
+        if redis.call('HINCRBY', KEYS[5], owner, -tonumber(size or '0')) <= 0 then
+            redis.call('HDEL', KEYS[5], owner)  -- an owner with nothing left leaves no trace
+        end
+    end
 end
+"""
+# Counts a new conversation of a client, by its id (a retried write counts once): 0 when the
+# client already made ARGV[2] in the last hour. KEYS: the client's creations. ARGV: now, limit, id.
+COUNT_CREATION = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - 3600)
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 3600)
+return 1
 """
 
 
@@ -303,6 +455,10 @@ class RedisStore(ConversationStore):
     SIZES = "chat:conversation-bytes"
     TOTAL = "chat:stored-bytes"
     PREFIX = "chat:conversation:"
+    OWNERS = "chat:conversation-client"  # id -> client_key of its creator
+    CLIENT_BYTES = "chat:client-bytes"  # client_key -> its conversations' bytes
+    CLIENT_PREFIX = "chat:client-conversations:"  # + client_key: its conversations by last use
+    CREATIONS_PREFIX = "chat:client-creations:"  # + client_key: its new conversations of the hour
 
     def __init__(self, url: str):
         import redis.asyncio  # only needed with a redis:// store
@@ -315,6 +471,7 @@ class RedisStore(ConversationStore):
         )
         self.record_size = self.redis.register_script(RECORD_SIZE)
         self.forget_script = self.redis.register_script(FORGET)
+        self.count_creation = self.redis.register_script(COUNT_CREATION)
         self.pruned_at = 0.0
 
     @classmethod
@@ -331,7 +488,7 @@ class RedisStore(ConversationStore):
         data = json.loads(raw)
         return Conversation(conversation_id, data["messages"], data["turns"])
 
-    async def add_turn(self, conversation_id, user, assistant, turn=None):
+    async def add_turn(self, conversation_id, user, assistant, turn=None, client=None):
         key, ttl = self.key(conversation_id), int(settings.store_retention_days * 86400)
         try:
             async with self.redis.pipeline() as pipe:
@@ -342,20 +499,38 @@ class RedisStore(ConversationStore):
                         old = json.loads(raw) if raw else {"messages": [], "turns": 0}
                         if not is_next(old["turns"], turn):
                             return False  # deleted (New chat) or changed since the reply began
+                        if (
+                            client
+                            and not raw
+                            and not await self.count_creation(
+                                keys=[self.CREATIONS_PREFIX + client],
+                                args=[time.time(), settings.store_new_conversations_per_client_hour, conversation_id],
+                            )
+                        ):
+                            raise too_many_new_conversations()
                         value = json.dumps(
                             {"messages": with_turn(old["messages"], user, assistant), "turns": old["turns"] + 1},
                             ensure_ascii=False,  # UTF-8 as UTF-8: an emoji costs 4 bytes, not 12
                         )
                         pipe.multi()
                         pipe.set(key, value, ex=ttl)
-                        pipe.zadd(self.INDEX, {conversation_id: time.time()})
+                        now = time.time()
+                        pipe.zadd(self.INDEX, {conversation_id: now})
                         await self.record_size(
-                            keys=[self.SIZES, self.TOTAL], args=[conversation_id, len(value.encode())], client=pipe
+                            keys=[self.SIZES, self.TOTAL, self.OWNERS, self.CLIENT_BYTES],
+                            args=[conversation_id, len(value.encode()), client or "", self.CLIENT_PREFIX, now],
+                            client=pipe,
                         )
-                        total = (await pipe.execute())[-1]
+                        total, owner_bytes, owner_count = (await pipe.execute())[-1]
                         break
                     except self.WatchError:
                         continue
+            if (
+                owner_bytes > settings.store_max_bytes_per_client
+                or owner_count > settings.store_max_conversations_per_client
+            ):
+                await self._keep_client_quota(conversation_id, owner_bytes, owner_count)
+                total = int(await self.redis.get(self.TOTAL) or 0)
             if total > settings.store_max_total_bytes:
                 await self._keep_total_bytes(total, conversation_id)
             if time.monotonic() - self.pruned_at > PRUNE_EVERY_SECONDS:
@@ -364,6 +539,22 @@ class RedisStore(ConversationStore):
             return True
         except self.errors as error:
             raise redis_unreachable(error) from error
+
+    async def _keep_client_quota(self, keep_id: str, owner_bytes: int, owner_count: int) -> None:
+        """Over its quota (bytes or conversations), the owner of the conversation just written
+        loses its OWN least recently used ones, never that one, never another client's.
+        At most the 100 oldest per turn, as for the total."""
+        owner = (await self.redis.hget(self.OWNERS, keep_id) or b"").decode()
+        oldest = [i.decode() for i in await self.redis.zrange(self.CLIENT_PREFIX + owner, 0, 100)]
+        oldest = [i for i in oldest if i != keep_id]
+        sizes = await self.redis.hmget(self.SIZES, oldest) if oldest else []
+        await self._forget(
+            leaving(
+                owner_count - settings.store_max_conversations_per_client,
+                owner_bytes - settings.store_max_bytes_per_client,
+                zip(oldest, sizes, strict=True),
+            )
+        )
 
     async def _keep_total_bytes(self, total: int, keep_id: str) -> None:
         """Over CHAT_STORE_MAX_TOTAL_BYTES: forget the least recently used conversations,
@@ -383,7 +574,10 @@ class RedisStore(ConversationStore):
 
     async def _forget(self, conversation_ids: list[str]) -> None:
         if conversation_ids:
-            await self.forget_script(keys=[self.INDEX, self.SIZES, self.TOTAL], args=[self.PREFIX, *conversation_ids])
+            await self.forget_script(
+                keys=[self.INDEX, self.SIZES, self.TOTAL, self.OWNERS, self.CLIENT_BYTES],
+                args=[self.PREFIX, self.CLIENT_PREFIX, *conversation_ids],
+            )
 
     async def _prune(self):
         """The keys expire by themselves; the index and the sizes forget them, and the count is capped."""

@@ -1,0 +1,224 @@
+"""step05's per-client quota in the store: one client address filling the store loses its own
+least recently used conversations, never another's (SQLite and Redis, the stores themselves
+and through the chat)."""
+
+import asyncio
+import importlib
+import sqlite3
+import time
+
+import pytest
+
+from harness.support import LocalClient, collect_reply, read_conversation
+from step05_production.config import settings
+from step05_production.store import StoreError, client_key, new_conversation_id, open_store
+
+ATTACKER, VICTIM = "203.0.113.66", "198.51.100.7"
+REPLY = "x" * 950  # with its question, about 1,020 bytes stored per conversation
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/chat.sqlite3"
+    return request.getfixturevalue("redis_server").url
+
+
+@pytest.fixture
+def quota(monkeypatch):
+    """Room for five conversations in all, three of them from one address."""
+    monkeypatch.setattr(settings, "store_max_total_bytes", 5300)
+    monkeypatch.setattr(settings, "store_max_bytes_per_client", 3200)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def with_store(url, use):
+    store = open_store(url)
+    try:
+        return await use(store)
+    finally:
+        await store.close()
+
+
+async def owner_totals(store) -> dict:
+    """The bytes the store charges each client, and what its conversations really hold."""
+    if hasattr(store, "_connect"):
+        rows = await store._run(
+            lambda: (
+                store._connect()
+                .execute(
+                    "SELECT client, SUM(size), SUM(length(CAST(messages AS BLOB))) FROM conversations "
+                    "WHERE client IS NOT NULL GROUP BY client"
+                )
+                .fetchall()
+            )
+        )
+        return {client: (charged, held) for client, charged, held in rows}
+    charged = {k.decode(): int(v) for k, v in (await store.redis.hgetall(store.CLIENT_BYTES)).items()}
+    owners = {k.decode(): v.decode() for k, v in (await store.redis.hgetall(store.OWNERS)).items()}
+    held = {}
+    for cid, client in owners.items():
+        held[client] = held.get(client, 0) + await store.redis.strlen(store.key(cid))
+    return {client: (charged.get(client, 0), held[client]) for client in held}
+
+
+def test_an_address_over_its_quota_loses_only_its_own_oldest_conversations(store_url, quota):
+    victim_id, attack_ids = new_conversation_id(), [new_conversation_id() for _ in range(6)]
+
+    async def use(store):
+        await store.for_client(VICTIM).add_turn(victim_id, "my notes: the code is 4242", "noted")
+        await asyncio.sleep(0.002)  # distinct last-use times: the victim's is the oldest
+        for cid in attack_ids:
+            await store.for_client(ATTACKER).add_turn(cid, "q", REPLY)
+            await asyncio.sleep(0.002)
+        alive = [await store.load(cid) is not None for cid in attack_ids]
+        return await store.load(victim_id), alive, await owner_totals(store)
+
+    victim, alive, totals = run(with_store(store_url, use))
+    assert victim is not None and victim.messages[0]["content"] == "my notes: the code is 4242"
+    assert alive == [False, False, False, True, True, True]  # its own oldest went first
+    charged, held = totals[client_key(ATTACKER)]
+    assert charged == held <= 3200
+
+
+def test_the_creator_pays_and_forgetting_gives_its_bytes_back(store_url, quota):
+    cid = new_conversation_id()
+
+    async def use(store):
+        await store.for_client(ATTACKER).add_turn(cid, "q", REPLY)
+        # The same conversation continued from another address (a phone on another network):
+        # still its creator's, whoever writes.
+        await store.for_client(VICTIM).add_turn(cid, "q", "a")
+        during = await owner_totals(store)
+        await store.delete(cid)
+        return during, await owner_totals(store)
+
+    during, after = run(with_store(store_url, use))
+    assert list(during) == [client_key(ATTACKER)] and during[client_key(ATTACKER)][0] > 1000
+    assert during[client_key(ATTACKER)][0] == during[client_key(ATTACKER)][1]
+    assert after == {}
+
+
+def test_the_count_per_address_drops_its_own_least_recently_used(store_url, monkeypatch):
+    monkeypatch.setattr(settings, "store_max_conversations_per_client", 2)
+    victim_id, attack_ids = new_conversation_id(), [new_conversation_id() for _ in range(4)]
+
+    async def use(store):
+        await store.for_client(VICTIM).add_turn(victim_id, "q", "a")
+        for cid in attack_ids:
+            await store.for_client(ATTACKER).add_turn(cid, "q", "a")
+            await asyncio.sleep(0.002)
+        return await store.load(victim_id) is not None, [await store.load(cid) is not None for cid in attack_ids]
+
+    assert run(with_store(store_url, use)) == (True, [False, False, True, True])
+
+
+def test_the_address_is_stored_as_a_keyed_hash(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/chat.sqlite3"
+    run(with_store(url, lambda store: store.for_client(VICTIM).add_turn(new_conversation_id(), "q", "a")))
+    stored = sqlite3.connect(tmp_path / "chat.sqlite3").execute("SELECT client FROM conversations").fetchone()[0]
+    assert VICTIM not in stored and stored == client_key(VICTIM)
+    monkeypatch.setattr(settings, "store_client_key", "another deployment's secret")
+    assert client_key(VICTIM) != stored
+
+
+def test_a_database_from_before_owners_keeps_working_and_gets_quotas(tmp_path, quota):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)  # the schema before owners: no client, no size
+    db.executescript(
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, messages TEXT NOT NULL, turns INTEGER NOT NULL,"
+        " updated REAL NOT NULL);"
+        "CREATE TABLE usage (bytes INTEGER NOT NULL); INSERT INTO usage VALUES (36);"
+    )
+    db.execute(
+        "INSERT INTO conversations VALUES (?, ?, 1, ?)", ("o" * 22, '[{"role": "user", "content": "é"}]', time.time())
+    )
+    db.commit()
+    db.close()
+    attack_ids = [new_conversation_id() for _ in range(5)]
+
+    async def use(store):
+        old = await store.load("o" * 22)
+        for cid in attack_ids:
+            await store.for_client(ATTACKER).add_turn(cid, "q", REPLY)
+        return old, [await store.load(cid) is not None for cid in attack_ids], await owner_totals(store)
+
+    old, alive, totals = run(with_store(f"sqlite:///{path}", use))
+    assert old.messages == [{"role": "user", "content": "é"}]
+    assert alive == [False, False, True, True, True]
+    assert totals[client_key(ATTACKER)][0] == totals[client_key(ATTACKER)][1]
+
+
+# Through the chat: the review's attack, one fresh connection per conversation -------------
+
+
+def one_turn(client, text: str) -> str:
+    with client.websocket_connect("/ws") as ws:
+        cid = read_conversation(ws)["id"]
+        ws.send_json({"type": "message", "content": text})
+        assert collect_reply(ws)[-1]["type"] == "end"
+        return cid
+
+
+def test_one_address_filling_the_store_through_the_chat_leaves_others_history(store_url, fake, monkeypatch):
+    monkeypatch.setattr(settings, "store_url", store_url)
+    # A turn of 1,000 characters is about 2,100 bytes stored (the fake echoes it): the total
+    # holds five, one address three.
+    monkeypatch.setattr(settings, "store_max_total_bytes", 5 * 2150)
+    monkeypatch.setattr(settings, "store_max_bytes_per_client", 3 * 2150)
+    app = importlib.import_module("step05_production.main").app
+    with LocalClient(app, client=(VICTIM, 50000)) as victim, LocalClient(app, client=(ATTACKER, 50000)) as attacker:
+        victim_id = one_turn(victim, "my private notes: remember the code 4242")
+        attack_ids = [one_turn(attacker, f"{n}" * 1000) for n in range(8)]
+        with victim.websocket_connect(f"/ws?conversation={victim_id}") as ws:
+            frame = read_conversation(ws)
+    assert frame["id"] == victim_id
+    assert frame["messages"][0]["content"] == "my private notes: remember the code 4242"
+
+    async def alive(store):
+        return await store.load(victim_id) is not None, [await store.load(cid) is not None for cid in attack_ids]
+
+    # Read from the store itself: with Redis a finished reply is also replayed from the reply
+    # feed for the resume window, whether or not its conversation is still stored.
+    assert run(with_store(store_url, alive)) == (True, [False] * 5 + [True] * 3)
+
+
+def test_new_conversations_per_address_and_hour_are_bounded(store_url, monkeypatch):
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 3)
+    ids = [new_conversation_id() for _ in range(4)]
+
+    async def use(store):
+        attacker = store.for_client(ATTACKER)
+        for cid in ids[:3]:
+            assert await attacker.add_turn(cid, "q", "a")
+        await store.delete(ids[0])  # New chat does not give a creation back
+        with pytest.raises(StoreError, match="started 3 conversations in the last hour"):
+            await attacker.add_turn(ids[3], "q", "a")
+        assert await attacker.add_turn(ids[1], "again", "yes")  # an earlier one goes on
+        assert await store.for_client(VICTIM).add_turn(new_conversation_id(), "q", "a")  # others are not held
+        return await store.load(ids[3]), (await store.load(ids[1])).turns
+
+    assert run(with_store(store_url, use)) == (None, 2)
+
+
+def test_past_its_new_conversations_an_address_is_told_and_the_chat_goes_on(store_url, fake, monkeypatch):
+    monkeypatch.setattr(settings, "store_url", store_url)
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 2)
+    app = importlib.import_module("step05_production.main").app
+    with LocalClient(app, client=(ATTACKER, 50000)) as attacker:
+        first = one_turn(attacker, "one")
+        one_turn(attacker, "two")
+        with attacker.websocket_connect("/ws") as ws:
+            read_conversation(ws)
+            ws.send_json({"type": "message", "content": "three"})
+            error = collect_reply(ws)[-1]
+            assert error["type"] == "error" and "started 2 conversations" in error["message"]
+            assert "not saved" in error["message"]
+        with attacker.websocket_connect(f"/ws?conversation={first}") as ws:  # an earlier one goes on
+            assert read_conversation(ws)["id"] == first
+            ws.send_json({"type": "message", "content": "four"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+    assert run(with_store(store_url, lambda store: store.load(first))).turns == 2
