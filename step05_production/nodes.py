@@ -94,13 +94,14 @@ class StreamingChatNode(AsyncNode):
         time and bytes, whatever the upstream does. Leaving `async with` closes the request."""
         chunks = stream_llm(messages, settings.max_reply_tokens, settings.max_upstream_bytes)
         # The clock starts once the slot is held: waiting in turn is not the upstream's fault.
-        whole_reply_ends = asyncio.get_running_loop().time() + settings.max_reply_seconds
-        first_content_ends = min(whole_reply_ends, asyncio.get_running_loop().time() + settings.first_content_seconds)
+        now = asyncio.get_running_loop().time()
+        whole_reply_ends = now + settings.max_reply_seconds
+        first_content_ends = min(whole_reply_ends, now + settings.first_content_seconds)
         try:
             async with asyncio.timeout_at(first_content_ends) as deadline, aclosing(chunks):
                 async for text in chunks:
                     room = settings.max_reply_chars - reply.length
-                    if len(text) > room:
+                    if len(text) > room:  # the server's own bound on length
                         text, reply.truncated = text[:room], True
                     if text:
                         if not reply.length:  # content at last: now only the whole reply's deadline
@@ -113,7 +114,11 @@ class StreamingChatNode(AsyncNode):
             if isinstance(error, TimeoutError) and not deadline.expired():
                 raise  # not our deadline
             if not reply.length:  # nothing shown: an error frame says what happened
-                raise ReplyOverBudget(f"no reply within the server's bounds: {error!r}") from error
+                if isinstance(error, ReplyOverBudget):
+                    raise
+                raise ReplyOverBudget(
+                    f"no content within {min(settings.first_content_seconds, settings.max_reply_seconds):g} s"
+                ) from error
             reply.truncated = True  # the part shown stays, like a reply cut at its length
 
     async def exec_fallback_async(self, prep_res, exc):
