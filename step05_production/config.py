@@ -80,9 +80,14 @@ class Settings:
     # bytes the upstream sends for one reply, content or not, are bounded (same outcome).
     first_content_seconds: float = field(default_factory=lambda: _float("CHAT_FIRST_CONTENT_SECONDS", 60))
     max_reply_seconds: float = field(default_factory=lambda: _float("CHAT_MAX_REPLY_SECONDS", 180))
-    # Default: 4 × the reply cap in UTF-8 bytes (4 each at most), room for the JSON around it.
+    # Default: 1 KiB per token for the JSON around each chunk (OpenAI's is ~300 bytes, one
+    # token per chunk), plus the reply cap's text at 16 bytes a character (4 in UTF-8, 12 for
+    # an escaped "\ud83d\ude00" pair): 1.3 MB, which a whole legitimate reply never reaches.
     max_upstream_bytes: int = field(
-        default_factory=lambda: _int("CHAT_MAX_UPSTREAM_BYTES", 16 * _int("CHAT_MAX_REPLY_CHARS", 16000))
+        default_factory=lambda: _int(
+            "CHAT_MAX_UPSTREAM_BYTES",
+            1024 * _int("CHAT_MAX_REPLY_TOKENS", 1024) + 16 * _int("CHAT_MAX_REPLY_CHARS", 16000),
+        )
     )
     # Close a connection after this long without a frame from the client.
     idle_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_IDLE_TIMEOUT_SECONDS", 900))
