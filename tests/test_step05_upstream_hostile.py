@@ -186,10 +186,10 @@ def test_a_mebibyte_line_in_small_pieces_is_refused_with_linear_work():
 
 def test_line_ends_split_across_pieces_still_end_one_line():
     async def pieces():
-        for text in ["data: a\r", "\ndata: b\r", "data: c\n", "\n", "da", "ta: d"]:
+        for text in ["data: a\r", "\ndata: b\r", "data: c\n", "\n", "data: e\r", "\n", "\n", "da", "ta: d"]:
             yield text
 
     async def read_all():
         return [line async for line in upstream_reader.lines_of(pieces())]
 
-    assert asyncio.run(read_all()) == ["data: a", "data: b", "data: c", "", "data: d"]
+    assert asyncio.run(read_all()) == ["data: a", "data: b", "data: c", "", "data: e", "", "data: d"]

@@ -93,9 +93,9 @@ async def lines_of(texts: AsyncIterator[str], limit: int = MAX_LINE_CHARS) -> As
     async for text in texts:
         if after_cr and text.startswith("\n"):
             text = text[1:]
+        after_cr = text.endswith("\r")
         if not text:
             continue
-        after_cr = text.endswith("\r")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         *ended, rest = text.split("\n")
