@@ -73,6 +73,22 @@ class Settings:
     # max_tokens (a hostile or broken one may ignore it). Below the history bound, with a
     # whole message, so the newest turn always fits in the history.
     max_reply_chars: int = field(default_factory=lambda: _int("CHAT_MAX_REPLY_CHARS", 16000))
+    # A broken or hostile upstream (keep-alive comments forever, endless non-content lines)
+    # must not hold a reply, and its upstream slot, open: a reply that shows nothing this
+    # long after its request went out fails with an error frame; one that runs longer in
+    # all is cut (`end` with "truncated": true; an error if nothing was shown). And all the
+    # bytes the upstream sends for one reply, content or not, are bounded (same outcome).
+    first_content_seconds: float = field(default_factory=lambda: _float("CHAT_FIRST_CONTENT_SECONDS", 60))
+    max_reply_seconds: float = field(default_factory=lambda: _float("CHAT_MAX_REPLY_SECONDS", 180))
+    # Default: 1 KiB per token for the JSON around each chunk (OpenAI's is ~300 bytes, one
+    # token per chunk), plus the reply cap's text at 16 bytes a character (4 in UTF-8, 12 for
+    # an escaped "\ud83d\ude00" pair): 1.3 MB, which a whole legitimate reply never reaches.
+    max_upstream_bytes: int = field(
+        default_factory=lambda: _int(
+            "CHAT_MAX_UPSTREAM_BYTES",
+            1024 * _int("CHAT_MAX_REPLY_TOKENS", 1024) + 16 * _int("CHAT_MAX_REPLY_CHARS", 16000),
+        )
+    )
     # Close a connection after this long without a frame from the client.
     idle_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_IDLE_TIMEOUT_SECONDS", 900))
     # Host names this server answers to (comma-separated; no port). Anything else is

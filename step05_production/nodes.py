@@ -10,7 +10,7 @@ from pocketflow import AsyncNode
 
 from .config import settings
 from .store import StoreError, with_turn
-from .utils.stream_llm import explain_llm_error, stream_llm
+from .utils.stream_llm import ReplyOverBudget, explain_llm_error, stream_llm
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,8 @@ class StreamingChatNode(AsyncNode):
             await live.publish({"type": "start"})
             # A slot of the upstream's capacity first, maybe after a wait in turn (slots.py):
             # `start` is out already, so the page shows the reply as coming.
-            async with live.upstream_slot(), aclosing(stream_llm(messages, settings.max_reply_tokens)) as chunks:
-                async for text in chunks:
-                    room = settings.max_reply_chars - reply.length
-                    if len(text) > room:  # the server's own bound: leaving `async with` closes the request
-                        text, reply.truncated = text[:room], True
-                    if text:
-                        reply.add(text)
-                        await live.publish({"type": "chunk", "content": text})
-                    if reply.truncated:
-                        break
+            async with live.upstream_slot():
+                await self.relay(messages, live, reply)
         except asyncio.CancelledError:
             if not stop_requested.is_set():
                 raise  # cancelled without a Stop: just go
@@ -96,6 +88,38 @@ class StreamingChatNode(AsyncNode):
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
                 task.uncancel()
         return reply
+
+    async def relay(self, messages, live, reply: Reply) -> None:
+        """Stream the upstream's reply to `live`, within the server's own bounds of length,
+        time and bytes, whatever the upstream does. Leaving `async with` closes the request."""
+        chunks = stream_llm(messages, settings.max_reply_tokens, settings.max_upstream_bytes)
+        # The clock starts once the slot is held: waiting in turn is not the upstream's fault.
+        now = asyncio.get_running_loop().time()
+        whole_reply_ends = now + settings.max_reply_seconds
+        first_content_ends = min(whole_reply_ends, now + settings.first_content_seconds)
+        try:
+            async with asyncio.timeout_at(first_content_ends) as deadline, aclosing(chunks):
+                async for text in chunks:
+                    room = settings.max_reply_chars - reply.length
+                    if len(text) > room:  # the server's own bound on length
+                        text, reply.truncated = text[:room], True
+                    if text:
+                        if not reply.length:  # content at last: now only the whole reply's deadline
+                            deadline.reschedule(whole_reply_ends)
+                        reply.add(text)
+                        await live.publish({"type": "chunk", "content": text})
+                    if reply.truncated:
+                        break
+        except (TimeoutError, ReplyOverBudget) as error:
+            if isinstance(error, TimeoutError) and not deadline.expired():
+                raise  # not our deadline
+            if not reply.length:  # nothing shown: an error frame says what happened
+                if isinstance(error, ReplyOverBudget):
+                    raise
+                raise ReplyOverBudget(
+                    f"no content within {min(settings.first_content_seconds, settings.max_reply_seconds):g} s"
+                ) from error
+            reply.truncated = True  # the part shown stays, like a reply cut at its length
 
     async def exec_fallback_async(self, prep_res, exc):
         """The LLM call failed (pocketflow calls this after the last attempt): return the

@@ -81,7 +81,7 @@ def test_no_reply_task_survives_its_connection(client, fake):
 
 def test_an_upstream_line_that_never_ends_is_refused_before_it_is_read_whole(fake, monkeypatch):
     """An upstream that ignores max_tokens may send one `data:` line without end: it is
-    refused at 1 MiB (stream_llm.MAX_LINE_CHARS), not buffered whole (RSS: bench/upstream_flood.py)."""
+    refused at 64 KiB (stream_llm.MAX_LINE_CHARS), not buffered whole (RSS: bench/upstream_flood.py)."""
     from bench.upstream_flood import FloodUpstream
 
     with FloodUpstream(total_bytes=40_000_000) as upstream:

@@ -9,6 +9,7 @@ Try it:  python -m step05_production.utils.stream_llm "Say hello in three langua
 """
 
 import asyncio
+import codecs
 import ipaddress
 import json
 import os
@@ -68,24 +69,61 @@ class StreamCutOff(Exception):
     """The server started a reply but the connection broke before it finished."""
 
 
-# One event line of a chat stream is a few hundred bytes; a chunk of a whole reply cut at
-# CHAT_MAX_REPLY_CHARS fits many times. A longer line is refused before it is all read:
-# httpx's iter_lines() would buffer a line that never ends (150 MB: +550 MiB of RSS,
-# bench/upstream_flood.py).
-MAX_LINE_CHARS = 1 << 20
+class ReplyOverBudget(Exception):
+    """The server used up a reply's budget of time or bytes (a broken or hostile upstream):
+    keep-alive comments forever, or endless lines that are not content."""
+
+
+# One event line of a chat stream is a few hundred bytes. A longer line is refused before
+# it is all read: httpx's iter_lines() would buffer a line that never ends (150 MB:
+# +550 MiB of RSS, bench/upstream_flood.py).
+MAX_LINE_CHARS = 64 * 1024
 
 
 async def lines_of(texts: AsyncIterator[str], limit: int = MAX_LINE_CHARS) -> AsyncIterator[str]:
-    """The lines of a server-sent event stream (ended by \n, \r\n or \r), none longer than `limit`."""
-    pending = ""
+    """The lines of a server-sent event stream (ended by \n, \r\n or \r), none longer than `limit`.
+
+    Linear in the stream's length: only the new piece is searched for a line end, and the
+    pieces of an unfinished line are kept in a list and joined once, when it ends. (Gluing
+    every piece onto the line so far re-copies it each time: a 1 MB line in 1 KB pieces took
+    seconds of CPU and blocked the event loop for everyone.)"""
+    pieces: list[str] = []  # the unfinished line
+    length = 0
+    after_cr = False  # the last piece ended with \r: a \n starting the next one is the same line end
     async for text in texts:
-        *lines, pending = (pending + text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        for line in lines:
-            yield line
-        if len(pending) > limit:
+        if after_cr and text.startswith("\n"):
+            text = text[1:]
+        after_cr = text.endswith("\r")
+        if not text:
+            continue
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        *ended, rest = text.split("\n")
+        if ended:
+            pieces.append(ended[0])
+            yield "".join(pieces)
+            for line in ended[1:]:
+                yield line
+            pieces, length = [], 0
+        if rest:
+            pieces.append(rest)
+            length += len(rest)
+        if length > limit:
             raise StreamCutOff(f"the server sent a line longer than {limit} characters")
-    if pending:
-        yield pending
+    if pieces:
+        yield "".join(pieces)
+
+
+async def texts_of(chunks: AsyncIterator[bytes], max_bytes: int | None) -> AsyncIterator[str]:
+    """The body as text, refused past `max_bytes` (content, comments, anything: all of it counts)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+        if max_bytes is not None and received > max_bytes:
+            raise ReplyOverBudget(f"the server sent more than {max_bytes} bytes for one reply")
+        yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True)
 
 
 def text_of(line: str) -> str | None:
@@ -113,10 +151,13 @@ def text_of(line: str) -> str | None:
     return text if text.isascii() else without_tag_characters(text.encode("utf-8", "replace").decode("utf-8"))
 
 
-async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> AsyncIterator[str]:
+async def stream_llm(
+    messages: list[dict], max_tokens: int | None = None, max_bytes: int | None = None
+) -> AsyncIterator[str]:
     """Yield the reply to `messages` as text chunks, as soon as the server sends them.
 
     `max_tokens` bounds the reply's length, and so its cost (None: the server's limit).
+    `max_bytes` bounds what the server may send for it, whatever it is (ReplyOverBudget past it).
 
     Use it with `async for`. If you stop early, close the generator (`aclose()`, or
     `contextlib.aclosing`) and the HTTP request to the server is closed too, so the
@@ -130,7 +171,7 @@ async def stream_llm(messages: list[dict], max_tokens: int | None = None) -> Asy
     )
     async with request as response:  # closes the HTTP response however we leave this block
         try:
-            async for line in lines_of(response.iter_text()):
+            async for line in lines_of(texts_of(response.iter_bytes(), max_bytes)):
                 text = text_of(line)
                 if text:  # the first delta only carries the role, with empty content
                     yield text
@@ -153,6 +194,8 @@ def explain_llm_error(error: Exception) -> str:
 
     The server's address is named only when it is on this machine (then the user is
     the one who starts it): a deployment's internal host names stay in the log."""
+    if isinstance(error, ReplyOverBudget):
+        return "The language model took too long or sent too much without a usable reply, so it was stopped. Try again."
     if isinstance(error, StreamCutOff):
         return "The connection to the language model broke off in the middle of the reply."
     # The aiohttp transport reports "connection refused" as a connect timeout: either
