@@ -57,9 +57,10 @@ def server_limits() -> dict:
         # A deploy stops this process: open connections get this long to finish, then the
         # lifespan stops the replies (each stored as far as it got) and the process exits.
         "timeout_graceful_shutdown": 10,
-        # Connections (WebSockets included) and running requests at once: past it uvicorn
-        # answers new requests with 503, so what one worker holds open is bounded and the
-        # open-file limit can be checked against it (warn_about_open_file_limit).
+        # When this many connections (WebSockets included) are open, uvicorn answers a new
+        # HTTP request with 503 instead of running it. (It never refuses a WebSocket
+        # handshake: the app does, past CHAT_MAX_CONNECTIONS.) With both, what one worker
+        # serves is bounded, and the open-file limit is checked against that (files_needed).
         "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
     }
 
