@@ -111,6 +111,9 @@ def warn_about_open_file_limit() -> None:
 
 # TCP connections not (yet) upgraded to a WebSocket, per client key, in this worker.
 PENDING_CONNECTIONS: Counter[str] = Counter()
+# Per client key, those of its connections waiting between requests (a response sent, no
+# next request begun), the one waiting longest first: at the cap, it gives way.
+BETWEEN_REQUESTS: dict[str, dict] = {}
 
 
 @functools.cache
@@ -144,8 +147,12 @@ class RequestHeadTimeout:
     (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and closes one past the cap at once. Why: the
     app's own per-address caps see only WebSockets; without this, one address opening idle
     sockets (each reopened when the head timeout closes it) used up every file descriptor,
-    and no one else could connect. Connections from a trusted proxy are not counted.
-    Uses only what uvicorn's h11 and httptools protocols share: connection_made,
+    and no one else could connect. At the cap, the address's connection waiting longest for
+    a next request (kept alive after a response) is closed to make room, as uvicorn's keep-alive
+    timeout would close it: a browser opens a new one when it needs one, so a classroom behind
+    one NAT address loading the page together (Chromium: 6 connections per load) is served,
+    while sockets that never send a request are refused. A trusted proxy is not counted.
+    Uses only what uvicorn's h11 and httptools protocols share: connection_made, data_received,
     connection_lost, on_response_complete, handle_websocket_upgrade, client, config, cycle,
     loop, transport."""
 
@@ -161,7 +168,7 @@ class RequestHeadTimeout:
         if not self.client or from_trusted_proxy(self.config, self.client[0]):
             return
         key = client_key(self.client[0])
-        if PENDING_CONNECTIONS[key] >= settings.max_pending_connections_per_client:
+        if PENDING_CONNECTIONS[key] >= settings.max_pending_connections_per_client and not make_room(key):
             log.warning(
                 "Closed a new connection from %s at once: it holds %d connections that are not "
                 "WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
@@ -173,7 +180,19 @@ class RequestHeadTimeout:
         PENDING_CONNECTIONS[key] += 1
         self.pending_key = key
 
+    def data_received(self, data: bytes) -> None:
+        self.leave_between_requests()  # a request begins
+        super().data_received(data)
+
+    def leave_between_requests(self) -> None:
+        waiting = BETWEEN_REQUESTS.get(self.pending_key)
+        if waiting is not None:
+            waiting.pop(self, None)
+            if not waiting:
+                del BETWEEN_REQUESTS[self.pending_key]
+
     def release_pending(self) -> None:
+        self.leave_between_requests()
         if self.pending_key is not None:
             PENDING_CONNECTIONS[self.pending_key] -= 1
             if not PENDING_CONNECTIONS[self.pending_key]:
@@ -188,6 +207,9 @@ class RequestHeadTimeout:
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self.start_head_timer()
+        next_request_begun = self.cycle is not None and not self.cycle.response_complete  # (pipelined)
+        if self.pending_key is not None and not (next_request_begun or self.transport.is_closing()):
+            BETWEEN_REQUESTS.setdefault(self.pending_key, {})[self] = None
 
     def connection_lost(self, exc) -> None:
         if self.head_timer is not None:
@@ -206,6 +228,17 @@ class RequestHeadTimeout:
         request_running = self.cycle is not None and not self.cycle.response_complete
         if not (upgraded or request_running or self.transport.is_closing()):
             self.transport.close()
+
+
+def make_room(key: str) -> bool:
+    """Close the connection of `key` that has waited longest for a next request, if any."""
+    waiting = BETWEEN_REQUESTS.get(key)
+    if not waiting:
+        return False
+    longest = next(iter(waiting))
+    longest.release_pending()  # at once: the newcomer takes its place in the count
+    longest.transport.close()
+    return True
 
 
 def with_request_head_timeout(protocol_class: type) -> type | None:

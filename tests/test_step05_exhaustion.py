@@ -70,7 +70,10 @@ def read_response(sock: socket.socket) -> bytes:
     """One whole HTTP response with a Content-Length body."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
+        received = sock.recv(4096)
+        if not received:
+            raise ConnectionError(f"closed by the server after {data!r}")
+        data += received
     head, body = data.split(b"\r\n\r\n", 1)
     length = next(
         int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
@@ -391,6 +394,31 @@ def test_idle_sockets_from_one_address_cannot_lock_another_client_out(fake_serve
         log = server.log_text()
     assert log.count("Closed a new connection from 127.0.0.2 at once") == 3, log  # said, at a bounded rate
     assert f"This process may open {OPEN_FILES} files" in log and "LimitNOFILE" in log, log
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.slow
+def test_at_the_cap_a_connection_kept_alive_after_a_response_gives_way(fake_server, fake):
+    # A classroom behind one NAT address loading the page together: every browser keeps a few
+    # connections alive after its files. A new connection from the address closes the one
+    # waiting longest for a next request, instead of being refused.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "3"}
+    with entry_point_server(fake_server, "--timeout-keep-alive", "30", **env) as server:
+        kept_alive = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+        for sock in kept_alive:
+            sock.sendall(HEALTHZ)
+            assert b" 200 " in read_response(sock)
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        newcomer.sendall(HEALTHZ)
+        assert b" 200 " in read_response(newcomer)
+        assert seconds_until_closed(kept_alive[0], limit=3) < 3  # it waited longest: it gave way
+        for sock in kept_alive[1:]:  # the others still serve
+            sock.sendall(HEALTHZ)
+            assert b" 200 " in read_response(sock)
+        for sock in [*kept_alive, newcomer]:
+            sock.close()
 
 
 # 8. IPv6: one network, one client --------------------------------------------------
