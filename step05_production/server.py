@@ -144,14 +144,15 @@ class RequestHeadTimeout:
     connection belongs to the WebSocket protocol (pings, the chat's idle timeout).
 
     It also counts the connections each client address holds before they become WebSockets
-    (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and closes one past the cap at once. Why: the
-    app's own per-address caps see only WebSockets; without this, one address opening idle
-    sockets (each reopened when the head timeout closes it) used up every file descriptor,
-    and no one else could connect. At the cap, the address's connection waiting longest for
-    a next request (kept alive after a response) is closed to make room, as uvicorn's keep-alive
-    timeout would close it: a browser opens a new one when it needs one, so a classroom behind
-    one NAT address loading the page together (Chromium: 6 connections per load) is served,
-    while sockets that never send a request are refused. A trusted proxy is not counted.
+    (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT). Why: the app's own per-address caps see only
+    WebSockets; without this, one address opening idle sockets (each reopened when the head
+    timeout closed it) used up every file descriptor, and no one else could connect. At the
+    cap, the address's connection waiting longest for a next request (kept alive after a
+    response) is closed to make room, as uvicorn's keep-alive timeout would close it: a browser
+    opens another when it needs one, so a classroom behind one NAT address loading the page
+    together (Chromium: 6 connections per load) is served. With none such, the new connection
+    is closed at once: sockets that never send a request cannot pile up. A trusted proxy is
+    not counted.
     Uses only what uvicorn's h11 and httptools protocols share: connection_made, data_received,
     connection_lost, on_response_complete, handle_websocket_upgrade, client, config, cycle,
     loop, transport."""
