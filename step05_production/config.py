@@ -164,6 +164,18 @@ class Settings:
     # and the count is added to the next line of that kind that is logged.
     log_lines_per_kind: int = field(default_factory=lambda: _int("CHAT_LOG_LINES_PER_KIND", 5))
 
+    # Network: the connections before they are WebSockets, and who counts as one client.
+    # TCP connections one client address may hold open before they become WebSockets (page
+    # loads, handshakes, idle sockets): past it, a new one is closed at once, so one address
+    # cannot use up the server's file descriptors (server.py). Trusted proxies are not
+    # counted (all their clients share their address): limit per IP in the proxy.
+    max_pending_connections_per_client: int = field(
+        default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT", 50)
+    )
+    # IPv6 clients are counted per network of this many leading bits (security.client_key):
+    # one host is usually given a whole /64. IPv4 clients are counted per address.
+    ipv6_prefix_length: int = field(default_factory=lambda: _int("CHAT_IPV6_PREFIX_LENGTH", 64))
+
     def __post_init__(self):
         if self.max_reply_chars + self.max_message_chars > self.max_history_chars:
             raise ValueError(
@@ -179,6 +191,8 @@ class Settings:
             )
         if not 1 <= self.upstream_slots_per_client <= self.upstream_slots:
             raise ValueError("CHAT_UPSTREAM_SLOTS_PER_CLIENT must be between 1 and CHAT_UPSTREAM_SLOTS")
+        if not 0 <= self.ipv6_prefix_length <= 128:
+            raise ValueError("CHAT_IPV6_PREFIX_LENGTH must be between 0 and 128")
 
 
 settings = Settings()

@@ -5,6 +5,7 @@ main.py wires these in with a few lines; each piece says below which attack it s
 """
 
 import asyncio
+import ipaddress
 import logging
 import re
 import time
@@ -97,14 +98,34 @@ def origin_allowed(websocket: WebSocket) -> bool:
     )
 
 
+def client_key(host: str) -> str:
+    """The client a connection from `host` counts against, in every per-address limit:
+    an IPv4 address whole, an IPv6 address by its first CHAT_IPV6_PREFIX_LENGTH bits.
+
+    Why a prefix: an IPv6 host is usually given a whole /64 and may pick any address in it,
+    a new one per connection if it likes; keyed by the whole address it would count as
+    2**64 clients. ('2001:db8:1:2::7' -> '2001:db8:1:2::/64'; an IPv4 address written as
+    IPv6, '::ffff:10.0.0.1', is keyed as the IPv4 address it is.)"""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address: a test client's name, or "unknown"
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return str(ip)
+    # From the number, not the text: a zone ("fe80::1%eth0") is no part of the prefix.
+    return str(ipaddress.IPv6Network((int(ip), settings.ipv6_prefix_length), strict=False))
+
+
 def client_address(websocket: WebSocket) -> str:
-    """Who is connecting, as the ASGI server reports it.
+    """Who is connecting, as the ASGI server reports it, keyed by `client_key`.
 
     X-Forwarded-For is never read here: uvicorn puts the address it carries into the
     scope only for connections from `--forwarded-allow-ips` (default 127.0.0.1, a
     proxy on the same machine), so it is used only when the proxy is configured.
     """
-    return websocket.client.host if websocket.client else "unknown"
+    return client_key(websocket.client.host) if websocket.client else "unknown"
 
 
 class RateLimit:
@@ -325,8 +346,9 @@ class RateLimitedLog(logging.Filter):
 
 
 def bound_log_floods() -> None:
-    """uvicorn's own error log (bad requests, bad frames) and the chat's refusals."""
-    for name in ("uvicorn.error", "step05_production.main"):
+    """uvicorn's own error log (bad requests, bad frames) and the chat's refusals, those
+    before the WebSocket (server.py) included."""
+    for name in ("uvicorn.error", "step05_production.main", "step05_production.server"):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, RateLimitedLog) for existing in logger.filters):
             logger.addFilter(RateLimitedLog())

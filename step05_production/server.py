@@ -9,11 +9,14 @@ what it can itself (the frame limit, the request-head timeout) and says at start
 limits its command lacks (`warn_about_missing_limits`, called by main.py).
 """
 
+import functools
 import inspect
 import logging
 import os
+from collections import Counter
 
 from .config import settings
+from .security import client_key
 
 # An import string, not the app object: uvicorn needs one to start --workers, and each
 # worker then imports the app while uvicorn builds its settings (see below).
@@ -27,6 +30,13 @@ UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "127.0.0.1,::1")
 # closed after this long. Behind a load balancer that keeps connections to this server
 # open, pass more than the balancer's idle timeout, or it may send on a closed one.
 KEEP_ALIVE_SECONDS = 5
+# HTTP connections uvicorn serves at once besides the chat's WebSockets (CHAT_MAX_CONNECTIONS):
+# page loads, files, handshakes. Past the sum uvicorn answers 503, so a full worker still has
+# room for the newcomer that reclaims an idle WebSocket (security.OpenConnections).
+HTTP_CONNECTIONS_MARGIN = 200
+# File descriptors the process needs besides its connections: the upstream's connections,
+# the store, log files, the modules it imports.
+OTHER_FILES_MARGIN = 100
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,80 @@ def server_limits() -> dict:
         # A deploy stops this process: open connections get this long to finish, then the
         # lifespan stops the replies (each stored as far as it got) and the process exits.
         "timeout_graceful_shutdown": 10,
+        # When this many connections (WebSockets included) are open, uvicorn answers a new
+        # HTTP request with 503 instead of running it. (It never refuses a WebSocket
+        # handshake: the app does, past CHAT_MAX_CONNECTIONS.) With both, what one worker
+        # serves is bounded, and the open-file limit is checked against that (files_needed).
+        "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
     }
+
+
+def files_needed() -> int:
+    """File descriptors one worker may need: every connection uvicorn serves, and the rest."""
+    return settings.max_connections + HTTP_CONNECTIONS_MARGIN + OTHER_FILES_MARGIN
+
+
+def raise_open_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (workers inherit it).
+
+    Why: the soft limit is often 1024, fewer than CHAT_MAX_CONNECTIONS needs; once a process
+    runs out, the server can accept no one at all. Only the hard limit (systemd's LimitNOFILE,
+    `ulimit -Hn`) is the administrator's to set; the soft one is ours to raise up to it."""
+    try:
+        import resource
+    except ImportError:  # not POSIX (Windows): no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an unlimited hard limit the kernel caps lower (macOS)
+            log.info("Could not raise the open-file limit from %d to %d.", soft, hard)
+
+
+def warn_about_open_file_limit() -> None:
+    """Say at WARNING when this process may open fewer files than its connections need."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < files_needed():
+        log.warning(
+            "This process may open %d files, fewer than the %d it may need (CHAT_MAX_CONNECTIONS=%d "
+            "WebSockets, %d more connections for pages and handshakes, %d other files): once they "
+            "are used up, no one can connect. Raise the hard limit (systemd: LimitNOFILE=; a shell: "
+            "ulimit -Hn) or lower CHAT_MAX_CONNECTIONS (docs/operations.md, 'Open files').",
+            soft,
+            files_needed(),
+            settings.max_connections,
+            HTTP_CONNECTIONS_MARGIN,
+            OTHER_FILES_MARGIN,
+        )
+
+
+# TCP connections not (yet) upgraded to a WebSocket, per client key, in this worker.
+PENDING_CONNECTIONS: Counter[str] = Counter()
+# Per client key, those of its connections waiting between requests (a response sent, no
+# next request begun), the one waiting longest first: at the cap, it gives way.
+BETWEEN_REQUESTS: dict[str, dict] = {}
+
+
+@functools.cache
+def trusted_proxies(forwarded_allow_ips: str):
+    """The hosts whose X-Forwarded-For uvicorn believes, as uvicorn itself reads the list."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    return ProxyHeadersMiddleware(app=None, trusted_hosts=forwarded_allow_ips).trusted_hosts
+
+
+def from_trusted_proxy(config, host: str) -> bool:
+    """Whether uvicorn believes X-Forwarded-For from this peer. Such a proxy carries many
+    clients over its own address: the per-IP limit before the WebSocket is the proxy's job."""
+    if not config.proxy_headers:
+        return False
+    allowed = config.forwarded_allow_ips
+    return host in trusted_proxies(",".join(allowed) if isinstance(allowed, list) else allowed)
 
 
 class RequestHeadTimeout:
@@ -59,22 +142,80 @@ class RequestHeadTimeout:
     timer starts when the connection opens and again when a response ends (the next request
     may begin). Once the head is in, the request is the app's; after a WebSocket upgrade the
     connection belongs to the WebSocket protocol (pings, the chat's idle timeout).
-    Uses only what uvicorn's h11 and httptools protocols share: connection_made,
-    connection_lost, on_response_complete, cycle, loop, transport."""
+
+    It also counts the connections each client address holds before they become WebSockets
+    (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT). Why: the app's own per-address caps see only
+    WebSockets; without this, one address opening idle sockets (each reopened when the head
+    timeout closed it) used up every file descriptor, and no one else could connect. At the
+    cap, the address's connection waiting longest for a next request (kept alive after a
+    response) is closed to make room, as uvicorn's keep-alive timeout would close it: a browser
+    opens another when it needs one, so a classroom behind one NAT address loading the page
+    together (Chromium: 6 connections per load) is served. With none such, the new connection
+    is closed at once: sockets that never send a request cannot pile up. A trusted proxy is
+    not counted.
+    Uses only what uvicorn's h11 and httptools protocols share: connection_made, data_received,
+    connection_lost, on_response_complete, handle_websocket_upgrade, client, config, cycle,
+    loop, transport."""
 
     head_timer = None
+    pending_key = None  # the client key this connection counts against until it is a WebSocket
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.start_head_timer()
+        self.count_pending()
+
+    def count_pending(self) -> None:
+        if not self.client or from_trusted_proxy(self.config, self.client[0]):
+            return
+        key = client_key(self.client[0])
+        if PENDING_CONNECTIONS[key] >= settings.max_pending_connections_per_client and not make_room(key):
+            log.warning(
+                "Closed a new connection from %s at once: it holds %d connections that are not "
+                "WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
+                key,
+                PENDING_CONNECTIONS[key],
+            )
+            self.transport.close()
+            return
+        PENDING_CONNECTIONS[key] += 1
+        self.pending_key = key
+
+    def data_received(self, data: bytes) -> None:
+        self.leave_between_requests()  # a request begins
+        super().data_received(data)
+
+    def leave_between_requests(self) -> None:
+        waiting = BETWEEN_REQUESTS.get(self.pending_key)
+        if waiting is not None:
+            waiting.pop(self, None)
+            if not waiting:
+                del BETWEEN_REQUESTS[self.pending_key]
+
+    def release_pending(self) -> None:
+        self.leave_between_requests()
+        if self.pending_key is not None:
+            PENDING_CONNECTIONS[self.pending_key] -= 1
+            if not PENDING_CONNECTIONS[self.pending_key]:
+                del PENDING_CONNECTIONS[self.pending_key]  # the table holds only current holders
+            self.pending_key = None
+
+    def handle_websocket_upgrade(self, *request) -> None:
+        # A WebSocket from here on: the app's per-address caps count it instead.
+        self.release_pending()
+        super().handle_websocket_upgrade(*request)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self.start_head_timer()
+        next_request_begun = self.cycle is not None and not self.cycle.response_complete  # (pipelined)
+        if self.pending_key is not None and not (next_request_begun or self.transport.is_closing()):
+            BETWEEN_REQUESTS.setdefault(self.pending_key, {})[self] = None
 
     def connection_lost(self, exc) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
+        self.release_pending()
         super().connection_lost(exc)
 
     def start_head_timer(self) -> None:
@@ -88,6 +229,17 @@ class RequestHeadTimeout:
         request_running = self.cycle is not None and not self.cycle.response_complete
         if not (upgraded or request_running or self.transport.is_closing()):
             self.transport.close()
+
+
+def make_room(key: str) -> bool:
+    """Close the connection of `key` that has waited longest for a next request, if any."""
+    waiting = BETWEEN_REQUESTS.get(key)
+    if not waiting:
+        return False
+    longest = next(iter(waiting))
+    longest.release_pending()  # at once: the newcomer takes its place in the count
+    longest.transport.close()
+    return True
 
 
 def with_request_head_timeout(protocol_class: type) -> type | None:
@@ -112,7 +264,8 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
 # Which limits hold per worker process, for the start-up warning with --workers N.
 PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
-    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST) and messages per address "
+    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections per address "
+    "before the WebSocket (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and messages per address "
     "(CHAT_CLIENT_RATE_LIMIT_MESSAGES) are counted in each worker: with {workers} workers an "
     "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
 )
@@ -129,6 +282,7 @@ def serve(
     """Run the chat under uvicorn with `server_limits()`, until Ctrl-C or SIGTERM."""
     import uvicorn  # here, so that importing this module never needs the server
 
+    raise_open_file_limit()
     uvicorn.run(
         APP,
         host=host,
@@ -188,6 +342,7 @@ def warn_about_missing_limits() -> None:
     """Called while the app is imported: apply what the app can to uvicorn's settings (a
     lower frame limit, the request-head timeout), and say at WARNING what the command
     lacks: `server_limits()`, a trusted proxy it never named, and limits that hold per worker."""
+    warn_about_open_file_limit()  # (under any server: this process's own limit)
     config = uvicorn_config_loading_this_app()
     if config is None:
         log.warning(

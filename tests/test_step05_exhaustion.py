@@ -27,6 +27,7 @@ from harness.support import (
 )
 from step05_production import main as chat_main
 from step05_production.config import settings
+from step05_production.security import client_key
 
 APP = "step05_production.main:app"
 
@@ -69,7 +70,10 @@ def read_response(sock: socket.socket) -> bytes:
     """One whole HTTP response with a Content-Length body."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
+        received = sock.recv(4096)
+        if not received:
+            raise ConnectionError(f"closed by the server after {data!r}")
+        data += received
     head, body = data.split(b"\r\n\r\n", 1)
     length = next(
         int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
@@ -348,6 +352,118 @@ def test_a_flood_of_bad_connections_is_logged_at_a_bounded_rate_with_a_count(fak
     assert flood.count("Invalid UTF-8 sequence") == 3, flood
     assert len(flood) < 3 * 1000, len(flood)  # three short tracebacks, not forty
     assert f"[{BAD_CONNECTIONS - 3} more like this not logged]" in after, after
+
+
+# 7. Connections before the WebSocket, open files ---------------------------------
+
+# The hard limit on open files the server is started with below: a few dozen idle sockets
+# would use it up, so the test stays small.
+OPEN_FILES = 60
+
+
+def server_open_file_limits(server) -> tuple[int, int]:
+    """The running server's soft and hard limit on open files, as the kernel reports them."""
+    with open(f"/proc/{server.process.pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def idle_socket_from(source: str, server) -> socket.socket:
+    """A TCP connection from another loopback address that never sends a byte."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.2, prlimit and /proc are Linux's")
+def test_idle_sockets_from_one_address_cannot_lock_another_client_out(fake_server, fake):
+    # The review's attack, scaled down: one address opens more idle TCP connections than
+    # the server may open files. The server starts with a soft limit below its hard one.
+    server = entry_point_server(fake_server, CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT="5", CHAT_LOG_LINES_PER_KIND="3")
+    server.command = ["prlimit", f"--nofile={OPEN_FILES // 2}:{OPEN_FILES}", *server.command]
+    with server:
+        assert server_open_file_limits(server) == (OPEN_FILES, OPEN_FILES)  # raised to the hard limit
+        flood = [idle_socket_from("127.0.0.2", server) for _ in range(OPEN_FILES)]
+        with WsClient(server.ws_url) as ws:  # another address (127.0.0.1) chats as usual
+            read_conversation(ws)
+            assert chat_turn(ws, "still here") == "You said: still here"
+        still_open = sum(seconds_until_closed(sock, limit=0.3) == float("inf") for sock in flood)
+        assert still_open == 5, still_open  # the cap; the rest were closed at once
+        for sock in flood:
+            sock.close()
+        log = server.log_text()
+    assert log.count("Closed a new connection from 127.0.0.2 at once") == 3, log  # said, at a bounded rate
+    assert f"This process may open {OPEN_FILES} files" in log and "LimitNOFILE" in log, log
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.slow
+def test_at_the_cap_a_connection_kept_alive_after_a_response_gives_way(fake_server, fake):
+    # A classroom behind one NAT address loading the page together: every browser keeps a few
+    # connections alive after its files. A new connection from the address closes the one
+    # waiting longest for a next request, instead of being refused.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "3"}
+    with entry_point_server(fake_server, "--timeout-keep-alive", "30", **env) as server:
+        kept_alive = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+        for sock in kept_alive:
+            sock.sendall(HEALTHZ)
+            assert b" 200 " in read_response(sock)
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        newcomer.sendall(HEALTHZ)
+        assert b" 200 " in read_response(newcomer)
+        assert seconds_until_closed(kept_alive[0], limit=3) < 3  # it waited longest: it gave way
+        for sock in kept_alive[1:]:  # the others still serve
+            sock.sendall(HEALTHZ)
+            assert b" 200 " in read_response(sock)
+        for sock in [*kept_alive, newcomer]:
+            sock.close()
+
+
+# 8. IPv6: one network, one client --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("2001:db8:1:2::7", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # an IPv4 client on a dual-stack socket
+        ("fe80::1%eth0", "fe80::/64"),
+        ("testclient", "testclient"),  # not an address: kept as it is
+    ],
+)
+def test_a_client_is_its_ipv4_address_or_its_ipv6_network(host, key):
+    assert client_key(host) == key
+
+
+def test_the_ipv6_network_of_one_client_is_a_setting(monkeypatch):
+    monkeypatch.setattr(settings, "ipv6_prefix_length", 48)
+    assert client_key("2001:db8:1:2::7") == client_key("2001:db8:1:ff::1") == "2001:db8:1::/48"
+    assert client_key("2001:db8:2::1") != client_key("2001:db8:1::1")
+
+
+@pytest.mark.slow
+def test_addresses_in_one_ipv6_network_share_one_clients_cap(fake_server, fake):
+    # An IPv6 host usually holds a whole /64: a new address per connection is no new client.
+    # (Addresses forged through a proxy header this test names as trusted.)
+    env = {"CHAT_MAX_CONNECTIONS_PER_CLIENT": "2"}
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        held = [forged(server, "2001:db8:1:2::1"), forged(server, "2001:db8:1:2:ffff:ffff:ffff:9")]
+        for ws in held:
+            read_conversation(ws)
+        with forged(server, "2001:db8:1:2::3") as third:  # a third address of the same /64
+            refusal = third.receive_json()
+            assert "Too many open chats" in refusal.get("message", ""), refusal
+            with pytest.raises(ConnectionClosed) as closed:
+                third.receive_text(timeout=5)
+            assert closed.value.rcvd.code == 1013
+        with forged(server, "2001:db8:1:3::1") as neighbour:  # the next /64: another client
+            assert chat_turn(neighbour, "mine") == "You said: mine"
+        for ws in held:
+            ws.close()
 
 
 # The page whose idle connection was reclaimed ---------------------------------------

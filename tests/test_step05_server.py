@@ -22,7 +22,7 @@ from harness.support import (
 )
 from step05_production.__main__ import parse_arguments
 from step05_production.config import settings
-from step05_production.server import server_limits
+from step05_production.server import HTTP_CONNECTIONS_MARGIN, server_limits
 
 ADVICE = "python -m step05_production"  # what the app says when its command lacks a limit
 
@@ -49,6 +49,29 @@ def test_the_server_limits_follow_the_chats_settings(monkeypatch):
     assert limits["ws_max_size"] == 1234
     assert limits["ws_per_message_deflate"] is False
     assert limits["timeout_graceful_shutdown"] > 0
+
+
+def test_uvicorn_serves_the_chats_connections_and_no_more_than_a_margin_besides(monkeypatch):
+    monkeypatch.setattr(settings, "max_connections", 300)
+    assert 300 < server_limits()["limit_concurrency"] <= 300 + HTTP_CONNECTIONS_MARGIN
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prlimit and /proc are Linux's")
+def test_a_plain_uvicorn_command_with_too_few_open_files_is_told_so(fake_server, fake):
+    # Only the entry point raises the open-file limit: under a plain command the app says
+    # what it lacks, the concurrency limit and the files for CHAT_MAX_CONNECTIONS.
+    server = LiveServer("step05_production.main:app", env=llm_env(fake_server.base_url, CHAT_MAX_CONNECTIONS="1000"))
+    server.command = ["prlimit", "--nofile=256:512", *server.command]
+    with server:
+        with WsClient(server.ws_url) as ws:
+            read_conversation(ws)
+        with open(f"/proc/{server.process.pid}/limits") as limits:
+            soft_limit = next(line for line in limits if line.startswith("Max open files")).split()[3]
+        log = server.log_text()
+    assert soft_limit == "256"  # left as it was: not the app's to change
+    assert "limit_concurrency=None" in log and ADVICE in log, log
+    assert "This process may open 256 files, fewer than the" in log and "CHAT_MAX_CONNECTIONS=1000" in log, log
 
 
 def test_the_entry_point_takes_the_servers_options():
