@@ -47,15 +47,15 @@ def test_a_pause_longer_than_the_redis_socket_timeout_is_followed_on_another_hos
 
 @pytest.mark.slow
 def test_followers_of_one_reply_leave_redis_connections_for_everyone_else(fake, fake_server, redis_server):
-    # A pool of 4 connections per client; one goes to the pub/sub listener. Six followers of
+    # A pool of 6 connections per client; one goes to the pub/sub listener. Eight followers of
     # one reply used to hold one pooled connection each in a blocking XREAD, and everyone
     # else on host B got "Redis is unreachable (MaxConnectionsError)".
     fake.min_chunks, fake.chunk_delay = 400, 0.04
-    url = f"{redis_server.url}?max_connections=4"
+    url = f"{redis_server.url}?max_connections=6"
     env = llm_env(fake_server.base_url, CHAT_STORE_URL=url, CHAT_RESUME_SECONDS="30")
     with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
         asker, cid = start_reply(host_a)
-        followers = [follow(host_b, cid) for _ in range(6)]
+        followers = [follow(host_b, cid) for _ in range(MAX_FOLLOWERS_PER_CONVERSATION)]
         for ws in followers:
             assert ws.receive_json() == {"type": "start"}
             assert ws.receive_json()["type"] == "chunk"  # each one is reading the stream now
