@@ -25,10 +25,15 @@ CONTROL_CHANNEL = "chat:replies"
 BLOCK_MILLISECONDS = 2000
 # Connections in one process that may follow one reply generated elsewhere; more are told so.
 MAX_FOLLOWERS_PER_CONVERSATION = 8
+# A reply's claim on its conversation lives this long unless its writer renews it (every
+# CLAIM_RENEW_SECONDS, frames or not): a host killed mid-reply frees the conversation for
+# the other hosts within seconds, and its followers are told the reply was lost.
+CLAIM_SECONDS = 15
+CLAIM_RENEW_SECONDS = 5
 
 
 def expiry_seconds() -> int:
-    """How long a reply's stream, and its claim on the conversation, outlive their last write."""
+    """How long a reply's stream outlives its last write."""
     return STREAM_SECONDS + int(settings.resume_seconds)
 
 
@@ -57,6 +62,7 @@ class RedisFeed(ReplyFeed):
         self.replies: dict[str, LiveReply] = {}  # this process's, for the other processes' orders
         self.pending: dict[LiveReply, list[dict]] = {}
         self.writers: dict[LiveReply, asyncio.Task] = {}
+        self.renewers: dict[LiveReply, asyncio.Task] = {}
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -73,6 +79,8 @@ class RedisFeed(ReplyFeed):
 
     async def close(self):
         await asyncio.gather(*self.writers.values(), return_exceptions=True)
+        for renewer in list(self.renewers.values()):
+            renewer.cancel()
         if self.listener is not None:
             self.listener.cancel()
             await asyncio.gather(self.listener, return_exceptions=True)
@@ -84,7 +92,7 @@ class RedisFeed(ReplyFeed):
 
     async def claim(self, conversation_id):
         try:
-            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=expiry_seconds()))
+            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=CLAIM_SECONDS))
         except self.errors as error:
             raise redis_unreachable(error) from error
 
@@ -97,6 +105,19 @@ class RedisFeed(ReplyFeed):
     def begin(self, reply):
         self.pending[reply] = [{"turn": reply.turn, "user": reply.user_message}]
         self._write_soon(reply)
+        self.renewers[reply] = asyncio.create_task(self._renew_claim(reply))
+
+    async def _renew_claim(self, reply: LiveReply) -> None:
+        """Keep the conversation claimed while the reply's task runs, even through a long
+        pause of the model (or a wait for an upstream slot)."""
+        try:
+            while not reply.task.done():
+                await asyncio.sleep(CLAIM_RENEW_SECONDS)
+                await self.redis.expire(self.lock_key(reply.conversation_id), CLAIM_SECONDS)
+        except self.errors as error:  # the claim lapses; Redis away fails the reply's store anyway
+            log.warning("could not renew a reply's claim: %r", error)
+        finally:
+            self.renewers.pop(reply, None)
 
     def append(self, reply, frame):
         self.pending.setdefault(reply, []).append({"frame": frame})
@@ -120,7 +141,6 @@ class RedisFeed(ReplyFeed):
                         else:
                             pipe.xadd(key, {"frame": json.dumps(entry["frame"])})
                     pipe.expire(key, expiry_seconds())
-                    pipe.expire(self.lock_key(reply.conversation_id), expiry_seconds())
                     await pipe.execute()
         except self.errors as error:  # local watchers are unaffected; remote ones time out
             log.warning("could not share a reply through Redis: %r", error)
@@ -131,6 +151,9 @@ class RedisFeed(ReplyFeed):
                 await self.release(reply.conversation_id)
 
     async def finish(self, reply, frame):
+        renewer = self.renewers.pop(reply, None)
+        if renewer is not None:
+            renewer.cancel()
         writer = self.writers.pop(reply, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)  # every earlier frame first
@@ -160,6 +183,9 @@ class RedisFeed(ReplyFeed):
         if watch.queue is not None:  # (a refused one only says so to its client)
             await watch.say("watch")
         return watch
+
+    async def claimed(self, conversation_id: str) -> bool:
+        return bool(await self.reader.exists(self.lock_key(conversation_id)))
 
     def reader_for(self, conversation_id: str, last_id: bytes) -> "StreamReader | None":
         """The reader of this conversation's reply stream (started from `last_id` if there is
@@ -252,6 +278,8 @@ class StreamReader:
         key, quiet_since = self.feed.key(self.conversation_id), time.monotonic()
         try:
             while time.monotonic() - quiet_since < STREAM_SECONDS:
+                if time.monotonic() - quiet_since > CLAIM_SECONDS and not await self.feed.claimed(self.conversation_id):
+                    break  # nothing written, nor the claim renewed: the host writing it is gone
                 try:
                     answer = await self.feed.reader.xread({key: last_id}, block=BLOCK_MILLISECONDS)
                 except self.feed.Timeout:

@@ -2,10 +2,13 @@
 through a long pause, many connections following one reply, and a host killed mid-reply.
 Two real uvicorn hosts share a real redis-server; the model is the fake upstream."""
 
+import signal
+import time
+
 import pytest
 
 from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
-from step05_production.redis_feed import MAX_FOLLOWERS_PER_CONVERSATION
+from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION
 
 APP = "step05_production.main"
 
@@ -92,3 +95,61 @@ def test_followers_beyond_the_cap_are_told_so_and_the_others_go_on(fake, fake_se
             assert collect_reply(ws)[-1] == end
             ws.close()
         asker.close()
+
+
+def send_when_free(ws, text: str, tries: int = 20) -> dict:
+    """Send a message, again while it is refused as busy, for up to ~2 s: the connection
+    stops following a reply just after it passes on that reply's last frame (session.py)."""
+    for _ in range(tries):
+        ws.send_json({"type": "message", "content": text})
+        frame = ws.receive_json()
+        if not frame.get("refused"):
+            return frame
+        time.sleep(0.1)
+    return frame
+
+
+@pytest.mark.slow
+def test_a_host_killed_mid_reply_frees_the_conversation_within_seconds(fake, fake_server, redis_server):
+    # The reply's claim used to outlive its last write by minutes: a host killed mid-reply
+    # left the conversation "still streaming" for ~2.5 minutes on every other host.
+    fake.min_chunks, fake.chunk_delay = 400, 0.04
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        asker, cid = start_reply(host_a)
+        with follow(host_b, cid) as ws:
+            assert ws.receive_json() == {"type": "start"}
+            host_a.process.send_signal(signal.SIGKILL)  # no shutdown, no last write
+            # Within the claim's lifetime and a few seconds, not minutes:
+            lost = ws.receive_json(timeout=CLAIM_SECONDS + 10)
+            while lost["type"] == "chunk":  # (those sent before the kill)
+                lost = ws.receive_json(timeout=CLAIM_SECONDS + 10)
+            assert lost == {"type": "error", "message": "The reply was lost: the server writing it went away."}
+            assert send_when_free(ws, "are you there?") == {"type": "start"}, "the conversation is still claimed"
+            ws.send_json({"type": "stop"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+        asker.close()
+
+
+@pytest.mark.slow
+def test_a_reply_pausing_longer_than_its_claim_keeps_the_conversation(fake, fake_server, redis_server):
+    # The claim is short-lived (above), so its writer renews it: a live reply whose model
+    # pauses past CLAIM_SECONDS must not let another host start a second reply beside it.
+    fake.min_chunks = 6
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        asker, cid = start_reply(host_a, "first")
+        assert collect_reply(asker)[-1]["type"] == "end"
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as other_tab:  # open before the next reply
+            assert read_conversation(other_tab)["id"] == cid
+            fake.hold_after, fake.hold_seconds = 2, CLAIM_SECONDS + 10
+            asker.send_json({"type": "message", "content": "second"})
+            assert asker.receive_json() == {"type": "start"}
+            time.sleep(CLAIM_SECONDS + 3)  # past the claim's first lifetime, the model still silent
+            other_tab.send_json({"type": "message", "content": "meanwhile"})
+            refused = other_tab.receive_json()
+            assert refused.get("refused") and "still streaming" in refused["message"], refused
+            fake.release()
+            assert collect_reply(asker)[-1]["type"] == "end"
+        asker.close()
+    assert fake.started == 2
