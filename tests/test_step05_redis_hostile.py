@@ -153,3 +153,31 @@ def test_a_reply_pausing_longer_than_its_claim_keeps_the_conversation(fake, fake
             assert collect_reply(asker)[-1]["type"] == "end"
         asker.close()
     assert fake.started == 2
+
+
+@pytest.mark.slow
+def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake, fake_server, redis_server):
+    # Host B's pools hold 3 connections each. Its followers read through a pool of their own:
+    # four followed replies fill it, the fourth is told so (not "Redis is unreachable"), and
+    # loading and storing conversations on host B go on.
+    fake.min_chunks, fake.hold_after, fake.hold_seconds = 6, 1, 60.0
+    env_a = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    env_b = {**env_a, "CHAT_STORE_URL": f"{redis_server.url}?max_connections=3"}
+    with LiveServer(f"{APP}:app", env=env_a) as host_a, LiveServer(f"{APP}:app", env=env_b) as host_b:
+        askers = [start_reply(host_a, f"question {number}") for number in range(4)]
+        followers = [follow(host_b, cid) for _, cid in askers]
+        for ws in followers[:3]:
+            assert ws.receive_json() == {"type": "start"}
+        told = collect_reply(followers[3])[-1]
+        assert told["type"] == "error" and "follows too many replies" in told["message"], told
+        with WsClient(host_b.ws_url) as other_user:
+            read_conversation(other_user)
+            other_user.send_json({"type": "message", "content": "hello"})
+            assert other_user.receive_json() == {"type": "start"}
+            other_user.send_json({"type": "stop"})
+            assert collect_reply(other_user)[-1]["type"] == "end"
+        fake.release()
+        for ws in followers[:3]:
+            assert collect_reply(ws)[-1]["type"] == "end"
+        for ws in followers + [asker for asker, _ in askers]:
+            ws.close()
