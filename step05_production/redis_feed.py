@@ -58,7 +58,9 @@ class RedisFeed(ReplyFeed):
         self.reader = Redis.from_url(
             settings.store_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
         )
-        self.readers: dict[str, StreamReader] = {}  # by conversation: one per followed reply
+        # One per followed reply, by conversation and turn: a follower of the conversation's
+        # next reply never joins the reader of the one before (it ends at that reply's end).
+        self.readers: dict[tuple[str, int], StreamReader] = {}
         self.replies: dict[str, LiveReply] = {}  # this process's, for the other processes' orders
         self.pending: dict[LiveReply, list[dict]] = {}
         self.writers: dict[LiveReply, asyncio.Task] = {}
@@ -187,19 +189,19 @@ class RedisFeed(ReplyFeed):
     async def claimed(self, conversation_id: str) -> bool:
         return bool(await self.reader.exists(self.lock_key(conversation_id)))
 
-    def reader_for(self, conversation_id: str, last_id: bytes) -> "StreamReader | None":
-        """The reader of this conversation's reply stream (started from `last_id` if there is
-        none yet), or None if it has MAX_FOLLOWERS_PER_CONVERSATION followers already."""
-        reader = self.readers.get(conversation_id)
+    def reader_for(self, conversation_id: str, turn: int, last_id: bytes) -> "StreamReader | None":
+        """The reader of this reply's stream (started from `last_id` if there is none yet),
+        or None if it has MAX_FOLLOWERS_PER_CONVERSATION followers already."""
+        reader = self.readers.get((conversation_id, turn))
         if reader is None:
-            reader = self.readers[conversation_id] = StreamReader(self, conversation_id, last_id)
+            reader = self.readers[conversation_id, turn] = StreamReader(self, conversation_id, turn, last_id)
         elif len(reader.followers) >= MAX_FOLLOWERS_PER_CONVERSATION:
             return None
         return reader
 
     def forget(self, reader: "StreamReader") -> None:
-        if self.readers.get(reader.conversation_id) is reader:
-            del self.readers[reader.conversation_id]
+        if self.readers.get((reader.conversation_id, reader.turn)) is reader:
+            del self.readers[reader.conversation_id, reader.turn]
 
     async def discard(self, conversation_id):
         # Without its first entry (the turn and question) what is left of the stream, or
@@ -250,8 +252,8 @@ class StreamReader:
     joins later; each follower skips what it had already (RemoteWatch).
     """
 
-    def __init__(self, feed: "RedisFeed", conversation_id: str, last_id: bytes):
-        self.feed, self.conversation_id = feed, conversation_id
+    def __init__(self, feed: "RedisFeed", conversation_id: str, turn: int, last_id: bytes):
+        self.feed, self.conversation_id, self.turn = feed, conversation_id, turn
         self.entries: list = []  # (entry id, fields), or the exception that ended the reading
         self.followers: set[asyncio.Queue] = set()
         self.task = asyncio.create_task(self.read(last_id))
@@ -319,7 +321,7 @@ class RemoteWatch:
         self.feed, self.conversation_id, self.user_message = feed, conversation_id, user_message
         self.entries = entries[1:]
         self.last_id = entries[-1][0]
-        self.reader = feed.reader_for(conversation_id, self.last_id)
+        self.reader = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id)
         self.queue = self.reader.follow() if self.reader is not None else None
         self.said_unwatch = self.queue is None  # refused: it never said "watch"
 
