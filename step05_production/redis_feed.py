@@ -20,10 +20,20 @@ log = logging.getLogger(__name__)
 
 STREAM_SECONDS = 120  # a reply's stream outlives its last frame this long (then expires)
 CONTROL_CHANNEL = "chat:replies"
+# A follower's XREAD waits this long for a new entry, well under the client's socket
+# timeout (5 s, store.py): a reply that pauses longer is "nothing yet", not "Redis is away".
+BLOCK_MILLISECONDS = 2000
+# Connections in one process that may follow one reply generated elsewhere; more are told so.
+MAX_FOLLOWERS_PER_CONVERSATION = 8
+# A reply's claim on its conversation lives this long unless its writer renews it (every
+# CLAIM_RENEW_SECONDS, frames or not): a host killed mid-reply frees the conversation for
+# the other hosts within seconds, and its followers are told the reply was lost.
+CLAIM_SECONDS = 15
+CLAIM_RENEW_SECONDS = 5
 
 
 def expiry_seconds() -> int:
-    """How long a reply's stream, and its claim on the conversation, outlive their last write."""
+    """How long a reply's stream outlives its last write."""
     return STREAM_SECONDS + int(settings.resume_seconds)
 
 
@@ -38,12 +48,23 @@ class RedisFeed(ReplyFeed):
 
     def __init__(self, redis):
         # Imported here: redis-py is installed only for a Redis store.
-        from redis.exceptions import RedisError
+        from redis.asyncio import Redis
+        from redis.exceptions import MaxConnectionsError, RedisError
+        from redis.exceptions import TimeoutError as RedisTimeout
 
-        self.redis, self.errors = redis, RedisError
+        self.redis, self.errors, self.Timeout, self.PoolFull = redis, RedisError, RedisTimeout, MaxConnectionsError
+        # The blocking reads of followed replies get a pool of their own: however many
+        # replies are followed, loading and storing conversations always find a connection.
+        self.reader = Redis.from_url(
+            settings.store_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
+        )
+        # One per followed reply, by conversation and turn: a follower of the conversation's
+        # next reply never joins the reader of the one before (it ends at that reply's end).
+        self.readers: dict[tuple[str, int], StreamReader] = {}
         self.replies: dict[str, LiveReply] = {}  # this process's, for the other processes' orders
         self.pending: dict[LiveReply, list[dict]] = {}
         self.writers: dict[LiveReply, asyncio.Task] = {}
+        self.renewers: dict[LiveReply, asyncio.Task] = {}
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -60,15 +81,20 @@ class RedisFeed(ReplyFeed):
 
     async def close(self):
         await asyncio.gather(*self.writers.values(), return_exceptions=True)
+        for renewer in list(self.renewers.values()):
+            renewer.cancel()
         if self.listener is not None:
             self.listener.cancel()
             await asyncio.gather(self.listener, return_exceptions=True)
+        for reader in list(self.readers.values()):
+            reader.task.cancel()
+        await self.reader.aclose()
 
     # The generating side ------------------------------------------------------------
 
     async def claim(self, conversation_id):
         try:
-            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=expiry_seconds()))
+            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=CLAIM_SECONDS))
         except self.errors as error:
             raise redis_unreachable(error) from error
 
@@ -81,6 +107,19 @@ class RedisFeed(ReplyFeed):
     def begin(self, reply):
         self.pending[reply] = [{"turn": reply.turn, "user": reply.user_message}]
         self._write_soon(reply)
+        self.renewers[reply] = asyncio.create_task(self._renew_claim(reply))
+
+    async def _renew_claim(self, reply: LiveReply) -> None:
+        """Keep the conversation claimed while the reply's task runs, even through a long
+        pause of the model (or a wait for an upstream slot)."""
+        try:
+            while not reply.task.done():
+                await asyncio.sleep(CLAIM_RENEW_SECONDS)
+                await self.redis.expire(self.lock_key(reply.conversation_id), CLAIM_SECONDS)
+        except self.errors as error:  # the claim lapses; Redis away fails the reply's store anyway
+            log.warning("could not renew a reply's claim: %r", error)
+        finally:
+            self.renewers.pop(reply, None)
 
     def append(self, reply, frame):
         self.pending.setdefault(reply, []).append({"frame": frame})
@@ -104,7 +143,6 @@ class RedisFeed(ReplyFeed):
                         else:
                             pipe.xadd(key, {"frame": json.dumps(entry["frame"])})
                     pipe.expire(key, expiry_seconds())
-                    pipe.expire(self.lock_key(reply.conversation_id), expiry_seconds())
                     await pipe.execute()
         except self.errors as error:  # local watchers are unaffected; remote ones time out
             log.warning("could not share a reply through Redis: %r", error)
@@ -115,6 +153,9 @@ class RedisFeed(ReplyFeed):
                 await self.release(reply.conversation_id)
 
     async def finish(self, reply, frame):
+        renewer = self.renewers.pop(reply, None)
+        if renewer is not None:
+            renewer.cancel()
         writer = self.writers.pop(reply, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)  # every earlier frame first
@@ -141,8 +182,26 @@ class RedisFeed(ReplyFeed):
         if int(meta.get(b"turn", 0)) <= stored_turns:
             return None  # that reply is in the stored messages already, or was discarded (New chat)
         watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries)
-        await watch.say("watch")
+        if watch.queue is not None:  # (a refused one only says so to its client)
+            await watch.say("watch")
         return watch
+
+    async def claimed(self, conversation_id: str) -> bool:
+        return bool(await self.reader.exists(self.lock_key(conversation_id)))
+
+    def reader_for(self, conversation_id: str, turn: int, last_id: bytes) -> "StreamReader | None":
+        """The reader of this reply's stream (started from `last_id` if there is none yet),
+        or None if it has MAX_FOLLOWERS_PER_CONVERSATION followers already."""
+        reader = self.readers.get((conversation_id, turn))
+        if reader is None:
+            reader = self.readers[conversation_id, turn] = StreamReader(self, conversation_id, turn, last_id)
+        elif len(reader.followers) >= MAX_FOLLOWERS_PER_CONVERSATION:
+            return None
+        return reader
+
+    def forget(self, reader: "StreamReader") -> None:
+        if self.readers.get((reader.conversation_id, reader.turn)) is reader:
+            del self.readers[reader.conversation_id, reader.turn]
 
     async def discard(self, conversation_id):
         # Without its first entry (the turn and question) what is left of the stream, or
@@ -184,6 +243,76 @@ class RedisFeed(ReplyFeed):
             reply.stop()
 
 
+class StreamReader:
+    """Reads one reply's stream for every connection in this process that follows it.
+
+    One blocking XREAD, on the feed's own connection pool, however many connections follow
+    the reply: followers never hold a Redis connection each, so they cannot exhaust the pool
+    that loading and storing conversations use. Everything read is kept for a follower that
+    joins later; each follower skips what it had already (RemoteWatch).
+    """
+
+    def __init__(self, feed: "RedisFeed", conversation_id: str, turn: int, last_id: bytes):
+        self.feed, self.conversation_id, self.turn = feed, conversation_id, turn
+        self.entries: list = []  # (entry id, fields), or the exception that ended the reading
+        self.followers: set[asyncio.Queue] = set()
+        self.task = asyncio.create_task(self.read(last_id))
+
+    def follow(self) -> asyncio.Queue:
+        queue = asyncio.Queue()
+        for entry in self.entries:
+            queue.put_nowait(entry)
+        self.followers.add(queue)
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue) -> None:
+        self.followers.discard(queue)
+        if not self.followers:  # nobody here reads it any more: free the connection
+            self.task.cancel()
+            self.feed.forget(self)
+
+    def hand_out(self, entry) -> None:
+        self.entries.append(entry)
+        for queue in self.followers:
+            queue.put_nowait(entry)
+
+    async def read(self, last_id: bytes) -> None:
+        key, quiet_since = self.feed.key(self.conversation_id), time.monotonic()
+        try:
+            while time.monotonic() - quiet_since < STREAM_SECONDS:
+                if time.monotonic() - quiet_since > CLAIM_SECONDS and not await self.feed.claimed(self.conversation_id):
+                    break  # nothing written, nor the claim renewed: the host writing it is gone
+                try:
+                    answer = await self.feed.reader.xread({key: last_id}, block=BLOCK_MILLISECONDS)
+                except self.feed.Timeout:
+                    answer = []  # Redis was slow to say "nothing yet": the same as saying it
+                for entry_id, fields in answer[0][1] if answer else []:
+                    last_id, quiet_since = entry_id, time.monotonic()
+                    self.hand_out((entry_id, fields))
+                    if b"frame" not in fields or json.loads(fields[b"frame"])["type"] in LAST_FRAMES:
+                        return  # the end, or the stream was replaced by a newer reply
+            self.hand_out(LOST_WRITER)
+        except self.feed.PoolFull:
+            self.hand_out(FOLLOWING_TOO_MANY)
+        except self.feed.errors as error:
+            self.hand_out(redis_unreachable(error))
+        finally:
+            self.feed.forget(self)  # a follower arriving after this starts a new reader
+
+
+LOST_WRITER = {"type": "error", "message": "The reply was lost: the server writing it went away."}
+FOLLOWING_TOO_MANY = {
+    "type": "error",
+    "message": "This server follows too many replies from other servers right now. "
+    "The reply will be in the conversation once it ends: open it again then.",
+}
+TOO_MANY_FOLLOWERS = {
+    "type": "error",
+    "message": f"This reply is already followed by {MAX_FOLLOWERS_PER_CONVERSATION} connections here. "
+    "It will be in the conversation once it ends: open it again then.",
+}
+
+
 class RemoteWatch:
     """A connection following a reply generated by another process, through its stream."""
 
@@ -192,17 +321,29 @@ class RemoteWatch:
         self.feed, self.conversation_id, self.user_message = feed, conversation_id, user_message
         self.entries = entries[1:]
         self.last_id = entries[-1][0]
-        self.said_unwatch = False
+        self.reader = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id)
+        self.queue = self.reader.follow() if self.reader is not None else None
+        self.said_unwatch = self.queue is None  # refused: it never said "watch"
 
     async def say(self, op: str) -> None:
         await self.feed.control(self.conversation_id, op)
 
     async def frames(self) -> AsyncIterator[dict]:
-        key = self.feed.key(self.conversation_id)
-        last_id, entries, quiet_since = self.last_id, self.entries, time.monotonic()
+        if self.queue is None:
+            yield TOO_MANY_FOLLOWERS
+            return
+        entries, seen = list(self.entries), (0, 0)
         while True:
-            for entry_id, fields in entries:
-                last_id, quiet_since = entry_id, time.monotonic()
+            for entry in entries:
+                if isinstance(entry, Exception):
+                    raise entry
+                if isinstance(entry, dict):  # the reader's own error frame
+                    yield entry
+                    return
+                entry_id, fields = entry
+                if stream_position(entry_id) <= seen:
+                    continue  # read by this watch's XRANGE already (the reader started earlier)
+                seen = stream_position(entry_id)
                 if b"frame" not in fields:  # the stream was replaced: this reply's end is lost
                     yield {"type": "error", "message": "The reply was lost: a newer one replaced it."}
                     return
@@ -210,19 +351,20 @@ class RemoteWatch:
                 yield frame
                 if frame["type"] in LAST_FRAMES:
                     return
-            if time.monotonic() - quiet_since > STREAM_SECONDS:
-                yield {"type": "error", "message": "The reply was lost: the server writing it went away."}
-                return
-            try:
-                answer = await self.feed.redis.xread({key: last_id}, block=5000)
-            except self.feed.errors as error:
-                raise redis_unreachable(error) from error
-            entries = answer[0][1] if answer else []
+            entries = [await self.queue.get()]
 
     async def stop(self) -> None:
         await self.say("stop")
 
     async def close(self) -> None:
+        if self.queue is not None:
+            self.reader.unfollow(self.queue)
         if not self.said_unwatch:
             self.said_unwatch = True
             await self.say("unwatch")
+
+
+def stream_position(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry's id ("milliseconds-sequence") as numbers, to compare two of them."""
+    milliseconds, sequence = entry_id.split(b"-")
+    return int(milliseconds), int(sequence)
