@@ -34,6 +34,16 @@ def follow(host, cid) -> WsClient:
 
 
 @pytest.mark.slow
+def assert_another_user_is_served(host) -> None:
+    """Someone else on this host opens a chat and gets a reply started (then stops it)."""
+    with WsClient(host.ws_url) as other_user:
+        read_conversation(other_user)
+        other_user.send_json({"type": "message", "content": "hello"})
+        assert other_user.receive_json() == {"type": "start"}
+        other_user.send_json({"type": "stop"})
+        assert collect_reply(other_user)[-1]["type"] == "end"
+
+
 def test_a_pause_longer_than_the_redis_socket_timeout_is_followed_on_another_host(fake, fake_server, redis_server):
     # The model pauses 7 s after 3 chunks: longer than the Redis client's 5 s socket timeout,
     # which a follower's blocking read used to hit and report as "Redis is unreachable".
@@ -62,12 +72,7 @@ def test_followers_of_one_reply_leave_redis_connections_for_everyone_else(fake, 
         for ws in followers:
             assert ws.receive_json() == {"type": "start"}
             assert ws.receive_json()["type"] == "chunk"  # each one is reading the stream now
-        with WsClient(host_b.ws_url) as other_user:
-            read_conversation(other_user)
-            other_user.send_json({"type": "message", "content": "hello"})
-            assert other_user.receive_json() == {"type": "start"}
-            other_user.send_json({"type": "stop"})
-            assert collect_reply(other_user)[-1]["type"] == "end"
+        assert_another_user_is_served(host_b)
         asker.send_json({"type": "stop"})
         end = collect_reply(asker)[-1]
         for ws in followers:  # and every follower gets the reply's end
@@ -170,12 +175,7 @@ def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake,
             assert ws.receive_json() == {"type": "start"}
         told = collect_reply(followers[3])[-1]
         assert told["type"] == "error" and "follows too many replies" in told["message"], told
-        with WsClient(host_b.ws_url) as other_user:
-            read_conversation(other_user)
-            other_user.send_json({"type": "message", "content": "hello"})
-            assert other_user.receive_json() == {"type": "start"}
-            other_user.send_json({"type": "stop"})
-            assert collect_reply(other_user)[-1]["type"] == "end"
+        assert_another_user_is_served(host_b)
         fake.release()
         for ws in followers[:3]:
             assert collect_reply(ws)[-1]["type"] == "end"

@@ -11,7 +11,8 @@ import pytest
 
 from harness.support import LocalClient, collect_reply, read_conversation
 from step05_production.config import settings
-from step05_production.store import StoreError, client_key, new_conversation_id, open_store
+from step05_production.store import StoreError, client_key, new_conversation_id
+from tests.test_step05_store import run, with_store
 
 ATTACKER, VICTIM = "203.0.113.66", "198.51.100.7"
 REPLY = "x" * 950  # with its question, about 1,020 bytes stored per conversation
@@ -29,18 +30,6 @@ def quota(monkeypatch):
     """Room for five conversations in all, three of them from one address."""
     monkeypatch.setattr(settings, "store_max_total_bytes", 5300)
     monkeypatch.setattr(settings, "store_max_bytes_per_client", 3200)
-
-
-def run(coroutine):
-    return asyncio.run(coroutine)
-
-
-async def with_store(url, use):
-    store = open_store(url)
-    try:
-        return await use(store)
-    finally:
-        await store.close()
 
 
 async def owner_totals(store) -> dict:
