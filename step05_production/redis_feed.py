@@ -181,6 +181,13 @@ class RedisFeed(ReplyFeed):
         meta = entries[0][1]
         if int(meta.get(b"turn", 0)) <= stored_turns:
             return None  # that reply is in the stored messages already, or was discarded (New chat)
+        last = entries[-1][1]
+        finished = b"frame" in last and json.loads(last[b"frame"])["type"] in LAST_FRAMES
+        try:  # (on the store's connections: the readers' pool may be full of followers)
+            if not finished and not await self.redis.exists(self.lock_key(conversation_id)):
+                return None  # unfinished and unclaimed: the host writing it died; the reply is lost
+        except self.errors as error:
+            raise redis_unreachable(error) from error
         watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries)
         if watch.queue is not None:  # (a refused one only says so to its client)
             await watch.say("watch")

@@ -33,7 +33,6 @@ def follow(host, cid) -> WsClient:
     return ws
 
 
-@pytest.mark.slow
 def assert_another_user_is_served(host) -> None:
     """Someone else on this host opens a chat and gets a reply started (then stops it)."""
     with WsClient(host.ws_url) as other_user:
@@ -44,6 +43,7 @@ def assert_another_user_is_served(host) -> None:
         assert collect_reply(other_user)[-1]["type"] == "end"
 
 
+@pytest.mark.slow
 def test_a_pause_longer_than_the_redis_socket_timeout_is_followed_on_another_host(fake, fake_server, redis_server):
     # The model pauses 7 s after 3 chunks: longer than the Redis client's 5 s socket timeout,
     # which a follower's blocking read used to hit and report as "Redis is unreachable".
@@ -121,7 +121,12 @@ def test_a_host_killed_mid_reply_frees_the_conversation_within_seconds(fake, fak
     fake.min_chunks, fake.chunk_delay = 400, 0.04
     env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
     with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
-        asker, cid = start_reply(host_a)
+        asker, cid = start_reply(host_a, "a first turn, stored")
+        assert asker.receive_json()["type"] == "chunk"  # stopped with some text: a turn is stored
+        asker.send_json({"type": "stop"})
+        assert collect_reply(asker)[-1]["type"] == "end"
+        asker.send_json({"type": "message", "content": "tell me a story"})
+        assert asker.receive_json() == {"type": "start"}
         with follow(host_b, cid) as ws:
             assert ws.receive_json() == {"type": "start"}
             host_a.process.send_signal(signal.SIGKILL)  # no shutdown, no last write
@@ -130,6 +135,16 @@ def test_a_host_killed_mid_reply_frees_the_conversation_within_seconds(fake, fak
             while lost["type"] == "chunk":  # (those sent before the kill)
                 lost = ws.receive_json(timeout=CLAIM_SECONDS + 10)
             assert lost == {"type": "error", "message": "The reply was lost: the server writing it went away."}
+            # A reload (a new connection) must not follow the dead reply's stream again, and be
+            # refused "still streaming" until that stream expires, minutes later.
+            with WsClient(f"{host_b.ws_url}?conversation={cid}") as reload:
+                opened = read_conversation(reload)
+                assert opened["id"] == cid
+                assert opened["messages"][-1].get("status") != "replying", "a reload follows the dead reply"
+                reload.send_json({"type": "message", "content": "after a reload"})
+                assert reload.receive_json() == {"type": "start"}
+                reload.send_json({"type": "stop"})
+                assert collect_reply(reload)[-1]["type"] == "end"
             assert send_when_free(ws, "are you there?") == {"type": "start"}, "the conversation is still claimed"
             ws.send_json({"type": "stop"})
             assert collect_reply(ws)[-1]["type"] == "end"
