@@ -107,15 +107,15 @@ class ChatSession:
 
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""
+        address = client_address(self.websocket)
+        # The store as this address writes it: a conversation it creates counts towards its quota.
+        store = self.hub.store.for_client(address)
         reply = await self.hub.begin(
             self.conversation_id,
             text,
-            # The store as this address writes it: a conversation it creates counts towards its quota.
-            lambda reply, history: generate(
-                reply, history, self.hub.store.for_client(client_address(self.websocket)), Tracer(reply, self)
-            ),
+            lambda reply, history: generate(reply, history, store, Tracer(reply, self)),
             asker=self.websocket,
-            address=client_address(self.websocket),  # its fair share of the upstream (slots.py)
+            address=address,  # its fair share of the upstream (slots.py)
         )
         if reply is None:
             return False
