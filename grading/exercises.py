@@ -126,11 +126,18 @@ def find_regions(lines: list[str], where: str = "") -> list[Region]:
     return regions
 
 
-def stub(task: Task, region: Region, package: str) -> list[str]:
-    """What a learner finds in place of a region."""
+def stub(task: Task, region: Region, part: int = 1, files: tuple[str, ...] = ("",)) -> list[str]:
+    """What a learner finds in place of a region. A task written in several places (`files`:
+    the file of each of its regions, in order) has its text once, at part 1; the others point there."""
     pad = region.indent
-    lines = [f"{pad}# TODO Task {task.id}: {task.title} (about {task.minutes} min)\n"]
-    lines += [f"{pad}#   {line}\n" if line else f"{pad}#\n" for line in task.todo.strip().splitlines()]
+    if part == 1:  # (the TODO's text says where its other parts are)
+        lines = [f"{pad}# TODO Task {task.id}: {task.title} (about {task.minutes} min)\n"]
+        lines += [f"{pad}#   {line}\n" if line else f"{pad}#\n" for line in task.todo.strip().splitlines()]
+    else:
+        lines = [
+            f"{pad}# TODO Task {task.id}, part {part} of {len(files)}: {task.title}. What must be true\n",
+            f"{pad}#   is in the TODO of part 1, in {files[0]}.\n",
+        ]
     lines += [
         f"{pad}#   Stuck? make hint STEP={task.step}    Done? make grade STEP={task.step}\n",
         f'{pad}raise NotImplementedError("Task {task.id} ({task.title}) is not written yet: '
@@ -141,15 +148,21 @@ def stub(task: Task, region: Region, package: str) -> list[str]:
     return lines
 
 
-def exercise_source(text: str, package: str, only: set[str] | None = None, where: str = "") -> str:
-    """The source with its task regions (or only those in `only`) replaced by stubs."""
+def exercise_source(
+    text: str, package: str, only: set[str] | None = None, where: str = "", parts: dict | None = None
+) -> str:
+    """The source with its task regions (or only those in `only`) replaced by stubs. `parts`:
+    {task: [(file, BEGIN line index), ...]} over the whole step, to number a task's places."""
     tasks = load_tasks()
     lines = text.splitlines(keepends=True)
     for region in reversed(find_regions(lines, where)):
         if region.task not in tasks or STEPS[tasks[region.task].step] != package:
             raise ValueError(f"{where}: task {region.task} is not a task of {package} in tasks.toml")
         if only is None or region.task in only:
-            lines[region.begin : region.end + 1] = stub(tasks[region.task], region, package)
+            places = (parts or {}).get(region.task) or [(where, region.begin)]
+            part = places.index((where, region.begin)) + 1
+            files = tuple(Path(file).name for file, _ in places)
+            lines[region.begin : region.end + 1] = stub(tasks[region.task], region, part, files)
     source = "".join(lines)
     ast.parse(source, filename=where)  # a region must be whole statements
     return source
@@ -169,10 +182,14 @@ def write_exercise(step: int, into: Path, only: set[str] | None = None) -> Path:
     package = STEPS[step]
     source, target = ROOT / package, into / package
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    parts = {  # each task's regions, as the files of the copy name them
+        task: [(str((target / path.relative_to(source)).relative_to(into)), region.begin) for path, region in places]
+        for task, places in regions_in_step(step).items()
+    }
     for path in sorted(target.rglob("*.py")):
         text = path.read_text()
         if "# BEGIN TASK" in text:
-            text = exercise_source(text, package, only, str(path.relative_to(into)))
+            text = exercise_source(text, package, only, str(path.relative_to(into)), parts)
         path.write_text(own_run_command(text, package))
     readme = target / "README.md"
     readme.write_text(own_run_command(links_from(readme.read_text(), target), package))

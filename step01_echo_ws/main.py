@@ -21,14 +21,12 @@ async def index():
 
 @app.websocket("/ws")
 async def echo(websocket: WebSocket):
-    await websocket.accept()  # 1. finish the handshake
+    await websocket.accept()  # finish the handshake: from here on, either side may send
+    # BEGIN TASK 1.1
     try:
-        # BEGIN TASK 1.1
-        while True:  # 2. one connection, many messages
+        while True:  # one connection, many messages: no new request for each
             text = await websocket.receive_text()
-            await websocket.send_text(f"Echo: {text}")  # 3. answer on the same connection
-        # END TASK 1.1
-    except WebSocketDisconnect:  # 4. the browser tab closed
-        # BEGIN TASK 1.2
-        return  # nothing to clean up: the connection is already gone
-        # END TASK 1.2
+            await websocket.send_text(f"Echo: {text}")  # the answer goes back on the same connection
+    except WebSocketDisconnect:  # raised by the read above once the browser has gone
+        return  # nothing to clean up: the connection is already closed
+    # END TASK 1.1

@@ -49,11 +49,11 @@ def read_frame(text: str) -> dict:
 @app.websocket("/ws")
 async def chat(websocket: WebSocket):
     await websocket.accept()
+    # BEGIN TASK 3.2
     # One shared store per connection: this conversation's memory lives here.
-    # BEGIN TASK 3.1
     shared = {"websocket": websocket, "user_message": "", "conversation_history": []}
     flow = create_streaming_chat_flow()
-    # END TASK 3.1
+    # END TASK 3.2
     shared["tracer"] = Tracer(websocket)  # the flow inspector; sends nothing until asked
     try:
         while True:

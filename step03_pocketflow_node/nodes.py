@@ -24,7 +24,7 @@ class StreamingChatNode(AsyncNode):
 
     async def exec_async(self, prep_res):
         # The work: stream the reply to the browser as it is generated.
-        # BEGIN TASK 3.3
+        # BEGIN TASK 3.1
         # exec never touches `shared`; it gets what it needs from prep and returns its result.
         messages, websocket = prep_res
         await websocket.send_json({"type": "start"})
@@ -35,15 +35,15 @@ class StreamingChatNode(AsyncNode):
                 await websocket.send_json({"type": "chunk", "content": text})
         await websocket.send_json({"type": "end"})
         return "".join(parts)
-        # END TASK 3.3
+        # END TASK 3.1
 
     async def post_async(self, shared, prep_res, exec_res):
+        # BEGIN TASK 3.2
         # Write back: the turn joins the history only once the reply is complete.
-        # BEGIN TASK 3.4
         # If exec raised, post never runs, so a failed turn leaves no half-written history behind.
         shared["conversation_history"] += [
             {"role": "user", "content": shared["user_message"]},
             {"role": "assistant", "content": exec_res},
         ]
         return "default"  # the action: which way the flow goes next (nowhere, here)
-        # END TASK 3.4
+        # END TASK 3.2

@@ -70,7 +70,7 @@ async def chat(websocket: WebSocket):
             except FrameError as error:
                 await refuse(websocket, str(error))
                 continue
-            # BEGIN TASK 4.2
+            # BEGIN TASK 4.1
             if frame["type"] == "stop":
                 await session.stop()
             elif frame["type"] == "reset":
@@ -79,7 +79,7 @@ async def chat(websocket: WebSocket):
                 await refuse(websocket, BUSY)
             else:
                 await session.send_message(frame["content"])
-            # END TASK 4.2
+            # END TASK 4.1
     except WebSocketDisconnect:
         pass
     finally:

@@ -78,15 +78,15 @@ class StreamingChatNode(AsyncNode):
                 async for text in chunks:
                     reply.add(text)
                     await websocket.send_json({"type": "chunk", "content": text})
-        except asyncio.CancelledError:
-            # BEGIN TASK 4.4
+        except asyncio.CancelledError:  # (a BaseException: `except Exception` would never see it)
+            # BEGIN TASK 4.2
             if not stop_requested.is_set():
                 raise  # not a Stop (the client left): let the cancellation end the task
             reply.stopped = True  # leaving `async with` above closed the upstream request
-            # END TASK 4.4
             # This cancellation is handled: uncancel() lets the task await normally again
             # (asyncio.timeout or a TaskGroup in post would otherwise see it as still pending).
             asyncio.current_task().uncancel()
+            # END TASK 4.2
         return reply
 
     async def exec_fallback_async(self, prep_res, error):

@@ -58,11 +58,11 @@ class ChatSession:
         """Stop the reply that is streaming, and return once its `end` frame has gone out."""
         if not self.busy():
             return  # nothing streaming: nothing to do
-        # BEGIN TASK 4.3
+        # BEGIN TASK 4.2
         self.shared["stop_requested"].set()
         self.reply.cancel()
         await asyncio.wait([self.reply])
-        # END TASK 4.3
+        # END TASK 4.2
 
     async def reset(self) -> None:
         """New chat: stop any reply, forget the conversation, and say so."""
@@ -71,8 +71,10 @@ class ChatSession:
         await self.websocket.send_json({"type": "reset"})
 
     async def leave(self) -> None:
-        """The client is gone: cancel its reply (closing the upstream request) and wait for it,
-        so no request to the model outlives the connection that asked for it."""
+        """The client is gone: no request to the model may outlive the connection that asked
+        for it, and nothing may go on writing to that connection."""
+        # BEGIN TASK 4.1
         if self.reply is not None:
-            self.reply.cancel()
-            await asyncio.gather(self.reply, return_exceptions=True)
+            self.reply.cancel()  # lands where the reply waits; leaving aclosing() closes the request
+            await asyncio.gather(self.reply, return_exceptions=True)  # wait, whatever it ended with
+        # END TASK 4.1

@@ -45,7 +45,7 @@ def test_a_closed_connection_leaves_the_server_serving(connect):
     assert second.receive_text() == "Echo: two"
 
 
-@pytest.mark.task("1.2")
+@pytest.mark.task("1.1")
 def test_a_client_leaving_is_not_an_error_in_the_server():
     # In-process, an exception raised by the handler after the client left comes back here.
     with TestClient(app) as client:
@@ -54,7 +54,7 @@ def test_a_client_leaving_is_not_an_error_in_the_server():
             assert ws.receive_text() == "Echo: bye"
 
 
-@pytest.mark.task("1.2")
+@pytest.mark.task("1.1")
 def test_the_real_server_logs_no_error_when_a_client_leaves(live_server):
     ws = WsClient(live_server.ws_url)
     ws.send_text("bye")

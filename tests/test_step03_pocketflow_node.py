@@ -34,7 +34,7 @@ def test_the_flow_is_one_async_streaming_node():
     assert flow.start_node.max_retries == 1, "a streamed exec must never be retried"
 
 
-@pytest.mark.task("3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 def test_the_node_alone_streams_and_post_writes_the_history(fake):
     socket = RecordingSocket()
     shared = {"websocket": socket, "user_message": "hello", "conversation_history": []}
@@ -46,7 +46,7 @@ def test_the_node_alone_streams_and_post_writes_the_history(fake):
     ]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ws = connect()
     ws.send_json({"type": "message", "content": "my name is Ada"})
@@ -61,7 +61,7 @@ def test_frames_come_in_order_and_the_conversation_is_remembered(connect, fake):
     ]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3")
+@pytest.mark.task("3.1", "3.2")
 def test_each_connection_has_its_own_memory(connect, fake):
     alice, bob = connect(), connect()
     alice.send_json({"type": "message", "content": "I am Alice"})
@@ -71,12 +71,12 @@ def test_each_connection_has_its_own_memory(connect, fake):
     assert fake.requests[-1]["messages"] == [{"role": "user", "content": "I am Bob"}]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3")
+@pytest.mark.task("3.1", "3.2")
 def test_chunks_arrive_while_the_reply_is_still_being_written(connect, fake):
     assert_reply_streams_incrementally(connect(), fake)
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 @pytest.mark.parametrize("fault", ["500", "429", "drop"])
 def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
     ws = connect()
@@ -97,7 +97,7 @@ def test_a_failed_turn_is_not_remembered_and_not_retried(connect, fake, fault):
     ]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3")
+@pytest.mark.task("3.1", "3.2")
 def test_a_bad_frame_gets_an_error_frame_and_the_socket_stays_open(connect, fake):
     ws = connect()
     ws.send_text("{oops")
@@ -129,7 +129,7 @@ def test_prep_returns_the_history_plus_the_new_message_and_the_socket():
     assert shared["conversation_history"] == EARLIER, "prep must only read the shared store"
 
 
-@pytest.mark.task("3.3")
+@pytest.mark.task("3.1")
 def test_exec_streams_frames_and_returns_the_whole_reply(fake):
     socket = RecordingSocket()
     messages = EARLIER + [{"role": "user", "content": "and now?"}]
@@ -140,7 +140,7 @@ def test_exec_streams_frames_and_returns_the_whole_reply(fake):
     assert fake.requests[-1]["messages"] == messages, "exec must send exactly what prep built"
 
 
-@pytest.mark.task("3.3")
+@pytest.mark.task("3.1")
 def test_exec_lets_an_llm_failure_through_so_post_does_not_run(fake):
     import openai
 
@@ -149,7 +149,7 @@ def test_exec_lets_an_llm_failure_through_so_post_does_not_run(fake):
         asyncio.run(StreamingChatNode().exec_async(([{"role": "user", "content": "x"}], RecordingSocket())))
 
 
-@pytest.mark.task("3.4")
+@pytest.mark.task("3.2")
 def test_post_appends_the_turn_and_returns_the_action_that_ends_this_flow():
     shared = store(history=EARLIER)
     action = asyncio.run(StreamingChatNode().post_async(shared, None, "You said: and now?"))
@@ -162,7 +162,7 @@ def test_post_appends_the_turn_and_returns_the_action_that_ends_this_flow():
     ]
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
     """`make fake` runs the fake with recall on: step 03's memory is visible in its replies,
     whatever model a learner has (the tiny embedded one often forgets names)."""
@@ -179,7 +179,7 @@ def test_the_memory_shows_in_the_replies_of_make_fake(connect, fake):
 # The flow inspector ----------------------------------------------------------------------
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, fake):
     ws = connect()
     ws.send_json({"type": "inspect", "on": True})
@@ -202,7 +202,7 @@ def test_with_inspect_on_each_phase_is_traced_in_order_with_snapshots(connect, f
         assert post_end["action"] == "default" and post_end["history_length"] == 2 * turn
 
 
-@pytest.mark.task("3.1", "3.2", "3.3")
+@pytest.mark.task("3.1", "3.2")
 def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     ws = connect()
     ws.send_json({"type": "inspect", "on": True})
@@ -214,7 +214,7 @@ def test_a_failed_llm_call_shows_an_exec_error_and_no_post(connect, fake):
     assert ws.receive_json()["type"] == "error"  # and the user is told, as before
 
 
-@pytest.mark.task("3.1", "3.2", "3.3", "3.4")
+@pytest.mark.task("3.1", "3.2")
 def test_without_inspect_no_trace_frame_is_sent(connect, fake):
     ws = connect()
     for switch in (None, False):  # never asked, and turned off again

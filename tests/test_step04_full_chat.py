@@ -68,7 +68,7 @@ def test_send_message_returns_while_the_reply_streams_and_busy_says_so(fake):
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.3", "4.4")  # the end it waits for is the node's (4.4)
+@pytest.mark.task("4.2")  # the end it waits for is the node's (also 4.2)
 def test_stop_cancels_the_reply_and_returns_once_its_end_is_sent(fake):
     async def scenario():
         socket = RecordingSocket()
@@ -102,7 +102,7 @@ class StallsAtTheEnd(RecordingSocket):
         await super().send_json(frame)
 
 
-@pytest.mark.task("4.3")
+@pytest.mark.task("4.2")
 def test_a_stop_that_lands_as_the_reply_ends_returns_normally(fake):
     async def scenario():
         socket = StallsAtTheEnd()
@@ -120,7 +120,7 @@ def test_a_stop_that_lands_as_the_reply_ends_returns_normally(fake):
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.1", "4.3", "4.4")
+@pytest.mark.task("4.1", "4.2")
 def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
     fake.chunk_delay, fake.min_chunks = 1.0, 5
 
@@ -134,7 +134,7 @@ def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
     asyncio.run(scenario())
 
 
-@pytest.mark.task("4.4")
+@pytest.mark.task("4.2")
 @pytest.mark.parametrize("stop_asked", [True, False], ids=["stop", "disconnect"])
 def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(fake, stop_asked):
     fake.chunk_delay, fake.min_chunks = 0.02, 300  # 6 s of reply, its first chunk in 0.02 s
@@ -161,7 +161,7 @@ def test_the_node_keeps_the_shown_part_on_stop_and_goes_on_cancelling_otherwise(
 # Through the app ---------------------------------------------------------------------
 
 
-@pytest.mark.task("4.1", "4.2", "4.3", "4.4")
+@pytest.mark.task("4.1", "4.2")
 def test_stop_right_after_the_message_ends_the_reply(connect, fake):
     ws = connect()
     fake.chunk_delay, fake.min_chunks = 1.0, 5  # the first chunk is a second away
@@ -177,7 +177,7 @@ def test_stop_right_after_the_message_ends_the_reply(connect, fake):
     assert history_sent(fake) == ["again"], "a reply stopped before any chunk is not remembered"
 
 
-@pytest.mark.task("4.1", "4.2")
+@pytest.mark.task("4.1")
 def test_every_request_bounds_the_reply_length(connect, fake):
     ws = connect()
     ws.send_json({"type": "message", "content": "hi"})
@@ -185,7 +185,7 @@ def test_every_request_bounds_the_reply_length(connect, fake):
     assert fake.requests[-1]["max_tokens"] == nodes.MAX_REPLY_TOKENS
 
 
-@pytest.mark.task("4.1", "4.2")
+@pytest.mark.task("4.1")
 def test_no_reply_outlives_its_connection(fake):
     with LocalClient(chat_main.app) as client:
         for _ in range(5):
@@ -204,7 +204,7 @@ def test_another_sites_page_may_not_open_the_socket(fake, origin):
     assert refused.value.code == 1008
 
 
-@pytest.mark.task("4.1", "4.2")
+@pytest.mark.task("4.1")
 @pytest.mark.parametrize("origin", [None, "http://localhost"])
 def test_the_pages_own_origin_and_scripts_may_chat(fake, origin):
     with LocalClient(chat_main.app) as client:
