@@ -56,6 +56,7 @@ class FakeLLM:
     hold_after: int | None = None
     hold_seconds: float = 2.0
     released: bool = False
+    drop_at: int = 2  # the "drop" fault cuts the stream just before this piece of text (0: before any)
     faults: list[str] = field(default_factory=list)  # one is used up per request
     started: int = 0
     completed: int = 0
@@ -173,7 +174,7 @@ def create_app(fake: FakeLLM) -> Starlette:
                 # Like OpenAI, the first delta carries the role and empty content.
                 yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
                 for index, piece in enumerate(chunks):
-                    if fault == "drop" and index == min(2, len(chunks) - 1):
+                    if fault == "drop" and index == min(fake.drop_at, len(chunks) - 1):
                         fake.dropped += 1
                         finished = True
                         raise _DroppedStream("fault injected: stream dropped midway")

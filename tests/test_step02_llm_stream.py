@@ -143,16 +143,22 @@ def raised_by(coroutine_function) -> Exception | None:
 
 
 @pytest.mark.task("2.1")
-def test_stream_llm_reports_a_stream_cut_midway_as_cut_off(fake):
+@pytest.mark.parametrize("pieces_shown", [2, 0])
+def test_stream_llm_reports_a_stream_cut_midway_as_cut_off(fake, pieces_shown):
+    """Once the server has answered and its stream is open, a broken connection is a reply
+    cut off, even before its first piece of text: the request is not sent again."""
     from step02_llm_stream.utils.stream_llm import StreamCutOff
 
     fake.fail_next("drop", times=3)
+    fake.drop_at = pieces_shown
 
     async def read_all():
         return [text async for text in stream_llm([{"role": "user", "content": "one two three four"}])]
 
     raised = raised_by(read_all)
-    assert isinstance(raised, StreamCutOff), f"a stream cut midway should raise StreamCutOff, got {raised!r}"
+    assert isinstance(raised, StreamCutOff), (
+        f"a stream cut after {pieces_shown} pieces should raise StreamCutOff, got {raised!r}"
+    )
     assert fake.started == 1, "a stream that already started must not be requested again"
 
 

@@ -120,6 +120,29 @@ def test_a_stop_that_lands_as_the_reply_ends_returns_normally(fake):
     asyncio.run(scenario())
 
 
+@pytest.mark.task("4.2")
+def test_stop_lets_a_cancellation_of_its_own_caller_through(fake):
+    """Whoever awaits stop() may be cancelled meanwhile (the connection's handler, when the
+    server shuts down): stop() handles the reply's cancellation, never its caller's."""
+    fake.chunk_delay, fake.min_chunks = 0.02, 300
+
+    async def scenario():
+        socket = RecordingSocket()
+        session = ChatSession(socket)
+        await session.send_message("hello")
+        await wait_for_frames(socket, 3)
+        stopping = asyncio.create_task(session.stop())
+        await asyncio.sleep(0)  # stop() has asked the reply to end and now waits for it
+        stopping.cancel()
+        try:
+            await asyncio.wait_for(stopping, 5)
+        except asyncio.CancelledError:
+            return  # as it should: the caller's cancellation went on
+        pytest.fail("stop() swallowed the cancellation of whoever awaited it: catch only the reply's")
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.task("4.1", "4.2")
 def test_a_stop_at_once_after_send_message_still_finds_a_reply_to_stop(fake):
     fake.chunk_delay, fake.min_chunks = 1.0, 5
@@ -192,6 +215,25 @@ def test_no_reply_outlives_its_connection(fake):
             with client.websocket_connect("/ws") as ws:
                 start_slow_reply(ws, fake)
     wait_until(lambda: fake.cancelled == 5 and fake.active == 0, what="every upstream request to be closed")
+
+
+@pytest.mark.task("4.1")
+def test_a_connection_ends_only_once_its_reply_has_ended(fake):
+    """When the handler returns, nothing of its connection may run on: leave() waits for the
+    reply it cancelled (a cancellation lands only later, at the reply's next await)."""
+    still_running = []
+
+    async def app(scope, receive, send):
+        await chat_main.app(scope, receive, send)
+        if scope["type"] == "websocket":  # the handler has just returned
+            replies = [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "ChatSession.run_reply"]
+            still_running.extend(task for task in replies if not task.done())
+
+    with LocalClient(app) as client:
+        for _ in range(3):
+            with client.websocket_connect("/ws") as ws:
+                start_slow_reply(ws, fake)
+    assert not still_running, "the handler returned while its reply still ran: wait for the reply you cancelled"
 
 
 @pytest.mark.parametrize(
