@@ -27,7 +27,8 @@ help:
 	@echo "Running the pieces"
 	@echo "  make llm [LLM_PORT=8808]   only the embedded model, on http://127.0.0.1:8808/v1"
 	@echo "  make lab                   Jupyter at the repository root (notebooks/, and your copies in exercises/)"
-	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address"
+	@echo "  make fake [LLM_PORT=8808]  the fake LLM (scripted replies that show the history), same address;"
+	@echo "                             SLOW=1: long replies, slowly, to try Stop by hand"
 	@echo "                             (another LLM_PORT: put OPENAI_BASE_URL=http://127.0.0.1:<port>/v1 before a step's command)"
 	@echo "For maintainers"
 	@echo "  make test                  set up, lint and run every test (browser, model and campaign included)"
@@ -58,7 +59,7 @@ llm:
 	@$(W) llm --port $(LLM_PORT)
 
 fake:
-	@$(W) fake --port $(LLM_PORT)
+	@$(W) fake --port $(LLM_PORT)$(if $(SLOW), --slow)
 
 lab:
 	@$(W) lab

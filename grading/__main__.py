@@ -3,8 +3,11 @@
 
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from grading.exercises import (
     EXERCISES,
@@ -55,8 +58,17 @@ def grade(step: int, code: str = "exercises") -> int:
         print(note + "\n")
     command = grading_command(step, code)
     command.insert(command.index("--tb=no") + 1, "-rN")
-    print("$", " ".join(command[2:]))  # the command, so a learner can add options to it
+    print("$", shown_command(command))  # the command, so a learner can add options to it
     return subprocess.run(command, cwd=ROOT).returncode
+
+
+def shown_command(command: list[str]) -> str:
+    """A command as it can be pasted into this machine's shell, from the repository root."""
+    python = Path(command[0])
+    if python.is_relative_to(ROOT):  # .venv/bin/python, not /home/.../.venv/bin/python
+        python = python.relative_to(ROOT)
+    words = [str(python), *command[1:]]
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
 
 
 def load_progress() -> dict:

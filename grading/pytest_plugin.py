@@ -25,6 +25,7 @@ import pytest
 from grading.exercises import EXERCISES, STEPS, load_tasks
 
 PROGRESS = EXERCISES / ".progress.json"
+COUNTS_NOTE = "  (A test can grade two tasks: the counts above add up to more than the tests pytest ran.)"
 STUB = re.compile(r'raise NotImplementedError\("Task (\d+\.\d+) ')
 
 
@@ -210,13 +211,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 "break it? Compare with the step folder (git diff --no-index <step> exercises/<step>)."
             )
         write(f"  First failing test: {failure}")
-        write(
-            "  (A test can grade two tasks, so the counts add up to more than the tests run.\n"
-            "   All the details: add --tb=short to the pytest command above, or run it with -x.)"
-        )
+        write("  (All the details: add --tb=short to the command above, or run it with -x.)")
+        write(COUNTS_NOTE)
         write("make will now say 'Error 1': that only means not every task passes yet.")
     else:
         steps = sorted({catalogue[task].step for task in by_task if task in catalogue})
+        write(COUNTS_NOTE)
         write("\nEvery task passes. Compare your code with the reference:")
         for step in steps:
             write(f"  git diff --no-index {STEPS[step]} exercises/{STEPS[step]}")

@@ -276,6 +276,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8808)
     parser.add_argument("--delay", type=float, default=0.05, help="seconds between chunks")
     parser.add_argument("--min-chunks", type=int, default=0)
+    parser.add_argument(
+        "--slow", action="store_true", help="long replies (80 chunks, 0.25 s apart: 20 s), to try Stop by hand"
+    )
     parser.add_argument("--reply", default=None, help="a fixed reply instead of 'You said: ...'")
     parser.add_argument("--stamp", action="store_true", help="chunks carry their send time (for bench/)")
     parser.add_argument(
@@ -285,6 +288,8 @@ def main() -> None:
         help="only echo the last message (by default the reply also shows the history it got)",
     )
     args = parser.parse_args()
+    if args.slow:
+        args.delay, args.min_chunks = max(args.delay, 0.25), max(args.min_chunks, 80)
     fake = FakeLLM(
         chunk_delay=args.delay, min_chunks=args.min_chunks, reply=args.reply, stamp=args.stamp, recall=args.recall
     )

@@ -2,11 +2,14 @@
 
 import asyncio
 import os
+import subprocess
+import sys
 from contextlib import aclosing
 
 import pytest
 from fastapi.testclient import TestClient
 
+from grading.exercises import ROOT
 from harness.fake_llm import free_port
 from harness.support import (
     assert_reply_streams_incrementally,
@@ -203,3 +206,14 @@ def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch
     assert isinstance(raised, openai.APITimeoutError), (
         f"a stream that stalls {stalls} should raise openai.APITimeoutError, got {raised!r}"
     )
+
+
+
+@pytest.mark.task("2.1")
+def test_the_utility_run_alone_explains_a_failure_in_words(fake, request):
+    fake.fail_next("401")  # not retried by the SDK: one request, one answer
+    folder = request.config.workshop_code_folder or ROOT  # the copy under test, as its README runs it
+    command = [sys.executable, "-m", "step02_llm_stream.utils.stream_llm", "hi"]
+    run = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "API key" in run.stderr, run.stderr

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from harness.fake_llm import FakeLLMServer, free_port
@@ -143,3 +144,28 @@ def test_killing_the_wrapper_stops_the_command_it_runs():
         assert workshop.port_is_free(port), "the fake LLM outlived the workshop command that started it"
     finally:
         wrapper.kill()
+
+
+def test_setup_says_it_is_ready_and_what_comes_next():
+    done = run_workshop("setup")  # (.venv is there already: nothing to install)
+    assert done.returncode == 0 and "Ready" in done.stdout and "make exercise STEP=1" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is POSIX")
+def test_the_slow_fake_streams_long_replies_slowly_enough_to_press_stop():
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "workshop", "fake", "--slow", "--port", str(port)], cwd=ROOT)
+    try:
+        wait_for_port(port)
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        pieces = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10) as reply:
+            for line in reply.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    pieces.append(time.monotonic())
+                if len(pieces) == 4:
+                    break
+        assert pieces[-1] - pieces[0] >= 0.7, "three gaps between chunks should take at least 0.75 s"
+    finally:
+        fake.terminate()
+        fake.wait(timeout=15)

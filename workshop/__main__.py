@@ -369,6 +369,7 @@ def main() -> int:
     kit_command.add_argument("--python", action="append", help="only this Python, e.g. 3.11 (repeat for more)")
     for name, default in (("chat", 8000), ("llm", 8808), ("fake", 8808)):
         commands.add_parser(name).add_argument("--port", type=int, default=default)
+    commands.choices["fake"].add_argument("--slow", action="store_true", help="long replies, slowly: to try Stop")
     commands.add_parser("lab", help="Jupyter at the repository root")
     commands.add_parser("test", help="set up, lint and run every test").add_argument("pytest_args", nargs="*")
     commands.add_parser("lint", help="ruff check and ruff format --check")
@@ -388,6 +389,7 @@ def main() -> int:
 def dispatch(args) -> int:
     if args.command == "setup":
         setup("dev" if args.dev else "learn", args.kit)
+        print("Ready: .venv holds the workshop. Next: make exercise STEP=1 (without make: python -m workshop exercise 1).")
         return 0
     if args.command in ("exercise", "grade", "watch", "check"):
         extra = ["--fresh"] if getattr(args, "fresh", False) else []
@@ -408,7 +410,7 @@ def dispatch(args) -> int:
     if args.command == "llm":
         return inside("-m", "local_llm", "serve", "--port", str(args.port))
     if args.command == "fake":
-        return inside("-m", "harness.fake_llm", "--port", str(args.port))
+        return inside("-m", "harness.fake_llm", "--port", str(args.port), *(["--slow"] if args.slow else []))
     if args.command == "lab":
         return inside("-m", "jupyterlab", "--notebook-dir=.", "notebooks/")
     if args.command == "notebooks":

@@ -225,8 +225,11 @@ def explain_llm_error(error: Exception) -> str:
 
 async def _demo(prompt: str) -> None:
     print(f"[{llm_base_url() or 'OpenAI'}, model {llm_model()}]")
-    async for text in stream_llm([{"role": "user", "content": prompt}]):
-        print(text, end="", flush=True)
+    try:
+        async for text in stream_llm([{"role": "user", "content": prompt}]):
+            print(text, end="", flush=True)
+    except (openai.OpenAIError, StreamCutOff, ReplyOverBudget) as error:  # what the chat would tell its user
+        sys.exit(f"\n{explain_llm_error(error)}")
     print()
 
 
