@@ -32,7 +32,9 @@ UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "127.0.0.1,::1")
 KEEP_ALIVE_SECONDS = 5
 # HTTP connections uvicorn serves at once besides the chat's WebSockets (CHAT_MAX_CONNECTIONS):
 # page loads, files, handshakes. Past the sum uvicorn answers 503, so a full worker still has
-# room for the newcomer that reclaims an idle WebSocket (security.OpenConnections).
+# room for the newcomer that reclaims an idle WebSocket (security.OpenConnections). Idle
+# sockets cannot bring it there: connections that are not WebSockets yet are kept at half of
+# it (CHAT_MAX_PENDING_CONNECTIONS, RequestHeadTimeout below).
 HTTP_CONNECTIONS_MARGIN = 200
 # File descriptors the process needs besides its connections: the upstream's connections,
 # the store, log files, the modules it imports.
@@ -63,6 +65,19 @@ def server_limits() -> dict:
         # serves is bounded, and the open-file limit is checked against that (files_needed).
         "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
     }
+
+
+def warn_about_pending_cap() -> None:
+    """Say at WARNING when the worker's cap on connections that are not WebSockets yet lets
+    idle sockets fill uvicorn's limit_concurrency: every page load would get 503."""
+    if settings.max_pending_connections >= HTTP_CONNECTIONS_MARGIN:
+        log.warning(
+            "CHAT_MAX_PENDING_CONNECTIONS=%d is not below the %d connections uvicorn serves besides "
+            "the WebSockets: idle sockets can make it answer every page load with 503. Keep it "
+            "well below (default 100).",
+            settings.max_pending_connections,
+            HTTP_CONNECTIONS_MARGIN,
+        )
 
 
 def files_needed() -> int:
@@ -405,6 +420,7 @@ def warn_about_missing_limits() -> None:
     lower frame limit, the request-head timeout), and say at WARNING what the command
     lacks: `server_limits()`, a trusted proxy it never named, and limits that hold per worker."""
     warn_about_open_file_limit()  # (under any server: this process's own limit)
+    warn_about_pending_cap()
     config = uvicorn_config_loading_this_app()
     if config is None:
         log.warning(

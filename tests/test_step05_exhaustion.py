@@ -488,6 +488,15 @@ def test_a_connection_that_sends_nothing_is_closed_sooner_than_a_half_sent_reque
             sock.close()
 
 
+@pytest.mark.slow
+def test_a_worker_cap_that_idle_sockets_could_fill_to_503_is_warned_about(fake_server, fake):
+    with entry_point_server(fake_server, CHAT_MAX_PENDING_CONNECTIONS="200") as server:
+        with WsClient(server.ws_url) as ws:  # started: the warning, if any, is written
+            read_conversation(ws)
+        log = server.log_text()
+    assert "CHAT_MAX_PENDING_CONNECTIONS=200" in log and "503" in log, log
+
+
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
