@@ -341,8 +341,9 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
 # Which limits hold per worker process, for the start-up warning with --workers N.
 PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
-    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections per address "
-    "before the WebSocket (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and messages per address "
+    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections before the "
+    "WebSocket per address and in all (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT, "
+    "CHAT_MAX_PENDING_CONNECTIONS) and messages per address "
     "(CHAT_CLIENT_RATE_LIMIT_MESSAGES) are counted in each worker: with {workers} workers an "
     "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
 )
