@@ -442,6 +442,22 @@ def silent_sockets(server, count: int) -> list[socket.socket]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.x sources are Linux's")
+def test_half_sent_requests_filling_the_worker_give_way_to_a_newcomer(fake_server, fake):
+    # Sending one byte must not make a socket safe from the worker's cap: else a few addresses
+    # of half-sent requests (slowloris) would hold every place, and newcomers be closed at once.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "3", "CHAT_MAX_PENDING_CONNECTIONS": "6", **NO_TIMEOUTS}
+    with entry_point_server(fake_server, **env) as server:
+        stalled = [idle_socket_from(f"127.0.0.{2 + i // 3}", server) for i in range(6)]
+        for sock in stalled:
+            sock.sendall(HALF_SENT["page"])
+        load_the_page_and_chat(server)
+        assert seconds_until_closed(stalled[0], limit=0.2) < float("inf")  # the oldest gave way
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.slow
 def test_one_user_holding_a_shared_address_in_idle_sockets_cannot_lock_its_neighbours_out(fake_server, fake):
     # A shared NAT address (or IPv6 /64): one user there holds every connection the address may
     # have before the WebSocket, in raw sockets that never send a byte. Another user of the same
