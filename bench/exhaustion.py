@@ -10,7 +10,11 @@ unreachable address: no reply is needed), with only the settings it names change
   connect to its first frame;
 - log bytes for 300 connections each sending a text frame of invalid UTF-8, with the log
   bound and with it lifted (CHAT_LOG_LINES_PER_KIND=1000000, as before the bound), and
-  the same without the INFO lines (uvicorn's access log, one per connection event).
+  the same without the INFO lines (uvicorn's access log, one per connection event);
+- page loads while idle sockets are held (Linux: other loopback addresses, 127.0.0.x):
+  24 addresses each holding 50 raw sockets that never send a byte, then 25 page loads (GET /,
+  each on a new connection) from 127.0.0.1; and 127.0.0.1 itself holding 50 such sockets
+  (one user behind a shared address), then 15 page loads from it.
 """
 
 import asyncio
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -134,6 +139,35 @@ async def log_bytes_for_bad_connections(**env: str) -> tuple[int, int]:
         return len(written), len(written) - info
 
 
+async def page_loads_while_idle_sockets_are_held(addresses: list[str], loads: int) -> dict:
+    """Every address opens 50 raw TCP connections that never send a byte; then `loads` page
+    loads from 127.0.0.1 (each on a new connection): how they were answered, and how fast."""
+    with Server() as server:
+        idle = []
+        for address in addresses:
+            for _ in range(50):
+                idle.append(await asyncio.open_connection("127.0.0.1", server.port, local_addr=(address, 0)))
+        answers, times = {}, []
+        for _ in range(loads):
+            began = time.monotonic()
+            try:
+                async with httpx.AsyncClient(timeout=5) as browser:
+                    answer = str((await browser.get(f"http://127.0.0.1:{server.port}/")).status_code)
+            except httpx.TransportError as error:
+                answer = type(error).__name__
+            times.append((time.monotonic() - began) * 1000)
+            answers[answer] = answers.get(answer, 0) + 1
+        for _, writer in idle:
+            writer.close()
+        times.sort()
+        return {"answers": answers, "median_ms": times[len(times) // 2], "max_ms": times[-1]}
+
+
+def described(result: dict, loads: int) -> str:
+    answers = ", ".join(f"{count}/{loads} {answer}" for answer, count in sorted(result["answers"].items()))
+    return f"{answers}; median {result['median_ms']:.1f} ms, max {result['max_ms']:.1f} ms"
+
+
 async def main() -> None:
     rows = [("idle sockets one address can hold", f"{await idle_sockets_one_address_holds()}")]
     full = await newcomer_when_full()
@@ -152,6 +186,10 @@ async def main() -> None:
             f"unbounded {unbounded[0]:,} / {unbounded[1]:,}; bounded {bounded[0]:,} / {bounded[1]:,}",
         )
     )
+    many = await page_loads_while_idle_sockets_are_held([f"127.0.0.{i}" for i in range(2, 26)], loads=25)
+    rows.append(("25 page loads while 24 addresses hold 50 silent sockets each", described(many, 25)))
+    shared = await page_loads_while_idle_sockets_are_held(["127.0.0.1"], loads=15)
+    rows.append(("15 page loads from an address holding 50 silent sockets", described(shared, 15)))
     print("| measure | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -149,6 +149,12 @@ class Settings:
     # headers, this long after the connection opens or the previous response ends: a
     # client that sends half a request and stalls (slowloris) is cut off (server.py).
     request_head_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_REQUEST_HEAD_TIMEOUT_SECONDS", 10))
+    # ... and a connection that has sent no byte at all is closed sooner: a socket opened and
+    # left silent costs an attacker nothing. 5 s, uvicorn's keep-alive here (an idle
+    # connection waits for its next request as long as a new one waits for its first). Not
+    # shorter: browsers open sockets ahead of need (Chromium keeps an unused one up to 10 s,
+    # then drops it; one the server closed sooner is dropped too, and a new one opened).
+    first_byte_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_FIRST_BYTE_TIMEOUT_SECONDS", 5))
     # New WebSocket connections per client address: a burst as large as the address's cap
     # (a classroom reconnecting together after a restart), then a steady refill that holds
     # a reconnect loop to a few a second. Past it: "too many new connections", 1013.
@@ -166,12 +172,17 @@ class Settings:
 
     # Network: the connections before they are WebSockets, and who counts as one client.
     # TCP connections one client address may hold open before they become WebSockets (page
-    # loads, handshakes, idle sockets): past it, a new one is closed at once, so one address
-    # cannot use up the server's file descriptors (server.py). Trusted proxies are not
-    # counted (all their clients share their address): limit per IP in the proxy.
+    # loads, handshakes, idle sockets): at the cap, a new one takes the place of the one that
+    # has waited longest for a request, so one address cannot use up the server's file
+    # descriptors (server.py). Trusted proxies are not counted (all their clients share
+    # their address): limit per IP in the proxy.
     max_pending_connections_per_client: int = field(
         default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT", 50)
     )
+    # ... and all addresses together, per worker. Well below the 200 connections uvicorn
+    # serves besides the WebSockets before it answers every page with 503 (server.py,
+    # HTTP_CONNECTIONS_MARGIN): at this cap idle connections give way to the newcomer.
+    max_pending_connections: int = field(default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS", 100))
     # IPv6 clients are counted per network of this many leading bits (security.client_key):
     # one host is usually given a whole /64. IPv4 clients are counted per address.
     ipv6_prefix_length: int = field(default_factory=lambda: _int("CHAT_IPV6_PREFIX_LENGTH", 64))

@@ -32,7 +32,9 @@ UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "127.0.0.1,::1")
 KEEP_ALIVE_SECONDS = 5
 # HTTP connections uvicorn serves at once besides the chat's WebSockets (CHAT_MAX_CONNECTIONS):
 # page loads, files, handshakes. Past the sum uvicorn answers 503, so a full worker still has
-# room for the newcomer that reclaims an idle WebSocket (security.OpenConnections).
+# room for the newcomer that reclaims an idle WebSocket (security.OpenConnections). Idle
+# sockets cannot bring it there: connections that are not WebSockets yet are kept at half of
+# it (CHAT_MAX_PENDING_CONNECTIONS, RequestHeadTimeout below).
 HTTP_CONNECTIONS_MARGIN = 200
 # File descriptors the process needs besides its connections: the upstream's connections,
 # the store, log files, the modules it imports.
@@ -63,6 +65,19 @@ def server_limits() -> dict:
         # serves is bounded, and the open-file limit is checked against that (files_needed).
         "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
     }
+
+
+def warn_about_pending_cap() -> None:
+    """Say at WARNING when the worker's cap on connections that are not WebSockets yet lets
+    idle sockets fill uvicorn's limit_concurrency: every page load would get 503."""
+    if settings.max_pending_connections >= HTTP_CONNECTIONS_MARGIN:
+        log.warning(
+            "CHAT_MAX_PENDING_CONNECTIONS=%d is not below the %d connections uvicorn serves besides "
+            "the WebSockets: idle sockets can make it answer every page load with 503. Keep it "
+            "well below (default 100).",
+            settings.max_pending_connections,
+            HTTP_CONNECTIONS_MARGIN,
+        )
 
 
 def files_needed() -> int:
@@ -111,9 +126,10 @@ def warn_about_open_file_limit() -> None:
 
 # TCP connections not (yet) upgraded to a WebSocket, per client key, in this worker.
 PENDING_CONNECTIONS: Counter[str] = Counter()
-# Per client key, those of its connections waiting between requests (a response sent, no
-# next request begun), the one waiting longest first: at the cap, it gives way.
-BETWEEN_REQUESTS: dict[str, dict] = {}
+# Per client key, those of its connections waiting for a request: no byte yet, half a request
+# head, or kept alive after a response. In the order they began to wait: at a cap, the one
+# waiting longest gives way. (A connection whose request the app is serving is not here.)
+WAITING_FOR_A_REQUEST: dict[str, dict] = {}
 
 
 @functools.cache
@@ -135,7 +151,8 @@ def from_trusted_proxy(config, host: str) -> bool:
 
 class RequestHeadTimeout:
     """Mixed into uvicorn's HTTP protocol class: a request's line and headers must all arrive
-    within `request_head_timeout_seconds`, or the connection is closed.
+    within `request_head_timeout_seconds`, or the connection is closed; a connection that sends
+    no byte at all is closed after `first_byte_timeout_seconds`, sooner.
 
     Why: uvicorn's only HTTP timeout (timeout_keep_alive) is cancelled by the first byte, so
     a client sending one header line a minute holds its socket forever (slowloris). The
@@ -143,57 +160,69 @@ class RequestHeadTimeout:
     may begin). Once the head is in, the request is the app's; after a WebSocket upgrade the
     connection belongs to the WebSocket protocol (pings, the chat's idle timeout).
 
-    It also counts the connections each client address holds before they become WebSockets
-    (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT). Why: the app's own per-address caps see only
-    WebSockets; without this, one address opening idle sockets (each reopened when the head
-    timeout closed it) used up every file descriptor, and no one else could connect. At the
-    cap, the address's connection waiting longest for a next request (kept alive after a
-    response) is closed to make room, as uvicorn's keep-alive timeout would close it: a browser
-    opens another when it needs one, so a classroom behind one NAT address loading the page
-    together (Chromium: 6 connections per load) is served. With none such, the new connection
-    is closed at once: sockets that never send a request cannot pile up. A trusted proxy is
-    not counted.
+    It also caps the connections that are not WebSockets yet: per client address
+    (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and in all (CHAT_MAX_PENDING_CONNECTIONS). Why:
+    the app's own caps see only WebSockets. Without the first, one address opening idle
+    sockets used up every file descriptor; without the second, 24 addresses of 50 idle sockets
+    each filled uvicorn's `limit_concurrency`, and every page load got 503.
+    At a cap the newcomer is let in, and a connection waiting for a request gives way (closed,
+    as uvicorn's keep-alive timeout would close it: a browser opens another when it needs one):
+    - at the address's cap, the address's connection waiting longest. One user behind a shared
+      NAT address holding its every place with silent sockets cannot lock out the others, and
+      a classroom loading the page together (Chromium: 6 connections per load) is served;
+    - at the worker's cap, the one waiting longest of the address with the most waiting: the
+      address holding the most idle sockets pays, not the newcomer.
+    Only when none waits (every one is being served a response) is the newcomer closed at once.
+    A trusted proxy is not counted.
     Uses only what uvicorn's h11 and httptools protocols share: connection_made, data_received,
     connection_lost, on_response_complete, handle_websocket_upgrade, client, config, cycle,
     loop, transport."""
 
     head_timer = None
+    first_byte_timer = None  # cancelled by the first byte
     pending_key = None  # the client key this connection counts against until it is a WebSocket
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.start_head_timer()
+        self.first_byte_timer = self.loop.call_later(settings.first_byte_timeout_seconds, self.transport.close)
         self.count_pending()
 
     def count_pending(self) -> None:
         if not self.client or from_trusted_proxy(self.config, self.client[0]):
             return
         key = client_key(self.client[0])
-        if PENDING_CONNECTIONS[key] >= settings.max_pending_connections_per_client and not make_room(key):
-            log.warning(
-                "Closed a new connection from %s at once: it holds %d connections that are not "
-                "WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
-                key,
-                PENDING_CONNECTIONS[key],
-            )
+        if not (room_within_address_cap(key) and room_within_worker_cap()):
             self.transport.close()
             return
         PENDING_CONNECTIONS[key] += 1
         self.pending_key = key
+        self.wait_for_a_request()
 
     def data_received(self, data: bytes) -> None:
-        self.leave_between_requests()  # a request begins
+        if self.first_byte_timer is not None:
+            self.first_byte_timer.cancel()
+            self.first_byte_timer = None
         super().data_received(data)
+        if self.request_running():  # the whole head is in: the app serves it, it waits no more
+            self.stop_waiting()
 
-    def leave_between_requests(self) -> None:
-        waiting = BETWEEN_REQUESTS.get(self.pending_key)
+    def request_running(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def wait_for_a_request(self) -> None:
+        if self.pending_key is not None:
+            WAITING_FOR_A_REQUEST.setdefault(self.pending_key, {})[self] = None
+
+    def stop_waiting(self) -> None:
+        waiting = WAITING_FOR_A_REQUEST.get(self.pending_key)
         if waiting is not None:
             waiting.pop(self, None)
             if not waiting:
-                del BETWEEN_REQUESTS[self.pending_key]
+                del WAITING_FOR_A_REQUEST[self.pending_key]
 
     def release_pending(self) -> None:
-        self.leave_between_requests()
+        self.stop_waiting()
         if self.pending_key is not None:
             PENDING_CONNECTIONS[self.pending_key] -= 1
             if not PENDING_CONNECTIONS[self.pending_key]:
@@ -208,13 +237,14 @@ class RequestHeadTimeout:
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self.start_head_timer()
-        next_request_begun = self.cycle is not None and not self.cycle.response_complete  # (pipelined)
-        if self.pending_key is not None and not (next_request_begun or self.transport.is_closing()):
-            BETWEEN_REQUESTS.setdefault(self.pending_key, {})[self] = None
+        # (A pipelined next request may have begun in super(): then it is not waiting.)
+        if not (self.request_running() or self.transport.is_closing()):
+            self.wait_for_a_request()
 
     def connection_lost(self, exc) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
+        for timer in (self.head_timer, self.first_byte_timer):
+            if timer is not None:
+                timer.cancel()
         self.release_pending()
         super().connection_lost(exc)
 
@@ -226,18 +256,65 @@ class RequestHeadTimeout:
     def head_timed_out(self) -> None:
         self.head_timer = None
         upgraded = self.transport.get_protocol() is not self
-        request_running = self.cycle is not None and not self.cycle.response_complete
-        if not (upgraded or request_running or self.transport.is_closing()):
+        if not (upgraded or self.request_running() or self.transport.is_closing()):
             self.transport.close()
 
 
+def room_within_address_cap(key: str) -> bool:
+    """Whether a new connection from `key` may be counted: below the address's cap, or once
+    the address's connection waiting longest for a request has given way."""
+    held = PENDING_CONNECTIONS[key]
+    if held < settings.max_pending_connections_per_client:
+        return True
+    if make_room(key):
+        log.warning(
+            "Closed the connection from %s waiting longest for a request to let a new one in: it "
+            "holds %d connections that are not WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
+            key,
+            held,
+        )
+        return True
+    log.warning(
+        "Closed a new connection from %s at once: it holds %d connections that are not "
+        "WebSockets, none waiting for a request (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
+        key,
+        held,
+    )
+    return False
+
+
+def room_within_worker_cap() -> bool:
+    """Whether a new connection may be counted: below the worker's cap, or once the connection
+    waiting longest of the address with the most waiting has given way (ties: the address
+    that began waiting first)."""
+    held = PENDING_CONNECTIONS.total()
+    if held < settings.max_pending_connections:
+        return True
+    greediest = max(WAITING_FOR_A_REQUEST, key=lambda key: len(WAITING_FOR_A_REQUEST[key]), default=None)
+    if greediest is not None and make_room(greediest):
+        log.warning(
+            "Closed the connection from %s waiting longest for a request to let a new one in: this "
+            "worker holds %d connections that are not WebSockets, that address the most waiting "
+            "(CHAT_MAX_PENDING_CONNECTIONS).",
+            greediest,
+            held,
+        )
+        return True
+    log.warning(
+        "Closed a new connection at once: this worker holds %d connections that are not "
+        "WebSockets, none waiting for a request (CHAT_MAX_PENDING_CONNECTIONS).",
+        held,
+    )
+    return False
+
+
 def make_room(key: str) -> bool:
-    """Close the connection of `key` that has waited longest for a next request, if any."""
-    waiting = BETWEEN_REQUESTS.get(key)
+    """Close the connection of `key` that has waited longest for a request, if any."""
+    waiting = WAITING_FOR_A_REQUEST.get(key)
     if not waiting:
         return False
     longest = next(iter(waiting))
-    longest.release_pending()  # at once: the newcomer takes its place in the count
+    longest.release_pending()  # at once: the newcomer takes its place in the counts
     longest.transport.close()
     return True
 
@@ -264,8 +341,9 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
 # Which limits hold per worker process, for the start-up warning with --workers N.
 PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
-    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections per address "
-    "before the WebSocket (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT) and messages per address "
+    "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections before the "
+    "WebSocket per address and in all (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT, "
+    "CHAT_MAX_PENDING_CONNECTIONS) and messages per address "
     "(CHAT_CLIENT_RATE_LIMIT_MESSAGES) are counted in each worker: with {workers} workers an "
     "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
 )
@@ -343,6 +421,7 @@ def warn_about_missing_limits() -> None:
     lower frame limit, the request-head timeout), and say at WARNING what the command
     lacks: `server_limits()`, a trusted proxy it never named, and limits that hold per worker."""
     warn_about_open_file_limit()  # (under any server: this process's own limit)
+    warn_about_pending_cap()
     config = uvicorn_config_loading_this_app()
     if config is None:
         log.warning(

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 
+import httpx
 import pytest
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
@@ -379,7 +380,8 @@ def idle_socket_from(source: str, server) -> socket.socket:
 def test_idle_sockets_from_one_address_cannot_lock_another_client_out(fake_server, fake):
     # The review's attack, scaled down: one address opens more idle TCP connections than
     # the server may open files. The server starts with a soft limit below its hard one.
-    server = entry_point_server(fake_server, CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT="5", CHAT_LOG_LINES_PER_KIND="3")
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "5", "CHAT_LOG_LINES_PER_KIND": "3"}
+    server = entry_point_server(fake_server, CHAT_FIRST_BYTE_TIMEOUT_SECONDS="60", **env)  # only the cap closes
     server.command = ["prlimit", f"--nofile={OPEN_FILES // 2}:{OPEN_FILES}", *server.command]
     with server:
         assert server_open_file_limits(server) == (OPEN_FILES, OPEN_FILES)  # raised to the hard limit
@@ -387,13 +389,128 @@ def test_idle_sockets_from_one_address_cannot_lock_another_client_out(fake_serve
         with WsClient(server.ws_url) as ws:  # another address (127.0.0.1) chats as usual
             read_conversation(ws)
             assert chat_turn(ws, "still here") == "You said: still here"
-        still_open = sum(seconds_until_closed(sock, limit=0.3) == float("inf") for sock in flood)
-        assert still_open == 5, still_open  # the cap; the rest were closed at once
+        still_open = [sock for sock in flood if seconds_until_closed(sock, limit=0.3) == float("inf")]
+        assert still_open == flood[-5:], len(still_open)  # the cap: each newer one took the oldest's place
         for sock in flood:
             sock.close()
         log = server.log_text()
-    assert log.count("Closed a new connection from 127.0.0.2 at once") == 3, log  # said, at a bounded rate
+    assert log.count("Closed the connection from 127.0.0.2 waiting longest") == 3, log  # said, at a bounded rate
     assert f"This process may open {OPEN_FILES} files" in log and "LimitNOFILE" in log, log
+
+
+# Only the caps close the idle sockets in the tests below, not the timeouts.
+NO_TIMEOUTS = {"CHAT_FIRST_BYTE_TIMEOUT_SECONDS": "60", "CHAT_REQUEST_HEAD_TIMEOUT_SECONDS": "60"}
+
+
+def load_the_page_and_chat(server) -> None:
+    """What a browser on 127.0.0.1 does: the page, its files, then a chat over the WebSocket."""
+    with httpx.Client(base_url=server.url, timeout=5) as browser:
+        for path in ("/", "/static/app.js", "/static/style.css"):
+            response = browser.get(path)
+            assert response.status_code == 200, (path, response.status_code, response.text[:200])
+    with WsClient(server.ws_url) as ws:
+        read_conversation(ws)
+        assert chat_turn(ws, "still served") == "You said: still served"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.x sources are Linux's")
+def test_idle_sockets_from_many_addresses_cannot_make_every_page_load_fail(fake_server, fake):
+    # The review's attack (24 addresses of 50), scaled down: 9 addresses each hold as many
+    # never-sending sockets as their own cap allows; together more than uvicorn serves before it
+    # answers every page with 503 (limit_concurrency: CHAT_MAX_CONNECTIONS + 200 = 202 here).
+    env = {
+        "CHAT_MAX_CONNECTIONS": "2",
+        "CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "25",
+        "CHAT_MAX_PENDING_CONNECTIONS": "30",
+        **NO_TIMEOUTS,
+    }
+    with entry_point_server(fake_server, **env) as server:
+        modest = idle_socket_from("127.0.0.30", server)  # the oldest idle socket, but its address holds one
+        flood = [idle_socket_from(f"127.0.0.{2 + i // 25}", server) for i in range(225)]  # 25 each
+        load_the_page_and_chat(server)  # from 127.0.0.1: a newcomer to the worker
+        still_open = sum(seconds_until_closed(sock, limit=0.2) == float("inf") for sock in flood)
+        assert still_open < 30, still_open  # within the worker's cap: the flood made room for itself
+        assert seconds_until_closed(modest, limit=0.2) == float("inf")  # the greediest addresses paid
+        for sock in [modest, *flood]:
+            sock.close()
+
+
+def silent_sockets(server, count: int) -> list[socket.socket]:
+    """Raw TCP connections from 127.0.0.1 that never send a byte."""
+    return [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.x sources are Linux's")
+def test_half_sent_requests_filling_the_worker_give_way_to_a_newcomer(fake_server, fake):
+    # Sending one byte must not make a socket safe from the worker's cap: else a few addresses
+    # of half-sent requests (slowloris) would hold every place, and newcomers be closed at once.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "3", "CHAT_MAX_PENDING_CONNECTIONS": "6", **NO_TIMEOUTS}
+    with entry_point_server(fake_server, **env) as server:
+        stalled = [idle_socket_from(f"127.0.0.{2 + i // 3}", server) for i in range(6)]
+        for sock in stalled:
+            sock.sendall(HALF_SENT["page"])
+        load_the_page_and_chat(server)
+        assert seconds_until_closed(stalled[0], limit=0.2) < float("inf")  # the oldest gave way
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_one_user_holding_a_shared_address_in_idle_sockets_cannot_lock_its_neighbours_out(fake_server, fake):
+    # A shared NAT address (or IPv6 /64): one user there holds every connection the address may
+    # have before the WebSocket, in raw sockets that never send a byte. Another user of the same
+    # address (127.0.0.1 here) still loads the page and chats: the socket idle longest gives way.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "5", **NO_TIMEOUTS}
+    with entry_point_server(fake_server, **env) as server:
+        hog = silent_sockets(server, 5)
+        load_the_page_and_chat(server)  # one kept-alive connection for the page, then the WebSocket
+        closed = [seconds_until_closed(sock, limit=0.2) < float("inf") for sock in hog]
+        assert closed == [True, False, False, False, False], closed  # the oldest, and only it
+        for sock in hog:
+            sock.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_chromium_behind_an_address_held_in_idle_sockets_loads_the_page_and_chats(page, fake_server, fake):
+    # The same in a real browser, which opens several connections at once for the page's files.
+    env = {"CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "10", **NO_TIMEOUTS}
+    with entry_point_server(fake_server, **env) as server:
+        hog = silent_sockets(server, 10)
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]", timeout=10000)
+        page.fill("#input", "through the crowd")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".assistant .meta", timeout=10000)
+        assert "You said: through the crowd" in page.inner_text(".assistant")
+        closed = [seconds_until_closed(sock, limit=0.2) < float("inf") for sock in hog]
+        assert closed[0] and not closed[-1], closed  # the oldest gave way, the newest did not
+        for sock in hog:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_a_connection_that_sends_nothing_is_closed_sooner_than_a_half_sent_request(fake_server, fake):
+    env = {"CHAT_FIRST_BYTE_TIMEOUT_SECONDS": "1", "CHAT_REQUEST_HEAD_TIMEOUT_SECONDS": "30"}
+    with entry_point_server(fake_server, **env) as server:
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        begun = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        begun.sendall(b"GET / HTTP/1.1\r\n")
+        assert seconds_until_closed(silent, limit=4) < 4  # the first-byte timeout
+        assert seconds_until_closed(begun, limit=1) == float("inf")  # the head timeout's, 30 s
+        for sock in (silent, begun):
+            sock.close()
+
+
+@pytest.mark.slow
+def test_a_worker_cap_that_idle_sockets_could_fill_to_503_is_warned_about(fake_server, fake):
+    with entry_point_server(fake_server, CHAT_MAX_PENDING_CONNECTIONS="200") as server:
+        with WsClient(server.ws_url) as ws:  # started: the warning, if any, is written
+            read_conversation(ws)
+        log = server.log_text()
+    assert "CHAT_MAX_PENDING_CONNECTIONS=200" in log and "503" in log, log
 
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
