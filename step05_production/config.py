@@ -138,10 +138,10 @@ class Settings:
     store_new_conversations_per_client_hour: int = field(
         default_factory=lambda: _int("CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR", 600)
     )
-    # The key of the HMAC that stands for a client address in the store (store.client_key):
-    # set a long random secret, the same on every worker and host, so a copy of the store
-    # does not tell who talked. Empty: an HMAC anyone can recompute (an IPv4 address is
-    # then found by trying them all).
+    # The key of the HMAC that stands for a client address in the store (store.client_key),
+    # so a copy of the store does not tell who talked. Empty (the default): a random key made
+    # once and kept in the store itself, shared by every worker and host that uses it. Set
+    # one (long, random, the same everywhere) to keep the key apart from the data.
     store_client_key: str = field(default_factory=lambda: os.getenv("CHAT_STORE_CLIENT_KEY", ""))
 
     # Exhaustion: what keeps slow, idle or noisy clients from filling the server.
