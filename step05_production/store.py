@@ -176,15 +176,41 @@ class ConversationStore:
 
 
 class ClientStore:
-    """The store as one client address uses it: the conversations it creates are its own
-    (the flow's node calls add_turn without knowing who asked)."""
+    """The store as one connection of a client address uses it: the conversations it creates
+    are its address's own (the flow's node calls add_turn without knowing who asked).
+
+    It also keeps the connection's share of its address's new conversations: at most
+    CHAT_NEW_CONVERSATIONS_PER_CONNECTION. Why: the address's hourly number is shared by
+    everyone behind it (a classroom behind one NAT), and one tab scripting New chat used it
+    all up in ~2 minutes, after which nobody's new conversation was saved for the hour. Past
+    its share a connection's New chat is refused (session.py) and it goes on with the
+    conversation it has; a reload (a new connection) gets a new share, and that costs one of
+    the address's new connections (CHAT_NEW_CONNECTIONS_*): see docs/operations.md for the
+    bound that gives.
+    """
 
     def __init__(self, store: ConversationStore, address: str):
         self.store, self.address = store, address
+        self.new_conversations = 0  # stored by this connection: its first turn was stored here
+
+    def new_conversation_refusal(self) -> str | None:
+        """Why this connection may not start another conversation, or None if it may."""
+        share = settings.new_conversations_per_connection
+        if self.new_conversations < share:
+            return None
+        return (
+            f"This tab started {share} conversations, the most one connection may: continue this one,"
+            " or reload the page to start more."
+        )
 
     async def add_turn(self, conversation_id, user, assistant, turn=None):
+        starts_one = turn == 1  # nothing was stored when its reply began
+        if starts_one and (refusal := self.new_conversation_refusal()):
+            raise StoreError(refusal)
         client = await self.store.client_key(self.address)
-        return await self.store.add_turn(conversation_id, user, assistant, turn, client=client)
+        stored = await self.store.add_turn(conversation_id, user, assistant, turn, client=client)
+        self.new_conversations += starts_one and stored
+        return stored
 
     def __getattr__(self, name):  # load, delete: the same for everyone
         return getattr(self.store, name)

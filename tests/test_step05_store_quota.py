@@ -266,3 +266,61 @@ def test_past_its_new_conversations_an_address_is_told_and_the_chat_goes_on(stor
             ws.send_json({"type": "message", "content": "four"})
             assert collect_reply(ws)[-1]["type"] == "end"
     assert run(with_store(store_url, lambda store: store.load(first))).turns == 2
+
+
+def new_chat(ws) -> str:
+    """Press New chat: the id of the new, empty conversation."""
+    ws.send_json({"type": "reset"})
+    assert ws.receive_json() == {"type": "reset"}
+    return read_conversation(ws)["id"]
+
+
+def test_one_tab_scripting_new_chat_uses_its_share_and_leaves_the_address_the_rest(store_url, fake, monkeypatch):
+    # The review's N4: one tab pressing New chat in a loop used up the address's whole hourly
+    # number of new conversations, so nobody else behind the same NAT got a reply saved.
+    monkeypatch.setattr(settings, "store_url", store_url)
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 5)
+    monkeypatch.setattr(settings, "new_conversations_per_connection", 2)
+    app = importlib.import_module("step05_production.main").app
+    with LocalClient(app, client=(ATTACKER, 50000)) as scripted, LocalClient(app, client=(ATTACKER, 50001)) as mate:
+        with scripted.websocket_connect("/ws") as ws:
+            first = read_conversation(ws)["id"]
+            ws.send_json({"type": "message", "content": "one"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+            second = new_chat(ws)
+            ws.send_json({"type": "message", "content": "two"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+            ws.send_json({"type": "reset"})  # a third New chat on this connection
+            refused = ws.receive_json()
+            assert refused["type"] == "error" and refused["refused"] is True, refused
+            assert "started 2 conversations" in refused["message"] and "reload" in refused["message"]
+            ws.send_json({"type": "message", "content": "still here"})  # it keeps the one it has
+            assert collect_reply(ws)[-1]["type"] == "end"
+        with mate.websocket_connect("/ws") as ws:  # someone else behind the same address
+            theirs = read_conversation(ws)["id"]
+            ws.send_json({"type": "message", "content": "my own question"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+
+    async def turns(store):
+        return [getattr(await store.load(cid), "turns", None) for cid in (first, second, theirs)]
+
+    # The first went with New chat (it deletes the conversation it leaves); the second kept
+    # the turn after the refusal; the mate's new one was saved.
+    assert run(with_store(store_url, turns)) == [None, 2, 1]
+
+
+def test_a_connection_past_its_share_stores_no_new_conversation_but_continues_its_own(store_url, monkeypatch):
+    # The store's side of the share above (a new conversation reached by any path but New chat).
+    monkeypatch.setattr(settings, "new_conversations_per_connection", 1)
+    mine, another, theirs = new_conversation_id(), new_conversation_id(), new_conversation_id()
+
+    async def use(store):
+        connection, other_connection = store.for_client(ATTACKER), store.for_client(ATTACKER)
+        assert await connection.add_turn(mine, "q", "a", turn=1)
+        with pytest.raises(StoreError, match="started 1 conversations"):
+            await connection.add_turn(another, "q", "a", turn=1)
+        assert await connection.add_turn(mine, "q", "a", turn=2)
+        assert await other_connection.add_turn(theirs, "q", "a", turn=1)
+        return [getattr(await store.load(cid), "turns", None) for cid in (mine, another, theirs)]
+
+    assert run(with_store(store_url, use)) == [2, None, 1]
