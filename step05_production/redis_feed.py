@@ -9,6 +9,7 @@ Used when CHAT_STORE_URL is redis:// (main.py); redis-py is imported only then.
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -30,6 +31,18 @@ MAX_FOLLOWERS_PER_CONVERSATION = 8
 # the other hosts within seconds, and its followers are told the reply was lost.
 CLAIM_SECONDS = 15
 CLAIM_RENEW_SECONDS = 5
+# A claim's value is a random token of its reply, and only a holder of that token renews or
+# frees it (checked inside Redis, in one step): a host whose claim lapsed (paused, cut off)
+# must not extend or delete the claim another host has taken since.
+# KEYS: the claim. ARGV: the token, then the new lifetime in seconds (renew only).
+RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def expiry_seconds() -> int:
@@ -65,6 +78,12 @@ class RedisFeed(ReplyFeed):
         self.pending: dict[LiveReply, list[dict]] = {}
         self.writers: dict[LiveReply, asyncio.Task] = {}
         self.renewers: dict[LiveReply, asyncio.Task] = {}
+        # The tokens of this process's claims: by conversation until its reply begins, then by
+        # reply (a conversation's next reply here has a claim, and a token, of its own).
+        self.claims: dict[str, str] = {}
+        self.tokens: dict[LiveReply, str] = {}
+        self.renew_script = redis.register_script(RENEW_CLAIM)
+        self.release_script = redis.register_script(RELEASE_CLAIM)
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -93,31 +112,47 @@ class RedisFeed(ReplyFeed):
     # The generating side ------------------------------------------------------------
 
     async def claim(self, conversation_id):
+        token = secrets.token_hex(16)
         try:
-            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=CLAIM_SECONDS))
+            claimed = await self.redis.set(self.lock_key(conversation_id), token, nx=True, ex=CLAIM_SECONDS)
         except self.errors as error:
             raise redis_unreachable(error) from error
+        if claimed:
+            self.claims[conversation_id] = token
+        return bool(claimed)
 
     async def release(self, conversation_id):
+        token = self.claims.pop(conversation_id, None)
+        if token is not None:
+            await self._release(conversation_id, token)
+
+    async def _release(self, conversation_id: str, token: str) -> None:
         try:
-            await self.redis.delete(self.lock_key(conversation_id))
+            await self.release_script(keys=[self.lock_key(conversation_id)], args=[token])
         except self.errors:
             pass  # it expires by itself
 
     def begin(self, reply):
+        self.tokens[reply] = self.claims.pop(reply.conversation_id, "")
         self.pending[reply] = [{"turn": reply.turn, "user": reply.user_message}]
         self._write_soon(reply)
         self.renewers[reply] = asyncio.create_task(self._renew_claim(reply))
 
     async def _renew_claim(self, reply: LiveReply) -> None:
         """Keep the conversation claimed while the reply's task runs, even through a long
-        pause of the model (or a wait for an upstream slot)."""
+        pause of the model (or a wait for an upstream slot). A Redis error is tried again at
+        the next period (Redis back within the claim's lifetime: nothing lost); a claim that
+        is no longer this reply's (it lapsed) is left to whoever holds it now."""
+        key, token = self.lock_key(reply.conversation_id), self.tokens.get(reply, "")
         try:
             while not reply.task.done():
                 await asyncio.sleep(CLAIM_RENEW_SECONDS)
-                await self.redis.expire(self.lock_key(reply.conversation_id), CLAIM_SECONDS)
-        except self.errors as error:  # the claim lapses; Redis away fails the reply's store anyway
-            log.warning("could not renew a reply's claim: %r", error)
+                try:
+                    if not await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS]):
+                        log.warning("a reply lost its claim on its conversation (it lapsed)")
+                        return
+                except self.errors as error:  # (log lines are rate-limited: security.RateLimitedLog)
+                    log.warning("could not renew a reply's claim, trying again: %r", error)
         finally:
             self.renewers.pop(reply, None)
 
@@ -150,7 +185,9 @@ class RedisFeed(ReplyFeed):
         finally:
             if reply.finished and not self.pending.get(reply):  # ended without finish()
                 self.writers.pop(reply, None)
-                await self.release(reply.conversation_id)
+                token = self.tokens.pop(reply, None)
+                if token is not None:
+                    await self._release(reply.conversation_id, token)
 
     async def finish(self, reply, frame):
         renewer = self.renewers.pop(reply, None)
@@ -159,12 +196,12 @@ class RedisFeed(ReplyFeed):
         writer = self.writers.pop(reply, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)  # every earlier frame first
-        key = self.key(reply.conversation_id)
+        key, token = self.key(reply.conversation_id), self.tokens.pop(reply, "")
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"frame": json.dumps(frame)})
                 pipe.expire(key, expiry_seconds())
-                pipe.delete(self.lock_key(reply.conversation_id))
+                await self.release_script(keys=[self.lock_key(reply.conversation_id)], args=[token], client=pipe)
                 await pipe.execute()
         except self.errors as error:  # watchers elsewhere time out; the claim expires by itself
             log.warning("could not share the end of a reply through Redis: %r", error)

@@ -2,13 +2,20 @@
 through a long pause, many connections following one reply, and a host killed mid-reply.
 Two real uvicorn hosts share a real redis-server; the model is the fake upstream."""
 
+import asyncio
+import logging
 import signal
 import time
 
 import pytest
+import redis.asyncio
 
 from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
-from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION
+from step05_production import redis_feed
+from step05_production.config import settings
+from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION, RedisFeed
+from step05_production.replies import LiveReply
+from step05_production.store import new_conversation_id
 
 APP = "step05_production.main"
 
@@ -196,3 +203,95 @@ def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake,
             assert collect_reply(ws)[-1]["type"] == "end"
         for ws in followers + [asker for asker, _ in askers]:
             ws.close()
+
+
+# A reply's claim on its conversation, between two hosts' feeds on one real redis-server -----
+
+
+class Host:
+    """One host's reply feed, on a Redis client of its own, as main.py makes it."""
+
+    def __init__(self, url: str):
+        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self.feed = RedisFeed(self.redis)
+
+    def start_reply(self, conversation_id: str) -> tuple[LiveReply, asyncio.Event]:
+        """A reply on this host (its conversation claimed first), running until `done` is set."""
+        done = asyncio.Event()
+        return LiveReply(conversation_id, 1, "q", None, lambda reply: done.wait(), self.feed), done
+
+    async def close(self) -> None:
+        await self.feed.close()
+        await self.redis.aclose()
+
+
+@pytest.fixture
+def new_host(redis_server, monkeypatch):
+    """Makes a Host (inside the test's event loop) on the test's redis-server."""
+    monkeypatch.setattr(settings, "store_url", redis_server.url)  # (the feed's readers' pool)
+    monkeypatch.setattr(redis_feed, "CLAIM_RENEW_SECONDS", 0.2)  # renewals every 0.2 s, not 5
+    return lambda: Host(redis_server.url)
+
+
+def test_a_host_whose_claim_lapsed_cannot_renew_or_free_the_next_holders(new_host):
+    # The review's N5: the claim was renewed (EXPIRE) and freed (DEL) by conversation alone, so
+    # host B, its claim lapsed in a pause, kept host A's claim alive, or freed it under A's reply.
+    async def scenario():
+        host_a, host_b = new_host(), new_host()
+        cid, unstarted = new_conversation_id(), new_conversation_id()
+        key = host_a.feed.lock_key(cid)
+        try:
+            assert await host_b.feed.claim(cid) and await host_b.feed.claim(unstarted)
+            reply_b, done_b = host_b.start_reply(cid)
+            await host_b.redis.delete(key, host_a.feed.lock_key(unstarted))  # B's claims lapse...
+            assert await host_a.feed.claim(cid) and await host_a.feed.claim(unstarted)  # ...A takes them
+            held_by_a = await host_a.redis.get(key)
+            await host_a.redis.pexpire(key, 3000)  # (to see whether anyone renews it)
+            await asyncio.sleep(0.7)  # B's renewer runs three times
+            renewed_by_b = await host_a.redis.pttl(key) > 3000
+            await host_b.feed.release(unstarted)  # B gives back a claim whose reply never began
+            done_b.set()
+            await host_b.feed.finish(reply_b, {"type": "end"})  # B's reply ends, freeing "its" claim
+            return (
+                renewed_by_b,
+                await host_a.redis.get(key) == held_by_a,
+                await host_a.redis.exists(host_a.feed.lock_key(unstarted)),
+            )
+        finally:
+            await host_a.close()
+            await host_b.close()
+
+    renewed_by_b, still_a_after_finish, still_a_after_release = asyncio.run(scenario())
+    assert not renewed_by_b, "host B renewed host A's claim"
+    assert still_a_after_finish, "host B's finished reply freed host A's claim"
+    assert still_a_after_release, "host B's release freed host A's claim"
+
+
+@pytest.mark.slow
+def test_renewing_a_claim_survives_redis_being_away_for_a_moment(new_host, redis_server, caplog):
+    # One Redis error used to end the renewing for good: the claim then lapsed under a live
+    # reply 15 s later, and another host could start a second reply beside it.
+    async def scenario():
+        host = new_host()
+        cid = new_conversation_id()
+        key = host.feed.lock_key(cid)
+        try:
+            assert await host.feed.claim(cid)
+            reply, done = host.start_reply(cid)
+            redis_server.stop()  # (its data is kept: AOF, on the same port and folder)
+            while "could not renew" not in caplog.text:  # a renewal failed
+                await asyncio.sleep(0.1)
+            redis_server.start()
+            await host.redis.pexpire(key, 2000)
+            await asyncio.sleep(1)  # a few renewal periods
+            renewed = await host.redis.pttl(key) > 2000
+            done.set()
+            await host.feed.finish(reply, {"type": "end"})
+            return renewed, await host.redis.exists(key)
+        finally:
+            await host.close()
+
+    with caplog.at_level(logging.WARNING, logger="step05_production.redis_feed"):
+        renewed, claimed_after_end = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert renewed, "the renewing stopped at the first Redis error"
+    assert not claimed_after_end  # and the reply's end still frees it
