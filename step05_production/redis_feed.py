@@ -26,6 +26,10 @@ CONTROL_CHANNEL = "chat:replies"
 BLOCK_MILLISECONDS = 2000
 # Connections in one process that may follow one reply generated elsewhere; more are told so.
 MAX_FOLLOWERS_PER_CONVERSATION = 8
+# Each followed reply holds one connection of the readers' pool in a blocking XREAD: one client
+# address may follow at most this share of the pool's connections (a quarter), so a single
+# address cannot fill it and leave everyone else told "this server follows too many replies".
+FOLLOWED_SHARE_OF_THE_POOL = 0.25
 # A reply's claim on its conversation lives this long unless its writer renews it (every
 # CLAIM_RENEW_SECONDS, frames or not): a host killed mid-reply frees the conversation for
 # the other hosts within seconds, and its followers are told the reply was lost.
@@ -208,7 +212,7 @@ class RedisFeed(ReplyFeed):
 
     # The watching side --------------------------------------------------------------
 
-    async def find(self, conversation_id, stored_turns):
+    async def find(self, conversation_id, stored_turns, address="unknown"):
         try:
             entries = await self.redis.xrange(self.key(conversation_id))
         except self.errors as error:
@@ -225,7 +229,7 @@ class RedisFeed(ReplyFeed):
                 return None  # unfinished and unclaimed: the host writing it died; the reply is lost
         except self.errors as error:
             raise redis_unreachable(error) from error
-        watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries)
+        watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries, address)
         if watch.queue is not None:  # (a refused one only says so to its client)
             await watch.say("watch")
         return watch
@@ -233,15 +237,31 @@ class RedisFeed(ReplyFeed):
     async def claimed(self, conversation_id: str) -> bool:
         return bool(await self.reader.exists(self.lock_key(conversation_id)))
 
-    def reader_for(self, conversation_id: str, turn: int, last_id: bytes) -> "StreamReader | None":
-        """The reader of this reply's stream (started from `last_id` if there is none yet),
-        or None if it has MAX_FOLLOWERS_PER_CONVERSATION followers already."""
+    def reader_for(
+        self, conversation_id: str, turn: int, last_id: bytes, address: str
+    ) -> "tuple[StreamReader | None, dict | None]":
+        """The reader of this reply's stream for a connection from `address` (started from
+        `last_id` if there is none yet), or None and the error frame that says why not: the
+        address follows its share of replies here already, or the reply has
+        MAX_FOLLOWERS_PER_CONVERSATION followers. (A reply the address follows already, in
+        another tab, costs it nothing more.)"""
         reader = self.readers.get((conversation_id, turn))
+        new_to_address = reader is None or address not in reader.followers.values()
+        if new_to_address and self.following(address) >= self.followed_per_address():
+            return None, FOLLOWING_TOO_MANY_FROM_ADDRESS
         if reader is None:
             reader = self.readers[conversation_id, turn] = StreamReader(self, conversation_id, turn, last_id)
         elif len(reader.followers) >= MAX_FOLLOWERS_PER_CONVERSATION:
-            return None
-        return reader
+            return None, TOO_MANY_FOLLOWERS
+        return reader, None
+
+    def following(self, address: str) -> int:
+        """The replies connections from `address` follow here (a reader gone is not counted)."""
+        return sum(address in reader.followers.values() for reader in self.readers.values())
+
+    def followed_per_address(self) -> int:
+        """The most replies one client address may follow here: its share of the readers' pool."""
+        return max(1, int(self.reader.connection_pool.max_connections * FOLLOWED_SHARE_OF_THE_POOL))
 
     def forget(self, reader: "StreamReader") -> None:
         if self.readers.get((reader.conversation_id, reader.turn)) is reader:
@@ -299,18 +319,18 @@ class StreamReader:
     def __init__(self, feed: "RedisFeed", conversation_id: str, turn: int, last_id: bytes):
         self.feed, self.conversation_id, self.turn = feed, conversation_id, turn
         self.entries: list = []  # (entry id, fields), or the exception that ended the reading
-        self.followers: set[asyncio.Queue] = set()
+        self.followers: dict[asyncio.Queue, str] = {}  # each follower's queue, and its client address
         self.task = asyncio.create_task(self.read(last_id))
 
-    def follow(self) -> asyncio.Queue:
+    def follow(self, address: str) -> asyncio.Queue:
         queue = asyncio.Queue()
         for entry in self.entries:
             queue.put_nowait(entry)
-        self.followers.add(queue)
+        self.followers[queue] = address
         return queue
 
     def unfollow(self, queue: asyncio.Queue) -> None:
-        self.followers.discard(queue)
+        self.followers.pop(queue, None)
         if not self.followers:  # nobody here reads it any more: free the connection
             self.task.cancel()
             self.feed.forget(self)
@@ -350,6 +370,11 @@ FOLLOWING_TOO_MANY = {
     "message": "This server follows too many replies from other servers right now. "
     "The reply will be in the conversation once it ends: open it again then.",
 }
+FOLLOWING_TOO_MANY_FROM_ADDRESS = {
+    "type": "error",
+    "message": "Too many replies are followed from this address on this server. "
+    "The reply will be in the conversation once it ends: open it again then.",
+}
 TOO_MANY_FOLLOWERS = {
     "type": "error",
     "message": f"This reply is already followed by {MAX_FOLLOWERS_PER_CONVERSATION} connections here. "
@@ -360,13 +385,13 @@ TOO_MANY_FOLLOWERS = {
 class RemoteWatch:
     """A connection following a reply generated by another process, through its stream."""
 
-    def __init__(self, feed: RedisFeed, conversation_id: str, user_message: str, entries: list):
+    def __init__(self, feed: RedisFeed, conversation_id: str, user_message: str, entries: list, address: str):
         """entries: the stream so far, its first entry being the reply's turn and question."""
         self.feed, self.conversation_id, self.user_message = feed, conversation_id, user_message
         self.entries = entries[1:]
         self.last_id = entries[-1][0]
-        self.reader = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id)
-        self.queue = self.reader.follow() if self.reader is not None else None
+        self.reader, self.refusal = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id, address)
+        self.queue = self.reader.follow(address) if self.reader is not None else None
         self.said_unwatch = self.queue is None  # refused: it never said "watch"
 
     async def say(self, op: str) -> None:
@@ -374,7 +399,7 @@ class RemoteWatch:
 
     async def frames(self) -> AsyncIterator[dict]:
         if self.queue is None:
-            yield TOO_MANY_FOLLOWERS
+            yield self.refusal
             return
         entries, seen = list(self.entries), (0, 0)
         while True:

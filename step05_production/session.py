@@ -63,7 +63,7 @@ class ChatSession:
             reply_here = self.hub.local.get(requested_id)
             conversation = await self.hub.store.load(requested_id)
             stored_turns = conversation.turns if conversation else 0
-            watch = await self.hub.find(requested_id, stored_turns, reply_here)
+            watch = await self.hub.find(requested_id, stored_turns, reply_here, client_address(self.websocket))
             if conversation is None and watch is not None:  # its first reply is still streaming
                 conversation = Conversation(requested_id, [])
         await self.show(conversation or Conversation(new_conversation_id(), []), watch)

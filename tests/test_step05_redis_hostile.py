@@ -3,6 +3,8 @@ through a long pause, many connections following one reply, and a host killed mi
 Two real uvicorn hosts share a real redis-server; the model is the fake upstream."""
 
 import asyncio
+import contextlib
+import importlib
 import logging
 import signal
 import time
@@ -10,7 +12,15 @@ import time
 import pytest
 import redis.asyncio
 
-from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+)
 from step05_production import redis_feed
 from step05_production.config import settings
 from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION, RedisFeed
@@ -33,9 +43,10 @@ def start_reply(host, question="tell me a story") -> tuple[WsClient, str]:
     return ws, cid
 
 
-def follow(host, cid) -> WsClient:
-    """Open the conversation on `host`: it shows the reply streaming elsewhere."""
-    ws = WsClient(f"{host.ws_url}?conversation={cid}")
+def follow(host, cid, **options) -> WsClient:
+    """Open the conversation on `host`: it shows the reply streaming elsewhere. (options: for
+    websockets' connect, e.g. source_address=("127.0.0.2", 0) to come from another address.)"""
+    ws = WsClient(f"{host.ws_url}?conversation={cid}", **options)
     assert read_conversation(ws)["messages"][-1]["status"] == "replying"
     return ws
 
@@ -186,13 +197,16 @@ def test_a_reply_pausing_longer_than_its_claim_keeps_the_conversation(fake, fake
 def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake, fake_server, redis_server):
     # Host B's pools hold 3 connections each. Its followers read through a pool of their own:
     # four followed replies fill it, the fourth is told so (not "Redis is unreachable"), and
-    # loading and storing conversations on host B go on.
+    # loading and storing conversations on host B go on. Each follower comes from an address
+    # of its own: one address may follow only a quarter of the pool (the next test).
     fake.min_chunks, fake.hold_after, fake.hold_seconds = 6, 1, 60.0
     env_a = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
     env_b = {**env_a, "CHAT_STORE_URL": f"{redis_server.url}?max_connections=3"}
     with LiveServer(f"{APP}:app", env=env_a) as host_a, LiveServer(f"{APP}:app", env=env_b) as host_b:
         askers = [start_reply(host_a, f"question {number}") for number in range(4)]
-        followers = [follow(host_b, cid) for _, cid in askers]
+        followers = [
+            follow(host_b, cid, source_address=(f"127.0.0.{number + 2}", 0)) for number, (_, cid) in enumerate(askers)
+        ]
         for ws in followers[:3]:
             assert ws.receive_json() == {"type": "start"}
         told = collect_reply(followers[3])[-1]
@@ -295,3 +309,44 @@ def test_renewing_a_claim_survives_redis_being_away_for_a_moment(new_host, redis
         renewed, claimed_after_end = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert renewed, "the renewing stopped at the first Redis error"
     assert not claimed_after_end  # and the reply's end still frees it
+
+
+@pytest.mark.slow
+def test_one_address_may_follow_only_its_share_of_the_reader_pool(fake, fake_server, redis_server, monkeypatch):
+    # The review's N6: each followed reply holds one connection of the readers' pool (100 by
+    # default), and one address could follow 100 replies and fill it. Host B's pool holds 8
+    # here: an address may follow 2 replies (a quarter). Host B is the app in this process
+    # (TestClient), so its connections can come from two client addresses.
+    fake.min_chunks, fake.hold_after, fake.hold_seconds = 6, 1, 60.0
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    monkeypatch.setattr(settings, "store_url", f"{redis_server.url}?max_connections=8")
+    app = importlib.import_module("step05_production.main").app
+    with (
+        LiveServer(f"{APP}:app", env=env) as host_a,
+        LocalClient(app, client=("203.0.113.66", 50000)) as greedy,
+        LocalClient(app, client=("198.51.100.7", 50000)) as other,
+        contextlib.ExitStack() as open_sockets,
+    ):
+        askers = [start_reply(host_a, f"question {number}") for number in range(3)]
+        followers = []
+        for _, cid in askers[:2]:
+            ws = open_sockets.enter_context(greedy.websocket_connect(f"/ws?conversation={cid}"))
+            assert read_conversation(ws)["messages"][-1]["status"] == "replying"
+            assert ws.receive_json() == {"type": "start"}
+            followers.append(ws)
+        one_too_many = open_sockets.enter_context(greedy.websocket_connect(f"/ws?conversation={askers[2][1]}"))
+        read_conversation(one_too_many)
+        refused = one_too_many.receive_json()
+        assert refused["type"] == "error" and "followed from this address" in refused["message"], refused
+        someone_else = open_sockets.enter_context(other.websocket_connect(f"/ws?conversation={askers[2][1]}"))
+        assert read_conversation(someone_else)["messages"][-1]["status"] == "replying"
+        assert someone_else.receive_json() == {"type": "start"}  # another address still follows it
+        fake.release()
+        for ws in [*followers, someone_else]:
+            assert collect_reply(ws)[-1]["type"] == "end"
+        # The refused connection goes on: once that reply has ended, it continues the conversation.
+        assert send_when_free(one_too_many, "and now?") == {"type": "start"}
+        one_too_many.send_json({"type": "stop"})
+        assert collect_reply(one_too_many)[-1]["type"] == "end"
+        for asker, _ in askers:
+            asker.close()
