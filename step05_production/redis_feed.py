@@ -15,9 +15,13 @@ from collections.abc import AsyncIterator
 
 from .config import settings
 from .replies import LAST_FRAMES, LiveReply, ReplyFeed
+from .security import RateLimitedLog
 from .store import redis_unreachable
 
 log = logging.getLogger(__name__)
+# Redis away means a warning per reply every few seconds (renewals, writes): a few of each
+# kind get through per window, the rest are counted into the next one (security.py).
+log.addFilter(RateLimitedLog())
 
 STREAM_SECONDS = 120  # a reply's stream outlives its last frame this long (then expires)
 CONTROL_CHANNEL = "chat:replies"
@@ -155,7 +159,7 @@ class RedisFeed(ReplyFeed):
                     if not await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS]):
                         log.warning("a reply lost its claim on its conversation (it lapsed)")
                         return
-                except self.errors as error:  # (log lines are rate-limited: security.RateLimitedLog)
+                except self.errors as error:
                     log.warning("could not renew a reply's claim, trying again: %r", error)
         finally:
             self.renewers.pop(reply, None)

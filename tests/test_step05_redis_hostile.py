@@ -293,7 +293,10 @@ def test_renewing_a_claim_survives_redis_being_away_for_a_moment(new_host, redis
             assert await host.feed.claim(cid)
             reply, done = host.start_reply(cid)
             redis_server.stop()  # (its data is kept: AOF, on the same port and folder)
-            while "could not renew" not in caplog.text:  # a renewal failed
+            # Until a renewal has failed (redis-py retries for up to ~4 s first). Bounded: the
+            # line could be held back by the log's rate limit, which counts per process.
+            give_up = time.monotonic() + 15
+            while "could not renew" not in caplog.text and time.monotonic() < give_up:
                 await asyncio.sleep(0.1)
             redis_server.start()
             await host.redis.pexpire(key, 2000)
