@@ -138,10 +138,16 @@ class Settings:
     store_new_conversations_per_client_hour: int = field(
         default_factory=lambda: _int("CHAT_STORE_NEW_CONVERSATIONS_PER_CLIENT_HOUR", 600)
     )
-    # The key of the HMAC that stands for a client address in the store (store.client_key):
-    # set a long random secret, the same on every worker and host, so a copy of the store
-    # does not tell who talked. Empty: an HMAC anyone can recompute (an IPv4 address is
-    # then found by trying them all).
+    # New conversations one WebSocket connection (a tab) may store: its share of the address's
+    # number above, so one tab scripting New chat cannot use up a classroom's hour. Past it,
+    # New chat is refused on that connection (a reload gives a new one); see docs/operations.md.
+    new_conversations_per_connection: int = field(
+        default_factory=lambda: _int("CHAT_NEW_CONVERSATIONS_PER_CONNECTION", 20)
+    )
+    # The key of the HMAC that stands for a client address in the store (store.client_key),
+    # so a copy of the store does not tell who talked. Empty (the default): a random key made
+    # once and kept in the store itself, shared by every worker and host that uses it. Set
+    # one (long, random, the same everywhere) to keep the key apart from the data.
     store_client_key: str = field(default_factory=lambda: os.getenv("CHAT_STORE_CLIENT_KEY", ""))
 
     # Exhaustion: what keeps slow, idle or noisy clients from filling the server.
@@ -202,6 +208,8 @@ class Settings:
             )
         if not 1 <= self.upstream_slots_per_client <= self.upstream_slots:
             raise ValueError("CHAT_UPSTREAM_SLOTS_PER_CLIENT must be between 1 and CHAT_UPSTREAM_SLOTS")
+        if self.new_conversations_per_connection < 1:
+            raise ValueError("CHAT_NEW_CONVERSATIONS_PER_CONNECTION must be at least 1")
         if not 0 <= self.ipv6_prefix_length <= 128:
             raise ValueError("CHAT_IPV6_PREFIX_LENGTH must be between 0 and 128")
 

@@ -9,14 +9,19 @@ Used when CHAT_STORE_URL is redis:// (main.py); redis-py is imported only then.
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
 from .config import settings
 from .replies import LAST_FRAMES, LiveReply, ReplyFeed
+from .security import RateLimitedLog
 from .store import redis_unreachable
 
 log = logging.getLogger(__name__)
+# Redis away means a warning per reply every few seconds (renewals, writes): a few of each
+# kind get through per window, the rest are counted into the next one (security.py).
+log.addFilter(RateLimitedLog())
 
 STREAM_SECONDS = 120  # a reply's stream outlives its last frame this long (then expires)
 CONTROL_CHANNEL = "chat:replies"
@@ -25,11 +30,27 @@ CONTROL_CHANNEL = "chat:replies"
 BLOCK_MILLISECONDS = 2000
 # Connections in one process that may follow one reply generated elsewhere; more are told so.
 MAX_FOLLOWERS_PER_CONVERSATION = 8
+# Each followed reply holds one connection of the readers' pool in a blocking XREAD: one client
+# address may follow at most this share of the pool's connections (a quarter), so a single
+# address cannot fill it and leave everyone else told "this server follows too many replies".
+FOLLOWED_SHARE_OF_THE_POOL = 0.25
 # A reply's claim on its conversation lives this long unless its writer renews it (every
 # CLAIM_RENEW_SECONDS, frames or not): a host killed mid-reply frees the conversation for
 # the other hosts within seconds, and its followers are told the reply was lost.
 CLAIM_SECONDS = 15
 CLAIM_RENEW_SECONDS = 5
+# A claim's value is a random token of its reply, and only a holder of that token renews or
+# frees it (checked inside Redis, in one step): a host whose claim lapsed (paused, cut off)
+# must not extend or delete the claim another host has taken since.
+# KEYS: the claim. ARGV: the token, then the new lifetime in seconds (renew only).
+RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def expiry_seconds() -> int:
@@ -65,6 +86,12 @@ class RedisFeed(ReplyFeed):
         self.pending: dict[LiveReply, list[dict]] = {}
         self.writers: dict[LiveReply, asyncio.Task] = {}
         self.renewers: dict[LiveReply, asyncio.Task] = {}
+        # The tokens of this process's claims: by conversation until its reply begins, then by
+        # reply (a conversation's next reply here has a claim, and a token, of its own).
+        self.claims: dict[str, str] = {}
+        self.tokens: dict[LiveReply, str] = {}
+        self.renew_script = redis.register_script(RENEW_CLAIM)
+        self.release_script = redis.register_script(RELEASE_CLAIM)
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -93,31 +120,47 @@ class RedisFeed(ReplyFeed):
     # The generating side ------------------------------------------------------------
 
     async def claim(self, conversation_id):
+        token = secrets.token_hex(16)
         try:
-            return bool(await self.redis.set(self.lock_key(conversation_id), 1, nx=True, ex=CLAIM_SECONDS))
+            claimed = await self.redis.set(self.lock_key(conversation_id), token, nx=True, ex=CLAIM_SECONDS)
         except self.errors as error:
             raise redis_unreachable(error) from error
+        if claimed:
+            self.claims[conversation_id] = token
+        return bool(claimed)
 
     async def release(self, conversation_id):
+        token = self.claims.pop(conversation_id, None)
+        if token is not None:
+            await self._release(conversation_id, token)
+
+    async def _release(self, conversation_id: str, token: str) -> None:
         try:
-            await self.redis.delete(self.lock_key(conversation_id))
+            await self.release_script(keys=[self.lock_key(conversation_id)], args=[token])
         except self.errors:
             pass  # it expires by itself
 
     def begin(self, reply):
+        self.tokens[reply] = self.claims.pop(reply.conversation_id, "")
         self.pending[reply] = [{"turn": reply.turn, "user": reply.user_message}]
         self._write_soon(reply)
         self.renewers[reply] = asyncio.create_task(self._renew_claim(reply))
 
     async def _renew_claim(self, reply: LiveReply) -> None:
         """Keep the conversation claimed while the reply's task runs, even through a long
-        pause of the model (or a wait for an upstream slot)."""
+        pause of the model (or a wait for an upstream slot). A Redis error is tried again at
+        the next period (Redis back within the claim's lifetime: nothing lost); a claim that
+        is no longer this reply's (it lapsed) is left to whoever holds it now."""
+        key, token = self.lock_key(reply.conversation_id), self.tokens.get(reply, "")
         try:
             while not reply.task.done():
                 await asyncio.sleep(CLAIM_RENEW_SECONDS)
-                await self.redis.expire(self.lock_key(reply.conversation_id), CLAIM_SECONDS)
-        except self.errors as error:  # the claim lapses; Redis away fails the reply's store anyway
-            log.warning("could not renew a reply's claim: %r", error)
+                try:
+                    if not await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS]):
+                        log.warning("a reply lost its claim on its conversation (it lapsed)")
+                        return
+                except self.errors as error:
+                    log.warning("could not renew a reply's claim, trying again: %r", error)
         finally:
             self.renewers.pop(reply, None)
 
@@ -150,7 +193,9 @@ class RedisFeed(ReplyFeed):
         finally:
             if reply.finished and not self.pending.get(reply):  # ended without finish()
                 self.writers.pop(reply, None)
-                await self.release(reply.conversation_id)
+                token = self.tokens.pop(reply, None)
+                if token is not None:
+                    await self._release(reply.conversation_id, token)
 
     async def finish(self, reply, frame):
         renewer = self.renewers.pop(reply, None)
@@ -159,19 +204,19 @@ class RedisFeed(ReplyFeed):
         writer = self.writers.pop(reply, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)  # every earlier frame first
-        key = self.key(reply.conversation_id)
+        key, token = self.key(reply.conversation_id), self.tokens.pop(reply, "")
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"frame": json.dumps(frame)})
                 pipe.expire(key, expiry_seconds())
-                pipe.delete(self.lock_key(reply.conversation_id))
+                await self.release_script(keys=[self.lock_key(reply.conversation_id)], args=[token], client=pipe)
                 await pipe.execute()
         except self.errors as error:  # watchers elsewhere time out; the claim expires by itself
             log.warning("could not share the end of a reply through Redis: %r", error)
 
     # The watching side --------------------------------------------------------------
 
-    async def find(self, conversation_id, stored_turns):
+    async def find(self, conversation_id, stored_turns, address="unknown"):
         try:
             entries = await self.redis.xrange(self.key(conversation_id))
         except self.errors as error:
@@ -188,7 +233,7 @@ class RedisFeed(ReplyFeed):
                 return None  # unfinished and unclaimed: the host writing it died; the reply is lost
         except self.errors as error:
             raise redis_unreachable(error) from error
-        watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries)
+        watch = RemoteWatch(self, conversation_id, meta[b"user"].decode(), entries, address)
         if watch.queue is not None:  # (a refused one only says so to its client)
             await watch.say("watch")
         return watch
@@ -196,15 +241,31 @@ class RedisFeed(ReplyFeed):
     async def claimed(self, conversation_id: str) -> bool:
         return bool(await self.reader.exists(self.lock_key(conversation_id)))
 
-    def reader_for(self, conversation_id: str, turn: int, last_id: bytes) -> "StreamReader | None":
-        """The reader of this reply's stream (started from `last_id` if there is none yet),
-        or None if it has MAX_FOLLOWERS_PER_CONVERSATION followers already."""
+    def reader_for(
+        self, conversation_id: str, turn: int, last_id: bytes, address: str
+    ) -> "tuple[StreamReader | None, dict | None]":
+        """The reader of this reply's stream for a connection from `address` (started from
+        `last_id` if there is none yet), or None and the error frame that says why not: the
+        address follows its share of replies here already, or the reply has
+        MAX_FOLLOWERS_PER_CONVERSATION followers. (A reply the address follows already, in
+        another tab, costs it nothing more.)"""
         reader = self.readers.get((conversation_id, turn))
+        new_to_address = reader is None or address not in reader.followers.values()
+        if new_to_address and self.following(address) >= self.followed_per_address():
+            return None, FOLLOWING_TOO_MANY_FROM_ADDRESS
         if reader is None:
             reader = self.readers[conversation_id, turn] = StreamReader(self, conversation_id, turn, last_id)
         elif len(reader.followers) >= MAX_FOLLOWERS_PER_CONVERSATION:
-            return None
-        return reader
+            return None, TOO_MANY_FOLLOWERS
+        return reader, None
+
+    def following(self, address: str) -> int:
+        """The replies connections from `address` follow here (a reader gone is not counted)."""
+        return sum(address in reader.followers.values() for reader in self.readers.values())
+
+    def followed_per_address(self) -> int:
+        """The most replies one client address may follow here: its share of the readers' pool."""
+        return max(1, int(self.reader.connection_pool.max_connections * FOLLOWED_SHARE_OF_THE_POOL))
 
     def forget(self, reader: "StreamReader") -> None:
         if self.readers.get((reader.conversation_id, reader.turn)) is reader:
@@ -262,18 +323,18 @@ class StreamReader:
     def __init__(self, feed: "RedisFeed", conversation_id: str, turn: int, last_id: bytes):
         self.feed, self.conversation_id, self.turn = feed, conversation_id, turn
         self.entries: list = []  # (entry id, fields), or the exception that ended the reading
-        self.followers: set[asyncio.Queue] = set()
+        self.followers: dict[asyncio.Queue, str] = {}  # each follower's queue, and its client address
         self.task = asyncio.create_task(self.read(last_id))
 
-    def follow(self) -> asyncio.Queue:
+    def follow(self, address: str) -> asyncio.Queue:
         queue = asyncio.Queue()
         for entry in self.entries:
             queue.put_nowait(entry)
-        self.followers.add(queue)
+        self.followers[queue] = address
         return queue
 
     def unfollow(self, queue: asyncio.Queue) -> None:
-        self.followers.discard(queue)
+        self.followers.pop(queue, None)
         if not self.followers:  # nobody here reads it any more: free the connection
             self.task.cancel()
             self.feed.forget(self)
@@ -313,6 +374,11 @@ FOLLOWING_TOO_MANY = {
     "message": "This server follows too many replies from other servers right now. "
     "The reply will be in the conversation once it ends: open it again then.",
 }
+FOLLOWING_TOO_MANY_FROM_ADDRESS = {
+    "type": "error",
+    "message": "Too many replies are followed from this address on this server. "
+    "The reply will be in the conversation once it ends: open it again then.",
+}
 TOO_MANY_FOLLOWERS = {
     "type": "error",
     "message": f"This reply is already followed by {MAX_FOLLOWERS_PER_CONVERSATION} connections here. "
@@ -323,13 +389,13 @@ TOO_MANY_FOLLOWERS = {
 class RemoteWatch:
     """A connection following a reply generated by another process, through its stream."""
 
-    def __init__(self, feed: RedisFeed, conversation_id: str, user_message: str, entries: list):
+    def __init__(self, feed: RedisFeed, conversation_id: str, user_message: str, entries: list, address: str):
         """entries: the stream so far, its first entry being the reply's turn and question."""
         self.feed, self.conversation_id, self.user_message = feed, conversation_id, user_message
         self.entries = entries[1:]
         self.last_id = entries[-1][0]
-        self.reader = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id)
-        self.queue = self.reader.follow() if self.reader is not None else None
+        self.reader, self.refusal = feed.reader_for(conversation_id, int(entries[0][1][b"turn"]), self.last_id, address)
+        self.queue = self.reader.follow(address) if self.reader is not None else None
         self.said_unwatch = self.queue is None  # refused: it never said "watch"
 
     async def say(self, op: str) -> None:
@@ -337,7 +403,7 @@ class RemoteWatch:
 
     async def frames(self) -> AsyncIterator[dict]:
         if self.queue is None:
-            yield TOO_MANY_FOLLOWERS
+            yield self.refusal
             return
         entries, seen = list(self.entries), (0, 0)
         while True:

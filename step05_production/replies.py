@@ -74,8 +74,9 @@ class ReplyFeed(ABC):
         """Share the last frame and free the conversation, before any client sees that frame."""
 
     @abstractmethod
-    async def find(self, conversation_id: str, stored_turns: int) -> Watch | None:
-        """A watch on a reply generated elsewhere that is not in the stored turns yet."""
+    async def find(self, conversation_id: str, stored_turns: int, address: str = "unknown") -> Watch | None:
+        """A watch on a reply generated elsewhere that is not in the stored turns yet, for a
+        connection from client `address` (a shared feed bounds what one address follows)."""
 
     @abstractmethod
     async def discard(self, conversation_id: str) -> None:
@@ -108,7 +109,7 @@ class LocalFeed(ReplyFeed):
     async def finish(self, reply, frame):
         pass
 
-    async def find(self, conversation_id, stored_turns):
+    async def find(self, conversation_id, stored_turns, address="unknown"):
         return None
 
     async def discard(self, conversation_id):
@@ -270,13 +271,15 @@ class ReplyHub:
     async def start(self) -> None:
         await self.feed.start(self.local)
 
-    async def find(self, conversation_id: str, stored_turns: int, reply_here: LiveReply | None = None) -> Watch | None:
+    async def find(
+        self, conversation_id: str, stored_turns: int, reply_here: LiveReply | None = None, address: str = "unknown"
+    ) -> Watch | None:
         """A watch on the conversation's reply that is not in its stored turns yet,
-        generated here or (a shared feed) elsewhere."""
+        generated here or (a shared feed) elsewhere, for a connection from `address`."""
         reply = reply_here or self.local.get(conversation_id)
         if reply is not None:
             return LocalWatch(reply) if reply.turn > stored_turns else None
-        return await self.feed.find(conversation_id, stored_turns)
+        return await self.feed.find(conversation_id, stored_turns, address)
 
     async def delete(self, conversation_id: str) -> None:
         """New chat: the conversation goes from the store, and its reply from the feed. A reply

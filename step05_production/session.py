@@ -49,6 +49,9 @@ class ChatSession:
         self.watch: Watch | None = None  # or a reply it follows through a copy (it came back, another tab)
         self.forwarding: asyncio.Task | None = None
         self.inspecting = False  # trace frames for the replies it asks for (tracing.py)
+        # The store as this connection writes it: the conversations it creates count towards
+        # its address's quota, and towards its own share of new conversations (store.py).
+        self.store = hub.store.for_client(client_address(websocket))
 
     async def open(self, requested_id: str | None) -> None:
         """Send the conversation frame, then the reply in progress from its start, if any.
@@ -60,7 +63,7 @@ class ChatSession:
             reply_here = self.hub.local.get(requested_id)
             conversation = await self.hub.store.load(requested_id)
             stored_turns = conversation.turns if conversation else 0
-            watch = await self.hub.find(requested_id, stored_turns, reply_here)
+            watch = await self.hub.find(requested_id, stored_turns, reply_here, client_address(self.websocket))
             if conversation is None and watch is not None:  # its first reply is still streaming
                 conversation = Conversation(requested_id, [])
         await self.show(conversation or Conversation(new_conversation_id(), []), watch)
@@ -108,12 +111,10 @@ class ChatSession:
     async def send_message(self, text: str) -> bool:
         """Start a reply and show it here; False if one is streaming for this conversation."""
         address = client_address(self.websocket)
-        # The store as this address writes it: a conversation it creates counts towards its quota.
-        store = self.hub.store.for_client(address)
         reply = await self.hub.begin(
             self.conversation_id,
             text,
-            lambda reply, history: generate(reply, history, store, Tracer(reply, self)),
+            lambda reply, history: generate(reply, history, self.store, Tracer(reply, self)),
             asker=self.websocket,
             address=address,  # its fair share of the upstream (slots.py)
         )
@@ -141,7 +142,12 @@ class ChatSession:
         # else nothing streaming: nothing to do
 
     async def reset(self) -> None:
-        """Forget this conversation and start a new one."""
+        """Forget this conversation and start a new one, unless this connection has started
+        its share of new conversations: then it keeps the one it has."""
+        refusal = self.store.new_conversation_refusal()
+        if refusal:
+            await self.websocket.send_json({"type": "error", "message": refusal, "refused": True})
+            return
         await self.stop()
         await self.hub.delete(self.conversation_id)
         await self.websocket.send_json({"type": "reset"})

@@ -80,11 +80,15 @@ def with_turn(messages: list[dict], user: str, assistant: str) -> list[dict]:
     return history
 
 
-def client_key(address: str) -> str:
-    """What the store keeps of a client address: an HMAC keyed by CHAT_STORE_CLIENT_KEY, so
-    the stored owners can be compared but not read back (without the key, every IPv4
-    address could be hashed and matched in minutes). The same key on every worker and host."""
-    return hmac.new(settings.store_client_key.encode(), address.encode(), hashlib.sha256).hexdigest()[:32]
+def client_key(address: str, key: str) -> str:
+    """What the store keeps of a client address: an HMAC keyed by a secret, so the stored
+    owners can be compared but not read back (with a known key, or none, every IPv4 address
+    could be hashed and matched in minutes). The key: ConversationStore.hmac_key()."""
+    return hmac.new(key.encode(), address.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)  # 256 random bits
 
 
 def is_next(stored_turns: int, turn: int | None) -> bool:
@@ -130,6 +134,25 @@ def redis_unreachable(error: Exception) -> StoreError:
 class ConversationStore:
     """The interface. Every method is a coroutine that never blocks the event loop."""
 
+    generated_key: str | None = None  # the store's own HMAC key, once read (hmac_key)
+
+    async def hmac_key(self) -> str:
+        """The key of client_key: CHAT_STORE_CLIENT_KEY if set, else a random one made once
+        and kept IN the store, so every worker and host sharing the store uses the same one
+        without anyone setting it (an empty key would make every owner reversible)."""
+        if settings.store_client_key:
+            return settings.store_client_key
+        if self.generated_key is None:
+            self.generated_key = await self._stored_key()
+        return self.generated_key
+
+    async def _stored_key(self) -> str:
+        """The random key kept with the stored conversations, made by whichever process asks first."""
+        raise NotImplementedError
+
+    async def client_key(self, address: str) -> str:
+        return client_key(address, await self.hmac_key())
+
     async def load(self, conversation_id: str) -> Conversation | None:
         raise NotImplementedError
 
@@ -153,14 +176,41 @@ class ConversationStore:
 
 
 class ClientStore:
-    """The store as one client address uses it: the conversations it creates are its own
-    (the flow's node calls add_turn without knowing who asked)."""
+    """The store as one connection of a client address uses it: the conversations it creates
+    are its address's own (the flow's node calls add_turn without knowing who asked).
+
+    It also keeps the connection's share of its address's new conversations: at most
+    CHAT_NEW_CONVERSATIONS_PER_CONNECTION. Why: the address's hourly number is shared by
+    everyone behind it (a classroom behind one NAT), and one tab scripting New chat used it
+    all up in ~2 minutes, after which nobody's new conversation was saved for the hour. Past
+    its share a connection's New chat is refused (session.py) and it goes on with the
+    conversation it has; a reload (a new connection) gets a new share, and that costs one of
+    the address's new connections (CHAT_NEW_CONNECTIONS_*): see docs/operations.md for the
+    bound that gives.
+    """
 
     def __init__(self, store: ConversationStore, address: str):
-        self.store, self.client = store, client_key(address)
+        self.store, self.address = store, address
+        self.new_conversations = 0  # stored by this connection: its first turn was stored here
+
+    def new_conversation_refusal(self) -> str | None:
+        """Why this connection may not start another conversation, or None if it may."""
+        share = settings.new_conversations_per_connection
+        if self.new_conversations < share:
+            return None
+        return (
+            f"This tab started {share} conversations, the most one connection may: continue this one,"
+            " or reload the page to start more."
+        )
 
     async def add_turn(self, conversation_id, user, assistant, turn=None):
-        return await self.store.add_turn(conversation_id, user, assistant, turn, client=self.client)
+        starts_one = turn == 1  # nothing was stored when its reply began
+        if starts_one and (refusal := self.new_conversation_refusal()):
+            raise StoreError(refusal)
+        client = await self.store.client_key(self.address)
+        stored = await self.store.add_turn(conversation_id, user, assistant, turn, client=client)
+        self.new_conversations += starts_one and stored
+        return stored
 
     def __getattr__(self, name):  # load, delete: the same for everyone
         return getattr(self.store, name)
@@ -172,6 +222,9 @@ class MemoryStore(ConversationStore):
 
     def __init__(self):
         self.conversations: dict[str, Conversation] = {}
+
+    async def _stored_key(self):
+        return new_secret()  # nothing is shared or kept: a key of this process is enough
 
     async def load(self, conversation_id):
         found = self.conversations.get(conversation_id)
@@ -227,6 +280,9 @@ CREATIONS = """
 CREATE TABLE IF NOT EXISTS creations (client TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS creations_by_client ON creations (client, at);
 """
+# The HMAC key of client_key when CHAT_STORE_CLIENT_KEY is not set: made by the first worker
+# to open the database (INSERT OR IGNORE: a second one's is dropped), read back by all.
+SECRETS = "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_client ON conversations (client, updated, size, id)"
 
 
@@ -275,6 +331,15 @@ class SQLiteStore(ConversationStore):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _stored_key_now(self) -> str:
+        db = self._connect()
+        db.execute(SECRETS)
+        db.execute("INSERT OR IGNORE INTO secrets VALUES ('client_key', ?)", (new_secret(),))
+        return db.execute("SELECT value FROM secrets WHERE name = 'client_key'").fetchone()[0]
+
+    async def _stored_key(self):
+        return await self._run(self._stored_key_now)
 
     def _cutoff(self) -> float:
         return time.time() - settings.store_retention_days * 86400
@@ -459,6 +524,7 @@ class RedisStore(ConversationStore):
     CLIENT_BYTES = "chat:client-bytes"  # client_key -> its conversations' bytes
     CLIENT_PREFIX = "chat:client-conversations:"  # + client_key: its conversations by last use
     CREATIONS_PREFIX = "chat:client-creations:"  # + client_key: its new conversations of the hour
+    CLIENT_KEY = "chat:client-key"  # the HMAC key of client_key, unless CHAT_STORE_CLIENT_KEY is set
 
     def __init__(self, url: str):
         import redis.asyncio  # only needed with a redis:// store
@@ -477,6 +543,13 @@ class RedisStore(ConversationStore):
     @classmethod
     def key(cls, conversation_id: str) -> str:
         return cls.PREFIX + conversation_id
+
+    async def _stored_key(self):
+        try:  # SET NX: the first host's key stays; every host reads back the same one
+            await self.redis.set(self.CLIENT_KEY, new_secret(), nx=True)
+            return (await self.redis.get(self.CLIENT_KEY)).decode()
+        except self.errors as error:
+            raise redis_unreachable(error) from error
 
     async def load(self, conversation_id):
         try:

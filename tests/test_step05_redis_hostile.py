@@ -2,13 +2,30 @@
 through a long pause, many connections following one reply, and a host killed mid-reply.
 Two real uvicorn hosts share a real redis-server; the model is the fake upstream."""
 
+import asyncio
+import contextlib
+import importlib
+import logging
 import signal
 import time
 
 import pytest
+import redis.asyncio
 
-from harness.support import LiveServer, WsClient, collect_reply, llm_env, read_conversation, reply_text
-from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION
+from harness.support import (
+    LiveServer,
+    LocalClient,
+    WsClient,
+    collect_reply,
+    llm_env,
+    read_conversation,
+    reply_text,
+)
+from step05_production import redis_feed
+from step05_production.config import settings
+from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION, RedisFeed
+from step05_production.replies import LiveReply
+from step05_production.store import new_conversation_id
 
 APP = "step05_production.main"
 
@@ -26,9 +43,10 @@ def start_reply(host, question="tell me a story") -> tuple[WsClient, str]:
     return ws, cid
 
 
-def follow(host, cid) -> WsClient:
-    """Open the conversation on `host`: it shows the reply streaming elsewhere."""
-    ws = WsClient(f"{host.ws_url}?conversation={cid}")
+def follow(host, cid, **options) -> WsClient:
+    """Open the conversation on `host`: it shows the reply streaming elsewhere. (options: for
+    websockets' connect, e.g. source_address=("127.0.0.2", 0) to come from another address.)"""
+    ws = WsClient(f"{host.ws_url}?conversation={cid}", **options)
     assert read_conversation(ws)["messages"][-1]["status"] == "replying"
     return ws
 
@@ -179,13 +197,16 @@ def test_a_reply_pausing_longer_than_its_claim_keeps_the_conversation(fake, fake
 def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake, fake_server, redis_server):
     # Host B's pools hold 3 connections each. Its followers read through a pool of their own:
     # four followed replies fill it, the fourth is told so (not "Redis is unreachable"), and
-    # loading and storing conversations on host B go on.
+    # loading and storing conversations on host B go on. Each follower comes from an address
+    # of its own: one address may follow only a quarter of the pool (the next test).
     fake.min_chunks, fake.hold_after, fake.hold_seconds = 6, 1, 60.0
     env_a = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
     env_b = {**env_a, "CHAT_STORE_URL": f"{redis_server.url}?max_connections=3"}
     with LiveServer(f"{APP}:app", env=env_a) as host_a, LiveServer(f"{APP}:app", env=env_b) as host_b:
         askers = [start_reply(host_a, f"question {number}") for number in range(4)]
-        followers = [follow(host_b, cid) for _, cid in askers]
+        followers = [
+            follow(host_b, cid, source_address=(f"127.0.0.{number + 2}", 0)) for number, (_, cid) in enumerate(askers)
+        ]
         for ws in followers[:3]:
             assert ws.receive_json() == {"type": "start"}
         told = collect_reply(followers[3])[-1]
@@ -196,3 +217,139 @@ def test_following_more_replies_than_the_reader_pool_holds_is_said_plainly(fake,
             assert collect_reply(ws)[-1]["type"] == "end"
         for ws in followers + [asker for asker, _ in askers]:
             ws.close()
+
+
+# A reply's claim on its conversation, between two hosts' feeds on one real redis-server -----
+
+
+class Host:
+    """One host's reply feed, on a Redis client of its own, as main.py makes it."""
+
+    def __init__(self, url: str):
+        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self.feed = RedisFeed(self.redis)
+
+    def start_reply(self, conversation_id: str) -> tuple[LiveReply, asyncio.Event]:
+        """A reply on this host (its conversation claimed first), running until `done` is set."""
+        done = asyncio.Event()
+        return LiveReply(conversation_id, 1, "q", None, lambda reply: done.wait(), self.feed), done
+
+    async def close(self) -> None:
+        await self.feed.close()
+        await self.redis.aclose()
+
+
+@pytest.fixture
+def new_host(redis_server, monkeypatch):
+    """Makes a Host (inside the test's event loop) on the test's redis-server."""
+    monkeypatch.setattr(settings, "store_url", redis_server.url)  # (the feed's readers' pool)
+    monkeypatch.setattr(redis_feed, "CLAIM_RENEW_SECONDS", 0.2)  # renewals every 0.2 s, not 5
+    return lambda: Host(redis_server.url)
+
+
+def test_a_host_whose_claim_lapsed_cannot_renew_or_free_the_next_holders(new_host):
+    # The review's N5: the claim was renewed (EXPIRE) and freed (DEL) by conversation alone, so
+    # host B, its claim lapsed in a pause, kept host A's claim alive, or freed it under A's reply.
+    async def scenario():
+        host_a, host_b = new_host(), new_host()
+        cid, unstarted = new_conversation_id(), new_conversation_id()
+        key = host_a.feed.lock_key(cid)
+        try:
+            assert await host_b.feed.claim(cid) and await host_b.feed.claim(unstarted)
+            reply_b, done_b = host_b.start_reply(cid)
+            await host_b.redis.delete(key, host_a.feed.lock_key(unstarted))  # B's claims lapse...
+            assert await host_a.feed.claim(cid) and await host_a.feed.claim(unstarted)  # ...A takes them
+            held_by_a = await host_a.redis.get(key)
+            await host_a.redis.pexpire(key, 3000)  # (to see whether anyone renews it)
+            await asyncio.sleep(0.7)  # B's renewer runs three times
+            renewed_by_b = await host_a.redis.pttl(key) > 3000
+            await host_b.feed.release(unstarted)  # B gives back a claim whose reply never began
+            done_b.set()
+            await host_b.feed.finish(reply_b, {"type": "end"})  # B's reply ends, freeing "its" claim
+            return (
+                renewed_by_b,
+                await host_a.redis.get(key) == held_by_a,
+                await host_a.redis.exists(host_a.feed.lock_key(unstarted)),
+            )
+        finally:
+            await host_a.close()
+            await host_b.close()
+
+    renewed_by_b, still_a_after_finish, still_a_after_release = asyncio.run(scenario())
+    assert not renewed_by_b, "host B renewed host A's claim"
+    assert still_a_after_finish, "host B's finished reply freed host A's claim"
+    assert still_a_after_release, "host B's release freed host A's claim"
+
+
+@pytest.mark.slow
+def test_renewing_a_claim_survives_redis_being_away_for_a_moment(new_host, redis_server, caplog):
+    # One Redis error used to end the renewing for good: the claim then lapsed under a live
+    # reply 15 s later, and another host could start a second reply beside it.
+    async def scenario():
+        host = new_host()
+        cid = new_conversation_id()
+        key = host.feed.lock_key(cid)
+        try:
+            assert await host.feed.claim(cid)
+            reply, done = host.start_reply(cid)
+            redis_server.stop()  # (its data is kept: AOF, on the same port and folder)
+            # Until a renewal has failed (redis-py retries for up to ~4 s first). Bounded: the
+            # line could be held back by the log's rate limit, which counts per process.
+            give_up = time.monotonic() + 15
+            while "could not renew" not in caplog.text and time.monotonic() < give_up:
+                await asyncio.sleep(0.1)
+            redis_server.start()
+            await host.redis.pexpire(key, 2000)
+            await asyncio.sleep(1)  # a few renewal periods
+            renewed = await host.redis.pttl(key) > 2000
+            done.set()
+            await host.feed.finish(reply, {"type": "end"})
+            return renewed, await host.redis.exists(key)
+        finally:
+            await host.close()
+
+    with caplog.at_level(logging.WARNING, logger="step05_production.redis_feed"):
+        renewed, claimed_after_end = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert renewed, "the renewing stopped at the first Redis error"
+    assert not claimed_after_end  # and the reply's end still frees it
+
+
+@pytest.mark.slow
+def test_one_address_may_follow_only_its_share_of_the_reader_pool(fake, fake_server, redis_server, monkeypatch):
+    # The review's N6: each followed reply holds one connection of the readers' pool (100 by
+    # default), and one address could follow 100 replies and fill it. Host B's pool holds 8
+    # here: an address may follow 2 replies (a quarter). Host B is the app in this process
+    # (TestClient), so its connections can come from two client addresses.
+    fake.min_chunks, fake.hold_after, fake.hold_seconds = 6, 1, 60.0
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    monkeypatch.setattr(settings, "store_url", f"{redis_server.url}?max_connections=8")
+    app = importlib.import_module("step05_production.main").app
+    with (
+        LiveServer(f"{APP}:app", env=env) as host_a,
+        LocalClient(app, client=("203.0.113.66", 50000)) as greedy,
+        LocalClient(app, client=("198.51.100.7", 50000)) as other,
+        contextlib.ExitStack() as open_sockets,
+    ):
+        askers = [start_reply(host_a, f"question {number}") for number in range(3)]
+        followers = []
+        for _, cid in askers[:2]:
+            ws = open_sockets.enter_context(greedy.websocket_connect(f"/ws?conversation={cid}"))
+            assert read_conversation(ws)["messages"][-1]["status"] == "replying"
+            assert ws.receive_json() == {"type": "start"}
+            followers.append(ws)
+        one_too_many = open_sockets.enter_context(greedy.websocket_connect(f"/ws?conversation={askers[2][1]}"))
+        read_conversation(one_too_many)
+        refused = one_too_many.receive_json()
+        assert refused["type"] == "error" and "followed from this address" in refused["message"], refused
+        someone_else = open_sockets.enter_context(other.websocket_connect(f"/ws?conversation={askers[2][1]}"))
+        assert read_conversation(someone_else)["messages"][-1]["status"] == "replying"
+        assert someone_else.receive_json() == {"type": "start"}  # another address still follows it
+        fake.release()
+        for ws in [*followers, someone_else]:
+            assert collect_reply(ws)[-1]["type"] == "end"
+        # The refused connection goes on: once that reply has ended, it continues the conversation.
+        assert send_when_free(one_too_many, "and now?") == {"type": "start"}
+        one_too_many.send_json({"type": "stop"})
+        assert collect_reply(one_too_many)[-1]["type"] == "end"
+        for asker, _ in askers:
+            asker.close()

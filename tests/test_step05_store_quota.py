@@ -4,14 +4,17 @@ and through the chat)."""
 
 import asyncio
 import importlib
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
 
 from harness.support import LocalClient, collect_reply, read_conversation
 from step05_production.config import settings
-from step05_production.store import StoreError, client_key, new_conversation_id
+from step05_production.store import StoreError, client_key, new_conversation_id, open_store
 from tests.test_step05_store import run, with_store
 
 ATTACKER, VICTIM = "203.0.113.66", "198.51.100.7"
@@ -64,12 +67,12 @@ def test_an_address_over_its_quota_loses_only_its_own_oldest_conversations(store
             await store.for_client(ATTACKER).add_turn(cid, "q", REPLY)
             await asyncio.sleep(0.002)
         alive = [await store.load(cid) is not None for cid in attack_ids]
-        return await store.load(victim_id), alive, await owner_totals(store)
+        return await store.load(victim_id), alive, await owner_totals(store), await store.client_key(ATTACKER)
 
-    victim, alive, totals = run(with_store(store_url, use))
+    victim, alive, totals, attacker = run(with_store(store_url, use))
     assert victim is not None and victim.messages[0]["content"] == "my notes: the code is 4242"
     assert alive == [False, False, False, True, True, True]  # its own oldest went first
-    charged, held = totals[client_key(ATTACKER)]
+    charged, held = totals[attacker]
     assert charged == held <= 3200
 
 
@@ -83,11 +86,11 @@ def test_the_creator_pays_and_forgetting_gives_its_bytes_back(store_url, quota):
         await store.for_client(VICTIM).add_turn(cid, "q", "a")
         during = await owner_totals(store)
         await store.delete(cid)
-        return during, await owner_totals(store)
+        return during, await owner_totals(store), await store.client_key(ATTACKER)
 
-    during, after = run(with_store(store_url, use))
-    assert list(during) == [client_key(ATTACKER)] and during[client_key(ATTACKER)][0] > 1000
-    assert during[client_key(ATTACKER)][0] == during[client_key(ATTACKER)][1]
+    during, after, attacker = run(with_store(store_url, use))
+    assert list(during) == [attacker] and during[attacker][0] > 1000
+    assert during[attacker][0] == during[attacker][1]
     assert after == {}
 
 
@@ -106,12 +109,63 @@ def test_the_count_per_address_drops_its_own_least_recently_used(store_url, monk
 
 
 def test_the_address_is_stored_as_a_keyed_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "store_client_key", "this deployment's secret")
     url = f"sqlite:///{tmp_path}/chat.sqlite3"
     run(with_store(url, lambda store: store.for_client(VICTIM).add_turn(new_conversation_id(), "q", "a")))
     stored = sqlite3.connect(tmp_path / "chat.sqlite3").execute("SELECT client FROM conversations").fetchone()[0]
-    assert VICTIM not in stored and stored == client_key(VICTIM)
-    monkeypatch.setattr(settings, "store_client_key", "another deployment's secret")
-    assert client_key(VICTIM) != stored
+    assert VICTIM not in stored and stored == client_key(VICTIM, "this deployment's secret")
+    assert client_key(VICTIM, "another deployment's secret") != stored
+
+
+async def stored_owners(store) -> set:
+    if hasattr(store, "_connect"):
+        rows = await store._run(lambda: store._connect().execute("SELECT client FROM conversations").fetchall())
+        return {row[0] for row in rows}
+    return {owner.decode() for owner in (await store.redis.hgetall(store.OWNERS)).values()}
+
+
+def test_without_a_configured_key_the_store_makes_one_and_every_opener_shares_it(store_url, monkeypatch):
+    # The review's N3: with CHAT_STORE_CLIENT_KEY unset the HMAC key was empty, so anyone
+    # could hash all 2^32 IPv4 addresses and read every stored owner back.
+    monkeypatch.setattr(settings, "store_client_key", "")  # (whatever a developer's .env says)
+
+    async def open_twice(first):
+        second = open_store(store_url)  # another worker or host opening the same store
+        try:
+            await first.for_client(VICTIM).add_turn(new_conversation_id(), "q", "a")
+            return await first.hmac_key(), await second.hmac_key(), await stored_owners(second)
+        finally:
+            await second.close()
+
+    key, key_elsewhere, owners = run(with_store(store_url, open_twice))
+    assert len(key) >= 32 and key == key_elsewhere
+    assert owners == {client_key(VICTIM, key)} and client_key(VICTIM, "") not in owners
+    # And after a restart (a new process opening it again), still the same key.
+    assert run(with_store(store_url, lambda store: store.hmac_key())) == key
+
+
+def test_workers_opening_a_new_database_at_once_agree_on_its_key(tmp_path):
+    url = f"sqlite:///{tmp_path}/chat.sqlite3"
+    code = (
+        "import asyncio, sys; from step05_production.store import open_store\n"
+        "async def main():\n"
+        "    store = open_store(sys.argv[1])\n"
+        "    print(await store.hmac_key()); await store.close()\n"
+        "asyncio.run(main())"
+    )
+    env = {**os.environ, "CHAT_STORE_CLIENT_KEY": ""}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    keys = {worker.communicate(timeout=60)[0].strip() for worker in workers}
+    assert len(keys) == 1 and len(keys.pop()) >= 32
+
+
+def test_a_configured_key_wins_over_the_stored_one(store_url, monkeypatch):
+    stored = run(with_store(store_url, lambda store: store.hmac_key()))
+    monkeypatch.setattr(settings, "store_client_key", "set by the operator")
+    assert run(with_store(store_url, lambda store: store.hmac_key())) == "set by the operator" != stored
 
 
 def test_a_database_from_before_owners_keeps_working_and_gets_quotas(tmp_path, quota):
@@ -133,12 +187,13 @@ def test_a_database_from_before_owners_keeps_working_and_gets_quotas(tmp_path, q
         old = await store.load("o" * 22)
         for cid in attack_ids:
             await store.for_client(ATTACKER).add_turn(cid, "q", REPLY)
-        return old, [await store.load(cid) is not None for cid in attack_ids], await owner_totals(store)
+        alive = [await store.load(cid) is not None for cid in attack_ids]
+        return old, alive, await owner_totals(store), await store.client_key(ATTACKER)
 
-    old, alive, totals = run(with_store(f"sqlite:///{path}", use))
+    old, alive, totals, attacker = run(with_store(f"sqlite:///{path}", use))
     assert old.messages == [{"role": "user", "content": "é"}]
     assert alive == [False, False, True, True, True]
-    assert totals[client_key(ATTACKER)][0] == totals[client_key(ATTACKER)][1]
+    assert totals[attacker][0] == totals[attacker][1]
 
 
 # Through the chat: the review's attack, one fresh connection per conversation -------------
@@ -211,3 +266,61 @@ def test_past_its_new_conversations_an_address_is_told_and_the_chat_goes_on(stor
             ws.send_json({"type": "message", "content": "four"})
             assert collect_reply(ws)[-1]["type"] == "end"
     assert run(with_store(store_url, lambda store: store.load(first))).turns == 2
+
+
+def new_chat(ws) -> str:
+    """Press New chat: the id of the new, empty conversation."""
+    ws.send_json({"type": "reset"})
+    assert ws.receive_json() == {"type": "reset"}
+    return read_conversation(ws)["id"]
+
+
+def test_one_tab_scripting_new_chat_uses_its_share_and_leaves_the_address_the_rest(store_url, fake, monkeypatch):
+    # The review's N4: one tab pressing New chat in a loop used up the address's whole hourly
+    # number of new conversations, so nobody else behind the same NAT got a reply saved.
+    monkeypatch.setattr(settings, "store_url", store_url)
+    monkeypatch.setattr(settings, "store_new_conversations_per_client_hour", 5)
+    monkeypatch.setattr(settings, "new_conversations_per_connection", 2)
+    app = importlib.import_module("step05_production.main").app
+    with LocalClient(app, client=(ATTACKER, 50000)) as scripted, LocalClient(app, client=(ATTACKER, 50001)) as mate:
+        with scripted.websocket_connect("/ws") as ws:
+            first = read_conversation(ws)["id"]
+            ws.send_json({"type": "message", "content": "one"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+            second = new_chat(ws)
+            ws.send_json({"type": "message", "content": "two"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+            ws.send_json({"type": "reset"})  # a third New chat on this connection
+            refused = ws.receive_json()
+            assert refused["type"] == "error" and refused["refused"] is True, refused
+            assert "started 2 conversations" in refused["message"] and "reload" in refused["message"]
+            ws.send_json({"type": "message", "content": "still here"})  # it keeps the one it has
+            assert collect_reply(ws)[-1]["type"] == "end"
+        with mate.websocket_connect("/ws") as ws:  # someone else behind the same address
+            theirs = read_conversation(ws)["id"]
+            ws.send_json({"type": "message", "content": "my own question"})
+            assert collect_reply(ws)[-1]["type"] == "end"
+
+    async def turns(store):
+        return [getattr(await store.load(cid), "turns", None) for cid in (first, second, theirs)]
+
+    # The first went with New chat (it deletes the conversation it leaves); the second kept
+    # the turn after the refusal; the mate's new one was saved.
+    assert run(with_store(store_url, turns)) == [None, 2, 1]
+
+
+def test_a_connection_past_its_share_stores_no_new_conversation_but_continues_its_own(store_url, monkeypatch):
+    # The store's side of the share above (a new conversation reached by any path but New chat).
+    monkeypatch.setattr(settings, "new_conversations_per_connection", 1)
+    mine, another, theirs = new_conversation_id(), new_conversation_id(), new_conversation_id()
+
+    async def use(store):
+        connection, other_connection = store.for_client(ATTACKER), store.for_client(ATTACKER)
+        assert await connection.add_turn(mine, "q", "a", turn=1)
+        with pytest.raises(StoreError, match="started 1 conversations"):
+            await connection.add_turn(another, "q", "a", turn=1)
+        assert await connection.add_turn(mine, "q", "a", turn=2)
+        assert await other_connection.add_turn(theirs, "q", "a", turn=1)
+        return [getattr(await store.load(cid), "turns", None) for cid in (mine, another, theirs)]
+
+    assert run(with_store(store_url, use)) == [2, None, 1]
