@@ -208,7 +208,6 @@ def test_stream_llm_lets_a_stalled_stream_through_as_a_timeout(fake, monkeypatch
     )
 
 
-
 @pytest.mark.task("2.1")
 def test_the_utility_run_alone_explains_a_failure_in_words(fake, request):
     fake.fail_next("401")  # not retried by the SDK: one request, one answer

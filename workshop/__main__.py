@@ -389,7 +389,9 @@ def main() -> int:
 def dispatch(args) -> int:
     if args.command == "setup":
         setup("dev" if args.dev else "learn", args.kit)
-        print("Ready: .venv holds the workshop. Next: make exercise STEP=1 (without make: python -m workshop exercise 1).")
+        print(
+            "Ready: .venv holds the workshop. Next: make exercise STEP=1 (without make: python -m workshop exercise 1)."
+        )
         return 0
     if args.command in ("exercise", "grade", "watch", "check"):
         extra = ["--fresh"] if getattr(args, "fresh", False) else []
