@@ -21,12 +21,12 @@ async def index():
 
 @app.websocket("/ws")
 async def echo(websocket: WebSocket):
-    await websocket.accept()  # finish the handshake: from here on, either side may send
+    await websocket.accept()  # 1. finish the handshake: from here on, either side may send
     # BEGIN TASK 1.1
     try:
-        while True:  # one connection, many messages: no new request for each
+        while True:  # 2. one connection, many messages: no new request for each
             text = await websocket.receive_text()
             await websocket.send_text(f"Echo: {text}")  # the answer goes back on the same connection
-    except WebSocketDisconnect:  # raised by the read above once the browser has gone
+    except WebSocketDisconnect:  # 3. raised by the read above once the browser has gone
         return  # nothing to clean up: the connection is already closed
     # END TASK 1.1
