@@ -705,7 +705,8 @@ def test_a_ping_flood_that_reads_no_pong_does_not_fill_the_memory(start, fake_se
             attacker.sendall(websocket_handshake())
             time.sleep(0.5)  # accepted: from here on it is a WebSocket
             before = resident_memory(server)
-            send_without_reading(attacker, pings, seconds=4, most_bytes=200_000_000)
+            send_without_reading(attacker, pings, seconds=6, most_bytes=300_000_000)
             grown = resident_memory(server) - before
             assert grown < MEMORY_GROWTH_BOUND, f"{grown / MIB:.0f} MiB"
             a_user_is_served(server)  # while the flood's connection is still open
+
