@@ -360,11 +360,12 @@ class ReadingWaitsForWrites:
     do not. Not reading is TCP's own backpressure: the flooder's sends stall in its own kernel,
     and at most one read (asyncio reads up to 256 KiB at once) is answered after the pause. A
     slow reader of a real reply loses nothing and is not cut off: reading resumes as soon as its
-    writes drain below the low-water mark.
+    writes drain below the low-water mark. Only a client that also misses uvicorn's keepalive
+    pong (ws_ping_interval + ws_ping_timeout) is dropped, with what it left unread.
     uvicorn also stops reading while the app has not taken the last message (`read_paused`, resumed
     in receive()): reading resumes only when neither reason holds. Uses what uvicorn's
     websockets-sansio and wsproto protocols share: pause_writing, resume_writing, receive,
-    read_paused, transport."""
+    keepalive_timeout, read_paused, transport."""
 
     writes_paused = False
 
@@ -384,6 +385,14 @@ class ReadingWaitsForWrites:
         if self.writes_paused:  # super() resumed reading for the app's queue: writes still wait
             self.transport.pause_reading()
         return message
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        # super() closed the transport, but close() first writes out what is buffered, which a
+        # client that reads nothing never lets it do: the socket, its buffer and any send of the
+        # app's waiting on it would stay forever. Dropped instead: it did not answer a ping.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
 
 
 def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:

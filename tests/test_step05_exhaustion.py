@@ -6,6 +6,7 @@ Every load here is bounded in count and time; every server listens on 127.0.0.1.
 
 import base64
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -710,3 +711,25 @@ def test_a_ping_flood_that_reads_no_pong_does_not_fill_the_memory(start, fake_se
             assert grown < MEMORY_GROWTH_BOUND, f"{grown / MIB:.0f} MiB"
             a_user_is_served(server)  # while the flood's connection is still open
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RST as a pending socket error is Linux's")
+def test_a_ping_flood_that_misses_the_keepalive_pong_is_dropped_with_what_it_left_unread(fake_server, fake):
+    # Closing a connection writes out its buffer first, which a client that reads nothing never
+    # lets happen: without dropping it, the socket and its buffered pongs stayed for good.
+    keepalive = ("--ws-ping-interval", "1", "--ws-ping-timeout", "1")
+    with plain_uvicorn_server(fake_server, *keepalive) as server:
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
+        with attacker:
+            attacker.connect(("127.0.0.1", server.port))
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)
+            send_without_reading(attacker, masked_frame(0x9, b"p" * 125) * 512, seconds=2, most_bytes=50_000_000)
+            # Dropped: the server's socket is gone, and its kernel answers with a reset.
+            wait_until(
+                lambda: attacker.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET,
+                timeout=8,
+                what="the server to drop the connection",
+            )
+        a_user_is_served(server)
