@@ -553,7 +553,7 @@ def warn_about_missing_limits() -> None:
     if timed is None:
         log.warning(
             "uvicorn's HTTP protocol %s is not h11 or httptools: half-sent requests are never "
-            "timed out. Start it with `--http h11` or `--http httptools`.",
+            "timed out. Start it with `--http h11`.",
             getattr(chosen, "__name__", chosen),
         )
     else:
