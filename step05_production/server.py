@@ -67,8 +67,9 @@ def server_limits() -> dict:
         "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
         # h11, not httptools (uvicorn's pick when it is installed): httptools bounds neither a
         # request head's size nor the pipelined requests it takes in, so one unfinished head of
-        # endless header lines grew a worker by 2 GB in 8 s. h11 refuses a head over 16 KiB
-        # (uvicorn's h11_max_incomplete_event_size) and stops reading while a request is served.
+        # endless header lines grew a worker by 2 GB in 8 s. h11 refuses a head still unfinished
+        # past 16 KiB (uvicorn's h11_max_incomplete_event_size; one that arrives whole in one
+        # read of 256 KiB passes) and stops reading while a request is served.
         # (Under a plain `uvicorn` command the app swaps it in itself: warn_about_missing_limits.)
         "http": "h11",
     }
