@@ -1,5 +1,6 @@
 """Step 05 under exhaustion: half-sent requests, idle sockets filling the server, reconnect
-loops, forged X-Forwarded-For, several workers, floods of any frame type, floods of log lines.
+loops, forged X-Forwarded-For, several workers, floods of any frame type, floods of log lines,
+and the memory one hostile client can make a worker hold (endless heads, pipelining, pings).
 
 Every load here is bounded in count and time; every server listens on 127.0.0.1.
 """
