@@ -14,12 +14,22 @@ unreachable address: no reply is needed), with only the settings it names change
 - page loads while idle sockets are held (Linux: other loopback addresses, 127.0.0.x):
   24 addresses each holding 50 raw sockets that never send a byte, then 25 page loads (GET /,
   each on a new connection) from 127.0.0.1; and 127.0.0.1 itself holding 50 such sockets
-  (one user behind a shared address), then 15 page loads from it.
+  (one user behind a shared address), then 15 page loads from it;
+- memory under one hostile client (the server's RSS before and after, Linux /proc): one
+  endless request head (header lines, up to 30 MB or 5 s), pipelined requests for the largest
+  file never read (3 s), pings never read (6 s). "Before": the app object under uvicorn.run()
+  with httptools, so the app changes nothing in uvicorn (server.py); "after": the entry point;
+- page loads, h11 against httptools: 40 loads of the page and its files (one keep-alive
+  connection each), both started the "before" way, so only the HTTP parser differs.
 """
 
 import asyncio
+import base64
+import contextlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,10 +46,19 @@ UNREACHABLE_LLM = "http://127.0.0.1:9/v1"
 
 
 class Server:
-    def __init__(self, *options: str, **env: str):
+    """The entry point; or, given `app_object_http`, uvicorn.run() with the app object, the
+    entry point's limits and that HTTP parser (the app then changes nothing in uvicorn)."""
+
+    def __init__(self, *options: str, app_object_http: str | None = None, **env: str):
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.command = [sys.executable, "-m", "step05_production", "--port", str(self.port), *options]
+        if app_object_http:
+            run = (
+                "import uvicorn; from step05_production.main import app; from step05_production.server import "
+                f"server_limits; uvicorn.run(app, port={self.port}, **{{**server_limits(), 'http': {app_object_http!r}}})"
+            )
+            self.command = [sys.executable, "-c", run]
         self.env = {**os.environ, "OPENAI_BASE_URL": UNREACHABLE_LLM, **env}
         self.env.setdefault("CHAT_STORE_URL", f"sqlite:///{tempfile.mkdtemp(prefix='bench-exhaustion-')}/c.sqlite3")
 
@@ -163,6 +182,88 @@ async def page_loads_while_idle_sockets_are_held(addresses: list[str], loads: in
         return {"answers": answers, "median_ms": times[len(times) // 2], "max_ms": times[-1]}
 
 
+def resident_mib(server: Server) -> int:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) // 1024
+
+
+def send_without_reading(sock: socket.socket, data: bytes, seconds: float, most_bytes: int) -> int:
+    """Send `data` again and again until `seconds` or `most_bytes`, or the server stops reading."""
+    sock.settimeout(1)
+    sent, end = 0, time.monotonic() + seconds
+    with contextlib.suppress(OSError):
+        while time.monotonic() < end and sent < most_bytes:
+            sock.sendall(data)
+            sent += len(data)
+    return sent
+
+
+def attacker(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def endless_head(port: int) -> int:
+    with attacker(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+        return send_without_reading(sock, b"a\r\nX-B: " * 8192, 5, 30_000_000)
+
+
+def pipelined_requests(port: int) -> int:
+    with attacker(port) as sock:
+        request = b"GET /static/vendor/marked.umd.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        return send_without_reading(sock, request * 100, 3, 300_000_000)
+
+
+def ping_flood(port: int) -> int:
+    with attacker(port) as sock:
+        key = base64.b64encode(os.urandom(16))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        time.sleep(0.5)
+        mask = os.urandom(4)
+        ping = bytes([0x89, 0x80 | 125]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"p" * 125))
+        return send_without_reading(sock, ping * 512, 6, 300_000_000)
+
+
+def memory_under_attack(attack, app_object_http: str | None = None) -> str:
+    with Server(app_object_http=app_object_http) as server:
+        before = resident_mib(server)
+        sent = attack(server.port)
+        return f"{before} -> {resident_mib(server)} MiB ({sent / 1e6:.1f} MB sent)"
+
+
+def page_load_ms(port: int, loads: int) -> float:
+    """The median time to load the page and every /static/ file it names, on one connection."""
+    base = f"http://127.0.0.1:{port}"
+    files = re.findall(r'(?:src|href)="(/static/[^"]+)"', httpx.get(base + "/").text)
+    times = []
+    for _ in range(loads):
+        began = time.monotonic()
+        with httpx.Client(base_url=base) as browser:
+            for path in ["/", *files]:
+                browser.get(path).raise_for_status()
+        times.append((time.monotonic() - began) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def page_loads_h11_against_httptools(loads: int = 40) -> str:
+    median = {}
+    for parser in ("httptools", "h11"):
+        with Server(app_object_http=parser) as server:
+            page_load_ms(server.port, 5)  # warm up: imports, file caches
+            median[parser] = page_load_ms(server.port, loads)
+    return (
+        f"median h11 {median['h11']:.1f} ms, httptools {median['httptools']:.1f} ms: "
+        f"ratio {median['h11'] / median['httptools']:.2f}"
+    )
+
+
 def described(result: dict, loads: int) -> str:
     answers = ", ".join(f"{count}/{loads} {answer}" for answer, count in sorted(result["answers"].items()))
     return f"{answers}; median {result['median_ms']:.1f} ms, max {result['max_ms']:.1f} ms"
@@ -190,6 +291,14 @@ async def main() -> None:
     rows.append(("25 page loads while 24 addresses hold 50 silent sockets each", described(many, 25)))
     shared = await page_loads_while_idle_sockets_are_held(["127.0.0.1"], loads=15)
     rows.append(("15 page loads from an address holding 50 silent sockets", described(shared, 15)))
+    for name, attack in [
+        ("one endless request head (header lines)", endless_head),
+        ("pipelined requests for marked.umd.js, never read", pipelined_requests),
+        ("a WebSocket ping flood, pongs never read", ping_flood),
+    ]:
+        before = memory_under_attack(attack, app_object_http="httptools")
+        rows.append((f"worker RSS: {name}", f"before {before}; after {memory_under_attack(attack)}"))
+    rows.append(("40 page loads (the page and its files), h11 against httptools", page_loads_h11_against_httptools()))
     print("| measure | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

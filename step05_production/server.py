@@ -5,7 +5,8 @@
 `uvicorn step05_production.main:app` works too, but uvicorn's defaults are made for any
 app: WebSocket frames up to 16 MiB, per-message compression on, no bound on a shutdown,
 X-Forwarded-For believed from anyone on this machine. Started that way, the app applies
-what it can itself (the frame limit, the request-head timeout) and says at start-up which
+what it can itself (the frame limit, the request-head timeout, h11 instead of httptools,
+WebSockets that stop reading while their writes wait) and says at start-up which
 limits its command lacks (`warn_about_missing_limits`, called by main.py).
 """
 
@@ -64,7 +65,18 @@ def server_limits() -> dict:
         # handshake: the app does, past CHAT_MAX_CONNECTIONS.) With both, what one worker
         # serves is bounded, and the open-file limit is checked against that (files_needed).
         "limit_concurrency": settings.max_connections + HTTP_CONNECTIONS_MARGIN,
+        # h11, not httptools (uvicorn's pick when it is installed): httptools bounds neither a
+        # request head's size nor the pipelined requests it takes in, so one unfinished head of
+        # endless header lines grew a worker by 2 GB in 8 s. h11 refuses a head still unfinished
+        # past 16 KiB (uvicorn's h11_max_incomplete_event_size; one that arrives whole in one
+        # read of 256 KiB passes) and stops reading while a request is served.
+        # (Under a plain `uvicorn` command the app swaps it in itself: warn_about_missing_limits.)
+        "http": "h11",
     }
+
+
+# Settings the app applies itself under any uvicorn command: not reported as lacking.
+APPLIED_BY_THE_APP = ("http",)
 
 
 def warn_about_pending_cap() -> None:
@@ -338,6 +350,73 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
     return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (RequestHeadTimeout, protocol_class), {})
 
 
+class ReadingWaitsForWrites:
+    """Mixed into uvicorn's WebSocket protocol class: while the client does not read what the
+    server writes (the transport's write buffer is past its high-water mark), the server does
+    not read from it either.
+
+    Why: uvicorn answers every ping with a pong written at once, read or not; one client sending
+    pings nonstop and reading nothing grew a worker by 22 MB/s and slowed everyone else. The app's
+    own sends already wait while writes are paused (uvicorn's send() waits until writable); pongs
+    do not. Not reading is TCP's own backpressure: the flooder's sends stall in its own kernel,
+    and at most one read (asyncio reads up to 256 KiB at once) is answered after the pause. A
+    slow reader of a real reply loses nothing and is not cut off: reading resumes as soon as its
+    writes drain below the low-water mark. Only a client that also misses uvicorn's keepalive
+    pong (ws_ping_interval + ws_ping_timeout) is dropped, with what it left unread.
+    uvicorn also stops reading while the app has not taken the last message (`read_paused`, resumed
+    in receive()): reading resumes only when neither reason holds. Uses what uvicorn's
+    websockets-sansio and wsproto protocols share: pause_writing, resume_writing, receive,
+    keepalive_timeout, read_paused, transport."""
+
+    writes_paused = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.writes_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.writes_paused = False
+        if not self.read_paused:
+            self.transport.resume_reading()
+
+    async def receive(self):
+        message = await super().receive()
+        if self.writes_paused:  # super() resumed reading for the app's queue: writes still wait
+            self.transport.pause_reading()
+        return message
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        # super() closed the transport, but close() first writes out what is buffered, which a
+        # client that reads nothing never lets it do: the socket, its buffer and any send of the
+        # app's waiting on it would stay forever. Dropped instead: it did not answer a ping.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+
+
+def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
+    """uvicorn's websockets-sansio or wsproto protocol class with ReadingWaitsForWrites mixed in;
+    None for a class whose internals are not known to fit (or no WebSocket support)."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    known = [WebSocketsSansIOProtocol]
+    try:
+        from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+
+        known.append(WSProtocol)
+    except ImportError:  # wsproto is optional
+        pass
+    if protocol_class is None:
+        return None
+    if issubclass(protocol_class, ReadingWaitsForWrites):
+        return protocol_class
+    if protocol_class not in known:
+        return None
+    return type(f"{protocol_class.__name__}WithReadingWaitingForWrites", (ReadingWaitsForWrites, protocol_class), {})
+
+
 # Which limits hold per worker process, for the start-up warning with --workers N.
 PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
@@ -371,8 +450,9 @@ def serve(
         proxy_headers=bool(forwarded_allow_ips.strip()),
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_keep_alive=timeout_keep_alive,
-        # (No http= here: the app puts the request-head timeout into uvicorn's protocol
-        # class itself while uvicorn imports it, in every worker; see below.)
+        # (The app puts the request-head timeout into uvicorn's HTTP protocol class, and
+        # ReadingWaitsForWrites into its WebSocket one, while uvicorn imports it, in every
+        # worker; see below.)
         **server_limits(),
         **uvicorn_options,
     )
@@ -400,25 +480,47 @@ def uvicorn_config_loading_this_app():
     return None
 
 
-def chosen_http_protocol(config) -> type:
-    """The HTTP protocol class uvicorn will use. Config.load() resolves `config.http` just
-    before it imports the app; uvicorn.run() imports the app once before that (load_app()),
-    and then this resolves it the same way."""
-    if hasattr(config, "http_protocol_class"):
-        return config.http_protocol_class
-    from uvicorn.config import HTTP_PROTOCOLS
+def chosen_protocol(config, kind: str) -> type | None:
+    """The protocol class uvicorn will use, `kind` "http" or "ws" (None: WebSockets are off).
+    Config.load() resolves `config.http` and `config.ws` just before it imports the app;
+    uvicorn.run() imports the app once before that (load_app()), and then this resolves them
+    the same way."""
+    if hasattr(config, f"{kind}_protocol_class"):
+        return getattr(config, f"{kind}_protocol_class")
+    from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
     from uvicorn.importer import import_from_string
 
-    return (
-        import_from_string(HTTP_PROTOCOLS.get(config.http, config.http))
-        if isinstance(config.http, str)
-        else config.http
+    chosen = getattr(config, kind)
+    if not isinstance(chosen, str):
+        return chosen
+    path = {"http": HTTP_PROTOCOLS, "ws": WS_PROTOCOLS}[kind].get(chosen, chosen)
+    return import_from_string(path) if path else None
+
+
+def without_httptools(protocol_class: type) -> type:
+    """h11's protocol class instead of httptools' (see server_limits(): "http"). Said at WARNING,
+    not INFO: uvicorn sets up no handler for the app's loggers, and Python's last-resort handler
+    prints WARNING and above only, so an INFO line would never be seen."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools is not installed: it cannot have been chosen
+        return protocol_class
+    if not issubclass(protocol_class, HttpToolsProtocol):
+        return protocol_class
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    log.warning(
+        "Serving HTTP with h11, not httptools: httptools bounds neither a request head's size "
+        "nor pipelined requests, so one client could fill the memory. Start it with "
+        "`python -m step05_production` or `--http h11` to choose h11 yourself."
     )
+    return H11Protocol
 
 
 def warn_about_missing_limits() -> None:
     """Called while the app is imported: apply what the app can to uvicorn's settings (a
-    lower frame limit, the request-head timeout), and say at WARNING what the command
+    lower frame limit, the request-head timeout, h11 for httptools, WebSockets that stop
+    reading while their writes wait), and say at WARNING what the command
     lacks: `server_limits()`, a trusted proxy it never named, and limits that hold per worker."""
     warn_about_open_file_limit()  # (under any server: this process's own limit)
     warn_about_pending_cap()
@@ -432,7 +534,9 @@ def warn_about_missing_limits() -> None:
         )
         return
     lacking = {
-        name: getattr(config, name) for name, wanted in server_limits().items() if getattr(config, name) != wanted
+        name: getattr(config, name)
+        for name, wanted in server_limits().items()
+        if getattr(config, name) != wanted and name not in APPLIED_BY_THE_APP
     }
     config.ws_max_size = min(config.ws_max_size, settings.max_frame_bytes)
     if lacking:
@@ -445,16 +549,20 @@ def warn_about_missing_limits() -> None:
         )
     # uvicorn builds each connection's protocol from its HTTP protocol class after the
     # import: swapping the class here gives every connection the head timeout, under any command.
-    chosen = chosen_http_protocol(config)
-    timed = None if getattr(config, "http2", False) else with_request_head_timeout(chosen)
+    chosen = chosen_protocol(config, "http")
+    timed = None if getattr(config, "http2", False) else with_request_head_timeout(without_httptools(chosen))
     if timed is None:
         log.warning(
             "uvicorn's HTTP protocol %s is not h11 or httptools: half-sent requests are never "
-            "timed out. Start it with `--http h11` or `--http httptools`.",
+            "timed out. Start it with `--http h11`.",
             getattr(chosen, "__name__", chosen),
         )
     else:
         config.http = config.http_protocol_class = timed
+    # The same for each WebSocket: the HTTP protocol hands an upgraded connection to this class.
+    bounded = with_reading_waiting_for_writes(chosen_protocol(config, "ws"))
+    if bounded is not None:
+        config.ws = config.ws_protocol_class = bounded
     if (
         config.proxy_headers
         and "FORWARDED_ALLOW_IPS" not in os.environ

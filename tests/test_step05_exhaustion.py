@@ -1,10 +1,14 @@
 """Step 05 under exhaustion: half-sent requests, idle sockets filling the server, reconnect
-loops, forged X-Forwarded-For, several workers, floods of any frame type, floods of log lines.
+loops, forged X-Forwarded-For, several workers, floods of any frame type, floods of log lines,
+and the memory one hostile client can make a worker hold (endless heads, pipelining, pings).
 
 Every load here is bounded in count and time; every server listens on 127.0.0.1.
 """
 
+import base64
 import contextlib
+import errno
+import os
 import socket
 import sys
 import time
@@ -605,3 +609,128 @@ def test_a_reclaimed_page_waits_for_its_user_before_reconnecting(page, fake_serv
             page.keyboard.press("Enter")
             page.wait_for_selector(".assistant .meta")
             assert "You said: I am back" in page.inner_text(".assistant")
+
+
+# 9. Memory under one hostile client ------------------------------------------------
+# Each attack sends the server far more bytes than it may keep, reading nothing back, and
+# the server's resident memory (RSS) is read before and after: what a worker keeps of one
+# client's bytes must be bounded, not grow with what the client sends. (Without the limits,
+# each of these grew the worker by hundreds of MiB: bench/exhaustion.py, docs/operations.md.)
+
+MIB = 1 << 20
+# Well above what a worker's memory moves by on its own in a few seconds (allocator, caches),
+# well below what each attack grew it by without the limits.
+MEMORY_GROWTH_BOUND = 50 * MIB
+
+
+def resident_memory(server: LiveServer) -> int:
+    """The server process's resident memory in bytes (Linux: VmRSS, in KiB)."""
+    with open(f"/proc/{server.process.pid}/status") as status:
+        return 1024 * int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
+def send_without_reading(sock: socket.socket, data: bytes, seconds: float, most_bytes: int) -> int:
+    """Send `data` again and again for at most `seconds` and `most_bytes`; the bytes sent.
+    Stops early when the server stops reading (a send stalls) or hangs up."""
+    sock.settimeout(1)
+    sent = 0
+    end = time.monotonic() + seconds
+    with contextlib.suppress(OSError):  # TimeoutError, ConnectionResetError, BrokenPipeError
+        while time.monotonic() < end and sent < most_bytes:
+            sock.sendall(data)
+            sent += len(data)
+    return sent
+
+
+def a_user_is_served(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/", timeout=10).status_code == 200
+    with WsClient(server.ws_url) as ws:
+        read_conversation(ws)
+        assert chat_turn(ws, "still here") == "You said: still here"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS through /proc")
+@pytest.mark.parametrize("start", [entry_point_server, plain_uvicorn_server], ids=["entry point", "plain uvicorn"])
+def test_an_endless_request_head_is_refused_before_it_fills_the_memory(start, fake_server, fake):
+    with start(fake_server) as server:
+        before = resident_memory(server)
+        with socket.create_connection(("127.0.0.1", server.port)) as attacker:
+            attacker.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+            send_without_reading(attacker, b"a\r\nX-B: " * 8192, seconds=5, most_bytes=30_000_000)
+            grown = resident_memory(server) - before
+        assert grown < MEMORY_GROWTH_BOUND, f"{grown / MIB:.0f} MiB"
+        a_user_is_served(server)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS through /proc")
+@pytest.mark.parametrize("start", [entry_point_server, plain_uvicorn_server], ids=["entry point", "plain uvicorn"])
+def test_pipelined_requests_never_read_do_not_fill_the_memory(start, fake_server, fake):
+    request = b"GET /static/vendor/marked.umd.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with start(fake_server) as server:
+        before = resident_memory(server)
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
+        with attacker:
+            attacker.connect(("127.0.0.1", server.port))
+            send_without_reading(attacker, request * 100, seconds=3, most_bytes=100_000_000)
+            grown = resident_memory(server) - before
+            assert grown < MEMORY_GROWTH_BOUND, f"{grown / MIB:.0f} MiB"
+            a_user_is_served(server)  # while the attacker's connection is still open
+
+
+def websocket_handshake() -> bytes:
+    key = base64.b64encode(os.urandom(16))
+    return (
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """A client's WebSocket frame (RFC 6455: FIN set, masked, payload under 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS through /proc")
+@pytest.mark.parametrize("start", [entry_point_server, plain_uvicorn_server], ids=["entry point", "plain uvicorn"])
+def test_a_ping_flood_that_reads_no_pong_does_not_fill_the_memory(start, fake_server, fake):
+    pings = masked_frame(0x9, b"p" * 125) * 512  # each answered by a pong of 127 bytes
+    with start(fake_server) as server:
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
+        with attacker:
+            attacker.connect(("127.0.0.1", server.port))
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)  # accepted: from here on it is a WebSocket
+            before = resident_memory(server)
+            send_without_reading(attacker, pings, seconds=6, most_bytes=300_000_000)
+            grown = resident_memory(server) - before
+            assert grown < MEMORY_GROWTH_BOUND, f"{grown / MIB:.0f} MiB"
+            a_user_is_served(server)  # while the flood's connection is still open
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RST as a pending socket error is Linux's")
+def test_a_ping_flood_that_misses_the_keepalive_pong_is_dropped_with_what_it_left_unread(fake_server, fake):
+    # Closing a connection writes out its buffer first, which a client that reads nothing never
+    # lets happen: without dropping it, the socket and its buffered pongs stayed for good.
+    keepalive = ("--ws-ping-interval", "1", "--ws-ping-timeout", "1")
+    with plain_uvicorn_server(fake_server, *keepalive) as server:
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
+        with attacker:
+            attacker.connect(("127.0.0.1", server.port))
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)
+            send_without_reading(attacker, masked_frame(0x9, b"p" * 125) * 512, seconds=2, most_bytes=50_000_000)
+            # Dropped: the server's socket is gone, and its kernel answers with a reset.
+            wait_until(
+                lambda: attacker.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET,
+                timeout=8,
+                what="the server to drop the connection",
+            )
+        a_user_is_served(server)

@@ -127,6 +127,19 @@ def test_a_plain_uvicorn_command_is_told_what_it_lacks(fake_server, fake):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("http", ["auto", "httptools", "h11"])
+def test_a_plain_uvicorn_command_is_told_when_h11_replaces_httptools(http, fake_server, fake):
+    # httptools bounds neither a request head's size nor pipelined requests: the app serves
+    # with h11 instead (tests/test_step05_exhaustion.py, section 9), and says so.
+    extra = ("--http", http)
+    with LiveServer("step05_production.main:app", env=llm_env(fake_server.base_url), extra_args=extra) as server:
+        with WsClient(server.ws_url) as ws:
+            read_conversation(ws)
+        log = server.log_text()
+    assert ("Serving HTTP with h11, not httptools" in log) == (http != "h11"), log
+
+
+@pytest.mark.slow
 def test_uvicorn_run_with_the_app_object_warns_that_the_frame_limit_is_not_applied(fake_server, fake):
     # uvicorn.run(app) imports nothing itself: the app was imported before uvicorn's
     # settings existed, so the app cannot lower the frame limit, and says so.
