@@ -14,7 +14,8 @@ time of that render is measured, forced layout included (median and max of 15 fr
 The long paragraph (issue 22): one paragraph of --paragraph characters with no blank line,
 so no block is ever finished while it streams, is streamed by the fake LLM through the
 real chat (server, WebSocket, page), then replayed by reloading the page three times;
-prose, dense inline Markdown, and "**a_" repeated (emphasis that never closes, review F6).
+prose, dense inline Markdown, and two texts written to be slow (review F6): "**a_" and
+"a__" repeated, which render.js shows as plain text.
 Chromium's Long Tasks API reports every main-thread task over 50 ms; the table gives
 their count, their total and the longest (replay: the worst of the three reloads).
 """
@@ -81,6 +82,9 @@ PARAGRAPHS = {
     # thousands of "**" that never close, each of which marked searched the whole paragraph
     # for its closer. render.js counts that search and shows such text as plain text.
     "emphasis that never closes": "**a_",
+    # As costly, with no emphasis at all: at each "_" marked looks along the rest of the run
+    # for an email address's "@".
+    "letters and underscores": "a__",
 }
 CHUNK_DELAY = 0.001  # seconds between two words: about 5,000 characters a second
 RELOADS = 3
