@@ -13,7 +13,9 @@ time of that render is measured, forced layout included (median and max of 15 fr
 
 The long paragraph (issue 22): one paragraph of --paragraph characters with no blank line,
 so no block is ever finished while it streams, is streamed by the fake LLM through the
-real chat (server, WebSocket, page), then replayed by reloading the page three times.
+real chat (server, WebSocket, page), then replayed by reloading the page three times;
+prose, dense inline Markdown, and two texts written to be slow (review F6): "**a_" and
+"a__" repeated, which render.js shows as plain text.
 Chromium's Long Tasks API reports every main-thread task over 50 ms; the table gives
 their count, their total and the longest (replay: the worst of the three reloads).
 """
@@ -76,6 +78,13 @@ PARAGRAPHS = {
     "prose with Markdown": "The relay reads each chunk as it comes and sends it on at once, with *some emphasis*, "
     "a `code span` and a [link](https://example.org/docs) now and then. ",
     "dense inline Markdown": "*emphasis* _under_ **strong** `code` ~~gone~~ plain ",
+    # Written to freeze the page (a review's finding F6): no whitespace, so one chunk, and
+    # thousands of "**" that never close, each of which marked searched the whole paragraph
+    # for its closer. render.js counts that search and shows such text as plain text.
+    "emphasis that never closes": "**a_",
+    # As costly, with no emphasis at all: at each "_" marked looks along the rest of the run
+    # for an email address's "@".
+    "letters and underscores": "a__",
 }
 CHUNK_DELAY = 0.001  # seconds between two words: about 5,000 characters a second
 RELOADS = 3
@@ -88,6 +97,8 @@ new PerformanceObserver((list) => {
 
 
 def paragraph(kind: str, length: int) -> str:
+    if " " not in PARAGRAPHS[kind]:  # one "word" repeated, not balanced Markdown
+        return (PARAGRAPHS[kind] * length)[:length]
     words = PARAGRAPHS[kind].split(" ")
     text, i = "", 0
     while len(text) < length - 12:  # whole words, so the Markdown stays balanced
@@ -133,7 +144,7 @@ def measure_paragraph(length: int) -> list[dict]:
                 replays = []
                 for _ in range(RELOADS):
                     page.reload()
-                    page.wait_for_selector(".assistant .body p")
+                    page.wait_for_selector(".assistant .body:not(:empty)")  # rendered, or shown as text
                     page.wait_for_timeout(300)
                     replays.append(long_tasks(page))
                 page.close()

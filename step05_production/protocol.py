@@ -7,6 +7,7 @@ Out: conversation, start, chunk, end, error and reset frames; inspect and trace 
 """
 
 import json
+import re
 
 CLIENT_FRAME_TYPES = ("message", "stop", "reset", "inspect")
 
@@ -15,10 +16,23 @@ CLIENT_FRAME_TYPES = ("message", "stop", "reset", "inspect")
 # instructions no person sees, into the stored history and back to the model on every turn.
 # They arrive by pasting, or in a reply. No language needs them in a chat, so they go.
 TAG_CHARACTERS = dict.fromkeys(range(0xE0000, 0xE0080))
+# Variation selectors (U+FE00-U+FE0F, U+E0100-U+E01EF) are as invisible: 256 of them, one byte
+# each, so a run of them after an emoji hides a message just as well. A character uses at most
+# one (an emoji's text or colour form, an ideograph's variant), so each keeps one, the rest go.
+VARIATION_SELECTOR = "[\ufe00-\ufe0f\U000e0100-\U000e01ef]"
+SURPLUS_SELECTORS = re.compile(f"(?<={VARIATION_SELECTOR}){VARIATION_SELECTOR}+")
+NO_BASE = "\ufe00"  # stands before a text's start when nothing came before: a selector there has no character
 
 
-def without_tag_characters(text: str) -> str:
-    return text if text.isascii() else text.translate(TAG_CHARACTERS)
+def without_hidden_characters(text: str, after: str = "") -> str:
+    """`text` with no tag character and at most one variation selector after a character.
+
+    `after` is what came just before `text` in the same message: a reply arrives in chunks,
+    and a chunk may start with selectors that follow the last chunk's last character."""
+    if text.isascii():
+        return text
+    before = after[-1:] or NO_BASE
+    return SURPLUS_SELECTORS.sub("", before + text.translate(TAG_CHARACTERS))[1:]
 
 
 class FrameError(ValueError):
@@ -49,7 +63,7 @@ def parse_client_frame(message: dict, max_frame_bytes: int, max_message_chars: i
         return {"type": kind}
     content = frame.get("content")
     if isinstance(content, str):
-        content = without_tag_characters(content)
+        content = without_hidden_characters(content)
     if not isinstance(content, str) or not content.strip():
         raise FrameError('A message needs some text in "content".')
     if not content.isascii():

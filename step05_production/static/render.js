@@ -139,6 +139,55 @@
 
   const markdown = window.marked ? new window.marked.Marked({ renderer }) : null;
 
+  // marked's inline lexer is quadratic on some text. For each * _ or ~ that may open
+  // emphasis it searches the rest of the paragraph for the closer, a step at a time; and at
+  // each piece of text it looks along the characters an email address may hold, for an "@".
+  // "**a_" * 4000 (16,000 characters, no closer) is 32 million steps, 2.9 s in one task at the
+  // end of the reply and on every reload; "a__" * 10667 (32,000) is 0.9 s of looking for "@".
+  // So that work is counted as it happens, in characters looked at (a step costs about 100),
+  // and a text that needs more than MAX_LEXER_WORK is shown as plain text (visible, and safe).
+  // Ordinary Markdown needs far less: 520,716 for 32,000 characters of dense inline Markdown
+  // (bench/render.py's), 79,254 for as much prose with some Markdown.
+  const MAX_LEXER_WORK = 15000000;  // about 15 ms of marked's time in Chromium
+  const EMAIL_CHARACTERS = /[\w.!#$%&'*+/=?`{|}~-]*/y;
+  function emailLookAhead(source) {
+    EMAIL_CHARACTERS.lastIndex = 0;
+    EMAIL_CHARACTERS.test(source);
+    return EMAIL_CHARACTERS.lastIndex;
+  }
+  const WORK_OF = {  // marked's own names for the regular expressions that do that work
+    emStrongRDelimAst: () => 100,  // a step towards a closer
+    emStrongRDelimUnd: () => 100,
+    delRDelim: () => 100,
+    text: emailLookAhead,
+    url: emailLookAhead,
+  };
+
+  class TooCostlyToParse extends Error {}
+
+  // The tokens of `text`, as markdown.lexer would make them, with that work counted.
+  function lex(text) {
+    const lexer = new window.marked.Lexer({ ...markdown.defaults, tokenizer: null });  // its own tokenizer
+    let work = 0;
+    const counted = (pattern, workOf) => {
+      class Counted extends RegExp {
+        exec(source) {
+          work += workOf(source);
+          if (work > MAX_LEXER_WORK) throw new TooCostlyToParse("Markdown too costly to parse");
+          return super.exec(source);
+        }
+      }
+      return new Counted(pattern);
+    };
+    const { rules } = lexer.tokenizer;
+    const inline = { ...rules.inline };
+    for (const [name, workOf] of Object.entries(WORK_OF)) {
+      if (inline[name]) inline[name] = counted(inline[name], workOf);
+    }
+    lexer.tokenizer.rules = { ...rules, inline };
+    return lexer.lex(text);
+  }
+
   function toFragment(tokens, links) {
     tokens.links = links;  // reference-style links ([text][1]) are looked up here
     const fragment = window.DOMPurify.sanitize(markdown.parser(tokens), PURIFY_OPTIONS);
@@ -196,7 +245,7 @@
         return;
       }
       try {
-        const tokens = markdown.lexer(text.slice(frozenChars));
+        const tokens = lex(text.slice(frozenChars));
         let last = tokens.length - 1;  // the block still being written
         while (last > 0 && tokens[last].type === "space") last -= 1;
         const finished = tokens.slice(0, Math.max(last, 0));
@@ -258,7 +307,7 @@
     // a few hundred ms in one go, and the page answers nobody meanwhile. The reply shows
     // as it was until the rendered one replaces it.
     async function renderInPieces() {
-      const tokens = markdown.lexer(text);
+      const tokens = lex(text);
       const rendered = document.createDocumentFragment();
       for (const piece of pieces(tokens)) {
         await new Promise((resolve) => setTimeout(resolve));  // the next task
