@@ -208,6 +208,7 @@ async def newcomers_under_busy_fill() -> dict:
             if ws is not None:
                 admitted += 1
                 opened.append(ws)
+        await asyncio.sleep(0.5)  # the last one closed sees its close
         reclaimed = sum(ws.close_code == 4001 for ws in opened)
         for ws in opened:
             await ws.close()
