@@ -1,6 +1,7 @@
 """Step 05 under exhaustion: the figures behind docs/operations.md's "Exhaustion" table.
 
-    .venv/bin/python -m bench.exhaustion        # about a minute and a half; prints a table
+    .venv/bin/python -m bench.exhaustion              # about two minutes; prints a table
+    .venv/bin/python -m bench.exhaustion --busy-fill  # only the last measure below (~40 s)
 
 Each measure starts `python -m step05_production` on a free loopback port (its LLM an
 unreachable address: no reply is needed), with only the settings it names changed:
@@ -21,8 +22,14 @@ unreachable address: no reply is needed), with only the settings it names change
   with httptools, so the app changes nothing in uvicorn (server.py); "after": the entry point;
 - page loads, h11 against httptools: 40 loads of the page and its files (one keep-alive
   connection each), both started the "before" way, so only the HTTP parser differs.
+- a newcomer when busy sockets fill the worker (the review's busy-fill attack, defaults but a
+  trusted X-Forwarded-For): 7 addresses open 150 sockets each (1,000 fit) and each socket sends
+  one long question (the fake LLM of harness/fake_llm.py, 20 s a reply: 4 stream, the rest
+  wait in line or are told the model is busy); then 20 newcomers from other addresses, one
+  after another: how many get the chat, and the time from connect to their first frame.
 """
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -39,7 +46,7 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from harness.fake_llm import free_port
+from harness.fake_llm import FakeLLM, FakeLLMServer, free_port
 from harness.support import ROOT, wait_for_port
 
 UNREACHABLE_LLM = "http://127.0.0.1:9/v1"
@@ -264,12 +271,82 @@ def page_loads_h11_against_httptools(loads: int = 40) -> str:
     )
 
 
+async def busy_socket(url: str, address: str, question: str):
+    """A connection that sends one question and reads whatever comes; None if refused."""
+    ws = await open_idle(url, address)
+    if ws is not None:
+        await ws.send(json.dumps({"type": "message", "content": question}))
+        asyncio.get_running_loop().create_task(read_all(ws))  # frames are read, as a page would
+    return ws
+
+
+async def read_all(ws) -> None:
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+
+
+async def newcomers_under_busy_fill() -> dict:
+    upstream = FakeLLM()
+    upstream.chunk_delay, upstream.min_chunks = 0.05, 400  # 20 s a reply: the line outlasts the measure
+    with (
+        FakeLLMServer(upstream) as fake,
+        Server("--forwarded-allow-ips", "127.0.0.1", OPENAI_BASE_URL=fake.base_url) as server,
+    ):
+        question = "please repeat these words " + "lorem ipsum " * 100
+        held = []
+        for i in range(7 * 150):  # 10.50.0.1 .. 10.50.6.1, in turn
+            held.append(await busy_socket(server.url, f"10.50.{i % 7}.1", question))
+        opened = [ws for ws in held if ws is not None]
+        await asyncio.sleep(2)  # every question sent is in line, or refused
+        admitted, waits = 0, []
+        for i in range(20):
+            began = time.monotonic()
+            ws = await open_idle(server.url, f"10.60.{i}.1")
+            waits.append((time.monotonic() - began) * 1000)
+            if ws is not None:
+                admitted += 1
+                opened.append(ws)
+        await asyncio.sleep(0.5)  # the last one closed sees its close
+        reclaimed = sum(ws.close_code == 4001 for ws in opened)
+        for ws in opened:
+            await ws.close()
+        waits.sort()
+        return {
+            "opened": len(held) - held.count(None),
+            "admitted": admitted,
+            "reclaimed": reclaimed,
+            "median_ms": waits[len(waits) // 2],
+            "max_ms": waits[-1],
+        }
+
+
+def busy_fill_row(result: dict) -> tuple[str, str]:
+    return (
+        "newcomers when 7 addresses fill the worker with sockets each asking a question (20 arrivals)",
+        f"{result['admitted']}/20 let in (connect to first frame: median {result['median_ms']:.1f} ms, "
+        f"max {result['max_ms']:.1f} ms); {result['opened']} busy sockets opened, {result['reclaimed']} closed with 4001",
+    )
+
+
 def described(result: dict, loads: int) -> str:
     answers = ", ".join(f"{count}/{loads} {answer}" for answer, count in sorted(result["answers"].items()))
     return f"{answers}; median {result['median_ms']:.1f} ms, max {result['max_ms']:.1f} ms"
 
 
+def print_table(rows: list[tuple[str, str]]) -> None:
+    print("| measure | result |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
 async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--busy-fill", action="store_true", help="only the busy-fill measure")
+    if parser.parse_args().busy_fill:
+        return print_table([busy_fill_row(await newcomers_under_busy_fill())])
     rows = [("idle sockets one address can hold", f"{await idle_sockets_one_address_holds()}")]
     full = await newcomer_when_full()
     rows.append(
@@ -299,9 +376,8 @@ async def main() -> None:
         before = memory_under_attack(attack, app_object_http="httptools")
         rows.append((f"worker RSS: {name}", f"before {before}; after {memory_under_attack(attack)}"))
     rows.append(("40 page loads (the page and its files), h11 against httptools", page_loads_h11_against_httptools()))
-    print("| measure | result |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    rows.append(busy_fill_row(await newcomers_under_busy_fill()))
+    print_table(rows)
 
 
 if __name__ == "__main__":

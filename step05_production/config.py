@@ -117,6 +117,14 @@ class Settings:
     # Slots one client address may hold at once, so the others always find one free; the
     # waiting replies are served in turn, one address after another (slots.py).
     upstream_slots_per_client: int = field(default_factory=lambda: _int("CHAT_UPSTREAM_SLOTS_PER_CLIENT", 2))
+    # Replies one client address may have waiting for a slot at once; a message past it is
+    # refused ("the model is busy"), the connection stays open. 60: a classroom behind one NAT
+    # address asking together is served in turn; a script's 150 sockets cannot all queue up.
+    max_waiting_replies_per_client: int = field(default_factory=lambda: _int("CHAT_MAX_WAITING_REPLIES_PER_CLIENT", 60))
+    # Connections of this process that may follow one reply (tabs open on a conversation
+    # while it streams, its asker not counted): each is one more copy of every frame. A
+    # connection past it is shown the conversation and told the reply will be there when it ends.
+    max_followers_per_conversation: int = field(default_factory=lambda: _int("CHAT_MAX_FOLLOWERS_PER_CONVERSATION", 8))
     # Stored bytes of one conversation's messages (UTF-8 JSON): the oldest turns go first,
     # never the newest. Room for the largest newest turn is checked at start.
     store_max_conversation_bytes: int = field(

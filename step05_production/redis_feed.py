@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from .config import settings
-from .replies import LAST_FRAMES, LiveReply, ReplyFeed
+from .replies import LAST_FRAMES, LiveReply, ReplyFeed, too_many_followers
 from .security import RateLimitedLog
 from .store import redis_unreachable
 
@@ -28,8 +28,6 @@ CONTROL_CHANNEL = "chat:replies"
 # A follower's XREAD waits this long for a new entry, well under the client's socket
 # timeout (5 s, store.py): a reply that pauses longer is "nothing yet", not "Redis is away".
 BLOCK_MILLISECONDS = 2000
-# Connections in one process that may follow one reply generated elsewhere; more are told so.
-MAX_FOLLOWERS_PER_CONVERSATION = 8
 # Each followed reply holds one connection of the readers' pool in a blocking XREAD: one client
 # address may follow at most this share of the pool's connections (a quarter), so a single
 # address cannot fill it and leave everyone else told "this server follows too many replies".
@@ -247,7 +245,7 @@ class RedisFeed(ReplyFeed):
         """The reader of this reply's stream for a connection from `address` (started from
         `last_id` if there is none yet), or None and the error frame that says why not: the
         address follows its share of replies here already, or the reply has
-        MAX_FOLLOWERS_PER_CONVERSATION followers. (A reply the address follows already, in
+        CHAT_MAX_FOLLOWERS_PER_CONVERSATION followers here. (A reply the address follows already, in
         another tab, costs it nothing more.)"""
         reader = self.readers.get((conversation_id, turn))
         new_to_address = reader is None or address not in reader.followers.values()
@@ -255,8 +253,8 @@ class RedisFeed(ReplyFeed):
             return None, FOLLOWING_TOO_MANY_FROM_ADDRESS
         if reader is None:
             reader = self.readers[conversation_id, turn] = StreamReader(self, conversation_id, turn, last_id)
-        elif len(reader.followers) >= MAX_FOLLOWERS_PER_CONVERSATION:
-            return None, TOO_MANY_FOLLOWERS
+        elif len(reader.followers) >= settings.max_followers_per_conversation:
+            return None, too_many_followers()
         return reader, None
 
     def following(self, address: str) -> int:
@@ -378,11 +376,6 @@ FOLLOWING_TOO_MANY_FROM_ADDRESS = {
     "type": "error",
     "message": "Too many replies are followed from this address on this server. "
     "The reply will be in the conversation once it ends: open it again then.",
-}
-TOO_MANY_FOLLOWERS = {
-    "type": "error",
-    "message": f"This reply is already followed by {MAX_FOLLOWERS_PER_CONVERSATION} connections here. "
-    "It will be in the conversation once it ends: open it again then.",
 }
 
 

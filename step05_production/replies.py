@@ -25,6 +25,17 @@ from .slots import UpstreamSlots
 from .store import ConversationStore
 
 LAST_FRAMES = ("end", "error")
+MODEL_BUSY = "The model is busy: too many questions from your address are waiting. Try again in a moment."
+
+
+def too_many_followers() -> dict:
+    """The only frame for a connection past CHAT_MAX_FOLLOWERS_PER_CONVERSATION: it has been
+    shown the conversation, the question included, and gets the reply by opening it later."""
+    return {
+        "type": "error",
+        "message": f"This reply is already followed by {settings.max_followers_per_conversation} connections "
+        "here. It will be in the conversation once it ends: open it again then.",
+    }
 
 
 class Watch(Protocol):
@@ -233,13 +244,19 @@ class LiveReply:
 
 
 class LocalWatch:
-    """A connection following a reply generated in this process."""
+    """A connection following a reply generated in this process: at most
+    CHAT_MAX_FOLLOWERS_PER_CONVERSATION of them get its frames (each one more copy of every
+    frame to send), the others only the frame that says so."""
 
     def __init__(self, reply: LiveReply):
         self.reply, self.user_message = reply, reply.user_message
-        self.queue = reply.watch()
+        room = len(reply.watchers) < settings.max_followers_per_conversation
+        self.queue = reply.watch() if room else None
 
     async def frames(self) -> AsyncIterator[dict]:
+        if self.queue is None:
+            yield too_many_followers()
+            return
         while True:
             frame = await self.queue.get()
             yield frame
@@ -250,7 +267,8 @@ class LocalWatch:
         self.reply.stop()
 
     async def close(self) -> None:
-        self.reply.unwatch(self.queue)
+        if self.queue is not None:
+            self.reply.unwatch(self.queue)
 
 
 class ReplyHub:
@@ -261,9 +279,10 @@ class ReplyHub:
         self.local: dict[str, LiveReply] = {}
         # What the upstream model serves at once, shared fairly across client addresses.
         self.slots = UpstreamSlots(settings.upstream_slots, settings.upstream_slots_per_client)
-        # Conversations whose reply is being set up (claimed, history loading): taken
-        # before the first await, so a second message is refused, not started twice.
-        self.starting: set[str] = set()
+        # Conversations whose reply is being set up (claimed, history loading), with the
+        # address asking: taken before the first await, so a second message is refused, not
+        # started twice, and counted in its address's line (line_full).
+        self.starting: dict[str, str] = {}
         # Held here so a reply, or a connection's copy of it, is never garbage-collected mid-way.
         self.tasks: set[asyncio.Task] = set()
         self.forwarders: set[asyncio.Task] = set()
@@ -294,6 +313,18 @@ class ReplyHub:
         reply = self.local.get(conversation_id)
         return conversation_id in self.starting or (reply is not None and not reply.finished)
 
+    def line_full(self, address: str) -> bool:
+        """No slot is free for `address`, and CHAT_MAX_WAITING_REPLIES_PER_CLIENT of its replies
+        wait for one already (or are about to: set up, or started and not in line yet)."""
+        if self.slots.has_room(address) and address not in self.slots.waiting:
+            return False
+        waiting = sum(asker == address for asker in self.starting.values())
+        waiting += sum(
+            reply.address == address and not reply.finished and not self.slots.holds(reply)
+            for reply in self.local.values()
+        )
+        return waiting >= settings.max_waiting_replies_per_client
+
     async def begin(
         self, conversation_id: str, user_message: str, generate, asker, address: str = "unknown"
     ) -> LiveReply | None:
@@ -302,7 +333,7 @@ class ReplyHub:
         task of its own."""
         if self.replying(conversation_id):
             return None
-        self.starting.add(conversation_id)
+        self.starting[conversation_id] = address
         try:
             if not await self.feed.claim(conversation_id):
                 return None  # streaming on another host
@@ -314,7 +345,7 @@ class ReplyHub:
                 await self.feed.release(conversation_id)
                 raise
         finally:
-            self.starting.discard(conversation_id)
+            self.starting.pop(conversation_id, None)
         turn = (conversation.turns if conversation else 0) + 1
         history = conversation.messages if conversation else []
         reply = LiveReply(

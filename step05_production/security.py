@@ -12,6 +12,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from urllib.parse import urlsplit
 
 from fastapi import WebSocket
@@ -229,11 +230,21 @@ class ClientLimits:
         return self.clients.setdefault(address, Client()).messages.allow()
 
 
+class Activity(IntEnum):
+    """What a connection is busy with, in the order a full worker takes connections back: the
+    cheapest to close first. IDLE is false, so `if session.busy():` reads "anything at all"."""
+
+    IDLE = 0
+    WAITING = 1  # its reply waits in line for an upstream slot: nothing streams to it yet
+    FOLLOWING = 2  # another connection's reply streams for its conversation (it may see a copy)
+    STREAMING = 3  # its own reply streams to it
+
+
 @dataclass(eq=False)
 class OpenConnection:
     websocket: WebSocket
     address: str  # the client address it counts against
-    busy: Callable[[], bool]  # whether a reply is running for it
+    busy: Callable[[], Activity]  # what it is busy with (session.ChatSession.busy)
     last_frame: float = field(default_factory=time.monotonic)  # when its client last sent one
 
 
@@ -248,7 +259,7 @@ class OpenConnections:
     def __len__(self) -> int:
         return len(self.connections)
 
-    def add(self, websocket: WebSocket, address: str, busy: Callable[[], bool]) -> None:
+    def add(self, websocket: WebSocket, address: str, busy: Callable[[], Activity]) -> None:
         self.connections[websocket] = OpenConnection(websocket, address, busy)
 
     def discard(self, websocket: WebSocket) -> None:
@@ -260,28 +271,33 @@ class OpenConnections:
 
     def take_for(self, newcomer: str) -> WebSocket | None:
         """Remove and return the connection that gives way to a newcomer from `newcomer`'s
-        address, or None. Never one with a reply running (its reader is not idle). First
-        choice: the one idle longest, if idle for CHAT_RECLAIM_IDLE_SECONDS. Otherwise the
-        address holding the most sockets gives up its least active one, if it holds more than
-        an equal share and more than the newcomer's address: sockets kept "active" with a
-        frame now and then, from a few addresses, cannot keep everyone else out."""
-        quiet = [c for c in self.connections.values() if not c.busy()]
-        if not quiet:
-            return None
+        address, or None.
+
+        First choice: a connection idle for CHAT_RECLAIM_IDLE_SECONDS whose own reply is not
+        streaming (a reply waiting in line, or someone else's reply followed, is no reason to
+        keep a silent socket), the cheapest to close, then the one idle longest.
+
+        Otherwise the address holding the most sockets gives up one, if it holds more than an
+        equal share and more than the newcomer's address, busy or not: sockets kept "active"
+        with a frame now and then, or each with a reply waiting in line, from a few addresses,
+        cannot keep everyone else out. It gives up its cheapest (idle, waiting, following, then
+        streaming), the least active among equals. A reply left without its connection leaves
+        the line, or gives its slot to a waiting one, as resume gives way under load (slots.py)."""
+        activity = {c: c.busy() for c in self.connections.values()}
         cutoff = time.monotonic() - settings.reclaim_idle_seconds
-        idle = [c for c in quiet if c.last_frame <= cutoff]
-        if not idle:
+        candidates = [c for c, doing in activity.items() if doing < Activity.STREAMING and c.last_frame <= cutoff]
+        if not candidates:
             held = Counter(c.address for c in self.connections.values())
+            if not held:
+                return None
             greediest, most = max(held.items(), key=lambda item: item[1])
             equal_share = len(self.connections) / len(held.keys() | {newcomer})
             if greediest == newcomer or most <= max(equal_share, held[newcomer] + 1):
                 return None
-            idle = [c for c in quiet if c.address == greediest]
-        chosen = min(idle, key=lambda c: c.last_frame, default=None)
-        if chosen is not None:
-            del self.connections[chosen.websocket]
-            return chosen.websocket
-        return None
+            candidates = [c for c in activity if c.address == greediest]
+        chosen = min(candidates, key=lambda c: (activity[c], c.last_frame))
+        del self.connections[chosen.websocket]
+        return chosen.websocket
 
 
 class InvalidFrameGuard:

@@ -8,8 +8,8 @@ from fastapi import WebSocket
 
 from .config import settings
 from .flow import create_streaming_chat_flow
-from .replies import LiveReply, ReplyHub, Watch
-from .security import client_address
+from .replies import MODEL_BUSY, LiveReply, ReplyHub, Watch
+from .security import Activity, client_address
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
 from .tracing import Tracer
 
@@ -102,15 +102,24 @@ class ChatSession:
         except Exception:  # noqa: BLE001, S110 (the client is gone too: nobody to tell)
             pass
 
-    def busy(self) -> bool:
-        """A reply is streaming to this connection, or for this conversation in this process."""
-        own = self.own_reply is not None and not self.own_reply.finished and not self.own_reply.task.done()
+    def busy(self) -> Activity:
+        """Whether a reply is under way for this connection or its conversation in this
+        process, and which kind: a full worker closes the cheapest first (security.py)."""
+        own = self.own_reply
+        if own is not None and not own.finished and not own.task.done():
+            return Activity.STREAMING if self.hub.slots.holds(own) else Activity.WAITING
         following = self.forwarding is not None and not self.forwarding.done()
-        return own or following or self.hub.replying(self.conversation_id)
+        if following or self.hub.replying(self.conversation_id):
+            return Activity.FOLLOWING
+        return Activity.IDLE
 
     async def send_message(self, text: str) -> bool:
-        """Start a reply and show it here; False if one is streaming for this conversation."""
+        """Start a reply and show it here, or tell the client the model is busy. False only if
+        a reply is streaming for this conversation (main.py says so)."""
         address = client_address(self.websocket)
+        if self.hub.line_full(address):  # (checked and counted in begin with no await between)
+            await self.send_quietly({"type": "error", "message": MODEL_BUSY, "refused": True})
+            return True
         reply = await self.hub.begin(
             self.conversation_id,
             text,

@@ -110,6 +110,9 @@ class UpstreamSlots:
         """Some reply waits for a slot."""
         return bool(self.waiting)
 
+    def holds(self, reply) -> bool:
+        return reply in self.holders
+
     def waits(self, reply) -> bool:
         return any(entry[0] is reply for queue in self.waiting.values() for entry in queue)
 

@@ -240,6 +240,79 @@ def test_a_full_server_lets_a_newcomer_in_at_once_however_many_addresses_hold_it
     assert waited < 5, waited  # (a bound against hanging, not a speed target: bench/ measures)
 
 
+# Busy sockets: replies waiting in line, or followed, hold no worker against a newcomer.
+BUSY_FILL = {
+    "CHAT_MAX_CONNECTIONS": "12",
+    "CHAT_MAX_CONNECTIONS_PER_CLIENT": "4",
+    "CHAT_RECLAIM_IDLE_SECONDS": "3600",  # no socket is idle: only the greediest-address rule acts
+    "CHAT_UPSTREAM_SLOTS": "1",
+    "CHAT_UPSTREAM_SLOTS_PER_CLIENT": "1",
+}
+
+
+def closed_code(ws) -> int:
+    """The close code of a connection the server closes (frames before it are skipped)."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ws.receive_text(timeout=5)
+    return closed.value.rcvd.code
+
+
+@pytest.mark.slow
+def test_sockets_with_replies_waiting_for_the_model_do_not_lock_a_newcomer_out(fake_server, fake):
+    # The review's busy-fill attack, scaled down: three addresses fill the worker, each socket
+    # with a long question; one reply streams, eleven wait for the model, none is idle.
+    # 2.5 s a reply (the line lasts ~30 s), in few frames: a socket the test does not read
+    # still sees its close (the client buffers 16 frames, then stops reading).
+    fake.chunk_delay, fake.min_chunks = 0.25, 10
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **BUSY_FILL) as server:
+        held = []
+        for n in range(12):
+            held.append(forged(server, f"10.0.4.{n % 3}"))
+            read_conversation(held[-1])
+            held[-1].send_json({"type": "message", "content": f"story {n}"})
+            assert held[-1].receive_json() == {"type": "start"}
+        assert held[0].receive_json()["type"] == "chunk"  # the one streaming
+        with forged(server, "10.0.4.99") as newcomer:
+            read_conversation(newcomer)  # not "The chat is full"
+            newcomer.send_json({"type": "message", "content": "let in"})
+            reply = reply_text(collect_reply(newcomer))  # served in turn: one reply per address ahead
+        assert reply == "".join(fake.chunks_for([{"role": "user", "content": "let in"}]))
+        # 10.0.4.0 held the most (4 of 12, all tied; the first) and gave up its cheapest socket:
+        # the one waiting longest in line, not the one streaming.
+        assert closed_code(held[3]) == 4001
+        assert collect_reply(held[0])[-1]["type"] == "end"  # the streaming reply went on
+        for ws in held:
+            ws.close()
+
+
+@pytest.mark.slow
+def test_sockets_following_one_reply_do_not_lock_a_newcomer_out(fake_server, fake):
+    # The one-slot variant: every socket opens the conversation whose reply streams.
+    fake.chunk_delay, fake.min_chunks = 0.02, 400  # 8 s: longer than this test
+    env = {**BUSY_FILL, "CHAT_MAX_FOLLOWERS_PER_CONVERSATION": "20"}  # all follow: the cap is not what is tested
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        asker = forged(server, "10.0.5.0")
+        cid = read_conversation(asker)["id"]
+        start_slow_reply(asker, fake)
+        held = [asker]
+        for n in range(1, 12):
+            held.append(
+                WsClient(
+                    f"{server.ws_url}?conversation={cid}", additional_headers={"X-Forwarded-For": f"10.0.5.{n % 3}"}
+                )
+            )
+            assert read_conversation(held[-1])["messages"][-1]["status"] == "replying"
+            assert held[-1].receive_json() == {"type": "start"}
+        with forged(server, "10.0.5.99") as newcomer:
+            read_conversation(newcomer)  # not "The chat is full"
+        assert closed_code(held[3]) == 4001  # 10.0.5.0's follower gave way, not its asker
+        asker.send_json({"type": "stop"})
+        assert collect_reply(asker)[-1]["stopped"] is True
+        for ws in held:
+            ws.close()
+
+
 # 3. X-Forwarded-For ----------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from harness.support import (
     llm_env,
     read_conversation,
     reply_text,
+    start_slow_reply,
     wait_until,
 )
 from step05_production import main as chat_main
@@ -31,15 +32,16 @@ APP = "step05_production.main"
 
 @pytest.fixture
 def serve(fake_server):
-    """serve(slots, per_client) -> a running server with those settings; 30 s to resume."""
+    """serve(slots, per_client, **more) -> a running server with those settings; 30 s to resume."""
     servers = []
 
-    def start(slots: int, per_client: int) -> LiveServer:
+    def start(slots: int, per_client: int, **more: str) -> LiveServer:
         env = llm_env(
             fake_server.base_url,
             CHAT_UPSTREAM_SLOTS=str(slots),
             CHAT_UPSTREAM_SLOTS_PER_CLIENT=str(per_client),
             CHAT_RESUME_SECONDS="30",
+            **more,
         )
         servers.append(LiveServer(f"{APP}:app", env=env).__enter__())
         return servers[-1]
@@ -185,3 +187,68 @@ def test_stop_while_waiting_leaves_the_line_and_asks_nothing(fake, monkeypatch):
         slots = client.app_state["hub"].slots
         assert not slots.holders and not slots.waiting, "a slot or a place in line leaked"
         assert not slots.held and not slots.served, "an address is remembered after its last reply"
+
+
+def test_an_address_with_its_share_of_questions_in_line_is_told_the_model_is_busy(serve, fake):
+    """One slot, two places in line per address: the fourth question from one address is
+    refused with a clear error, another address is served, and the refused tab asks later."""
+    server = serve(slots=1, per_client=1, CHAT_MAX_WAITING_REPLIES_PER_CLIENT="2")
+    fake.chunk_delay, fake.min_chunks = 0.05, 20  # 1 s a reply
+    tabs = [client_from(server, "10.0.0.50") for _ in range(4)]
+    for n, ws in enumerate(tabs[:3]):  # one streams, two wait
+        read_conversation(ws)
+        ws.send_json({"type": "message", "content": f"learner {n}"})
+        assert ws.receive_json() == {"type": "start"}
+    refused = tabs[3]
+    read_conversation(refused)
+    refused.send_json({"type": "message", "content": "one too many"})
+    answer = refused.receive_json()
+    assert answer["type"] == "error" and answer["refused"] is True, answer
+    assert "The model is busy" in answer["message"] and "Try again in a moment" in answer["message"], answer
+    visitor = client_from(server, "10.0.0.9")  # another address has a line of its own
+    read_conversation(visitor)
+    visitor.send_json({"type": "message", "content": "visitor"})
+    assert collect_reply(visitor)[-1]["type"] == "end"
+    for ws in tabs[:3]:
+        assert collect_reply(ws)[-1]["type"] == "end"
+    refused.send_json({"type": "message", "content": "now"})  # the line is empty: its turn
+    assert reply_text(collect_reply(refused)) == "".join(fake.chunks_for([{"role": "user", "content": "now"}]))
+    asked = [request["messages"][-1]["content"] for request in fake.requests]
+    assert "one too many" not in asked and asked.count("now") == 1, asked
+    for ws in [*tabs, visitor]:
+        ws.close()
+
+
+def test_a_reply_is_copied_to_a_bounded_number_of_followers(fake, monkeypatch):
+    """Tabs opened on a conversation while its reply streams each get a copy of every frame:
+    past CHAT_MAX_FOLLOWERS_PER_CONVERSATION a tab is shown the conversation and told the
+    reply will be there when it ends. It is not copied to, and the chat goes on for all."""
+    monkeypatch.setattr(settings, "max_followers_per_conversation", 2)
+    with LocalClient(chat_main.app) as client, contextlib.ExitStack() as sockets:
+        asker = sockets.enter_context(client.websocket_connect("/ws"))
+        cid = read_conversation(asker)["id"]
+        start_slow_reply(asker, fake, "a long story")
+        fake.min_chunks = 5  # the replies asked after it are short
+        followers = [sockets.enter_context(client.websocket_connect(f"/ws?conversation={cid}")) for _ in range(3)]
+        shown = [read_conversation(ws)["messages"] for ws in followers]
+        assert all(m == [{"role": "user", "content": "a long story", "status": "replying"}] for m in shown), shown
+        for ws in followers[:2]:
+            assert ws.receive_json() == {"type": "start"}
+        one_too_many = followers[2]
+        told = one_too_many.receive_json()
+        assert told["type"] == "error" and "already followed by 2 connections" in told["message"], told
+        assert len(client.app_state["hub"].local[cid].watchers) == 2  # copied to two, not three
+        with client.websocket_connect("/ws") as other:  # everyone else is served as usual
+            read_conversation(other)
+            other.send_json({"type": "message", "content": "mine"})
+            assert collect_reply(other)[-1]["type"] == "end"
+        asker.send_json({"type": "stop"})
+        end = collect_reply(asker)[-1]
+        assert end["stopped"] is True
+        for ws in followers[:2]:
+            assert collect_reply(ws)[-1] == end
+        one_too_many.send_json({"type": "message", "content": "and now me"})  # the same socket goes on
+        assert collect_reply(one_too_many)[-1]["type"] == "end"
+        reopened = sockets.enter_context(client.websocket_connect(f"/ws?conversation={cid}"))
+        messages = read_conversation(reopened)["messages"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == ["a long story", "and now me"]

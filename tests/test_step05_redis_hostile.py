@@ -23,7 +23,7 @@ from harness.support import (
 )
 from step05_production import redis_feed
 from step05_production.config import settings
-from step05_production.redis_feed import CLAIM_SECONDS, MAX_FOLLOWERS_PER_CONVERSATION, RedisFeed
+from step05_production.redis_feed import CLAIM_SECONDS, RedisFeed
 from step05_production.replies import LiveReply
 from step05_production.store import new_conversation_id
 
@@ -86,7 +86,7 @@ def test_followers_of_one_reply_leave_redis_connections_for_everyone_else(fake, 
     env = llm_env(fake_server.base_url, CHAT_STORE_URL=url, CHAT_RESUME_SECONDS="30")
     with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
         asker, cid = start_reply(host_a)
-        followers = [follow(host_b, cid) for _ in range(MAX_FOLLOWERS_PER_CONVERSATION)]
+        followers = [follow(host_b, cid) for _ in range(settings.max_followers_per_conversation)]
         for ws in followers:
             assert ws.receive_json() == {"type": "start"}
             assert ws.receive_json()["type"] == "chunk"  # each one is reading the stream now
@@ -105,7 +105,7 @@ def test_followers_beyond_the_cap_are_told_so_and_the_others_go_on(fake, fake_se
     env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
     with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
         asker, cid = start_reply(host_a)
-        followers = [follow(host_b, cid) for _ in range(MAX_FOLLOWERS_PER_CONVERSATION)]
+        followers = [follow(host_b, cid) for _ in range(settings.max_followers_per_conversation)]
         for ws in followers:
             assert ws.receive_json() == {"type": "start"}
         with follow(host_b, cid) as one_too_many:
