@@ -127,7 +127,7 @@ async def chat(websocket: WebSocket):
             return
 
     session = ChatSession(websocket, state.hub)
-    open_connections.add(websocket, address, busy=session.busy)  # counted before any await: no overshoot
+    open_connections.add(websocket, address, session.busy)  # counted before any await: no overshoot
     rate_limit = RateLimit(settings.rate_limit_messages, settings.rate_limit_seconds)
     frames = RateLimit(settings.frame_rate_limit, settings.rate_limit_seconds)  # every type counts
     invalid_frames = InvalidFrameGuard()
@@ -188,7 +188,9 @@ async def chat(websocket: WebSocket):
 
 async def close_reclaimed(websocket: WebSocket) -> None:
     """Close a connection taken for a newcomer. Its own task then reads the disconnect and
-    cleans up as after any close (its reply, had it one, would go on: it has none)."""
+    cleans up as after any close: a reply it had is treated as any reply whose user left
+    (one waiting for the model leaves the line; one streaming goes on, or is stopped and
+    stored as far as it got when another reply waits for its slot)."""
     try:
         await websocket.close(code=RECLAIMED, reason="idle while the chat was full")
     except (RuntimeError, WebSocketDisconnect):  # it was closing anyway
