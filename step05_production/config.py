@@ -169,6 +169,11 @@ class Settings:
     # shorter: browsers open sockets ahead of need (Chromium keeps an unused one up to 10 s,
     # then drops it; one the server closed sooner is dropped too, and a new one opened).
     first_byte_timeout_seconds: float = field(default_factory=lambda: _float("CHAT_FIRST_BYTE_TIMEOUT_SECONDS", 5))
+    # While a connection's writes are paused (64 KiB waits in the server after the kernel's
+    # buffers are full), its client must take 16 KiB of it every this long, or it is dropped
+    # (server.py, WritesMustDrain): a client that never reads would otherwise hold its socket,
+    # its buffers and its place forever. 15 s asks about 1 KiB/s; a bad mobile link reads faster.
+    stalled_write_seconds: float = field(default_factory=lambda: _float("CHAT_STALLED_WRITE_SECONDS", 15))
     # New WebSocket connections per client address: a burst as large as the address's cap
     # (a classroom reconnecting together after a restart), then a steady refill that holds
     # a reconnect loop to a few a second. Past it: "too many new connections", 1013.

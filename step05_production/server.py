@@ -10,11 +10,20 @@ WebSockets that stop reading while their writes wait) and says at start-up which
 limits its command lacks (`warn_about_missing_limits`, called by main.py).
 """
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
+import socket
+import struct
 from collections import Counter
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not POSIX (Windows): progress is the transport's buffer alone
+    fcntl = termios = None
 
 from .config import settings
 from .security import client_key
@@ -37,6 +46,10 @@ KEEP_ALIVE_SECONDS = 5
 # sockets cannot bring it there: connections that are not WebSockets yet are kept at half of
 # it (CHAT_MAX_PENDING_CONNECTIONS, RequestHeadTimeout below).
 HTTP_CONNECTIONS_MARGIN = 200
+# While a connection's writes are paused, its client must take this much every
+# CHAT_STALLED_WRITE_SECONDS (about 1 KiB/s at 15 s), or it is dropped (WritesMustDrain):
+# a quarter of asyncio's 64 KiB high-water mark, nothing a reader of any real link misses.
+STALLED_WRITE_PROGRESS_BYTES = 16 * 1024
 # File descriptors the process needs besides its connections: the upstream's connections,
 # the store, log files, the modules it imports.
 OTHER_FILES_MARGIN = 100
@@ -142,6 +155,10 @@ PENDING_CONNECTIONS: Counter[str] = Counter()
 # head, or kept alive after a response. In the order they began to wait: at a cap, the one
 # waiting longest gives way. (A connection whose request the app is serving is not here.)
 WAITING_FOR_A_REQUEST: dict[str, dict] = {}
+# Per client key, those of its connections whose writes are paused (the client reads nothing,
+# or too little), in the order they stalled: at a cap they give way first. Their request is
+# not being served, only stuck in the server's buffers until WritesMustDrain drops them.
+STALLED_WRITES: dict[str, dict] = {}
 
 
 @functools.cache
@@ -161,7 +178,90 @@ def from_trusted_proxy(config, host: str) -> bool:
     return host in trusted_proxies(",".join(allowed) if isinstance(allowed, list) else allowed)
 
 
-class RequestHeadTimeout:
+class WritesMustDrain:
+    """Mixed into uvicorn's HTTP and WebSocket protocol classes: while writes are paused (the
+    transport holds more than its high-water mark, 64 KiB, because the kernel's buffers are
+    full), the client must take at least STALLED_WRITE_PROGRESS_BYTES every
+    `stalled_write_seconds`, or the connection is dropped.
+
+    Why: a client that never reads holds its socket forever otherwise. The app's send() waits
+    for writes to resume, so an HTTP response never ends and its connection counts as served
+    (never idle, never giving way at a cap); a WebSocket closing with unread pongs waits in
+    transport.close(), which flushes first, after uvicorn has stopped its keepalive.
+    Progress, not resuming: the kernel wakes a writer only once a third of its send buffer
+    (megabytes, autotuned) is free, so a steady reader at 16 KiB/s stayed paused for a minute
+    (it was dropped when resuming within the deadline was asked of it). Progress is read from
+    the kernel's send queue as well as the transport's buffer (Linux; elsewhere the buffer
+    alone). Uses asyncio's pause_writing and resume_writing, which both uvicorn protocols pass
+    on to their own flow control."""
+
+    stalled_write_timer = None
+    unsent_at_last_check = 0
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stalled_write_timer is None:
+            self.unsent_at_last_check = unsent_bytes(self.transport)
+            self.stalled_write_timer = self.loop.call_later(settings.stalled_write_seconds, self.check_writes)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stop_stalled_write_timer()
+
+    def connection_lost(self, exc) -> None:
+        # (asyncio calls no resume_writing() for a transport lost while paused.)
+        self.stop_stalled_write_timer()
+        super().connection_lost(exc)
+
+    def stop_stalled_write_timer(self) -> None:
+        if self.stalled_write_timer is not None:
+            self.stalled_write_timer.cancel()
+            self.stalled_write_timer = None
+
+    def check_writes(self) -> None:
+        unsent = unsent_bytes(self.transport)
+        taken = self.unsent_at_last_check - unsent
+        if taken >= STALLED_WRITE_PROGRESS_BYTES:  # a slow reader, but a reader: still paused, watched on
+            self.unsent_at_last_check = unsent
+            self.stalled_write_timer = self.loop.call_later(settings.stalled_write_seconds, self.check_writes)
+            return
+        self.stalled_write_timer = None
+        log.warning(
+            "Dropped the connection from %s: it took %d bytes of what it was sent in %g s "
+            "(%d waiting; CHAT_STALLED_WRITE_SECONDS).",
+            self.client[0] if self.client else "an unknown address",
+            max(taken, 0),
+            settings.stalled_write_seconds,
+            unsent,
+        )
+        drop(self.transport)
+
+
+def unsent_bytes(transport) -> int:
+    """What the connection has not delivered yet: the transport's buffer, and on Linux the
+    kernel's send queue (SIOCOUTQ: bytes the client has not acknowledged)."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and termios is not None:
+        with contextlib.suppress(OSError, AttributeError):  # closed, or no such request here
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return unsent
+
+
+def drop(transport) -> None:
+    """Abort a connection whose client reads nothing, and let its kernel forget it too.
+
+    abort(), not close(): close() first writes out what is buffered, which never happens. And
+    a reset (SO_LINGER 0), not the kernel's usual closing: that keeps the orphaned socket with
+    the megabytes its send buffer holds, retrying to a client that reads nothing, for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # (already closed by the client)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class RequestHeadTimeout(WritesMustDrain):
     """Mixed into uvicorn's HTTP protocol class: a request's line and headers must all arrive
     within `request_head_timeout_seconds`, or the connection is closed; a connection that sends
     no byte at all is closed after `first_byte_timeout_seconds`, sooner.
@@ -184,7 +284,10 @@ class RequestHeadTimeout:
       a classroom loading the page together (Chromium: 6 connections per load) is served;
     - at the worker's cap, the one waiting longest of the address with the most waiting: the
       address holding the most idle sockets pays, not the newcomer.
-    Only when none waits (every one is being served a response) is the newcomer closed at once.
+    A connection whose writes are paused gives way before any waiting one: it is not being
+    served, it stalls (WritesMustDrain drops it soon anyway), and stalled readers from a few
+    addresses would otherwise hold every place until then.
+    Only when none waits or stalls (every one is being served) is the newcomer closed at once.
     A trusted proxy is not counted.
     Uses only what uvicorn's h11 and httptools protocols share: connection_made, data_received,
     connection_lost, on_response_complete, handle_websocket_upgrade, client, config, cycle,
@@ -219,6 +322,22 @@ class RequestHeadTimeout:
         if self.request_running():  # the whole head is in: the app serves it, it waits no more
             self.stop_waiting()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.pending_key is not None:
+            STALLED_WRITES.setdefault(self.pending_key, {})[self] = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stop_stalling()
+
+    def stop_stalling(self) -> None:
+        stalled = STALLED_WRITES.get(self.pending_key)
+        if stalled is not None:
+            stalled.pop(self, None)
+            if not stalled:
+                del STALLED_WRITES[self.pending_key]
+
     def request_running(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
@@ -235,6 +354,7 @@ class RequestHeadTimeout:
 
     def release_pending(self) -> None:
         self.stop_waiting()
+        self.stop_stalling()
         if self.pending_key is not None:
             PENDING_CONNECTIONS[self.pending_key] -= 1
             if not PENDING_CONNECTIONS[self.pending_key]:
@@ -242,8 +362,10 @@ class RequestHeadTimeout:
             self.pending_key = None
 
     def handle_websocket_upgrade(self, *request) -> None:
-        # A WebSocket from here on: the app's per-address caps count it instead.
+        # A WebSocket from here on: the app's per-address caps count it instead, and the
+        # WebSocket protocol watches its writes.
         self.release_pending()
+        self.stop_stalled_write_timer()
         super().handle_websocket_upgrade(*request)
 
     def on_response_complete(self) -> None:
@@ -280,7 +402,7 @@ def room_within_address_cap(key: str) -> bool:
         return True
     if make_room(key):
         log.warning(
-            "Closed the connection from %s waiting longest for a request to let a new one in: it "
+            "Closed a connection from %s stalled or waiting for a request to let a new one in: it "
             "holds %d connections that are not WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
             key,
             held,
@@ -288,7 +410,7 @@ def room_within_address_cap(key: str) -> bool:
         return True
     log.warning(
         "Closed a new connection from %s at once: it holds %d connections that are not "
-        "WebSockets, none waiting for a request (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
+        "WebSockets, none waiting for a request or stalled (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
         key,
         held,
     )
@@ -302,11 +424,12 @@ def room_within_worker_cap() -> bool:
     held = PENDING_CONNECTIONS.total()
     if held < settings.max_pending_connections:
         return True
-    greediest = max(WAITING_FOR_A_REQUEST, key=lambda key: len(WAITING_FOR_A_REQUEST[key]), default=None)
+    giving_way = STALLED_WRITES or WAITING_FOR_A_REQUEST  # stalled ones first
+    greediest = max(giving_way, key=lambda key: len(giving_way[key]), default=None)
     if greediest is not None and make_room(greediest):
         log.warning(
-            "Closed the connection from %s waiting longest for a request to let a new one in: this "
-            "worker holds %d connections that are not WebSockets, that address the most waiting "
+            "Closed a connection from %s stalled or waiting for a request to let a new one in: this "
+            "worker holds %d connections that are not WebSockets, that address the most such "
             "(CHAT_MAX_PENDING_CONNECTIONS).",
             greediest,
             held,
@@ -314,19 +437,26 @@ def room_within_worker_cap() -> bool:
         return True
     log.warning(
         "Closed a new connection at once: this worker holds %d connections that are not "
-        "WebSockets, none waiting for a request (CHAT_MAX_PENDING_CONNECTIONS).",
+        "WebSockets, none waiting for a request or stalled (CHAT_MAX_PENDING_CONNECTIONS).",
         held,
     )
     return False
 
 
 def make_room(key: str) -> bool:
-    """Close the connection of `key` that has waited longest for a request, if any."""
+    """Drop the connection of `key` stalled longest, or else close the one that has waited
+    longest for a request, if any."""
+    stalled = STALLED_WRITES.get(key)
+    if stalled:
+        longest = next(iter(stalled))
+        longest.release_pending()  # at once: the newcomer takes its place in the counts
+        drop(longest.transport)  # (close() would wait to write out what it never reads)
+        return True
     waiting = WAITING_FOR_A_REQUEST.get(key)
     if not waiting:
         return False
     longest = next(iter(waiting))
-    longest.release_pending()  # at once: the newcomer takes its place in the counts
+    longest.release_pending()
     longest.transport.close()
     return True
 
@@ -350,7 +480,7 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
     return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (RequestHeadTimeout, protocol_class), {})
 
 
-class ReadingWaitsForWrites:
+class ReadingWaitsForWrites(WritesMustDrain):
     """Mixed into uvicorn's WebSocket protocol class: while the client does not read what the
     server writes (the transport's write buffer is past its high-water mark), the server does
     not read from it either.

@@ -615,6 +615,65 @@ def test_at_the_cap_a_connection_kept_alive_after_a_response_gives_way(fake_serv
             sock.close()
 
 
+def never_reading_socket(server, source: str = "127.0.0.1") -> socket.socket:
+    """A connection whose kernel keeps 1 KB of what the server sends, and which reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def dropped(sock: socket.socket) -> bool:
+    """Whether the server aborted this connection: its kernel answered with a reset."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+
+
+def wait_until_all_dropped(socks: list[socket.socket], timeout: float) -> None:
+    gone = set()  # (the kernel reports a reset once: remembered)
+
+    def all_gone() -> bool:
+        gone.update(sock for sock in socks if sock not in gone and dropped(sock))
+        return len(gone) == len(socks)
+
+    wait_until(all_gone, timeout=timeout, what="the server to drop every connection")
+
+
+def the_page_loads(server) -> bool:
+    try:
+        return httpx.get(server.url + "/", timeout=2).status_code == 200
+    except httpx.TransportError:  # reset or closed at once: the worker had no room
+        return False
+
+
+# 40 responses of 52 KB each: more than the kernel's buffers take, so the server's writes pause.
+UNREAD_PAGES = b"GET /static/vendor/marked.umd.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.x sources, RST as a socket error")
+def test_readers_that_never_read_their_responses_give_way_to_a_newcomer_and_are_dropped(fake_server, fake):
+    # The review's attack, scaled down: a few addresses fill the worker's cap with requests whose
+    # responses they never read. Being "served" forever, they gave way to no one: every page load
+    # and handshake from anywhere was refused at once, for as long as they liked.
+    env = {
+        "CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT": "3",
+        "CHAT_MAX_PENDING_CONNECTIONS": "6",
+        "CHAT_STALLED_WRITE_SECONDS": "8",  # longer than the newcomer may wait: the cap lets it in
+        **NO_TIMEOUTS,
+    }
+    with entry_point_server(fake_server, **env) as server:
+        stalled = [never_reading_socket(server, f"127.0.0.{2 + i // 3}") for i in range(6)]
+        for sock in stalled:
+            sock.sendall(UNREAD_PAGES)
+        wait_until(lambda: the_page_loads(server), timeout=5, what="a page load from a newcomer")
+        load_the_page_and_chat(server)
+        wait_until_all_dropped(stalled, timeout=8 + 5)
+        for sock in stalled:
+            sock.close()
+        assert "of what it was sent in 8 s" in server.log_text()  # (not only the cap)
+
+
 # 8. IPv6: one network, one client --------------------------------------------------
 
 
@@ -807,3 +866,57 @@ def test_a_ping_flood_that_misses_the_keepalive_pong_is_dropped_with_what_it_lef
                 what="the server to drop the connection",
             )
         a_user_is_served(server)
+
+
+def pings_then(sock: socket.socket, last_frame: bytes) -> None:
+    """The review's attack: pings whose pongs (1.7 MB) are never read, then a frame the server
+    answers by closing. uvicorn's close() waits to write out the pongs first, and its keepalive
+    stops once the close is sent: the socket stayed, counted by no cap, for good."""
+    data = masked_frame(0x9, b"p" * 125) * 13_600 + last_frame
+    sock.setblocking(False)
+    sent, end = 0, time.monotonic() + 5
+    while sent < len(data) and time.monotonic() < end:
+        try:
+            sent += sock.send(data[sent:])
+        except BlockingIOError:
+            time.sleep(0.01)
+    assert sent == len(data), sent
+
+
+CLOSING_FRAMES = {
+    "close frame": masked_frame(0x8, b"\x03\xe8"),  # a normal close, 1000
+    "unmasked frame": bytes([0x81, 0x02]) + b"hi",  # a protocol error: a client must mask
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RST as a pending socket error is Linux's")
+@pytest.mark.parametrize("last_frame", CLOSING_FRAMES.values(), ids=list(CLOSING_FRAMES))
+def test_a_websocket_closing_with_unread_pongs_is_dropped(last_frame, fake_server, fake):
+    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2") as server:
+        with never_reading_socket(server) as attacker:
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)  # accepted: from here on it is a WebSocket
+            pings_then(attacker, last_frame)
+            wait_until(lambda: dropped(attacker), timeout=2 + 6, what="the server to drop the connection")
+        a_user_is_served(server)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RST as a socket error is Linux's")
+def test_a_slow_reader_of_long_responses_is_not_dropped(fake_server, fake):
+    # 16 KiB/s, a bad mobile link, reading 2 MB of files for 12 s: the kernel's buffers fill at
+    # once, then each pause of the server's writes (64 KiB waiting) ends within 3 s, as the
+    # reader takes 48 KiB. (Watched fail with CHAT_STALLED_WRITE_SECONDS=1: it was dropped.)
+    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="5") as server:
+        with never_reading_socket(server) as reader:
+            reader.sendall(UNREAD_PAGES)
+            reader.settimeout(5)
+            received, began = 0, time.monotonic()
+            while time.monotonic() < began + 12:
+                chunk = reader.recv(4096)  # raises ConnectionResetError if dropped
+                assert chunk, f"closed after {received} bytes"
+                received += len(chunk)
+                time.sleep(max(0.0, began + received / (16 * 1024) - time.monotonic()))  # 16 KiB/s
+        assert received > 150_000, received
+        assert "of what it was sent in" not in server.log_text()
