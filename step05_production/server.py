@@ -400,9 +400,10 @@ def room_within_address_cap(key: str) -> bool:
     held = PENDING_CONNECTIONS[key]
     if held < settings.max_pending_connections_per_client:
         return True
-    if make_room(key):
+    gave_way = make_room(key)
+    if gave_way:
         log.warning(
-            "Closed a connection from %s stalled or waiting for a request to let a new one in: it "
+            "Closed the connection from %s " + gave_way + " to let a new one in: it "
             "holds %d connections that are not WebSockets (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT).",
             key,
             held,
@@ -426,9 +427,10 @@ def room_within_worker_cap() -> bool:
         return True
     giving_way = STALLED_WRITES or WAITING_FOR_A_REQUEST  # stalled ones first
     greediest = max(giving_way, key=lambda key: len(giving_way[key]), default=None)
-    if greediest is not None and make_room(greediest):
+    gave_way = make_room(greediest) if greediest is not None else None
+    if gave_way:
         log.warning(
-            "Closed a connection from %s stalled or waiting for a request to let a new one in: this "
+            "Closed the connection from %s " + gave_way + " to let a new one in: this "
             "worker holds %d connections that are not WebSockets, that address the most such "
             "(CHAT_MAX_PENDING_CONNECTIONS).",
             greediest,
@@ -443,22 +445,22 @@ def room_within_worker_cap() -> bool:
     return False
 
 
-def make_room(key: str) -> bool:
+def make_room(key: str) -> str | None:
     """Drop the connection of `key` stalled longest, or else close the one that has waited
-    longest for a request, if any."""
+    longest for a request; which one gave way, for the log (None: none could)."""
     stalled = STALLED_WRITES.get(key)
     if stalled:
         longest = next(iter(stalled))
         longest.release_pending()  # at once: the newcomer takes its place in the counts
         drop(longest.transport)  # (close() would wait to write out what it never reads)
-        return True
+        return "stalled longest (it reads too little of its response)"
     waiting = WAITING_FOR_A_REQUEST.get(key)
     if not waiting:
-        return False
+        return None
     longest = next(iter(waiting))
     longest.release_pending()
     longest.transport.close()
-    return True
+    return "waiting longest for a request"
 
 
 def with_request_head_timeout(protocol_class: type) -> type | None:
