@@ -493,8 +493,9 @@ class ReadingWaitsForWrites(WritesMustDrain):
     do not. Not reading is TCP's own backpressure: the flooder's sends stall in its own kernel,
     and at most one read (asyncio reads up to 256 KiB at once) is answered after the pause. A
     slow reader of a real reply loses nothing and is not cut off: reading resumes as soon as its
-    writes drain below the low-water mark. Only a client that also misses uvicorn's keepalive
-    pong (ws_ping_interval + ws_ping_timeout) is dropped, with what it left unread.
+    writes drain below the low-water mark. A client that takes too little of its writes is
+    dropped (WritesMustDrain, its base), as is one that misses uvicorn's keepalive pong
+    (ws_ping_interval + ws_ping_timeout), with what it left unread.
     uvicorn also stops reading while the app has not taken the last message (`read_paused`, resumed
     in receive()): reading resumes only when neither reason holds. Uses what uvicorn's
     websockets-sansio and wsproto protocols share: pause_writing, resume_writing, receive,
