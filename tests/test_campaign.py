@@ -55,6 +55,8 @@ def test_fuzzed_frames_never_break_the_chat(fake, monkeypatch):
     monkeypatch.setattr(settings, "invalid_frame_limit", 10_000)
     monkeypatch.setattr(settings, "frame_rate_limit", 10_000)  # every frame counts, resets too
     monkeypatch.setattr(settings, "client_rate_limit_messages", 10_000)
+    # Each example's reset barrier starts a new conversation on this one socket: 400 of them.
+    monkeypatch.setattr(settings, "new_conversations_per_connection", 10_000)
     with LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
         read_conversation(ws)
         count = 0
