@@ -198,6 +198,10 @@ class WritesMustDrain:
     stalled_write_timer = None
     unsent_at_last_check = 0
 
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        give_up_on_unacknowledged_data(transport)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.stalled_write_timer is None:
@@ -246,6 +250,25 @@ def unsent_bytes(transport) -> int:
         with contextlib.suppress(OSError, AttributeError):  # closed, or no such request here
             unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     return unsent
+
+
+# The kernel's own bound, on Linux: a connection whose sent data stays unacknowledged (or whose
+# client advertises a zero window) this long is reset by the kernel itself.
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def give_up_on_unacknowledged_data(transport) -> None:
+    """Let the kernel reset a connection whose client takes nothing for 2 x stalled_write_seconds.
+
+    Why, besides WritesMustDrain: that watches only while the transport's writes are paused
+    (64 KiB waiting in it). A connection closing with less than that waiting on top of a full
+    kernel buffer never pauses, and transport.close() waits to flush it forever. The kernel
+    sees every state, closing included. The cost: a client whose network is gone that long
+    with data in flight is reset rather than retried for minutes; a chat page reconnects."""
+    sock = transport.get_extra_info("socket")
+    if TCP_USER_TIMEOUT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(settings.stalled_write_seconds * 2000))
 
 
 def drop(transport) -> None:

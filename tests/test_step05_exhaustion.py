@@ -9,7 +9,9 @@ import base64
 import contextlib
 import errno
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
 
@@ -899,6 +901,39 @@ def test_a_websocket_closing_with_unread_pongs_is_dropped(last_frame, fake_serve
             time.sleep(0.5)  # accepted: from here on it is a WebSocket
             pings_then(attacker, last_frame)
             wait_until(lambda: dropped(attacker), timeout=2 + 6, what="the server to drop the connection")
+        a_user_is_served(server)
+
+
+def server_send_queue(server: LiveServer, client: socket.socket) -> int | None:
+    """Bytes the server's kernel holds for this client, unsent (Linux's `ss`, Send-Q); None
+    once the server's kernel has forgotten the connection."""
+    port = client.getsockname()[1]
+    shown = subprocess.run(
+        ["ss", "-tnH", "state", "all", f"sport = :{server.port} and dport = :{port}"], capture_output=True, text=True
+    ).stdout.split()
+    return int(shown[2]) if len(shown) > 2 else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("ss"), reason="the server's send queue is read with Linux's ss")
+def test_a_websocket_closing_with_a_full_kernel_buffer_and_a_little_more_is_dropped(fake_server, fake):
+    # The state the paused-writes watch never sees: the kernel's buffer full, and less than the
+    # transport's 64 KiB high-water mark waiting on top of it, so writes never pause. Only the
+    # kernel's own timeout (TCP_USER_TIMEOUT) ends the close that waits to flush it.
+    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2") as server:
+        with never_reading_socket(server) as attacker:
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)
+            batch = masked_frame(0x9, b"p" * 125) * 100  # 12.7 KB of pongs each
+            previous, began = None, time.monotonic()
+            while (queued := server_send_queue(server, attacker)) != previous and time.monotonic() < began + 30:
+                previous = queued
+                attacker.sendall(batch)
+                time.sleep(0.1)
+            attacker.sendall(batch + CLOSING_FRAMES["close frame"])  # 12.7 KB more: no pause
+            # (The kernel gives up without a reset: the server's side of the connection is gone.)
+            gone = lambda: server_send_queue(server, attacker) is None  # noqa: E731
+            wait_until(gone, timeout=2 * 2 + 6, what="the server's kernel to give the connection up")
         a_user_is_served(server)
 
 
