@@ -26,6 +26,13 @@ from .store import ConversationStore
 
 LAST_FRAMES = ("end", "error")
 MODEL_BUSY = "The model is busy: too many questions from your address are waiting. Try again in a moment."
+# To a reply's asker and watchers when another host took its conversation over: this host lost
+# its claim (paused, or cut off from Redis, past the claim's lifetime) and its reply was stopped.
+TAKEN_OVER = {
+    "type": "error",
+    "message": "This reply was stopped and not saved: the conversation was taken over by another server "
+    "while this one was not responding. Open the conversation again to see it.",
+}
 
 
 def too_many_followers() -> dict:
@@ -159,6 +166,7 @@ class LiveReply:
         self.remote_watchers = 0  # watchers on other processes (shared feeds only)
         self.stop_requested = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
+        self.claim_lost = False  # another host holds the conversation now (shared feeds only)
         self.feed.begin(self)  # before the task's first frame
         self.task = asyncio.create_task(generate(self))
 
@@ -233,6 +241,16 @@ class LiveReply:
             self.stop()
         elif not self.stop_requested.is_set():
             self.grace = asyncio.get_running_loop().call_later(settings.resume_seconds, self.stop)
+
+    async def lose_claim(self) -> None:
+        """The shared feed found the conversation claimed by another reply (this host's claim
+        lapsed): stop at once, store nothing, and tell whoever follows it here."""
+        if self.claim_lost or self.finished:
+            return
+        self.claim_lost = True
+        self.cancel_grace()
+        self.task.cancel()  # first: no frame of the node's comes after this one
+        await self.publish(TAKEN_OVER, share=False)
 
     def stop(self) -> None:
         """Stop generating; the node keeps the part so far and ends the reply with stopped: true."""
