@@ -29,6 +29,7 @@ from step05_production.nodes import NOT_SAVED
 from step05_production.redis_feed import CLAIM_RENEW_SECONDS, CLAIM_SECONDS, RedisFeed
 from step05_production.replies import TAKEN_OVER, LiveReply
 from step05_production.store import new_conversation_id
+from tests.test_browser import open_chat, send, serve
 
 APP = "step05_production.main"
 
@@ -466,3 +467,24 @@ def test_a_reply_the_store_refused_tells_its_user_it_was_not_saved(fake, fake_se
         end = collect_reply(asker)[-1]
         asker.close()
     assert end["type"] == "end" and end.get("saved") is False and end.get("message") == NOT_SAVED, end
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_shows_that_a_reply_was_not_saved(page, fake, fake_server):
+    # The other side of the test above: the page shows the `end` frame's message (app.js).
+    with serve("step05_production", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "first question")
+        page.wait_for_selector(".assistant .meta")
+        other_tab = page.context.new_page()  # same profile: the same conversation, before the next reply
+        open_chat(other_tab, server.url)
+        fake.chunk_delay, fake.min_chunks = 0.05, 40
+        send(page, "second question")
+        page.wait_for_selector(".assistant.streaming")
+        other_tab.click("#new-chat")  # deletes the conversation while its reply streams
+        page.wait_for_function(
+            "text => [...document.querySelectorAll('.msg.error')].some(n => n.innerText.includes(text))",
+            arg=NOT_SAVED,
+            timeout=20000,
+        )
