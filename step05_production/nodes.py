@@ -132,7 +132,7 @@ class StreamingChatNode(AsyncNode):
 
     async def post_async(self, shared, prep_res, reply: Reply):
         live = shared["reply"]
-        if live.claim_lost:  # another host answers this turn now; its user was told (a Stop was on its way)
+        if not await live.keeps_claim():  # another host answers this turn now; its user was told
             return "failed"
         if reply.error is not None:  # a failed turn stores nothing
             log.warning("LLM call failed: %r", reply.error)

@@ -187,6 +187,13 @@ class RedisFeed(ReplyFeed):
         self.writers.pop(reply, None)
         await reply.lose_claim()
 
+    async def holds(self, reply):
+        try:
+            held = await self.redis.get(self.lock_key(reply.conversation_id))
+        except self.errors:
+            return True  # not known: storing the turn tells whether Redis is back
+        return held is not None and held.decode() == self.tokens.get(reply)
+
     def append(self, reply, frame):
         if reply.claim_lost:
             return  # its frames would land in the stream of whichever reply holds the conversation now

@@ -488,3 +488,42 @@ def test_the_page_shows_that_a_reply_was_not_saved(page, fake, fake_server):
             arg=NOT_SAVED,
             timeout=20000,
         )
+
+
+@pytest.mark.slow
+def test_a_host_waking_up_with_its_whole_reply_buffered_stores_nothing(fake, fake_server, redis_server):
+    # The reviewer's run: host A is paused (SIGSTOP, as a GC pause or a VM migration would) while
+    # the rest of its reply arrives; its claim lapses (deleted here rather than waited for) and
+    # host B answers the turn again. A, woken up, ran through its buffered reply and stored its
+    # turn before anything noticed the claim was gone: B's answer was then refused by the store.
+    fake.chunk_delay = 0.02
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with (
+        LiveServer(f"{APP}:app", env=env) as host_a,
+        LiveServer(f"{APP}:app", env=env) as host_b,
+        redis.Redis.from_url(redis_server.url) as store,
+    ):
+        asker, cid = start_reply(host_a, "first question")
+        assert collect_reply(asker)[-1]["type"] == "end"
+        asker.send_json({"type": "message", "content": "second question, asked on A"})
+        assert asker.receive_json() == {"type": "start"}
+        host_a.process.send_signal(signal.SIGSTOP)
+        try:
+            store.delete(f"chat:replying:{cid}")  # A's claim lapses
+            with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab_b:
+                read_conversation(tab_b)
+                question_b = "second question, asked again on B, " + "with many words " * 40
+                tab_b.send_json({"type": "message", "content": question_b})
+                assert tab_b.receive_json() == {"type": "start"}
+                time.sleep(1)  # A's whole reply (a short one) is sent meanwhile; B's goes on
+                host_a.process.send_signal(signal.SIGCONT)
+                frames_of_a = collect_reply(asker)
+                frames_of_b = collect_reply(tab_b)
+        finally:
+            host_a.process.send_signal(signal.SIGCONT)
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as reload:
+            stored = read_conversation(reload)["messages"]
+        asker.close()
+    assert frames_of_a[-1] == TAKEN_OVER, frames_of_a[-1]
+    assert frames_of_b[-1]["type"] == "end" and "saved" not in frames_of_b[-1], frames_of_b[-1]
+    assert [message["content"] for message in stored[2:]] == [question_b, reply_text(frames_of_b)]
