@@ -192,7 +192,11 @@ class RedisFeed(ReplyFeed):
             held = await self.redis.get(self.lock_key(reply.conversation_id))
         except self.errors:
             return True  # not known: storing the turn tells whether Redis is back
-        return held is not None and held.decode() == self.tokens.get(reply)
+        if held is not None and held.decode() == self.tokens.get(reply):
+            return True
+        self.pending.pop(reply, None)  # the reply stops: nothing more of it is shared (append)
+        self.tokens.pop(reply, None)
+        return False
 
     def append(self, reply, frame):
         if reply.claim_lost:
