@@ -13,6 +13,9 @@ from .store import StoreError, with_turn
 from .utils.stream_llm import ReplyOverBudget, explain_llm_error, stream_llm
 
 log = logging.getLogger(__name__)
+# The store refused the turn: the conversation was deleted (New chat in another tab) or changed
+# (another host answered the same turn) while this reply streamed.
+NOT_SAVED = "This reply was not saved: the conversation was deleted or changed elsewhere while it was written."
 
 
 @dataclass
@@ -129,27 +132,34 @@ class StreamingChatNode(AsyncNode):
 
     async def post_async(self, shared, prep_res, reply: Reply):
         live = shared["reply"]
+        if not await live.keeps_claim():  # another host answers this turn now; its user was told
+            return "failed"
         if reply.error is not None:  # a failed turn stores nothing
             log.warning("LLM call failed: %r", reply.error)
             await live.finish({"type": "error", "message": explain_llm_error(reply.error)})
             return "failed"
+        saved = True
         if reply.text:  # a Stop before the first chunk leaves nothing worth remembering
             # Stored before `end` is sent: a client reconnecting right after `end`, to any
             # worker or host, finds the turn.
             try:
                 # As the turn numbered when the reply began: if a New chat in another tab
                 # deleted the conversation meanwhile, nothing is stored and it stays deleted.
-                await shared["store"].add_turn(
+                saved = await shared["store"].add_turn(
                     shared["conversation_id"], shared["user_message"], reply.text, turn=live.turn
                 )
             except StoreError as error:
                 await live.finish({"type": "error", "message": f"{error} This reply was not saved."})
                 return "failed"
             # The shared store shows the same history the next turn will load.
-            shared["conversation_history"] = with_turn(
-                shared["conversation_history"], shared["user_message"], reply.text
-            )
+            if saved:
+                shared["conversation_history"] = with_turn(
+                    shared["conversation_history"], shared["user_message"], reply.text
+                )
         end = {"type": "end", "stats": reply.stats()}
+        if not saved:  # the page shows the message: the user must not believe it kept
+            end["saved"] = False
+            end["message"] = NOT_SAVED
         if reply.stopped:
             end["stopped"] = True
         if reply.truncated:

@@ -49,6 +49,21 @@ RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# A reply's entries go into the conversation's stream only while its claim holds its token,
+# checked inside Redis in the same step: a host whose claim lapsed (a pause, a partition) and
+# that wakes up must not mix its frames into the reply another host has started there since.
+# KEYS: the claim, the stream. ARGV: the token, the stream's lifetime in seconds, the turn and
+# question of a reply's first entry (two empty strings for later batches), then the frames.
+WRITE_IF_CLAIMED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('DEL', KEYS[2])
+  redis.call('XADD', KEYS[2], '*', 'turn', ARGV[3], 'user', ARGV[4])
+end
+for i = 5, #ARGV do redis.call('XADD', KEYS[2], '*', 'frame', ARGV[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 def expiry_seconds() -> int:
@@ -90,6 +105,7 @@ class RedisFeed(ReplyFeed):
         self.tokens: dict[LiveReply, str] = {}
         self.renew_script = redis.register_script(RENEW_CLAIM)
         self.release_script = redis.register_script(RELEASE_CLAIM)
+        self.write_script = redis.register_script(WRITE_IF_CLAIMED)
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -148,21 +164,43 @@ class RedisFeed(ReplyFeed):
         """Keep the conversation claimed while the reply's task runs, even through a long
         pause of the model (or a wait for an upstream slot). A Redis error is tried again at
         the next period (Redis back within the claim's lifetime: nothing lost); a claim that
-        is no longer this reply's (it lapsed) is left to whoever holds it now."""
+        is no longer this reply's (it lapsed, and maybe another host took it) stops the reply."""
         key, token = self.lock_key(reply.conversation_id), self.tokens.get(reply, "")
         try:
-            while not reply.task.done():
+            while not reply.task.done() and not reply.claim_lost:
                 await asyncio.sleep(CLAIM_RENEW_SECONDS)
                 try:
                     if not await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS]):
-                        log.warning("a reply lost its claim on its conversation (it lapsed)")
+                        await self._lost_claim(reply)
                         return
                 except self.errors as error:
                     log.warning("could not renew a reply's claim, trying again: %r", error)
         finally:
             self.renewers.pop(reply, None)
 
+    async def _lost_claim(self, reply: LiveReply) -> None:
+        """The conversation is no longer this reply's: nothing more of it is shared, and it stops."""
+        if not reply.claim_lost:
+            log.warning("a reply lost its claim on its conversation (it lapsed): stopping it")
+        self.pending.pop(reply, None)
+        self.tokens.pop(reply, None)  # (its claim is someone else's now: nothing to renew or free)
+        self.writers.pop(reply, None)
+        await reply.lose_claim()
+
+    async def holds(self, reply):
+        try:
+            held = await self.redis.get(self.lock_key(reply.conversation_id))
+        except self.errors:
+            return True  # not known: storing the turn tells whether Redis is back
+        if held is not None and held.decode() == self.tokens.get(reply):
+            return True
+        self.pending.pop(reply, None)  # the reply stops: nothing more of it is shared (append)
+        self.tokens.pop(reply, None)
+        return False
+
     def append(self, reply, frame):
+        if reply.claim_lost:
+            return  # its frames would land in the stream of whichever reply holds the conversation now
         self.pending.setdefault(reply, []).append({"frame": frame})
         self._write_soon(reply)
 
@@ -173,27 +211,30 @@ class RedisFeed(ReplyFeed):
             self.writers[reply] = asyncio.create_task(self._write(reply))
 
     async def _write(self, reply: LiveReply) -> None:
-        key = self.key(reply.conversation_id)
         try:
-            while batch := self.pending.pop(reply, None):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for entry in batch:
-                        if "turn" in entry:  # a new reply replaces the conversation's last one
-                            pipe.delete(key)
-                            pipe.xadd(key, {"turn": entry["turn"], "user": entry["user"]})
-                        else:
-                            pipe.xadd(key, {"frame": json.dumps(entry["frame"])})
-                    pipe.expire(key, expiry_seconds())
-                    await pipe.execute()
+            while not reply.claim_lost and (batch := self.pending.pop(reply, None)):
+                if not await self._write_if_claimed(reply, batch):
+                    await self._lost_claim(reply)
         except self.errors as error:  # local watchers are unaffected; remote ones time out
             log.warning("could not share a reply through Redis: %r", error)
             self.pending.pop(reply, None)
         finally:
-            if reply.finished and not self.pending.get(reply):  # ended without finish()
+            if (reply.finished or reply.claim_lost) and not self.pending.get(reply):  # ended without finish()
                 self.writers.pop(reply, None)
                 token = self.tokens.pop(reply, None)
                 if token is not None:
                     await self._release(reply.conversation_id, token)
+
+    def _write_if_claimed(self, reply: LiveReply, batch: list[dict], client=None):
+        """Append `batch` to the reply's stream if the claim still holds its token (1), else
+        nothing (0). A batch starting with the reply's turn replaces the conversation's last reply."""
+        turn, question = (str(batch[0]["turn"]), batch[0]["user"]) if "turn" in batch[0] else ("", "")
+        frames = [json.dumps(entry["frame"]) for entry in batch if "frame" in entry]
+        return self.write_script(
+            keys=[self.lock_key(reply.conversation_id), self.key(reply.conversation_id)],
+            args=[self.tokens.get(reply, ""), expiry_seconds(), turn, question, *frames],
+            client=client,
+        )
 
     async def finish(self, reply, frame):
         renewer = self.renewers.pop(reply, None)
@@ -202,15 +243,18 @@ class RedisFeed(ReplyFeed):
         writer = self.writers.pop(reply, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)  # every earlier frame first
-        key, token = self.key(reply.conversation_id), self.tokens.pop(reply, "")
+        if reply.claim_lost:
+            return  # (its writer gave back nothing: the claim is another reply's)
+        token = self.tokens.get(reply, "")
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(key, {"frame": json.dumps(frame)})
-                pipe.expire(key, expiry_seconds())
+                await self._write_if_claimed(reply, [{"frame": frame}], client=pipe)
                 await self.release_script(keys=[self.lock_key(reply.conversation_id)], args=[token], client=pipe)
                 await pipe.execute()
         except self.errors as error:  # watchers elsewhere time out; the claim expires by itself
             log.warning("could not share the end of a reply through Redis: %r", error)
+        finally:
+            self.tokens.pop(reply, None)
 
     # The watching side --------------------------------------------------------------
 

@@ -26,6 +26,13 @@ from .store import ConversationStore
 
 LAST_FRAMES = ("end", "error")
 MODEL_BUSY = "The model is busy: too many questions from your address are waiting. Try again in a moment."
+# To a reply's asker and watchers when another host took its conversation over: this host lost
+# its claim (paused, or cut off from Redis, past the claim's lifetime) and its reply was stopped.
+TAKEN_OVER = {
+    "type": "error",
+    "message": "This reply was stopped and not saved: the conversation was taken over by another server "
+    "while this one was not responding. Open the conversation again to see it.",
+}
 
 
 def too_many_followers() -> dict:
@@ -77,6 +84,10 @@ class ReplyFeed(ABC):
         """A reply starts here: share its turn number and question."""
 
     @abstractmethod
+    async def holds(self, reply: "LiveReply") -> bool:
+        """The reply's conversation is still claimed by it (asked just before its turn is stored)."""
+
+    @abstractmethod
     def append(self, reply: "LiveReply", frame: dict) -> None:
         """Share one more frame, without making the reply wait for it."""
 
@@ -113,6 +124,9 @@ class LocalFeed(ReplyFeed):
 
     def begin(self, reply):
         pass
+
+    async def holds(self, reply):
+        return True  # nothing else can claim it
 
     def append(self, reply, frame):
         pass
@@ -159,6 +173,8 @@ class LiveReply:
         self.remote_watchers = 0  # watchers on other processes (shared feeds only)
         self.stop_requested = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
+        self.claim_lost = False  # another host holds the conversation now (shared feeds only)
+        self.ending = False  # its last frame is being shared: it says whether the turn was stored
         self.feed.begin(self)  # before the task's first frame
         self.task = asyncio.create_task(generate(self))
 
@@ -200,6 +216,7 @@ class LiveReply:
         """Publish the last frame (`end`, or an error). A shared feed writes it, and frees
         the conversation for its next reply, before any client sees it: a client that
         sends its next message right after `end`, to any host, is never told to wait."""
+        self.ending = True
         await self.feed.finish(self, frame)
         await self.publish(frame, share=False)
 
@@ -233,6 +250,32 @@ class LiveReply:
             self.stop()
         elif not self.stop_requested.is_set():
             self.grace = asyncio.get_running_loop().call_later(settings.resume_seconds, self.stop)
+
+    async def lose_claim(self) -> None:
+        """The shared feed found the conversation claimed by another reply (this host's claim
+        lapsed, in a pause longer than the claim's lifetime): stop at once, store nothing, and
+        tell whoever follows it here. (Once ending, its turn is stored or refused already, and
+        its last frame says which: it just shares nothing more.)"""
+        if self.claim_lost or self.finished:
+            return
+        self.claim_lost = True
+        if self.ending:
+            return
+        self.cancel_grace()
+        self.task.cancel()  # first: no frame of the node's comes after this one
+        await self.publish(TAKEN_OVER, share=False)
+
+    async def keeps_claim(self) -> bool:
+        """Whether the conversation is still this reply's, asked by the node just before it
+        stores the turn: a reply that woke up from a pause must not store a turn another host
+        is answering. If not, its followers here are told so (the node then just returns)."""
+        if not self.claim_lost and await self.feed.holds(self):
+            return True
+        if not self.claim_lost:
+            self.claim_lost = True
+            self.cancel_grace()
+            await self.publish(TAKEN_OVER, share=False)
+        return False
 
     def stop(self) -> None:
         """Stop generating; the node keeps the part so far and ends the reply with stopped: true."""

@@ -5,11 +5,13 @@ Two real uvicorn hosts share a real redis-server; the model is the fake upstream
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import signal
 import time
 
 import pytest
+import redis
 import redis.asyncio
 
 from harness.support import (
@@ -23,9 +25,11 @@ from harness.support import (
 )
 from step05_production import redis_feed
 from step05_production.config import settings
-from step05_production.redis_feed import CLAIM_SECONDS, RedisFeed
-from step05_production.replies import LiveReply
+from step05_production.nodes import NOT_SAVED
+from step05_production.redis_feed import CLAIM_RENEW_SECONDS, CLAIM_SECONDS, RedisFeed
+from step05_production.replies import TAKEN_OVER, LiveReply
 from step05_production.store import new_conversation_id
+from tests.test_browser import open_chat, send, serve
 
 APP = "step05_production.main"
 
@@ -353,3 +357,173 @@ def test_one_address_may_follow_only_its_share_of_the_reader_pool(fake, fake_ser
         assert collect_reply(one_too_many)[-1]["type"] == "end"
         for asker, _ in askers:
             asker.close()
+
+
+# A host whose claim lapsed (paused past CLAIM_SECONDS: a GC pause, a VM migration, a partition
+# from Redis) while another host took the conversation over ------------------------------------
+
+
+def test_a_host_whose_claim_lapsed_writes_nothing_into_the_next_replys_stream(new_host, monkeypatch):
+    # The second review's claim-lapse finding: host A woke up and went on appending its frames
+    # (and its end) to the stream host B's reply had started, so followers saw two replies mixed
+    # and were cut off at A's end. Renewals are slow here, so only the write itself can notice.
+    monkeypatch.setattr(redis_feed, "CLAIM_RENEW_SECONDS", 60)
+
+    async def scenario():
+        host_a, host_b = new_host(), new_host()
+        cid = new_conversation_id()
+        try:
+            assert await host_a.feed.claim(cid)
+            reply_a, _ = host_a.start_reply(cid)
+            await reply_a.publish({"type": "start"})
+            for _ in range(100):  # until A's question and start are in the stream
+                if await host_a.redis.xlen(host_a.feed.key(cid)) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await host_a.redis.delete(host_a.feed.lock_key(cid))  # A's claim lapses...
+            assert await host_b.feed.claim(cid)  # ...and B takes the conversation over
+            reply_b, done_b = host_b.start_reply(cid)
+            await reply_b.publish({"type": "start"})
+            await reply_a.publish({"type": "chunk", "content": "from A, after its claim lapsed"})
+            await reply_b.publish({"type": "chunk", "content": "from B"})
+            await asyncio.wait([reply_a.task], timeout=5)
+            done_b.set()
+            await host_b.feed.finish(reply_b, {"type": "end"})
+            stream = await host_b.redis.xrange(host_b.feed.key(cid))
+            return stream, reply_a.frames, reply_a.task.done()
+        finally:
+            await host_a.close()
+            await host_b.close()
+
+    stream, frames_of_a, a_stopped = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [json.loads(fields[b"frame"]) for _, fields in stream[1:]] == [
+        {"type": "start"},
+        {"type": "chunk", "content": "from B"},
+        {"type": "end"},
+    ], "host A wrote into host B's reply"
+    assert a_stopped, "host A's reply goes on without its claim"
+    assert frames_of_a[-1] == TAKEN_OVER  # its own user is told
+
+
+@pytest.mark.slow
+def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server, redis_server):
+    # The same finding end to end: host A's model is silent when its claim lapses (the key is
+    # deleted here, as 15 s of SIGSTOP would expire it), a client on host B asks the turn again.
+    # A's next renewal finds the claim taken: A's user is told and A stops, and B's reply is
+    # streamed, and stored, alone.
+    fake.min_chunks = 12
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with (
+        LiveServer(f"{APP}:app", env=env) as host_a,
+        LiveServer(f"{APP}:app", env=env) as host_b,
+        redis.Redis.from_url(redis_server.url) as store,
+    ):
+        asker, cid = start_reply(host_a, "first question")
+        assert collect_reply(asker)[-1]["type"] == "end"
+        fake.hold_after, fake.hold_seconds = 2, 60.0
+        asker.send_json({"type": "message", "content": "second question, asked on A"})
+        assert asker.receive_json() == {"type": "start"}
+        assert asker.receive_json()["type"] == "chunk"
+        store.delete(f"chat:replying:{cid}")  # A's claim lapses
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab_b:
+            assert len(read_conversation(tab_b)["messages"]) == 2  # turn 1; A's reply is taken for lost
+            tab_b.send_json({"type": "message", "content": "second question, asked again on B"})
+            assert tab_b.receive_json() == {"type": "start"}
+            told = asker.receive_json(timeout=CLAIM_RENEW_SECONDS + 5)  # the model is still silent
+            while told["type"] == "chunk":  # (the second one, sent before the hold)
+                told = asker.receive_json(timeout=CLAIM_RENEW_SECONDS + 5)
+            assert told == TAKEN_OVER
+            fake.release()
+            frames_of_b = collect_reply(tab_b)
+        stream = store.xrange(f"chat:reply:{cid}")
+        with WsClient(f"{host_a.ws_url}?conversation={cid}") as reload:
+            stored = read_conversation(reload)["messages"]
+        asker.close()
+    assert frames_of_b[-1]["type"] == "end" and "saved" not in frames_of_b[-1], frames_of_b[-1]
+    assert stream[0][1] == {b"turn": b"2", b"user": b"second question, asked again on B"}
+    assert [json.loads(fields[b"frame"]) for _, fields in stream[1:]] == [{"type": "start"}, *frames_of_b]
+    assert [message["content"] for message in stored[2:]] == [
+        "second question, asked again on B",
+        reply_text(frames_of_b),
+    ]
+
+
+@pytest.mark.slow
+def test_a_reply_the_store_refused_tells_its_user_it_was_not_saved(fake, fake_server, redis_server):
+    # add_turn returning False (New chat in another tab deleted the conversation, or another
+    # host stored this turn first) used to be ignored: the asker got a plain `end` and
+    # believed the reply kept, until a reload showed it gone.
+    fake.min_chunks, fake.chunk_delay = 30, 0.05
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        asker, cid = start_reply(host_a, "first question")
+        assert collect_reply(asker)[-1]["type"] == "end"
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as other_tab:
+            read_conversation(other_tab)
+            asker.send_json({"type": "message", "content": "second question"})
+            assert asker.receive_json() == {"type": "start"}
+            other_tab.send_json({"type": "reset"})  # New chat, while the reply streams
+            assert other_tab.receive_json() == {"type": "reset"}
+        end = collect_reply(asker)[-1]
+        asker.close()
+    assert end["type"] == "end" and end.get("saved") is False and end.get("message") == NOT_SAVED, end
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_shows_that_a_reply_was_not_saved(page, fake, fake_server):
+    # The other side of the test above: the page shows the `end` frame's message (app.js).
+    with serve("step05_production", fake_server) as server:
+        open_chat(page, server.url)
+        send(page, "first question")
+        page.wait_for_selector(".assistant .meta")
+        other_tab = page.context.new_page()  # same profile: the same conversation, before the next reply
+        open_chat(other_tab, server.url)
+        fake.chunk_delay, fake.min_chunks = 0.05, 40
+        send(page, "second question")
+        page.wait_for_selector(".assistant.streaming")
+        other_tab.click("#new-chat")  # deletes the conversation while its reply streams
+        page.wait_for_function(
+            "text => [...document.querySelectorAll('.msg.error')].some(n => n.innerText.includes(text))",
+            arg=NOT_SAVED,
+            timeout=20000,
+        )
+
+
+@pytest.mark.slow
+def test_a_host_waking_up_with_its_whole_reply_buffered_stores_nothing(fake, fake_server, redis_server):
+    # The reviewer's run: host A is paused (SIGSTOP, as a GC pause or a VM migration would) while
+    # the rest of its reply arrives; its claim lapses (deleted here rather than waited for) and
+    # host B answers the turn again. A, woken up, ran through its buffered reply and stored its
+    # turn before anything noticed the claim was gone: B's answer was then refused by the store.
+    fake.chunk_delay = 0.02
+    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
+    with (
+        LiveServer(f"{APP}:app", env=env) as host_a,
+        LiveServer(f"{APP}:app", env=env) as host_b,
+        redis.Redis.from_url(redis_server.url) as store,
+    ):
+        asker, cid = start_reply(host_a, "first question")
+        assert collect_reply(asker)[-1]["type"] == "end"
+        asker.send_json({"type": "message", "content": "second question, asked on A"})
+        assert asker.receive_json() == {"type": "start"}
+        host_a.process.send_signal(signal.SIGSTOP)
+        try:
+            store.delete(f"chat:replying:{cid}")  # A's claim lapses
+            with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab_b:
+                read_conversation(tab_b)
+                question_b = "second question, asked again on B, " + "with many words " * 40
+                tab_b.send_json({"type": "message", "content": question_b})
+                assert tab_b.receive_json() == {"type": "start"}
+                time.sleep(1)  # A's whole reply (a short one) is sent meanwhile; B's goes on
+                host_a.process.send_signal(signal.SIGCONT)
+                frames_of_a = collect_reply(asker)
+                frames_of_b = collect_reply(tab_b)
+        finally:
+            host_a.process.send_signal(signal.SIGCONT)
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as reload:
+            stored = read_conversation(reload)["messages"]
+        asker.close()
+    assert frames_of_a[-1] == TAKEN_OVER, frames_of_a[-1]
+    assert frames_of_b[-1]["type"] == "end" and "saved" not in frames_of_b[-1], frames_of_b[-1]
+    assert [message["content"] for message in stored[2:]] == [question_b, reply_text(frames_of_b)]

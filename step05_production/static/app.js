@@ -168,6 +168,7 @@ function handleFrame(frame) {
       break;
     case "end":
       finishReply(describeStats(frame.stats, frame.stopped, frame.truncated), false);
+      if (frame.saved === false) addMessage("error", frame.message);  // the store refused the turn
       setStatus("ready");
       break;
     case "error":
