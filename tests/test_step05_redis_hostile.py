@@ -405,13 +405,10 @@ def test_a_host_whose_claim_lapsed_writes_nothing_into_the_next_replys_stream(ne
     assert frames_of_a[-1] == TAKEN_OVER  # its own user is told
 
 
-@pytest.mark.slow
-def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server, redis_server):
-    # The same finding end to end: host A's model is silent when its claim lapses (the key is
-    # deleted here, as 15 s of SIGSTOP would expire it), a client on host B asks the turn again.
-    # A's next renewal finds the claim taken: A's user is told and A stops, and B's reply is
-    # streamed, and stored, alone.
-    fake.min_chunks = 12
+@contextlib.contextmanager
+def two_hosts_after_one_turn(fake_server, redis_server):
+    """Hosts A and B on one Redis, and a conversation on A whose first turn has ended: (host_a,
+    host_b, the store's Redis, the asker's socket on A, the conversation id)."""
     env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
     with (
         LiveServer(f"{APP}:app", env=env) as host_a,
@@ -420,6 +417,17 @@ def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server
     ):
         asker, cid = start_reply(host_a, "first question")
         assert collect_reply(asker)[-1]["type"] == "end"
+        yield host_a, host_b, store, asker, cid
+
+
+@pytest.mark.slow
+def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server, redis_server):
+    # The same finding end to end: host A's model is silent when its claim lapses (the key is
+    # deleted here, as 15 s of SIGSTOP would expire it), a client on host B asks the turn again.
+    # A's next renewal finds the claim taken: A's user is told and A stops, and B's reply is
+    # streamed, and stored, alone.
+    fake.min_chunks = 12
+    with two_hosts_after_one_turn(fake_server, redis_server) as (host_a, host_b, store, asker, cid):
         fake.hold_after, fake.hold_seconds = 2, 60.0
         asker.send_json({"type": "message", "content": "second question, asked on A"})
         assert asker.receive_json() == {"type": "start"}
@@ -497,14 +505,7 @@ def test_a_host_waking_up_with_its_whole_reply_buffered_stores_nothing(fake, fak
     # host B answers the turn again. A, woken up, ran through its buffered reply and stored its
     # turn before anything noticed the claim was gone: B's answer was then refused by the store.
     fake.chunk_delay = 0.02
-    env = llm_env(fake_server.base_url, CHAT_STORE_URL=redis_server.url, CHAT_RESUME_SECONDS="30")
-    with (
-        LiveServer(f"{APP}:app", env=env) as host_a,
-        LiveServer(f"{APP}:app", env=env) as host_b,
-        redis.Redis.from_url(redis_server.url) as store,
-    ):
-        asker, cid = start_reply(host_a, "first question")
-        assert collect_reply(asker)[-1]["type"] == "end"
+    with two_hosts_after_one_turn(fake_server, redis_server) as (host_a, host_b, store, asker, cid):
         asker.send_json({"type": "message", "content": "second question, asked on A"})
         assert asker.receive_json() == {"type": "start"}
         host_a.process.send_signal(signal.SIGSTOP)
