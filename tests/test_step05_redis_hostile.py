@@ -528,3 +528,23 @@ def test_a_host_waking_up_with_its_whole_reply_buffered_stores_nothing(fake, fak
     assert frames_of_a[-1] == TAKEN_OVER, frames_of_a[-1]
     assert frames_of_b[-1]["type"] == "end" and "saved" not in frames_of_b[-1], frames_of_b[-1]
     assert [message["content"] for message in stored[2:]] == [question_b, reply_text(frames_of_b)]
+
+
+@pytest.mark.slow
+def test_reopening_a_conversation_does_not_read_its_stored_replys_whole_stream(fake, fake_server, redis_server):
+    # The third review: every open read the reply's whole stream (an entry per chunk, kept 150 s
+    # after its end) before seeing that the reply was stored already; a burst of reopens stalled
+    # every connection of the worker for seconds. Only a follower let in may read it now.
+    fake.min_chunks = 3000  # a long reply in one-word chunks, as a hostile upstream sends it
+    with two_hosts_after_one_turn(fake_server, redis_server) as (host_a, host_b, store, asker, cid):
+        asker.close()
+        store.config_resetstat()
+        store.xrange(f"chat:reply:{cid}")
+        one_stream = store.info("stats")["total_net_output_bytes"]
+        store.config_resetstat()
+        for _ in range(10):
+            for host in (host_a, host_b):
+                with WsClient(f"{host.ws_url}?conversation={cid}") as reopened:
+                    assert len(read_conversation(reopened)["messages"]) == 2
+        read = store.info("stats")["total_net_output_bytes"]
+    assert read < 20 * one_stream / 3, f"20 reopens read {read:,} bytes from Redis; the reply's stream is {one_stream:,}"
