@@ -547,4 +547,6 @@ def test_reopening_a_conversation_does_not_read_its_stored_replys_whole_stream(f
                 with WsClient(f"{host.ws_url}?conversation={cid}") as reopened:
                     assert len(read_conversation(reopened)["messages"]) == 2
         read = store.info("stats")["total_net_output_bytes"]
-    assert read < 20 * one_stream / 3, f"20 reopens read {read:,} bytes from Redis; the reply's stream is {one_stream:,}"
+    assert read < 20 * one_stream / 3, (
+        f"20 reopens read {read:,} bytes from Redis; the reply's stream is {one_stream:,}"
+    )
