@@ -478,9 +478,10 @@ class RemoteWatch:
     async def stop(self) -> None:
         await self.say("stop")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # (twice is harmless: a session may close what its task also closes)
         if self.queue is not None:
             self.reader.unfollow(self.queue)
+            self.queue = None
         if not self.said_unwatch:
             self.said_unwatch = True
             await self.say("unwatch")

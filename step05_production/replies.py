@@ -309,9 +309,10 @@ class LocalWatch:
     async def stop(self) -> None:
         self.reply.stop()
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # (twice is harmless: a session may close what its task also closes)
         if self.queue is not None:
             self.reply.unwatch(self.queue)
+            self.queue = None
 
 
 class ReplyHub:

@@ -73,7 +73,12 @@ class ChatSession:
         messages = list(conversation.messages)
         if watch is not None:  # the question whose answer is still being written
             messages.append({"role": "user", "content": watch.user_message, "status": "replying"})
-        await self.websocket.send_json({"type": "conversation", "id": conversation.id, "messages": messages})
+        try:
+            await self.websocket.send_json({"type": "conversation", "id": conversation.id, "messages": messages})
+        except BaseException:
+            if watch is not None:  # never followed: its place among the followers is given back
+                await watch.close()
+            raise
         if watch is not None:
             self.follow(watch)
 
@@ -168,3 +173,6 @@ class ChatSession:
             self.own_reply.drop_asker()
         if self.forwarding is not None and not self.forwarding.done():
             self.forwarding.cancel()
+            if self.watch is not None:  # (a task cancelled before it ran never reaches its finally)
+                watch, self.watch = self.watch, None
+                await watch.close()

@@ -7,7 +7,10 @@ bench/fairness.py. Client addresses are given to a real uvicorn as X-Forwarded-F
 it believes from 127.0.0.1 (its default --forwarded-allow-ips), as behind a local proxy.
 """
 
+import base64
 import contextlib
+import os
+import socket
 import threading
 import time
 
@@ -252,3 +255,35 @@ def test_a_reply_is_copied_to_a_bounded_number_of_followers(fake, monkeypatch):
         reopened = sockets.enter_context(client.websocket_connect(f"/ws?conversation={cid}"))
         messages = read_conversation(reopened)["messages"]
         assert [m["content"] for m in messages if m["role"] == "user"] == ["a long story", "and now me"]
+
+
+def close_right_after_the_handshake(server: LiveServer, conversation: str) -> None:
+    """A tab that goes while its conversation is being loaded: a Close frame right after the 101."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /ws?conversation={conversation} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101"), answer[:100]
+        mask = os.urandom(4)
+        sock.sendall(bytes([0x88, 0x82]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe8")))
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_tabs_that_leave_while_their_conversation_loads_give_their_follower_places_back(fake, fake_server):
+    # The third review: the watch was taken before the conversation frame went out, and a tab
+    # gone by then never gave it back: 8 such tabs filled the followers cap for the whole reply.
+    env = llm_env(fake_server.base_url, CHAT_MAX_FOLLOWERS_PER_CONVERSATION="2")
+    with LiveServer(f"{APP}:app", env=env) as server, WsClient(server.ws_url) as asker:
+        cid = read_conversation(asker)["id"]
+        start_slow_reply(asker, fake)
+        for _ in range(4):
+            close_right_after_the_handshake(server, cid)
+        with WsClient(f"{server.ws_url}?conversation={cid}") as tab:
+            read_conversation(tab)
+            assert tab.receive_json()["type"] in ("start", "chunk"), "a real tab was refused a follower's place"
