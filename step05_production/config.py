@@ -182,6 +182,13 @@ class Settings:
     # A full worker closes the connection idle longest (no frame from its client for at
     # least this long, no reply running) to let a newcomer in: close code 4001.
     reclaim_idle_seconds: float = field(default_factory=lambda: _float("CHAT_RECLAIM_IDLE_SECONDS", 60))
+    # WebSocket frames of every kind one connection may send, counted as uvicorn parses them
+    # (pings, pongs, each fragment of a message: what the chat's own limits, which see whole
+    # messages, never see): a burst, then a steady rate. Past it the connection is dropped
+    # (server.py, FramesAreMetered). A browser sends one frame per message, and the chat
+    # takes 2 a second on average (CHAT_FRAME_RATE_LIMIT): no person comes near it.
+    ws_frame_burst: int = field(default_factory=lambda: _int("CHAT_WS_FRAME_BURST", 200))
+    ws_frames_per_second: float = field(default_factory=lambda: _float("CHAT_WS_FRAMES_PER_SECOND", 10))
     # Frames of every type (stop, reset, inspect too) one connection may send in the rate
     # window; past it each frame is answered like an invalid one (slowed, then 1008).
     frame_rate_limit: int = field(default_factory=lambda: _int("CHAT_FRAME_RATE_LIMIT", 120))

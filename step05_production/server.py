@@ -26,7 +26,7 @@ except ImportError:  # not POSIX (Windows): progress is the transport's buffer a
     fcntl = termios = None
 
 from .config import settings
-from .security import client_key
+from .security import TokenBucket, client_key
 
 # An import string, not the app object: uvicorn needs one to start --workers, and each
 # worker then imports the app while uvicorn builds its settings (see below).
@@ -417,6 +417,42 @@ class RequestHeadTimeout(WritesMustDrain):
             self.transport.close()
 
 
+class RequestsTakeNoBody:
+    """Mixed into uvicorn's h11 protocol class: a request that announces a body is answered
+    with 400 and closed before any of its body is read.
+
+    Why: the chat has no endpoint that takes one (the page, its files, the health check and
+    the WebSocket handshake are all GETs), and h11 parses a body in Python chunk by chunk,
+    however small the chunks: one client sending a page request followed by endless one-byte
+    chunks kept a worker at 100 % CPU and page loads took seconds; it went on after the page
+    was served, until the head timeout. An endpoint added later that takes a body must lift
+    this and bound its body itself. Uses h11's Connection as uvicorn's protocol holds it
+    (`conn`); uvicorn answers h11's RemoteProtocolError with 400 and closes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conn.__class__ = h11_connection_refusing_bodies()  # the same parser, one check more
+
+
+@functools.cache
+def h11_connection_refusing_bodies() -> type:
+    import h11  # here, like uvicorn: importing this module never needs the server
+
+    class ConnectionRefusingBodies(h11.Connection):
+        def next_event(self):
+            event = super().next_event()
+            if isinstance(event, h11.Request) and announces_a_body(event.headers):
+                raise h11.RemoteProtocolError("a request body, which the chat never takes")
+            return event
+
+    return ConnectionRefusingBodies
+
+
+def announces_a_body(headers) -> bool:
+    """Whether a request's headers (h11's: lowercase names) say a body follows."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value != b"0") for name, value in headers)
+
+
 def room_within_address_cap(key: str) -> bool:
     """Whether a new connection from `key` may be counted: below the address's cap, or once
     the address's connection waiting longest for a request has given way."""
@@ -502,7 +538,8 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
         return protocol_class
     if protocol_class not in known:
         return None
-    return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (RequestHeadTimeout, protocol_class), {})
+    mixins = (RequestHeadTimeout, RequestsTakeNoBody) if protocol_class is H11Protocol else (RequestHeadTimeout,)
+    return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (*mixins, protocol_class), {})
 
 
 class ReadingWaitsForWrites(WritesMustDrain):
@@ -552,9 +589,79 @@ class ReadingWaitsForWrites(WritesMustDrain):
             self.transport.abort()
 
 
+# asyncio hands a protocol up to 256 KiB per read: 43,000 empty frames of 6 bytes. Fed to the
+# parser in slices of this size, a connection past its frame budget is dropped after at most
+# about 700 frames more (a few milliseconds of parsing), not after the whole read.
+FRAME_PARSING_SLICE_BYTES = 4096
+
+
+class FramesAreMetered:
+    """Mixed into uvicorn's WebSocket protocol class: every frame the client sends counts,
+    whatever its kind (a message, each fragment of one, a ping, a pong, a close), against a
+    budget of CHAT_WS_FRAME_BURST at once and CHAT_WS_FRAMES_PER_SECOND after. Past it the
+    connection is dropped.
+
+    Why: uvicorn parses each frame in Python however small it is, and the chat's own limits
+    count whole messages only. One client starting a message it never ends (a text frame
+    without FIN, then empty continuation frames, 6 bytes each) kept a worker at 100 % CPU and
+    growing by 2.4 MB/s, with page loads taking 3.6 s instead of 2 ms; no message was ever
+    whole, so no frame limit and no idle timeout saw it. Pings whose pongs the client reads
+    did the same. A browser sends one frame per message. Uses what uvicorn's websockets-sansio
+    and wsproto protocols share: data_received, the handle_* methods, client, transport."""
+
+    frame_budget = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.frame_budget is None:
+            self.frame_budget = TokenBucket(settings.ws_frame_burst, settings.ws_frames_per_second)
+        for start in range(0, len(data), FRAME_PARSING_SLICE_BYTES):
+            if self.transport.is_closing():  # dropped (or closed) by a frame of an earlier slice
+                return
+            super().data_received(data[start : start + FRAME_PARSING_SLICE_BYTES])
+
+    def frame_allowed(self) -> bool:
+        if self.transport.is_closing():
+            return False
+        if self.frame_budget.take():
+            return True
+        log.warning(
+            "Dropped the WebSocket from %s: more than %d frames at once or %g a second "
+            "(CHAT_WS_FRAME_BURST, CHAT_WS_FRAMES_PER_SECOND).",
+            self.client[0] if self.client else "an unknown address",
+            settings.ws_frame_burst,
+            settings.ws_frames_per_second,
+        )
+        drop(self.transport)
+        return False
+
+
+def metered(handler_name: str):
+    """FramesAreMetered's version of the protocol's handler of one kind of frame."""
+
+    def handle(self, *event) -> None:
+        if self.frame_allowed():
+            getattr(super(FramesAreMetered, self), handler_name)(*event)
+
+    return handle
+
+
+# A handler per kind of frame: websockets-sansio's six, and wsproto's handle_message for both
+# text and bytes (fragments included). A handler the protocol lacks is never called.
+for _name in (
+    "handle_text",
+    "handle_bytes",
+    "handle_cont",
+    "handle_message",
+    "handle_ping",
+    "handle_pong",
+    "handle_close",
+):
+    setattr(FramesAreMetered, _name, metered(_name))
+
+
 def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
-    """uvicorn's websockets-sansio or wsproto protocol class with ReadingWaitsForWrites mixed in;
-    None for a class whose internals are not known to fit (or no WebSocket support)."""
+    """uvicorn's websockets-sansio or wsproto protocol class with ReadingWaitsForWrites and
+    FramesAreMetered mixed in; None for a class whose internals are not known to fit (or no WebSocket support)."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     known = [WebSocketsSansIOProtocol]
@@ -570,7 +677,8 @@ def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
         return protocol_class
     if protocol_class not in known:
         return None
-    return type(f"{protocol_class.__name__}WithReadingWaitingForWrites", (ReadingWaitsForWrites, protocol_class), {})
+    mixins = (FramesAreMetered, ReadingWaitsForWrites)
+    return type(f"{protocol_class.__name__}WithReadingWaitingForWrites", (*mixins, protocol_class), {})
 
 
 # Which limits hold per worker process, for the start-up warning with --workers N.

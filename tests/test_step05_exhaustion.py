@@ -814,6 +814,11 @@ def test_pipelined_requests_never_read_do_not_fill_the_memory(start, fake_server
             a_user_is_served(server)  # while the attacker's connection is still open
 
 
+# The tests below flood with pings to test other limits than the frame budget (section 10),
+# which would drop the flooder first: lifted for them.
+UNMETERED_FRAMES = {"CHAT_WS_FRAME_BURST": "100000000"}
+
+
 def websocket_handshake() -> bytes:
     key = base64.b64encode(os.urandom(16))
     return (
@@ -833,7 +838,7 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
 @pytest.mark.parametrize("start", [entry_point_server, plain_uvicorn_server], ids=["entry point", "plain uvicorn"])
 def test_a_ping_flood_that_reads_no_pong_does_not_fill_the_memory(start, fake_server, fake):
     pings = masked_frame(0x9, b"p" * 125) * 512  # each answered by a pong of 127 bytes
-    with start(fake_server) as server:
+    with start(fake_server, **UNMETERED_FRAMES) as server:
         attacker = socket.socket()
         attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
         with attacker:
@@ -853,7 +858,7 @@ def test_a_ping_flood_that_misses_the_keepalive_pong_is_dropped_with_what_it_lef
     # Closing a connection writes out its buffer first, which a client that reads nothing never
     # lets happen: without dropping it, the socket and its buffered pongs stayed for good.
     keepalive = ("--ws-ping-interval", "1", "--ws-ping-timeout", "1")
-    with plain_uvicorn_server(fake_server, *keepalive) as server:
+    with plain_uvicorn_server(fake_server, *keepalive, **UNMETERED_FRAMES) as server:
         attacker = socket.socket()
         attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, keeps little
         with attacker:
@@ -895,7 +900,7 @@ CLOSING_FRAMES = {
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RST as a pending socket error is Linux's")
 @pytest.mark.parametrize("last_frame", CLOSING_FRAMES.values(), ids=list(CLOSING_FRAMES))
 def test_a_websocket_closing_with_unread_pongs_is_dropped(last_frame, fake_server, fake):
-    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2") as server:
+    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2", **UNMETERED_FRAMES) as server:
         with never_reading_socket(server) as attacker:
             attacker.sendall(websocket_handshake())
             time.sleep(0.5)  # accepted: from here on it is a WebSocket
@@ -920,7 +925,7 @@ def test_a_websocket_closing_with_a_full_kernel_buffer_and_a_little_more_is_drop
     # The state the paused-writes watch never sees: the kernel's buffer full, and less than the
     # transport's 64 KiB high-water mark waiting on top of it, so writes never pause. Only the
     # kernel's own timeout (TCP_USER_TIMEOUT) ends the close that waits to flush it.
-    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2") as server:
+    with entry_point_server(fake_server, CHAT_STALLED_WRITE_SECONDS="2", **UNMETERED_FRAMES) as server:
         with never_reading_socket(server) as attacker:
             attacker.sendall(websocket_handshake())
             time.sleep(0.5)
@@ -955,3 +960,99 @@ def test_a_slow_reader_of_long_responses_is_not_dropped(fake_server, fake):
                 time.sleep(max(0.0, began + received / (16 * 1024) - time.monotonic()))  # 16 KiB/s
         assert received > 150_000, received
         assert "of what it was sent in" not in server.log_text()
+
+
+# 10. Work per byte: frames and chunks too small to be worth parsing ------------------
+# Each WebSocket frame and each chunk of a chunked request body is parsed in Python, however
+# small it is. A client that sends nothing but tiny ones makes the worker parse all day: no
+# message is ever whole, so none of the chat's own limits (frames, idle time) sees them. One
+# such connection took a worker to 100 % CPU and page loads from 2 ms to seconds (review 5).
+
+
+def continuation(payload: bytes = b"") -> bytes:
+    """A client's continuation frame without FIN: the message it continues never ends."""
+    return bytes([0x00, 0x80 | len(payload)]) + b"\0\0\0\0" + payload  # masked with a zero key
+
+
+TINY_FRAME_FLOODS = {
+    # A text frame without FIN, then empty continuations: 6 bytes each, no payload at all.
+    "empty continuation frames": (bytes([0x01, 0x81]) + b"\0\0\0\0{", continuation() * 10_000),
+    # Empty pings, each answered with a pong the client reads (so its writes never wait).
+    "pings whose pongs are read": (b"", masked_frame(0x9, b"") * 10_000),
+}
+
+
+def server_closes(received: bytearray) -> bool:
+    """Whether the server's frames (unmasked) read so far hold a close frame; consumes them."""
+    while len(received) >= 2:
+        length, start = received[1] & 0x7F, 2
+        if length >= 126:
+            start = 4 if length == 126 else 10
+            if len(received) < start:
+                return False
+            length = int.from_bytes(received[2:start], "big")
+        if len(received) < start + length:
+            return False
+        if received[0] & 0x0F == 0x8:
+            return True
+        del received[: start + length]
+    return False
+
+
+def flood_until_closed(sock: socket.socket, data: bytes, seconds: float) -> bool:
+    """Send `data` again and again, reading what comes back, for at most `seconds`; whether the
+    server ended the connection meanwhile (a close frame, the end of the stream or a reset)."""
+    received = bytearray(sock.recv(65536))  # the handshake's response, then frames
+    assert received.startswith(b"HTTP/1.1 101 "), bytes(received)
+    del received[: received.index(b"\r\n\r\n") + 4]
+    sock.setblocking(False)
+    unsent = memoryview(data)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            with contextlib.suppress(BlockingIOError):
+                unsent = unsent[sock.send(unsent) :] or memoryview(data)  # whole frames only
+            with contextlib.suppress(BlockingIOError):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return True  # the end of the stream
+                received += chunk
+        except OSError:  # reset or broken pipe: the server hung up
+            return True
+        if server_closes(received):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flood", TINY_FRAME_FLOODS.values(), ids=list(TINY_FRAME_FLOODS))
+def test_a_websocket_sending_tiny_frames_nonstop_is_cut_off(flood, fake_server, fake):
+    first, repeated = flood
+    with entry_point_server(fake_server) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as attacker:
+            attacker.sendall(websocket_handshake())
+            time.sleep(0.5)  # accepted: from here on it is a WebSocket
+            attacker.sendall(first)
+            assert flood_until_closed(attacker, repeated, seconds=8), "the flood went on for 8 s"
+        a_user_is_served(server)
+
+
+CHUNKED_REQUESTS = {
+    "endless one-byte chunks": b"Transfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 10_000,
+    "a declared length": b"Content-Length: 1000000\r\n\r\n" + b"x" * 60_000,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body", CHUNKED_REQUESTS.values(), ids=list(CHUNKED_REQUESTS))
+def test_a_request_with_a_body_is_refused_and_closed(body, fake_server, fake):
+    # The chat takes no request body. A body of one-byte chunks costs a parse per chunk,
+    # and was read to the end of the request-head timeout after the page was served.
+    with entry_point_server(fake_server) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as attacker:
+            attacker.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + body)
+            attacker.settimeout(3)
+            assert attacker.recv(4096).startswith(b"HTTP/1.1 400 ")  # the status line comes first
+            assert seconds_until_closed(attacker, limit=3) < 3
+        a_user_is_served(server)
