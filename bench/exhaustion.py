@@ -1,7 +1,8 @@
 """Step 05 under exhaustion: the figures behind docs/operations.md's "Exhaustion" table.
 
     .venv/bin/python -m bench.exhaustion              # about two minutes; prints a table
-    .venv/bin/python -m bench.exhaustion --busy-fill  # only the last measure below (~40 s)
+    .venv/bin/python -m bench.exhaustion --busy-fill  # only the busy-fill measure below (~40 s)
+    .venv/bin/python -m bench.exhaustion --tiny-frames  # only the last measure below (~2 min)
 
 Each measure starts `python -m step05_production` on a free loopback port (its LLM an
 unreachable address: no reply is needed), with only the settings it names changed:
@@ -27,6 +28,12 @@ unreachable address: no reply is needed), with only the settings it names change
   one long question (the fake LLM of harness/fake_llm.py, 20 s a reply: 4 stream, the rest
   wait in line or are told the model is busy); then 20 newcomers from other addresses, one
   after another: how many get the chat, and the time from connect to their first frame.
+- work per byte (review 5): for 10 s, one client sends a message it never ends (a text frame
+  without FIN, then empty continuation frames), or empty pings and reads every pong, or page
+  requests each followed by endless one-byte chunks (reconnecting when closed), while a user
+  loads the page again and again: the worker's CPU and the user's page loads, "before" (the app
+  object under uvicorn.run() with h11: nothing mixed into uvicorn's protocols) and "after" (the
+  entry point).
 """
 
 import argparse
@@ -34,6 +41,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import socket
@@ -271,6 +279,97 @@ def page_loads_h11_against_httptools(loads: int = 40) -> str:
     )
 
 
+EMPTY_CONTINUATIONS = b"\x00\x80\0\0\0\0" * 10_000  # masked with a zero key, no payload
+EMPTY_PINGS = b"\x89\x80\0\0\0\0" * 10_000
+ONE_BYTE_CHUNKS = b"1\r\nx\r\n" * 10_000
+
+
+def flood(sock: socket.socket, data: bytes, end: float) -> None:
+    """Send whole copies of `data` until `end`, reading (and dropping) whatever comes back."""
+    sock.setblocking(False)
+    unsent = memoryview(data)
+    while time.monotonic() < end:
+        if not data:
+            return
+        with contextlib.suppress(BlockingIOError):
+            unsent = unsent[sock.send(unsent) :] or memoryview(data)
+        with contextlib.suppress(BlockingIOError):
+            if not sock.recv(65536):
+                return
+        time.sleep(0.0005)
+
+
+def websocket_flood(port: int, first: bytes, data: bytes, end: float) -> None:
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+            key = base64.b64encode(os.urandom(16))
+            sock.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            response = b""
+            while b"\r\n\r\n" not in response:  # frames sent with the request would be lost
+                response += sock.recv(4096) or b"\r\n\r\n"
+            sock.sendall(first)
+            flood(sock, data, end)
+
+
+def chunked_flood(port: int, end: float) -> None:
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            flood(sock, ONE_BYTE_CHUNKS, end)
+
+
+TINY_FLOODS = {
+    "a message never ended: empty continuation frames": lambda port, end: websocket_flood(
+        port, b"\x01\x81\0\0\0\0{", EMPTY_CONTINUATIONS, end
+    ),
+    "empty pings, every pong read": lambda port, end: websocket_flood(port, b"", EMPTY_PINGS, end),
+    "page requests with endless one-byte chunks": chunked_flood,
+    # For comparison: what reconnecting costs by itself (each flood above reconnects when cut off).
+    "a reconnect loop: WebSocket handshakes only": lambda port, end: websocket_flood(port, b"", b"", end),
+}
+
+
+def cpu_seconds(server: Server) -> float:
+    with open(f"/proc/{server.process.pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def under_a_tiny_flood(attack, seconds: float = 10, app_object_http: str | None = None) -> str:
+    """The worker's CPU share and a user's page loads (GET /, a new connection each) while
+    `attack` runs from another process for `seconds`."""
+    with Server(app_object_http=app_object_http) as server:
+        httpx.get(f"http://127.0.0.1:{server.port}/")  # warm up
+        end = time.monotonic() + seconds
+        cpu_before = cpu_seconds(server)
+        # (A process of its own: a thread would share the user's interpreter lock.)
+        flooding = multiprocessing.get_context("fork").Process(target=attack, args=(server.port, end))
+        flooding.start()
+        times = []
+        while time.monotonic() < end:
+            began = time.monotonic()
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{server.port}/", timeout=seconds).raise_for_status()
+                times.append((time.monotonic() - began) * 1000)
+            time.sleep(0.2)
+        flooding.join()
+        cpu = (cpu_seconds(server) - cpu_before) / seconds
+    times.sort()
+    loads = f"median {times[len(times) // 2]:.0f} ms, max {times[-1]:.0f} ms" if times else "none"
+    return f"CPU {cpu:.0%}, {len(times)} page loads: {loads}"
+
+
+def tiny_flood_rows() -> list[tuple[str, str]]:
+    rows = [("worker and page loads, 10 s, no attack", under_a_tiny_flood(lambda port, end: None))]
+    for name, attack in TINY_FLOODS.items():
+        before = under_a_tiny_flood(attack, app_object_http="h11")
+        rows.append((f"worker and page loads, 10 s: {name}", f"before {before}; after {under_a_tiny_flood(attack)}"))
+    return rows
+
+
 async def busy_socket(url: str, address: str, question: str):
     """A connection that sends one question and reads whatever comes; None if refused."""
     ws = await open_idle(url, address)
@@ -345,8 +444,12 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--busy-fill", action="store_true", help="only the busy-fill measure")
-    if parser.parse_args().busy_fill:
+    parser.add_argument("--tiny-frames", action="store_true", help="only the work-per-byte measure")
+    args = parser.parse_args()
+    if args.busy_fill:
         return print_table([busy_fill_row(await newcomers_under_busy_fill())])
+    if args.tiny_frames:
+        return print_table(tiny_flood_rows())
     rows = [("idle sockets one address can hold", f"{await idle_sockets_one_address_holds()}")]
     full = await newcomer_when_full()
     rows.append(
@@ -377,6 +480,7 @@ async def main() -> None:
         rows.append((f"worker RSS: {name}", f"before {before}; after {memory_under_attack(attack)}"))
     rows.append(("40 page loads (the page and its files), h11 against httptools", page_loads_h11_against_httptools()))
     rows.append(busy_fill_row(await newcomers_under_busy_fill()))
+    rows += tiny_flood_rows()
     print_table(rows)
 
 
