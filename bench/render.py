@@ -2,7 +2,7 @@
 and how long one very long paragraph blocks the page, streamed and replayed.
 
     make bench                       # runs this too; writes docs/bench/render.md
-    .venv/bin/python -m bench.render [--sizes 5000 20000 50000] [--paragraph 32000] [--out docs/bench]
+    .venv/bin/python -m bench.render [--sizes 5000 20000 50000] [--paragraph 32000] [--nested 10] [--out docs/bench]
 
 A Markdown reply (paragraphs, lists, code, headings) is streamed into a message on the
 real page. At each size the next frames each add 20 characters and render, and the
@@ -16,6 +16,10 @@ so no block is ever finished while it streams, is streamed by the fake LLM throu
 real chat (server, WebSocket, page), then replayed by reloading the page three times;
 prose, dense inline Markdown, and two texts written to be slow (review F6): "**a_" and
 "a__" repeated, which render.js shows as plain text.
+
+Nested replies (--nested, a review's finding): 3,000-character replies of lists and quotes
+nested as deep as they go, one streamed, then as many as --nested stored and replayed by
+reloading; prose to compare.
 Chromium's Long Tasks API reports every main-thread task over 50 ms; the table gives
 their count, their total and the longest (replay: the worst of the three reloads).
 """
@@ -161,6 +165,64 @@ def measure_paragraph(length: int) -> list[dict]:
     return rows
 
 
+# Lists and quotes nested as deep as a reply of LIVE_MARKDOWN_CHARS (3,000) goes, as a
+# prompt-injected model may write them (a review's finding): each such reply is rendered whole,
+# every frame while it streams and again at its end, and the stored history (32,000 characters)
+# holds ten of them, all rendered again on every reload. Prose of the same length to compare.
+NESTED_CHARS = 3000
+NESTED = {
+    "prose with Markdown": paragraph("prose with Markdown", NESTED_CHARS),
+    "nested ordered lists": ("1. " * (NESTED_CHARS // 3)).strip(),  # "1. 1. 1. ...": 1,000 deep
+    "lists and quotes nested": ("- > " * (NESTED_CHARS // 4)).strip(),  # a quote in a list item in a quote...
+    # At render.js's limit, and rendered: 60 lines of "1. " * 16, some 2,000 elements.
+    "lists 16 deep, line after line": ("1. " * 16 + "a\n") * (NESTED_CHARS // 50),
+}
+
+
+def measure_nested(turns: int) -> list[dict]:
+    """Long tasks while a 3,000-character reply of each NESTED kind streams in, then on reloads
+    of a conversation holding `turns` such replies."""
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    with FakeLLMServer() as fake, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        env = llm_env(fake.base_url, CHAT_STORE_URL="memory://")
+        for kind, reply in NESTED.items():
+            with LiveServer("step05_production.main:app", env=env) as server:
+                page = browser.new_page(viewport={"width": 1000, "height": 700})
+                page.add_init_script(OBSERVE_LONG_TASKS)
+                page.goto(server.url)
+                page.wait_for_selector("#status[data-state=ready]")
+                for turn in range(turns):
+                    # The first reply streams as the others do; the rest only fill the history.
+                    fake.fake.reply, fake.fake.chunk_delay = reply, CHUNK_DELAY if turn == 0 else 0
+                    page.evaluate("window.longTasks = []")
+                    page.fill("#input", f"question {turn}")
+                    page.keyboard.press("Enter")
+                    page.wait_for_selector(f".assistant >> nth={turn} >> .meta", timeout=60_000)
+                    if turn == 0:
+                        page.wait_for_timeout(300)  # a task still running when .meta appeared
+                        streamed = long_tasks(page)
+                replays = []
+                for _ in range(RELOADS):
+                    page.reload()
+                    page.wait_for_selector(f".assistant >> nth={turns - 1}")
+                    page.wait_for_timeout(300)
+                    replays.append(long_tasks(page))
+                page.close()
+            rows.append(
+                {
+                    "kind": kind,
+                    "turns": turns,
+                    "streamed": streamed,
+                    "replayed": max(replays, key=lambda r: r["max_ms"]),
+                }
+            )
+        browser.close()
+    return rows
+
+
 def chromium() -> str:
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
@@ -199,7 +261,7 @@ def measure(sizes: list[int]) -> list[dict]:
     return rows
 
 
-def write_table(rows: list[dict], out: Path, paragraph_rows: list[dict] = ()) -> Path:
+def write_table(rows: list[dict], out: Path, paragraph_rows: list[dict] = (), nested_rows: list[dict] = ()) -> Path:
     lines = [
         "# Render time per frame (step05's page, Chromium)",
         "",
@@ -220,6 +282,8 @@ def write_table(rows: list[dict], out: Path, paragraph_rows: list[dict] = ()) ->
         )
     if paragraph_rows:
         lines += paragraph_table(paragraph_rows)
+    if nested_rows:
+        lines += nested_table(nested_rows)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "render.md"
     path.write_text("\n".join(lines) + "\n")
@@ -246,14 +310,37 @@ def paragraph_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def nested_table(rows: list[dict]) -> list[str]:
+    def tasks(r: dict) -> str:
+        return f"{r['total_ms']:,.0f} ms in {r['count']} / {r['max_ms']:,.0f} ms"
+
+    lines = [
+        "",
+        f"## Replies of {NESTED_CHARS:,} characters nested as deep as they go, and a reload of {rows[0]['turns']}",
+        "",
+        f"One reply streamed through the chat ({CHUNK_DELAY * 1000:g} ms between words), then "
+        f"{rows[0]['turns'] - 1} more, then the page reloaded {RELOADS} times with them all stored. Main-thread "
+        "tasks over 50 ms: total in how many tasks / the longest (replayed: the worst reload). "
+        "render.js shows lists and quotes nested more than 16 deep as plain text.",
+        "",
+        "| reply | streamed: long tasks total / longest | replayed: long tasks total / longest |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {tasks(r['streamed'])} | {tasks(r['replayed'])} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--paragraph", type=int, default=32000, help="the long paragraph's length (0: skip it)")
+    parser.add_argument("--nested", type=int, default=10, help="nested replies stored and reloaded (0: skip them)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = parser.parse_args()
     paragraph_rows = measure_paragraph(args.paragraph) if args.paragraph else []
-    path = write_table(measure(args.sizes), args.out, paragraph_rows)
+    nested_rows = measure_nested(args.nested) if args.nested else []
+    path = write_table(measure(args.sizes), args.out, paragraph_rows, nested_rows)
     print(path.read_text())
 
 

@@ -4,7 +4,9 @@ marked's inline lexer is quadratic on some text: it searches the rest of a parag
 closer of each * _ or ~ that may open emphasis, and at each "_" of a long run of letters it
 looks along the rest of the run for an email address's "@". That is seconds of work in one
 task, at the end of the reply and again on every reload; render.js counts that work and shows
-such text as plain text. Replies are scripted through the fake LLM; the page keeps its CSP.
+such text as plain text. Lists and quotes nested hundreds deep cost as much to sanitize and lay
+out: past 16 levels they are shown as plain text too, and a reload renders its stored replies
+one task each. Replies are scripted through the fake LLM; the page keeps its CSP.
 """
 
 import pytest
@@ -66,6 +68,90 @@ def test_markdown_too_costly_to_parse_is_shown_as_plain_text_without_freezing_th
         fake.reply = "and *still* usable"  # the conversation goes on, as Markdown
         chat(page, "still there?", 1)
         assert page.locator(".assistant").nth(1).locator(".body em").inner_text() == "still"
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# Replies of ~3,000 characters (LIVE_MARKDOWN_CHARS), each rendered whole in one frame while it
+# streams and at its end; ten of them (~30,000 characters) are all kept as history.
+NESTED = {
+    # Lists and quotes nested a thousand deep: shown as plain text.
+    "a thousand deep": [("1. " * 1000).rstrip(), ("- > " * 750).rstrip()],  # (the fake drops trailing whitespace)
+    # 16 deep (render.js's limit) line after line: rendered, some 2,000 elements a reply.
+    "16 deep, line after line": [("1. " * 16 + "a\n") * 60, ("- > " * 8 + "a\n") * 88],
+}
+
+BODIES = """() => [...document.querySelectorAll('.assistant .body')].map((body) => ({
+    text: body.textContent, formatted: body.querySelectorAll('li, blockquote, p').length > 0 }))"""
+
+
+@pytest.mark.parametrize("nesting", list(NESTED))
+def test_deeply_nested_markdown_does_not_freeze_the_page_streamed_or_replayed(nesting, browser, live_server, fake):  # noqa: F811
+    replies = [NESTED[nesting][turn % 2] for turn in range(10)]
+    plain = nesting == "a thousand deep"
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.add_init_script(OBSERVE_LONG_TASKS)
+        page.evaluate(OBSERVE_LONG_TASKS)
+        fake.reply, fake.chunk_delay = replies[0], 0.001
+        chat(page, "nest", 0)
+        page.wait_for_timeout(300)  # a task still running when the reply ended
+        assert_page_stayed_responsive(long_tasks(page), "streamed")
+        fake.chunk_delay = 0
+        for turn, reply in enumerate(replies[1:], 1):
+            fake.reply = reply
+            chat(page, f"nest {turn}", turn)
+        long_tasks(page)
+        page.reload()  # ten stored replies rendered again
+        page.wait_for_selector(".assistant >> nth=9")
+        page.wait_for_timeout(300)
+        assert_page_stayed_responsive(long_tasks(page), "replayed")
+        shown = page.evaluate(BODIES)
+        assert [body["formatted"] for body in shown] == [not plain] * 10
+        if plain:
+            assert [body["text"] for body in shown] == replies
+        fake.reply = "and *still* usable"  # the conversation goes on, as Markdown
+        chat(page, "still there?", 10)
+        assert page.locator(".assistant").nth(10).locator(".body em").inner_text() == "still"
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# Nesting as models write it: a quote holding lists three deep, code in a list item.
+ORDINARY_NESTING = """> Steps:
+>
+> 1. Install
+>    - on Linux
+>      - with *apt*
+> 2. Run `make`
+
+- outer
+  - inner
+    1. deepest
+       > quoted in a list
+
+       ```
+       code in a list item
+       ```
+"""
+
+
+def test_ordinary_nested_markdown_still_renders_streamed_and_replayed(browser, live_server, fake):  # noqa: F811
+    fake.reply, fake.chunk_delay = ORDINARY_NESTING, 0.001
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "steps", 0)
+        for when in ("streamed", "replayed"):
+            body = page.locator(".assistant .body")
+            assert body.locator("blockquote > ol > li > ul > li > ul > li em").inner_text() == "apt", when
+            assert body.locator("blockquote > ol > li code").inner_text() == "make", when
+            assert body.locator("ul > li > ul > li > ol > li > blockquote").inner_text() == "quoted in a list", when
+            assert body.locator("ol > li > pre > code").inner_text() == "code in a list item\n", when
+            if when == "streamed":
+                page.reload()
+                page.wait_for_selector(".assistant .body blockquote")
         assert not errors, errors
     finally:
         context.close()

@@ -79,7 +79,7 @@ function renderMarkdown(message, final = false) {
   const follow = isAtBottom();
   const followNewText = () => follow && (log.scrollTop = log.scrollHeight);
   if (final) {
-    message.view.finish().then(followNewText);  // a long reply is rendered in a few tasks
+    return message.view.finish().then(followNewText);  // a long reply is rendered in a few tasks
   } else {
     message.view.render();
     followNewText();
@@ -133,6 +133,7 @@ function showConversation(frame) {
   localStorage.setItem(CONVERSATION_KEY, frame.id);
   reply = null;
   log.replaceChildren();
+  const stored = [];
   for (const message of frame.messages) {
     if (message.role === "user") {
       addMessage("user", message.content);
@@ -140,13 +141,26 @@ function showConversation(frame) {
       const shown = addMessage("assistant");
       shown.view = ChatRender.createMarkdownView(shown.body);
       shown.view.append(message.content);
-      renderMarkdown(shown, true);
+      shown.view.showText();
+      stored.push(shown);
     }
   }
+  renderStored(stored);
   const replying = frame.messages.some((message) => message.status === "replying");
   setStreaming(replying);
   if (!replying) setStatus("ready");
   return known;
+}
+
+// Stored replies are rendered one per task, in order, each shown as plain text until then:
+// the whole history (up to 32,000 characters) in one task froze the page on every reload
+// when the replies were costly to render (ten of nested lists: over 1 s).
+async function renderStored(replies) {
+  for (const shown of replies) {
+    await new Promise((resolve) => setTimeout(resolve));  // the next task
+    if (!shown.element.isConnected) return;  // a newer copy of the conversation replaced it
+    await renderMarkdown(shown, true);
+  }
 }
 
 function handleFrame(frame) {

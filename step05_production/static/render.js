@@ -163,6 +163,16 @@
     url: emailLookAhead,
   };
 
+  // Block nesting is the other costly shape, and the budget above never sees it: "1. 1. 1. ..."
+  // or "- > - > ..." in 3,000 characters (a block rendered whole, every frame) nests lists and
+  // quotes a thousand deep. marked lexes each level's text again (10-20 ms), then DOMPurify and
+  // layout take 50-100 ms more on elements nested hundreds deep: 100-160 ms a frame, and over
+  // 1 s on a reload of ten such replies. Ordinary Markdown nests a few levels: a text nesting
+  // lists and quotes more than MAX_NESTING deep is shown as plain text, as above. At the limit,
+  // 16 deep line after line, 3,000 characters cost some 50 ms, as dense Markdown does. (The
+  // limit also spares marked's stack, which "> " * 8000 overflowed.)
+  const MAX_NESTING = 16;
+
   class TooCostlyToParse extends Error {}
 
   // The tokens of `text`, as markdown.lexer would make them, with that work counted.
@@ -185,6 +195,19 @@
       if (inline[name]) inline[name] = counted(inline[name], workOf);
     }
     lexer.tokenizer.rules = { ...rules, inline };
+    // marked's list and blockquote tokenizers lex their content with lexer.blockTokens: one
+    // call deeper per level of nesting (the outermost call is the text itself).
+    const blockTokens = lexer.blockTokens.bind(lexer);
+    let depth = 0;
+    lexer.blockTokens = (...args) => {
+      if (depth > MAX_NESTING) throw new TooCostlyToParse("Markdown nested too deep");
+      depth += 1;
+      try {
+        return blockTokens(...args);
+      } finally {
+        depth -= 1;
+      }
+    };
     return lexer.lex(text);
   }
 
@@ -262,7 +285,7 @@
           return render();
         }
         body.append(toFragment(tokens.slice(finished.length), tokens.links));
-      } catch (error) {  // e.g. marked's stack overflow on deeply nested quotes
+      } catch (error) {  // TooCostlyToParse, or marked failing on text no limit foresaw
         console.warn("Markdown rendering failed; showing plain text.", error);
         showPlainText();
       }
@@ -339,6 +362,11 @@
           console.warn("Markdown rendering failed; showing plain text.", error);
           showPlainText();
         });
+      },
+      // The text as it is (invisible characters shown, as in the fallback), until render()
+      // or finish() replaces it: a stored reply waiting its turn to be rendered (app.js).
+      showText() {
+        body.replaceChildren(shownText(text));
       },
       get text() {
         return text;
