@@ -41,6 +41,12 @@ def long_tasks(page) -> list[float]:
     return page.evaluate("window.longTasks.splice(0)")
 
 
+def assert_the_chat_goes_on_in_markdown(page, fake, replies_shown: int) -> None:
+    fake.reply = "and *still* usable"
+    chat(page, "still there?", replies_shown)
+    assert page.locator(".assistant").nth(replies_shown).locator(".body em").inner_text() == "still"
+
+
 def assert_page_stayed_responsive(tasks: list[float], when: str) -> None:
     # The owner's bound for rendering: no task over 300 ms, at most 1 s of long tasks in all.
     assert max(tasks, default=0) < 300 and sum(tasks) < 1000, f"{when}: long tasks {[round(t) for t in tasks]} ms"
@@ -65,9 +71,7 @@ def test_markdown_too_costly_to_parse_is_shown_as_plain_text_without_freezing_th
         page.wait_for_timeout(300)
         assert_page_stayed_responsive(long_tasks(page), "replayed")
         assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
-        fake.reply = "and *still* usable"  # the conversation goes on, as Markdown
-        chat(page, "still there?", 1)
-        assert page.locator(".assistant").nth(1).locator(".body em").inner_text() == "still"
+        assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
         assert not errors, errors
     finally:
         context.close()
@@ -111,9 +115,7 @@ def test_deeply_nested_markdown_does_not_freeze_the_page_streamed_or_replayed(ne
         assert [body["formatted"] for body in shown] == [not plain] * 10
         if plain:
             assert [body["text"] for body in shown] == replies
-        fake.reply = "and *still* usable"  # the conversation goes on, as Markdown
-        chat(page, "still there?", 10)
-        assert page.locator(".assistant").nth(10).locator(".body em").inner_text() == "still"
+        assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=10)
         assert not errors, errors
     finally:
         context.close()
