@@ -125,6 +125,13 @@ class Settings:
     # while it streams, its asker not counted): each is one more copy of every frame. A
     # connection past it is shown the conversation and told the reply will be there when it ends.
     max_followers_per_conversation: int = field(default_factory=lambda: _int("CHAT_MAX_FOLLOWERS_PER_CONVERSATION", 8))
+    # Frames of replies in progress replayed to the connections of one client address that
+    # open them mid-reply (a reload, another tab, another host): a burst, then a steady rate.
+    # Each such open costs a read of every frame so far (thousands, from a hostile upstream);
+    # past it the tab is shown the conversation and told the reply will be there when it ends.
+    # 100,000: a classroom of 60 reloading together mid-reply (about 1,000 frames a reply).
+    replay_frames_burst: int = field(default_factory=lambda: _int("CHAT_REPLAY_FRAMES_BURST", 100_000))
+    replay_frames_per_second: float = field(default_factory=lambda: _float("CHAT_REPLAY_FRAMES_PER_SECOND", 2_000))
     # Stored bytes of one conversation's messages (UTF-8 JSON): the oldest turns go first,
     # never the newest. Room for the largest newest turn is checked at start.
     store_max_conversation_bytes: int = field(

@@ -165,11 +165,11 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
-    def take(self) -> bool:
+    def take(self, count: float = 1) -> bool:
         self._refill()
-        if self.tokens < 1:
+        if self.tokens < count:
             return False
-        self.tokens -= 1
+        self.tokens -= count
         return True
 
     def full(self) -> bool:

@@ -309,3 +309,86 @@ def test_new_chat_wins_with_redis_across_two_hosts(fake, two_hosts):
     finally:
         for tab in tabs:
             tab.close()
+
+
+# Opening a reply mid-way: the chunks so far as one, and a budget per address ----------
+# Replayed chunk by chunk, a reply of thousands of chunks (a hostile upstream's) cost a send
+# each for every tab opened on it, and one address opening it over and over stalled a host
+# (review 6). The tab now gets the reply so far as one chunk, and what an address may have
+# replayed is bounded (CHAT_REPLAY_FRAMES_BURST, CHAT_REPLAY_FRAMES_PER_SECOND).
+
+QUESTION = "tell me a story"
+
+
+def ask_and_read(asker, chunks: int) -> tuple[str, str]:
+    """Ask QUESTION, read `chunks` chunks of the reply: the conversation's id, and the text shown."""
+    cid = read_conversation(asker)["id"]
+    asker.send_json({"type": "message", "content": QUESTION})
+    assert asker.receive_json() == {"type": "start"}
+    shown = ""
+    for _ in range(chunks):
+        frame = asker.receive_json()
+        assert frame["type"] == "chunk"
+        shown += frame["content"]
+    return cid, shown
+
+
+def assert_the_reply_so_far_comes_as_one_chunk(tab, shown: str, fake) -> None:
+    assert read_conversation(tab)["messages"][-1]["status"] == "replying"
+    assert tab.receive_json() == {"type": "start"}
+    first = tab.receive_json()
+    assert first["type"] == "chunk" and first["content"].startswith(shown), "replayed chunk by chunk"
+    assert first["content"] + reply_text(collect_reply(tab)) == full_reply(fake, QUESTION), "a gap or a repeat"
+
+
+def test_a_tab_opened_mid_reply_gets_the_reply_so_far_as_one_chunk(connect, fake):
+    slow_reply(fake, chunks=200, delay=0.01)
+    cid, shown = ask_and_read(connect(), chunks=40)
+    assert_the_reply_so_far_comes_as_one_chunk(connect(conversation=cid), shown, fake)
+
+
+@pytest.mark.slow
+def test_a_tab_opened_mid_reply_on_another_host_gets_the_reply_so_far_as_one_chunk(fake, two_hosts):
+    host_a, host_b = two_hosts
+    slow_reply(fake, chunks=200, delay=0.01)
+    with WsClient(host_a.ws_url) as asker:
+        cid, shown = ask_and_read(asker, chunks=40)
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab:
+            assert_the_reply_so_far_comes_as_one_chunk(tab, shown, fake)
+
+
+def assert_the_replay_is_refused_then_the_reply_is_stored(asker, tab_url: str, fake) -> None:
+    """The asker has read 40 chunks (more than the budget of 30 frames): a tab opening the
+    conversation is shown the question and told to come back; the reply is stored whole."""
+    cid, _ = ask_and_read(asker, chunks=40)
+    with WsClient(f"{tab_url}?conversation={cid}") as tab:
+        assert read_conversation(tab)["messages"][-1]["status"] == "replying"
+        refusal = tab.receive_json()
+        assert refusal["type"] == "error" and "open it again" in refusal["message"], refusal
+    assert collect_reply(asker)[-1]["type"] == "end"
+    with WsClient(f"{tab_url}?conversation={cid}") as tab:
+        assert read_conversation(tab)["messages"][-1] == {"role": "assistant", "content": full_reply(fake, QUESTION)}
+
+
+@pytest.mark.slow
+def test_an_address_past_its_replay_budget_is_told_to_open_the_reply_later(fake, fake_server):
+    slow_reply(fake, chunks=200, delay=0.01)
+    env = llm_env(fake_server.base_url, CHAT_REPLAY_FRAMES_BURST="30", CHAT_REPLAY_FRAMES_PER_SECOND="1")
+    with LiveServer(f"{APP}:app", env=env) as server, WsClient(server.ws_url) as asker:
+        assert_the_replay_is_refused_then_the_reply_is_stored(asker, server.ws_url, fake)
+
+
+@pytest.mark.slow
+def test_an_address_past_its_replay_budget_on_another_host_is_told_to_open_the_reply_later(
+    fake, fake_server, redis_server
+):
+    slow_reply(fake, chunks=200, delay=0.01)
+    env = llm_env(
+        fake_server.base_url,
+        CHAT_STORE_URL=redis_server.url,
+        CHAT_REPLAY_FRAMES_BURST="30",
+        CHAT_REPLAY_FRAMES_PER_SECOND="1",
+    )
+    with LiveServer(f"{APP}:app", env=env) as host_a, LiveServer(f"{APP}:app", env=env) as host_b:
+        with WsClient(host_a.ws_url) as asker:
+            assert_the_replay_is_refused_then_the_reply_is_stored(asker, host_b.ws_url, fake)
