@@ -362,9 +362,16 @@ class RateLimitedLog(logging.Filter):
 
 
 def bound_log_floods() -> None:
-    """uvicorn's own error log (bad requests, bad frames) and the chat's refusals, those
-    before the WebSocket (server.py) included."""
-    for name in ("uvicorn.error", "step05_production.main", "step05_production.server"):
+    """uvicorn's own error log (bad requests, bad frames), the chat's refusals, those before
+    the WebSocket (server.py) included, and the failures a client can cause at will (a
+    message the model's provider refuses, nodes.py; redis_feed.py bounds its own)."""
+    for name in (
+        "uvicorn.error",
+        "step05_production.main",
+        "step05_production.server",
+        "step05_production.nodes",
+        "step05_production.session",
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, RateLimitedLog) for existing in logger.filters):
             logger.addFilter(RateLimitedLog())

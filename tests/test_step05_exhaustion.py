@@ -434,6 +434,21 @@ def test_a_flood_of_bad_connections_is_logged_at_a_bounded_rate_with_a_count(fak
     assert f"[{BAD_CONNECTIONS - 3} more like this not logged]" in after, after
 
 
+@pytest.mark.slow
+def test_model_failures_a_client_can_cause_at_will_are_logged_at_a_bounded_rate(fake_server, fake):
+    # A message the upstream refuses (a content filter's 400 on some providers) logs a warning:
+    # one address sending such messages within its limits wrote 85 MB of log a day (review 6).
+    fake.fail_next("401", times=12)
+    with entry_point_server(fake_server, CHAT_LOG_LINES_PER_KIND="3") as server:
+        with WsClient(server.ws_url) as ws:
+            read_conversation(ws)
+            for _ in range(12):
+                ws.send_json({"type": "message", "content": "refused"})
+                assert collect_reply(ws)[-1]["type"] == "error"
+            assert chat_turn(ws, "fine") == "You said: fine"
+        assert server.log_text().count("LLM call failed") == 3, server.log_text()[-2000:]
+
+
 # 7. Connections before the WebSocket, open files ---------------------------------
 
 # The hard limit on open files the server is started with below: a few dozen idle sockets
