@@ -129,8 +129,10 @@ class Settings:
     # open them mid-reply (a reload, another tab, another host): a burst, then a steady rate.
     # Each such open costs a read of every frame so far (thousands, from a hostile upstream);
     # past it the tab is shown the conversation and told the reply will be there when it ends.
-    # 100,000: a classroom of 60 reloading together mid-reply (about 1,000 frames a reply).
-    replay_frames_burst: int = field(default_factory=lambda: _int("CHAT_REPLAY_FRAMES_BURST", 100_000))
+    # 20,000: 20 tabs reloaded together mid-reply (about 1,000 frames a reply); a tab past it
+    # gets the reply when it opens the conversation after the end. Each frame costs about 6 us
+    # to replay from Redis: an address's burst is ~0.1 s of the worker, its rate ~1 %.
+    replay_frames_burst: int = field(default_factory=lambda: _int("CHAT_REPLAY_FRAMES_BURST", 20_000))
     replay_frames_per_second: float = field(default_factory=lambda: _float("CHAT_REPLAY_FRAMES_PER_SECOND", 2_000))
     # Stored bytes of one conversation's messages (UTF-8 JSON): the oldest turns go first,
     # never the newest. Room for the largest newest turn is checked at start.
