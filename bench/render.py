@@ -145,12 +145,7 @@ def measure_paragraph(length: int) -> list[dict]:
                 seconds = time.monotonic() - began
                 page.wait_for_timeout(300)  # a task still running when .meta appeared
                 streamed = long_tasks(page)
-                replays = []
-                for _ in range(RELOADS):
-                    page.reload()
-                    page.wait_for_selector(".assistant .body:not(:empty)")  # rendered, or shown as text
-                    page.wait_for_timeout(300)
-                    replays.append(long_tasks(page))
+                replays = long_tasks_on_reloads(page, ".assistant .body:not(:empty)")  # rendered, or as text
                 page.close()
             rows.append(
                 {
@@ -204,12 +199,7 @@ def measure_nested(turns: int) -> list[dict]:
                     if turn == 0:
                         page.wait_for_timeout(300)  # a task still running when .meta appeared
                         streamed = long_tasks(page)
-                replays = []
-                for _ in range(RELOADS):
-                    page.reload()
-                    page.wait_for_selector(f".assistant >> nth={turns - 1}")
-                    page.wait_for_timeout(300)
-                    replays.append(long_tasks(page))
+                replays = long_tasks_on_reloads(page, f".assistant >> nth={turns - 1}")
                 page.close()
             rows.append(
                 {
@@ -221,6 +211,17 @@ def measure_nested(turns: int) -> list[dict]:
             )
         browser.close()
     return rows
+
+
+def long_tasks_on_reloads(page, replayed: str) -> list[dict]:
+    """The long tasks of each of RELOADS reloads of the page, once `replayed` is shown."""
+    replays = []
+    for _ in range(RELOADS):
+        page.reload()
+        page.wait_for_selector(replayed)
+        page.wait_for_timeout(300)  # a task still running when it appeared
+        replays.append(long_tasks(page))
+    return replays
 
 
 def chromium() -> str:
