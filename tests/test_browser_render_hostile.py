@@ -4,7 +4,7 @@ marked's inline lexer is quadratic on some text: it searches the rest of a parag
 closer of each * _ or ~ that may open emphasis, and at each "_" of a long run of letters it
 looks along the rest of the run for an email address's "@". That is seconds of work in one
 task, at the end of the reply and again on every reload; render.js counts that work and shows
-such text as plain text. Lists and quotes nested hundreds deep cost as much to sanitize and lay
+such text as plain text, as it does a table of too many cells. Lists and quotes nested hundreds deep cost as much to sanitize and lay
 out: past 16 levels they are shown as plain text too, and a reload renders its stored replies
 one task each. Replies are scripted through the fake LLM; the page keeps its CSP.
 """
@@ -31,6 +31,8 @@ COSTLY = {
     "'_a*' in 40 lines": "\n".join(["_a*" * 133] * 40)[:15990],
     # No emphasis at all: marked looks for an email address's "@" along the rest of the run at each "_".
     "'a__', 32,000 characters": ("a__" * 10667)[:31990],
+    # A table of 200 columns over 200 one-character rows: marked pads each row to 40,000 cells.
+    "a table of 40,000 cells": "|" + "a|" * 200 + "\n|" + "-|" * 200 + "\n" + "a\n" * 199 + "a",
 }
 
 BODY = """() => { const body = document.querySelector('.assistant .body');

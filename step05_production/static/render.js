@@ -173,7 +173,30 @@
   // limit also spares marked's stack, which "> " * 8000 overflowed.)
   const MAX_NESTING = 16;
 
+  // Tables are the third: marked pads every row to the header's number of cells, so a header
+  // of 1,000 columns over 1,000 one-character rows (6,000 characters) is a million cells, 22 s
+  // in one task at the end of the reply and again on every reload (review 7). A table a person
+  // reads has far fewer; a text holding one of more than MAX_TABLE_CELLS is shown as plain
+  // text, as above. Counted from marked's own table match, before it builds a cell.
+  const MAX_TABLE_CELLS = 10000;
+
   class TooCostlyToParse extends Error {}
+
+  // marked's block rule for a table, which refuses a table of too many cells when it matches.
+  function bounded(tableRule) {
+    class BoundedTable extends RegExp {
+      exec(source) {
+        const match = super.exec(source);  // [whole, header, delimiter row, rows]
+        if (match) {
+          const columns = match[1].split("|").length;
+          const rows = 1 + (match[3] ? match[3].split("\n").length : 0);
+          if (columns * rows > MAX_TABLE_CELLS) throw new TooCostlyToParse("Markdown table too large");
+        }
+        return match;
+      }
+    }
+    return new BoundedTable(tableRule);
+  }
 
   // The tokens of `text`, as markdown.lexer would make them, with that work counted.
   function lex(text) {
@@ -194,7 +217,7 @@
     for (const [name, workOf] of Object.entries(WORK_OF)) {
       if (inline[name]) inline[name] = counted(inline[name], workOf);
     }
-    lexer.tokenizer.rules = { ...rules, inline };
+    lexer.tokenizer.rules = { ...rules, inline, block: { ...rules.block, table: bounded(rules.block.table) } };
     // marked's list and blockquote tokenizers lex their content with lexer.blockTokens: one
     // call deeper per level of nesting (the outermost call is the text itself).
     const blockTokens = lexer.blockTokens.bind(lexer);
