@@ -5,8 +5,12 @@ request and gives it back when the request ends.
 With no slot free, a reply waits in the queue of its client address, and a freed slot goes
 to the waiting address served least recently (round-robin): a classroom behind one NAT
 address is served one reply after another, and a second address in between, not after all
-of them. One address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, so the
-others always find one soon, whatever that address does.
+of them. One address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, and takes
+one beyond its first only if that leaves a slot free for an address that holds none: so a
+newcomer finds a slot at once, whatever one or two other addresses do. (Addresses that each
+hold one fill the model when there are CHAT_UPSTREAM_SLOTS - 1 of them or more: a newcomer
+then waits for the first reply to end, at most CHAT_MAX_REPLY_SECONDS, and is served next.
+Nothing stops a reply someone watches to make room.)
 
 Resume gives way under load: while replies wait, replies nobody watches (their asker gone,
 kept running only so that they can be resumed) are stopped, the oldest first, one for each
@@ -69,7 +73,13 @@ class UpstreamSlots:
                 self.forget_if_idle(address)
 
     def has_room(self, address: str) -> bool:
-        return len(self.holders) < self.capacity and self.held[address] < self.per_client
+        held, taken = self.held[address], len(self.holders)
+        if taken >= self.capacity or held >= self.per_client:
+            return False
+        # A slot beyond an address's first must leave one free for an address that holds
+        # none (unless no other address holds one): so two busy addresses never fill the
+        # model between them, and a newcomer's first chunk need not wait for a reply to end.
+        return held == 0 or taken + 1 < self.capacity or taken == held
 
     def grant(self, reply, address: str) -> None:
         self.holders[reply] = address

@@ -166,6 +166,41 @@ def test_a_freed_slot_goes_to_the_address_served_least_recently(serve, fake):
     assert asked == ["learner 0", "visitor 0", "learner 1", "visitor 1", "learner 2", "learner 3"]
 
 
+def test_two_busy_addresses_leave_a_slot_for_an_address_that_holds_none(serve, fake):
+    """Four slots, two per address: two addresses asking for long replies on two sockets
+    each hold three slots between them, not four, and a third address is served at once.
+    The second address's other reply waits for one of the busy replies to end."""
+    server = serve(slots=4, per_client=2)
+    fake.chunk_delay, fake.min_chunks = 0.05, 400  # 20 s a reply: far longer than the test
+    busy = [(client_from(server, address), f"{address} {n}") for address in ("10.0.0.66", "10.0.0.67") for n in (1, 2)]
+    for ws, question in busy:
+        read_conversation(ws)
+        ws.send_json({"type": "message", "content": question})
+        assert ws.receive_json() == {"type": "start"}
+    wait_until(lambda: fake.active == 3, what="three of the four replies to reach the model")
+    visitor = client_from(server, "10.0.0.9")
+    read_conversation(visitor)
+    visitor.send_json({"type": "message", "content": "visitor"})
+    assert visitor.receive_json() == {"type": "start"}
+    assert visitor.receive_json(timeout=5)["type"] == "chunk"  # without the kept slot: 20 s
+    asked = [request["messages"][-1]["content"] for request in fake.requests]
+    assert sorted(asked[:3]) == ["10.0.0.66 1", "10.0.0.66 2", "10.0.0.67 1"] and asked[3:] == ["visitor"], asked
+    visitor.send_json({"type": "stop"})  # the slot stays kept for the next newcomer ...
+    assert collect_reply(visitor)[-1]["stopped"] is True
+    time.sleep(0.5)
+    assert len(fake.requests) == 4 and fake.active == 3
+    first, _ = busy[0]
+    first.send_json({"type": "stop"})  # ... and one busy reply ending lets the waiting one in
+    assert collect_reply(first)[-1]["stopped"] is True
+    wait_until(lambda: len(fake.requests) == 5, what="the second address's other reply to be served")
+    assert fake.requests[-1]["messages"][-1]["content"] == "10.0.0.67 2"
+    for ws, _ in busy[1:]:
+        ws.send_json({"type": "stop"})
+        assert collect_reply(ws)[-1]["stopped"] is True
+        ws.close()
+    visitor.close()
+
+
 def test_stop_while_waiting_leaves_the_line_and_asks_nothing(fake, monkeypatch):
     monkeypatch.setattr(settings, "upstream_slots", 1)
     monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
