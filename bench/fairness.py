@@ -13,7 +13,9 @@ Two attacks by one address (10.0.0.66), within its limits:
   replies run on for the 30 s resume window);
 - "20 live": 20 connections each send a question and stay, reading.
 Then 3 users from 3 other addresses send one question each, at once: the figure is the time
-from their send to their first chunk. Each attack runs against two servers:
+from their send to their first chunk. A third attack is by two addresses:
+- "2x2 live": 10.0.0.66 and 10.0.0.67, two connections each, asking and staying (each
+  address within its 2 slots); then one user asks. Each attack runs against two servers:
 - "slots off": CHAT_UPSTREAM_SLOTS=1000 (the chat sends every reply upstream at once);
 - "slots on": the defaults, CHAT_UPSTREAM_SLOTS=4 and CHAT_UPSTREAM_SLOTS_PER_CLIENT=2.
 Every wait is bounded (--timeout); a user not served in time counts as the timeout.
@@ -33,6 +35,7 @@ from harness.support import LiveServer, llm_env
 
 UPSTREAM_STREAMS = 4
 HOSTILE = "10.0.0.66"
+SECOND_HOSTILE = "10.0.0.67"
 USERS = ("10.0.1.1", "10.0.1.2", "10.0.1.3")
 
 
@@ -86,7 +89,11 @@ async def first_chunk_seconds(url: str, address: str, at_most: float) -> float:
 
 
 async def attack_and_measure(url: str, attack: str, hostile: int, at_most: float) -> list[float]:
-    sockets = [await open_as(url, HOSTILE) for _ in range(hostile)]
+    if attack == "2x2 live":
+        addresses, users = [HOSTILE, HOSTILE, SECOND_HOSTILE, SECOND_HOSTILE], USERS[:1]
+    else:
+        addresses, users = [HOSTILE] * hostile, USERS
+    sockets = [await open_as(url, address) for address in addresses]
     for n, ws in enumerate(sockets):
         await ask(ws, f"a long story, number {n}")
     if attack == "left":
@@ -94,7 +101,7 @@ async def attack_and_measure(url: str, attack: str, hostile: int, at_most: float
             await ws.close()
     await asyncio.sleep(1)  # the attack's replies are under way
     try:
-        return list(await asyncio.gather(*(first_chunk_seconds(url, user, at_most) for user in USERS)))
+        return list(await asyncio.gather(*(first_chunk_seconds(url, user, at_most) for user in users)))
     finally:
         for ws in sockets:
             await ws.close()
@@ -109,7 +116,7 @@ def run(fake: FakeLLM, upstream_url: str, slots: str, attack: str, hostile: int,
     time.sleep(1)  # the upstream sees the server's requests closed
     return {
         "slots": slots,
-        "attack": f"{hostile} {attack}",
+        "attack": attack if attack == "2x2 live" else f"{hostile} {attack}",
         "first_chunk_s": [round(w, 2) for w in waits],
         "max_s": round(max(waits), 2),
         "upstream_requests": fake.started,
@@ -123,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     hostile, chunks = (4, 20) if args.smoke else (20, 120)
     results = []
-    for attack in ("left", "live"):
+    for attack in ("left", "live", "2x2 live"):
         for slots in ("off", "on"):
             fake = FakeLLM(chunk_delay=0.05, min_chunks=chunks)
             with GatedUpstream(fake) as upstream:
