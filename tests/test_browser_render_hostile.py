@@ -6,8 +6,12 @@ looks along the rest of the run for an email address's "@". That is seconds of w
 task, at the end of the reply and again on every reload; render.js counts that work and shows
 such text as plain text, as it does a table of too many cells. Lists and quotes nested hundreds deep cost as much to sanitize and lay
 out: past 16 levels they are shown as plain text too, and a reload renders its stored replies
-one task each. Replies are scripted through the fake LLM; the page keeps its CSP.
+one task each. Invisible characters in code are each a marker element: a run is one, and a
+render builds a bounded number. Replies are scripted through the fake LLM; the page keeps its CSP.
 """
+
+import re
+import unicodedata
 
 import pytest
 
@@ -156,6 +160,52 @@ def test_ordinary_nested_markdown_still_renders_streamed_and_replayed(browser, l
             if when == "streamed":
                 page.reload()
                 page.wait_for_selector(".assistant .body blockquote")
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# A code block that never closes, full of invisible characters (review 7). Code blocks stay
+# rendered while they stream, and in code each invisible character is shown as a marker: one
+# element each, 15,000 of them rebuilt every frame froze the page for the whole reply. One
+# line a chunk (the fake cuts a reply at whitespace); the markers' counts must add up.
+ZWSP, RLO, LRI = "\u200b", "\u202e", "\u2066"
+INVISIBLE_CODE = {
+    "15,000 zero-width spaces": "```\n" + "\n".join([ZWSP * 100] * 150),
+    "15,000 alternating with direction characters": "```\n" + "\n".join([(ZWSP + RLO + ZWSP + LRI) * 25] * 150),
+}
+CODE = """() => { const code = document.querySelector('.assistant .body pre code');
+    return { text: code.textContent, markers: [...code.querySelectorAll('abbr')].map((m) => m.textContent) }; }"""
+
+
+def hidden_characters_shown(page) -> int:
+    """How many invisible characters the code block's markers account for; none left in its text."""
+    code = page.evaluate(CODE)
+    hidden = [c for c in code["text"] if unicodedata.category(c) == "Cf"]
+    assert hidden == [], f"{len(hidden)} invisible characters left in the code block"
+    # "⟨ZWSP⟩" is one, "⟨ZWSP ×100⟩" a run of 100, and one marker counts those removed past the bound.
+    counted = (re.fullmatch(r"⟨\w+ ×(\d+)⟩|⟨(\d+) more invisible characters, removed⟩", m) for m in code["markers"])
+    return sum(int(match[1] or match[2]) if match else 1 for match in counted)
+
+
+@pytest.mark.parametrize("name", list(INVISIBLE_CODE))
+def test_an_unclosed_code_block_of_invisible_characters_does_not_freeze_the_page(name, browser, live_server, fake):  # noqa: F811
+    reply = INVISIBLE_CODE[name]
+    fake.reply, fake.chunk_delay = reply, 0.01
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.add_init_script(OBSERVE_LONG_TASKS)
+        page.evaluate(OBSERVE_LONG_TASKS)
+        chat(page, "write invisible code", 0)
+        page.wait_for_timeout(300)  # a task still running when the reply ended
+        assert_page_stayed_responsive(long_tasks(page), "streamed")
+        assert hidden_characters_shown(page) == 15000
+        page.reload()  # the stored reply is rendered again, whole
+        page.wait_for_selector(".assistant .body pre code")
+        page.wait_for_timeout(300)
+        assert_page_stayed_responsive(long_tasks(page), "replayed")
+        assert hidden_characters_shown(page) == 15000
+        assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
         assert not errors, errors
     finally:
         context.close()

@@ -22,11 +22,13 @@
   // "https://bank.example/<RLO>moc.live" reads as another address, and a code line can
   // show a command as commented out that runs when pasted ("Trojan source"). They are
   // never applied: each becomes a visible marker. LRM, RLM, ZWJ and ZWNJ stay in prose:
-  // Hebrew, Arabic, Persian and emoji sequences need them.
-  const DIRECTION_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/gu;
+  // Hebrew, Arabic, Persian and emoji sequences need them. A run of one character is one
+  // marker ("⟨RLO ×3⟩"), hence the \1*.
+  const DIRECTION_RUNS = /([\u202A-\u202E\u2066-\u2069])\1*/gu;
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
   const INVISIBLE = /[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu;
+  const INVISIBLE_RUNS = /([\p{Cf}\p{Default_Ignorable_Code_Point}])\1*/gu;
   const NAMES = {
     0x202a: "LRE", 0x202b: "RLE", 0x202c: "PDF", 0x202d: "LRO", 0x202e: "RLO",
     0x2066: "LRI", 0x2067: "RLI", 0x2068: "FSI", 0x2069: "PDI",
@@ -45,25 +47,53 @@
   }
 
   // The marker is an <abbr>: a tag DOMPurify never lets through, so a reply cannot forge one.
-  function marker(char) {
+  function marker(char, count) {
     const code = char.codePointAt(0);
     const hex = `U+${code.toString(16).toUpperCase().padStart(4, "0")}`;
+    const times = count > 1 ? ` ×${count}` : "";
     const abbr = document.createElement("abbr");
-    abbr.title = `${hex}, an invisible character (shown, not applied)`;
-    abbr.textContent = `⟨${NAMES[code] || hex}⟩`;
+    abbr.title = `${hex}${times}, ${count > 1 ? "invisible characters" : "an invisible character"} (shown, not applied)`;
+    abbr.textContent = `⟨${NAMES[code] || hex}${times}⟩`;
     return abbr;
   }
 
-  // Text as nodes, each character of `pattern` replaced by its marker.
-  function shownText(text, pattern = DIRECTION_CONTROLS) {
+  // Each marker is an element, built again every frame while its block streams: 15,000 zero-width
+  // spaces in an unclosed code block (which stays rendered) blocked the page for a whole 10 s
+  // reply (review 7). Runs are one marker, and one render builds at most MAX_MARKERS: past them
+  // the characters are removed (none is applied, none hides in a copy), and one marker says how
+  // many. A streaming code block of 15,000 ZWSP and RLO alternating renders in some 3 ms a
+  // frame at this bound; with all 15,000 markers it took 100-150 ms (Chromium).
+  const MAX_MARKERS = 200;
+  function markerBudget() {
+    return { left: MAX_MARKERS, removed: 0, summary: null };
+  }
+
+  // Text as nodes, each run of `pattern`'s characters replaced by its marker, within `budget`.
+  function shownText(text, pattern = DIRECTION_RUNS, budget = markerBudget()) {
     const fragment = document.createDocumentFragment();
     let from = 0;
     pattern.lastIndex = 0;  // matchAll starts where the pattern's last test() stopped
     for (const match of text.matchAll(pattern)) {
-      fragment.append(text.slice(from, match.index), marker(match[0]));
+      if (budget.left === 0) break;
+      budget.left -= 1;
+      const count = [...match[0]].length;  // in characters: a tag character is two UTF-16 units
+      fragment.append(text.slice(from, match.index), marker(match[1], count));
       from = match.index + match[0].length;
     }
-    fragment.append(text.slice(from));
+    let rest = text.slice(from);
+    if (budget.left === 0 && hasAny(pattern, rest)) {  // one text node, not one per character removed
+      rest = rest.replace(pattern, (run) => {
+        budget.removed += [...run].length;
+        return "";
+      });
+      if (!budget.summary) {  // where the first one was removed
+        budget.summary = document.createElement("abbr");
+        budget.summary.title = `Past ${MAX_MARKERS} markers, invisible characters are removed, not shown one by one`;
+        fragment.append(budget.summary);
+      }
+      budget.summary.textContent = `⟨${budget.removed} more invisible characters, removed⟩`;
+    }
+    fragment.append(rest);
     return fragment;
   }
 
@@ -73,10 +103,11 @@
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
     const found = [];
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-      const pattern = node.parentElement?.closest("code") ? INVISIBLE : DIRECTION_CONTROLS;
+      const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
       if (hasAny(pattern, node.data)) found.push([node, pattern]);
     }
-    for (const [node, pattern] of found) node.replaceWith(shownText(node.data, pattern));
+    const budget = markerBudget();  // one for the whole fragment
+    for (const [node, pattern] of found) node.replaceWith(shownText(node.data, pattern, budget));
   }
 
   // The address a link really opens, or null when it must not be clickable: hidden
@@ -264,7 +295,7 @@
   // would cost more every frame: from there the rest is plain text, only appended to,
   // until finish() parses the whole reply once (and renders it in pieces). Code blocks
   // are cheap to parse (no inline Markdown: ~6 ms a frame at 34,000 characters) and stay
-  // rendered.
+  // rendered; what their markers cost is bounded by MAX_MARKERS.
   function createMarkdownView(body) {
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
