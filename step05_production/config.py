@@ -77,7 +77,8 @@ class Settings:
     # must not hold a reply, and its upstream slot, open: a reply that shows nothing this
     # long after its request went out fails with an error frame; one that runs longer in
     # all is cut (`end` with "truncated": true; an error if nothing was shown). And all the
-    # bytes the upstream sends for one reply, content or not, are bounded (same outcome).
+    # bytes the upstream sends for one reply, content or not, are bounded (same outcome);
+    # on the connection, twice as many (interim responses, chunk framing: utils/stream_llm.py).
     first_content_seconds: float = field(default_factory=lambda: _float("CHAT_FIRST_CONTENT_SECONDS", 60))
     max_reply_seconds: float = field(default_factory=lambda: _float("CHAT_MAX_REPLY_SECONDS", 180))
     # Default: 1 KiB per token for the JSON around each chunk (OpenAI's is ~300 bytes, one

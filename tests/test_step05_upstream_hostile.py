@@ -132,6 +132,117 @@ def test_the_bytes_an_upstream_sends_for_one_reply_are_bounded_content_or_not(ho
     assert hostile.sent_bytes < 20_000_000, f"{hostile.sent_bytes} bytes sent"
 
 
+class RawUpstream:
+    """An upstream that writes HTTP/1.1 by hand, for what no web framework would send:
+    "interim flood"     `102 Processing` interim responses, never a final one
+    "chunk extensions"  one chunk of content, then a chunk-size line that never ends
+    "redirect"          `307` to another listener on 127.0.0.1 (which counts what reaches it)
+    Each flood is bounded: at most `seconds`, and it ends when the client closes."""
+
+    def __init__(self, mode: str, seconds: float = 10):
+        self.mode, self.seconds, self.port = mode, seconds, free_port()
+        self.sent_bytes, self.open_streams, self.redirected = 0, 0, []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def answer(self, reader, writer):
+        self.open_streams += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+            if head.startswith(b"POST /elsewhere"):  # where the redirect points
+                self.redirected.append(body)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+                writer.write(b'data: {"choices": [{"delta": {"content": "from elsewhere"}}]}\n\ndata: [DONE]\n\n')
+            elif self.mode == "redirect":
+                where = f"http://127.0.0.1:{self.port}/elsewhere".encode()
+                writer.write(
+                    b"HTTP/1.1 307 Temporary Redirect\r\nlocation: " + where + b"\r\ncontent-length: 0\r\n\r\n"
+                )
+            else:
+                if self.mode == "interim flood":
+                    block = b"HTTP/1.1 102 Processing\r\n\r\n" * 1000
+                else:
+                    chunk = (CHUNK % "hello").encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                    )
+                    writer.write(b"%x\r\n%s\r\n1;" % (len(chunk), chunk))
+                    block = (b"e=" + b"v" * 1000 + b";") * 10
+                ends = time.monotonic() + self.seconds
+                while time.monotonic() < ends:
+                    writer.write(block)
+                    self.sent_bytes += len(block)
+                    await writer.drain()
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client closed the request: what a bounded client does
+        finally:
+            self.open_streams -= 1
+            writer.close()
+
+    def __enter__(self):
+        self.thread.start()
+        start = asyncio.start_server(self.answer, "127.0.0.1", self.port)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(5)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["interim flood", "chunk extensions"])
+def test_what_an_upstream_sends_besides_the_body_is_bounded_too(mode, fake, monkeypatch):
+    """Interim responses and chunk extensions are parsed by the HTTP client, before and
+    around the body that stream_llm counts: they are counted where they arrive, on the
+    connection, so the reply ends at once instead of after its deadlines (the first
+    content's, 60 s; the whole reply's, 180 s) while the worker parses gigabytes."""
+    monkeypatch.setattr(settings, "resume_seconds", 0)
+    monkeypatch.setattr(settings, "max_upstream_bytes", 200_000)
+    with RawUpstream(mode) as upstream, LocalClient(chat_main.app) as client, client.websocket_connect("/ws") as ws:
+        point_llm_at(monkeypatch, "step05_production", upstream.base_url)
+        read_conversation(ws)
+        began = time.monotonic()
+        frames = ask(ws)
+        took = time.monotonic() - began
+        if mode == "interim flood":  # nothing to keep: the reply fails
+            assert frames[-1]["type"] == "error" and "sent too much" in frames[-1]["message"], frames
+        else:  # the content before the flood is kept, cut as at the length limit
+            assert reply_text(frames) == "hello" and frames[-1]["truncated"] is True, frames
+        assert took < 5, f"the reply ended after {took:.1f} s"
+        wait_until(lambda: upstream.open_streams == 0, what="the upstream request to be closed")
+        # Each request (the SDK retries twice) stops within twice the budget, plus what
+        # socket buffers hold: without the bound the flood ran for its whole 10 s.
+        assert upstream.sent_bytes < 10_000_000, f"{upstream.sent_bytes} bytes sent"
+        ws.send_json({"type": "reset"})  # the connection goes on
+        assert ws.receive_json() == {"type": "reset"}
+
+
+def test_a_redirect_from_the_upstream_is_not_followed(fake, monkeypatch):
+    """Following a 307 would re-send the whole conversation to wherever it points."""
+    monkeypatch.setattr(settings, "resume_seconds", 0)
+    with (
+        RawUpstream("redirect") as upstream,
+        LocalClient(chat_main.app) as client,
+        client.websocket_connect("/ws") as ws,
+    ):
+        point_llm_at(monkeypatch, "step05_production", upstream.base_url)
+        read_conversation(ws)
+        frames = ask(ws, "my secret question")
+        assert [f["type"] for f in frames] == ["start", "error"], frames
+        assert "HTTP 307" in frames[-1]["message"]
+        assert upstream.redirected == [], "the conversation was posted where the redirect pointed"
+
+
 class CountedPiece(str):
     """A piece of the upstream's text that counts the characters the line reader makes
     Python copy or scan because of it (a shared list; str methods return plain str)."""

@@ -10,6 +10,8 @@ Try it:  python -m step05_production.utils.stream_llm "Say hello in three langua
 
 import asyncio
 import codecs
+import contextvars
+import functools
 import ipaddress
 import json
 import os
@@ -18,9 +20,13 @@ import weakref
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2  # the HTTP library under openai 3.x; its errors are the transport's errors
 import openai
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import set_exception
 from dotenv import load_dotenv
+from openai._vendor.httpx_aiohttp import AiohttpTransport  # what openai.DefaultAioHttpClient builds
 
 from ..protocol import without_hidden_characters
 
@@ -60,9 +66,59 @@ def get_client() -> openai.AsyncOpenAI:
             timeout=TIMEOUT,
             # aiohttp under the SDK (the SDK's own `openai[aiohttp]` option): with many
             # streams open it costs ~40 % less CPU per chunk than the default transport.
-            http_client=openai.DefaultAioHttpClient(),
+            # Redirects are not followed: a 3xx would re-send the conversation elsewhere.
+            http_client=openai.DefaultAioHttpClient(
+                transport=AiohttpTransport(client=metered_session), follow_redirects=False
+            ),
         )
     return _clients[loop]
+
+
+# The budget of the response being requested, in bytes as they arrive on the connection
+# (None: unbounded). Set by stream_llm for its request; read when the request starts.
+_wire_budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("wire_budget", default=None)
+# Status lines, headers and chunk sizes come on top of the body's bytes, which stream_llm
+# bounds itself (with a clearer error): twice the body's budget is never reached honestly.
+HEAD_AND_FRAMING = 64 * 1024
+
+
+class MeteredResponseHandler(ResponseHandler):
+    """aiohttp's protocol for one upstream connection, counting every byte that arrives for
+    the current response before aiohttp parses it. Only stream_llm sees the body, so without
+    this an upstream could send without end what is not body: interim `1xx` responses (each
+    parsed, then looped over without a pause: a worker froze for tens of seconds) or chunk
+    extensions (gigabytes). Past the budget, reading stops and the request fails."""
+
+    received, budget = 0, None
+
+    def set_response_params(self, **params) -> None:  # aiohttp calls it once per request
+        self.received, self.budget = 0, _wire_budget.get()
+        super().set_response_params(**params)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.budget is not None and self.received > self.budget:
+            if self.transport is not None:
+                self.transport.pause_reading()  # the request is closed as the error goes up
+            error = ReplyOverBudget(f"the server sent more than {self.budget} bytes for one response")
+            self.set_exception(error)  # to whoever waits for the response's head ...
+            if self._payload is not None:
+                set_exception(self._payload, error)  # ... or reads its body
+            return
+        super().data_received(data)
+
+
+class MeteredConnector(aiohttp.TCPConnector):
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._factory = functools.partial(MeteredResponseHandler, loop=self._loop)
+
+
+def metered_session() -> aiohttp.ClientSession:
+    """The session openai.DefaultAioHttpClient would make (the SDK's connection limits,
+    httpx2's certificate store), with connections that count their bytes."""
+    connector = MeteredConnector(limit=1000, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context())
+    return aiohttp.ClientSession(connector=connector)
 
 
 class StreamCutOff(Exception):
@@ -170,6 +226,8 @@ async def stream_llm(
     request = get_client().chat.completions.with_streaming_response.create(
         model=llm_model(), messages=messages, stream=True, **limit
     )
+    if max_bytes is not None:  # (the request is sent, in this task, by `async with` below)
+        _wire_budget.set(2 * max_bytes + HEAD_AND_FRAMING)
     async with request as response:  # closes the HTTP response however we leave this block
         last = ""  # the last text yielded: a chunk may go on with the selectors of its last character
         try:
