@@ -65,6 +65,21 @@ for i = 5, #ARGV do redis.call('XADD', KEYS[2], '*', 'frame', ARGV[i]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+# A claim found gone with nobody else holding it (Redis restarted from a snapshot or empty,
+# or it lapsed and nobody took it) is taken again by its reply, in one step (SET NX), and the
+# stream, lost with it, is written anew: the question and the frames so far. Only a claim held
+# by another token (a real take-over) stops a reply. A turn another host stored meanwhile is
+# still safe: the store refuses this reply's turn by its number (store.py).
+# KEYS: the claim, the stream. ARGV: the token, the claim's lifetime, the stream's lifetime, the
+# turn, the question, then the frames.
+RETAKE_CLAIM = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('XADD', KEYS[2], '*', 'turn', ARGV[4], 'user', ARGV[5])
+for i = 6, #ARGV do redis.call('XADD', KEYS[2], '*', 'frame', ARGV[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
 
 
 def expiry_seconds() -> int:
@@ -104,9 +119,13 @@ class RedisFeed(ReplyFeed):
         # reply (a conversation's next reply here has a claim, and a token, of its own).
         self.claims: dict[str, str] = {}
         self.tokens: dict[LiveReply, str] = {}
+        # Per reply, around each of its writes, renewals and re-takes: a re-take rewrites the
+        # whole stream, so no write of the same reply may land in between (frames twice or lost).
+        self.locks: dict[LiveReply, asyncio.Lock] = {}
         self.renew_script = redis.register_script(RENEW_CLAIM)
         self.release_script = redis.register_script(RELEASE_CLAIM)
         self.write_script = redis.register_script(WRITE_IF_CLAIMED)
+        self.retake_script = redis.register_script(RETAKE_CLAIM)
         self.listener: asyncio.Task | None = None
 
     @staticmethod
@@ -157,6 +176,7 @@ class RedisFeed(ReplyFeed):
 
     def begin(self, reply):
         self.tokens[reply] = self.claims.pop(reply.conversation_id, "")
+        self.locks[reply] = asyncio.Lock()
         self.pending[reply] = [{"turn": reply.turn, "user": reply.user_message}]
         self._write_soon(reply)
         self.renewers[reply] = asyncio.create_task(self._renew_claim(reply))
@@ -164,14 +184,17 @@ class RedisFeed(ReplyFeed):
     async def _renew_claim(self, reply: LiveReply) -> None:
         """Keep the conversation claimed while the reply's task runs, even through a long
         pause of the model (or a wait for an upstream slot). A Redis error is tried again at
-        the next period (Redis back within the claim's lifetime: nothing lost); a claim that
-        is no longer this reply's (it lapsed, and maybe another host took it) stops the reply."""
+        the next period (Redis back within the claim's lifetime: nothing lost); a claim found
+        gone is taken again (_retake); only one another reply holds stops this one."""
         key, token = self.lock_key(reply.conversation_id), self.tokens.get(reply, "")
         try:
             while not reply.task.done() and not reply.claim_lost:
                 await asyncio.sleep(CLAIM_RENEW_SECONDS)
                 try:
-                    if not await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS]):
+                    async with self._lock(reply):
+                        held = await self.renew_script(keys=[key], args=[token, CLAIM_SECONDS])
+                        held = held or await self._retake(reply)
+                    if not held:
                         await self._lost_claim(reply)
                         return
                 except self.errors as error:
@@ -179,24 +202,46 @@ class RedisFeed(ReplyFeed):
         finally:
             self.renewers.pop(reply, None)
 
+    def _lock(self, reply: LiveReply) -> asyncio.Lock:
+        return self.locks.get(reply) or asyncio.Lock()  # (the reply ended meanwhile: nothing to serialize)
+
+    async def _retake(self, reply: LiveReply, last: dict | None = None) -> bool:
+        """Take the reply's claim again if nobody holds it, writing its stream anew with its
+        question and its frames so far (the chunks as one), then `last` (its end). Called with
+        the reply's lock held. Frames published after this are pending: the writer's next batch."""
+        self.pending.pop(reply, None)  # (in reply.frames, written here)
+        frames = [json.dumps(frame) for frame in [*coalesced(reply.frames), *([last] if last else [])]]
+        keys = [self.lock_key(reply.conversation_id), self.key(reply.conversation_id)]
+        token = self.tokens.get(reply, "")
+        args = [token, CLAIM_SECONDS, expiry_seconds(), reply.turn, reply.user_message, *frames]
+        if not token or not await self.retake_script(keys=keys, args=args):
+            return False
+        log.warning("a reply's claim on its conversation was gone (Redis restarted or flushed?): taken again")
+        return True
+
     async def _lost_claim(self, reply: LiveReply) -> None:
-        """The conversation is no longer this reply's: nothing more of it is shared, and it stops."""
+        """Another reply holds the conversation now: nothing more of this one is shared, and it stops."""
         if not reply.claim_lost:
-            log.warning("a reply lost its claim on its conversation (it lapsed): stopping it")
+            log.warning("a reply's conversation is claimed by another reply (its claim lapsed): stopping it")
         self.pending.pop(reply, None)
         self.tokens.pop(reply, None)  # (its claim is someone else's now: nothing to renew or free)
         self.writers.pop(reply, None)
+        self.locks.pop(reply, None)
         await reply.lose_claim()
 
     async def holds(self, reply):
         try:
-            held = await self.redis.get(self.lock_key(reply.conversation_id))
+            async with self._lock(reply):
+                held = await self.redis.get(self.lock_key(reply.conversation_id))
+                if held is not None and held.decode() == self.tokens.get(reply):
+                    return True
+                if held is None and await self._retake(reply):  # gone, nobody took it: this reply's again
+                    return True
         except self.errors:
             return True  # not known: storing the turn tells whether Redis is back
-        if held is not None and held.decode() == self.tokens.get(reply):
-            return True
         self.pending.pop(reply, None)  # the reply stops: nothing more of it is shared (append)
         self.tokens.pop(reply, None)
+        self.locks.pop(reply, None)
         return False
 
     def append(self, reply, frame):
@@ -213,8 +258,11 @@ class RedisFeed(ReplyFeed):
 
     async def _write(self, reply: LiveReply) -> None:
         try:
-            while not reply.claim_lost and (batch := self.pending.pop(reply, None)):
-                if not await self._write_if_claimed(reply, batch):
+            while not reply.claim_lost and self.pending.get(reply):
+                async with self._lock(reply):
+                    batch = self.pending.pop(reply, None)  # (none: a re-take wrote it already)
+                    held = not batch or await self._write_if_claimed(reply, batch) or await self._retake(reply)
+                if not held:
                     await self._lost_claim(reply)
         except self.errors as error:  # local watchers are unaffected; remote ones time out
             log.warning("could not share a reply through Redis: %r", error)
@@ -222,6 +270,7 @@ class RedisFeed(ReplyFeed):
         finally:
             if (reply.finished or reply.claim_lost) and not self.pending.get(reply):  # ended without finish()
                 self.writers.pop(reply, None)
+                self.locks.pop(reply, None)
                 token = self.tokens.pop(reply, None)
                 if token is not None:
                     await self._release(reply.conversation_id, token)
@@ -248,14 +297,20 @@ class RedisFeed(ReplyFeed):
             return  # (its writer gave back nothing: the claim is another reply's)
         token = self.tokens.get(reply, "")
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._write_if_claimed(reply, [{"frame": frame}], client=pipe)
-                await self.release_script(keys=[self.lock_key(reply.conversation_id)], args=[token], client=pipe)
-                await pipe.execute()
+            async with self._lock(reply):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    await self._write_if_claimed(reply, [{"frame": frame}], client=pipe)
+                    await self.release_script(keys=[self.lock_key(reply.conversation_id)], args=[token], client=pipe)
+                    written, _ = await pipe.execute()
+                # The claim was gone since the last write: the stream (lost with it?) gets the
+                # whole reply and its end, for watchers elsewhere, and the claim is freed again.
+                if not written and await self._retake(reply, last=frame):
+                    await self._release(reply.conversation_id, token)
         except self.errors as error:  # watchers elsewhere time out; the claim expires by itself
             log.warning("could not share the end of a reply through Redis: %r", error)
         finally:
             self.tokens.pop(reply, None)
+            self.locks.pop(reply, None)
 
     # The watching side --------------------------------------------------------------
 

@@ -30,6 +30,7 @@ LAST_FRAMES = ("end", "error")
 MODEL_BUSY = "The model is busy: too many questions from your address are waiting. Try again in a moment."
 # To a reply's asker and watchers when another host took its conversation over: this host lost
 # its claim (paused, or cut off from Redis, past the claim's lifetime) and its reply was stopped.
+# (A claim found gone with nobody holding it, as after a Redis restart, is taken again: redis_feed.py.)
 TAKEN_OVER = {
     "type": "error",
     "message": "This reply was stopped and not saved: the conversation was taken over by another server "

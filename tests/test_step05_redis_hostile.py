@@ -405,6 +405,49 @@ def test_a_host_whose_claim_lapsed_writes_nothing_into_the_next_replys_stream(ne
     assert frames_of_a[-1] == TAKEN_OVER  # its own user is told
 
 
+def test_a_silent_reply_whose_claim_redis_lost_takes_it_again_at_its_renewal(new_host):
+    # Review 7 (LOW), the model silent when Redis loses the claim (FLUSHALL here, as a restart
+    # from a snapshot or empty does): no write notices it, the renewal does. It used to stop
+    # the reply as "taken over"; the claim is taken again, with the same token, and the reply's
+    # stream written anew (question and frames so far), so watchers elsewhere find it again.
+    async def scenario():
+        host = new_host()
+        cid = new_conversation_id()
+        key = host.feed.lock_key(cid)
+        try:
+            assert await host.feed.claim(cid)
+            token = await host.redis.get(key)
+            reply, done = host.start_reply(cid)
+            for frame in [{"type": "start"}, {"type": "chunk", "content": "one"}, {"type": "chunk", "content": " two"}]:
+                await reply.publish(frame)
+            for _ in range(100):  # until the question and the three frames are in the stream
+                if await host.redis.xlen(host.feed.key(cid)) == 4:
+                    break
+                await asyncio.sleep(0.01)
+            await host.redis.flushall()
+            await asyncio.sleep(0.7)  # renewals every 0.2 s
+            taken_again = await host.redis.get(key)
+            await reply.publish({"type": "chunk", "content": " three"})
+            done.set()
+            await host.feed.finish(reply, {"type": "end"})
+            stream = await host.redis.xrange(host.feed.key(cid))
+            return token, taken_again, stream, reply.claim_lost, await host.redis.exists(key)
+        finally:
+            await host.close()
+
+    token, taken_again, stream, claim_lost, claimed_after_end = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert not claim_lost, "the reply was stopped as taken over"
+    assert taken_again == token
+    assert stream[0][1] == {b"turn": b"1", b"user": b"q"}
+    assert [json.loads(fields[b"frame"]) for _, fields in stream[1:]] == [
+        {"type": "start"},
+        {"type": "chunk", "content": "one two"},  # (the chunks so far as one)
+        {"type": "chunk", "content": " three"},
+        {"type": "end"},
+    ]
+    assert not claimed_after_end
+
+
 @contextlib.contextmanager
 def two_hosts_after_one_turn(fake_server, redis_server):
     """Hosts A and B on one Redis, and a conversation on A whose first turn has ended: (host_a,
@@ -432,6 +475,11 @@ def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server
         asker.send_json({"type": "message", "content": "second question, asked on A"})
         assert asker.receive_json() == {"type": "start"}
         assert asker.receive_json()["type"] == "chunk"
+        # A is silent once its two chunks are in the stream (question, start, chunk, chunk): a
+        # claim found gone while A still writes is taken again, as nobody holds it (review 7).
+        give_up = time.monotonic() + 5
+        while store.xlen(f"chat:reply:{cid}") < 4 and time.monotonic() < give_up:
+            time.sleep(0.01)
         store.delete(f"chat:replying:{cid}")  # A's claim lapses
         with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab_b:
             assert len(read_conversation(tab_b)["messages"]) == 2  # turn 1; A's reply is taken for lost
@@ -454,6 +502,38 @@ def test_a_host_whose_claim_lapsed_stops_its_reply_and_says_so(fake, fake_server
         "second question, asked again on B",
         reply_text(frames_of_b),
     ]
+
+
+@pytest.mark.slow
+def test_a_reply_whose_claim_redis_lost_takes_it_again_and_is_stored_whole(fake, fake_server, redis_server):
+    # Review 7 (LOW): Redis restarted mid-reply from a snapshot (or empty) has lost the reply's
+    # claim, and nobody else holds it. Host A took that for a take-over: its user was told
+    # "taken over by another server... not saved", and nothing of the turn was stored. Here
+    # Redis comes back with the snapshot of turn 1 (the conversation, no claim, no stream).
+    fake.min_chunks = 40
+    with two_hosts_after_one_turn(fake_server, redis_server) as (host_a, host_b, store, asker, cid):
+        claim, snapshot = f"chat:replying:{cid}", store.dump(f"chat:conversation:{cid}")
+        fake.chunk_delay = 0.05  # about 2 s
+        asker.send_json({"type": "message", "content": "second question"})
+        frames_of_a = [asker.receive_json(), asker.receive_json()]
+        assert frames_of_a == [{"type": "start"}, frames_of_a[1]] and frames_of_a[1]["type"] == "chunk"
+        store.flushall()
+        store.restore(f"chat:conversation:{cid}", 0, snapshot)
+        while store.get(claim) is None and frames_of_a[-1]["type"] == "chunk":  # A's next write takes it again
+            frames_of_a.append(asker.receive_json())
+        assert frames_of_a[-1]["type"] == "chunk", frames_of_a[-1]  # the reply goes on
+        # Another host finds the reply again (its stream was written anew) and follows it.
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as tab_b:
+            assert read_conversation(tab_b)["messages"][-1]["status"] == "replying"
+            frames_of_b = collect_reply(tab_b)
+        frames_of_a += collect_reply(asker)
+        with WsClient(f"{host_b.ws_url}?conversation={cid}") as reload:
+            stored = read_conversation(reload)["messages"]
+        asker.close()
+    assert frames_of_a[-1]["type"] == "end" and "saved" not in frames_of_a[-1], frames_of_a[-1]
+    assert reply_text(frames_of_a) == reply_text(frames_of_b) == full_reply(fake, "second question")
+    assert frames_of_b[-1] == frames_of_a[-1]
+    assert [message["content"] for message in stored[2:]] == ["second question", reply_text(frames_of_a)]
 
 
 @pytest.mark.slow
