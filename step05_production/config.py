@@ -189,8 +189,9 @@ class Settings:
     # a reconnect loop to a few a second. Past it: "too many new connections", 1013.
     new_connections_burst: int = field(default_factory=lambda: _int("CHAT_NEW_CONNECTIONS_BURST", 150))
     new_connections_per_second: float = field(default_factory=lambda: _float("CHAT_NEW_CONNECTIONS_PER_SECOND", 5))
-    # A full worker closes the connection idle longest (no frame from its client for at
-    # least this long, no reply running) to let a newcomer in: close code 4001.
+    # A full worker lets a newcomer in by closing a connection (code 4001): one of the address
+    # holding more than an equal share, if any (security.OpenConnections); else the one idle
+    # longest (no frame from its client for at least this long, no reply of its own).
     reclaim_idle_seconds: float = field(default_factory=lambda: _float("CHAT_RECLAIM_IDLE_SECONDS", 60))
     # WebSocket frames of every kind one connection may send, counted as uvicorn parses them
     # (pings, pongs, each fragment of a message: what the chat's own limits, which see whole

@@ -192,7 +192,7 @@ async def close_reclaimed(websocket: WebSocket) -> None:
     (one waiting for the model leaves the line; one streaming goes on, or is stopped and
     stored as far as it got when another reply waits for its slot)."""
     try:
-        await websocket.close(code=RECLAIMED, reason="idle while the chat was full")
+        await websocket.close(code=RECLAIMED, reason="given to a newcomer while the chat was full")
     except (RuntimeError, WebSocketDisconnect):  # it was closing anyway
         pass
 

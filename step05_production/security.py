@@ -273,28 +273,34 @@ class OpenConnections:
         """Remove and return the connection that gives way to a newcomer from `newcomer`'s
         address, or None.
 
-        First choice: a connection idle for CHAT_RECLAIM_IDLE_SECONDS whose own reply is not
-        streaming (a reply waiting in line, or someone else's reply followed, is no reason to
-        keep a silent socket), the cheapest to close, then the one idle longest.
+        First, fairness between addresses: if one holds more than an equal share of the
+        worker and more than the newcomer's address, it gives up a socket, its cheapest
+        (idle, waiting, following, then streaming), the least active among equals. Sockets
+        kept "active" with a frame now and then, from a few addresses, so cannot keep others
+        out, nor make the worker close other people's sockets instead of their own.
 
-        Otherwise the address holding the most sockets gives up one, if it holds more than an
-        equal share and more than the newcomer's address, busy or not: sockets kept "active"
-        with a frame now and then, or each with a reply waiting in line, from a few addresses,
-        cannot keep everyone else out. It gives up its cheapest (idle, waiting, following, then
-        streaming), the least active among equals. A reply left without its connection leaves
-        the line, or gives its slot to a waiting one, as resume gives way under load (slots.py)."""
+        Only when no address holds more than its share: a connection idle for
+        CHAT_RECLAIM_IDLE_SECONDS with nothing of its own going on (no reply streaming to it
+        or waiting in line for it: its user waits for an answer), the one idle longest.
+        A reply left without its connection leaves the line, or gives its slot to a waiting
+        one, as resume gives way under load (slots.py)."""
         activity = {c: c.busy() for c in self.connections.values()}
-        cutoff = time.monotonic() - settings.reclaim_idle_seconds
-        candidates = [c for c, doing in activity.items() if doing < Activity.STREAMING and c.last_frame <= cutoff]
-        if not candidates:
-            held = Counter(c.address for c in self.connections.values())
-            if not held:
-                return None
-            greediest, most = max(held.items(), key=lambda item: item[1])
-            equal_share = len(self.connections) / len(held.keys() | {newcomer})
-            if greediest == newcomer or most <= max(equal_share, held[newcomer] + 1):
-                return None
+        held = Counter(c.address for c in self.connections.values())
+        if not held:
+            return None
+        greediest, most = max(held.items(), key=lambda item: item[1])
+        equal_share = len(self.connections) / len(held.keys() | {newcomer})
+        if most > max(equal_share, held[newcomer] + 1):  # (so it is not the newcomer's address)
             candidates = [c for c in activity if c.address == greediest]
+        else:
+            cutoff = time.monotonic() - settings.reclaim_idle_seconds
+            candidates = [
+                c
+                for c, doing in activity.items()
+                if doing in (Activity.IDLE, Activity.FOLLOWING) and c.last_frame <= cutoff
+            ]
+            if not candidates:
+                return None
         chosen = min(candidates, key=lambda c: (activity[c], c.last_frame))
         del self.connections[chosen.websocket]
         return chosen.websocket

@@ -8,6 +8,7 @@ Every load here is bounded in count and time; every server listens on 127.0.0.1.
 import base64
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import socket
@@ -147,6 +148,13 @@ def be_active(ws) -> None:
     assert ws.receive_json()["type"] == "error"
 
 
+def connect_from(server, address: str) -> WsClient:
+    """A chat connection from `address`, forged through a proxy header the server trusts."""
+    ws = WsClient(server.ws_url, additional_headers={"X-Forwarded-For": address})
+    read_conversation(ws)
+    return ws
+
+
 def test_a_full_worker_reclaims_the_connection_idle_longest(fake, monkeypatch):
     monkeypatch.setattr(settings, "max_connections", 3)
     monkeypatch.setattr(settings, "reclaim_idle_seconds", 0.2)
@@ -161,7 +169,7 @@ def test_a_full_worker_reclaims_the_connection_idle_longest(fake, monkeypatch):
             read_conversation(newcomer)
             with pytest.raises(WebSocketDisconnect) as closed:
                 second.receive_json()
-            assert (closed.value.code, closed.value.reason) == (4001, "idle while the chat was full")
+            assert (closed.value.code, closed.value.reason) == (4001, "given to a newcomer while the chat was full")
             assert chat_turn(newcomer, "let in") == "You said: let in"
             assert chat_turn(first, "and me") == "You said: and me"
             assert chat_turn(third, "me too") == "You said: me too"
@@ -191,21 +199,12 @@ def test_when_no_socket_is_idle_the_address_holding_the_most_gives_one_up(fake_s
     # alone would let them keep everyone else out. (Addresses forged through a proxy header
     # this test names as trusted, as below.)
     env = {"CHAT_MAX_CONNECTIONS": "4", "CHAT_RECLAIM_IDLE_SECONDS": "3600"}
-
-    def connect(address):
-        ws = WsClient(server.ws_url, additional_headers={"X-Forwarded-For": address})
-        read_conversation(ws)
-        return ws
-
-    def active(ws):
-        ws.send_json({"type": "nonsense"})
-        assert ws.receive_json()["type"] == "error"
-
     with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        connect = functools.partial(connect_from, server)
         greedy = [connect("10.0.3.1") for _ in range(3)]
         modest = connect("10.0.3.2")
         for ws in (greedy[1], greedy[0], modest, greedy[2]):  # greedy[1]: the greedy one's least active
-            active(ws)
+            be_active(ws)
         second = connect("10.0.3.2")  # 2 of 4 sockets is within its share: room is made
         assert chat_turn(second, "let in") == "You said: let in"
         with pytest.raises(ConnectionClosed) as closed:
@@ -214,9 +213,51 @@ def test_when_no_socket_is_idle_the_address_holding_the_most_gives_one_up(fake_s
         with WsClient(server.ws_url, additional_headers={"X-Forwarded-For": "10.0.3.1"}) as again:
             assert "The chat is full" in again.receive_json()["message"]  # 2 and 2: no more for it
         for ws in (greedy[0], greedy[2], modest, second):
-            active(ws)  # the others were left alone
+            be_active(ws)  # the others were left alone
         for ws in (*greedy, modest, second):
             ws.close()
+
+
+@pytest.mark.slow
+def test_addresses_over_their_share_give_way_before_an_idle_user_within_it(fake_server, fake):
+    # Review 9: a few addresses keeping their sockets "active" made every newcomer of theirs
+    # close a normal user's idle socket instead of one of their own.
+    env = {"CHAT_MAX_CONNECTIONS": "5", "CHAT_RECLAIM_IDLE_SECONDS": "0.5"}
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        connect = functools.partial(connect_from, server)
+        user = connect("10.0.5.9")  # reads, says nothing
+        hostile = [connect(address) for address in ("10.0.5.1", "10.0.5.1", "10.0.5.2", "10.0.5.2")]
+        time.sleep(0.6)
+        for ws in hostile:  # hostile[0]: the least active of the first greediest address
+            be_active(ws)
+        newcomer = connect("10.0.5.3")
+        assert closed_code(hostile[0]) == 4001
+        assert chat_turn(user, "still here") == "You said: still here"
+        assert chat_turn(newcomer, "let in") == "You said: let in"
+        for ws in (user, *hostile, newcomer):
+            ws.close()
+
+
+def test_a_full_worker_never_reclaims_a_user_waiting_for_the_model(fake, monkeypatch):
+    monkeypatch.setattr(settings, "max_connections", 3)
+    monkeypatch.setattr(settings, "reclaim_idle_seconds", 0.2)
+    monkeypatch.setattr(settings, "upstream_slots", 1)
+    monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
+    with LocalClient(chat_main.app) as client, contextlib.ExitStack() as sessions:
+        reading, waiting, recent = (sessions.enter_context(client.websocket_connect("/ws")) for _ in range(3))
+        for ws in (reading, waiting, recent):
+            read_conversation(ws)
+        start_slow_reply(reading, fake)  # holds the only slot
+        waiting.send_json({"type": "message", "content": "my question"})
+        assert waiting.receive_json() == {"type": "start"}  # in line, silent from now on
+        time.sleep(0.3)
+        be_active(recent)
+        with client.websocket_connect("/ws") as newcomer:
+            assert_told_and_closed(newcomer, "The chat is full", 1013)
+        reading.send_json({"type": "stop"})
+        assert collect_reply(reading)[-1]["type"] == "end"
+        frames = collect_reply(waiting)  # its turn came: the question was kept
+        assert frames[-1]["type"] == "end" and reply_text(frames).startswith("You said: my question")
 
 
 @pytest.mark.slow

@@ -226,7 +226,7 @@ function connect() {
     finishReply("cut off: the connection was lost", true);
     if (event.code === RECLAIMED) {
       waitingForUser = true;
-      showNotice("You were away and the chat was full, so your place went to someone else. Type to reconnect.");
+      showNotice("The chat was full, so your place went to someone else. Type to reconnect.");
       setStatus("paused");
       return;
     }
