@@ -281,7 +281,9 @@ class OpenConnections:
 
         Only when no address holds more than its share: a connection idle for
         CHAT_RECLAIM_IDLE_SECONDS with nothing of its own going on (no reply streaming to it
-        or waiting in line for it: its user waits for an answer), the one idle longest.
+        or waiting in line for it: its user waits for an answer), the one idle longest; one
+        of its own address's if the newcomer's holds its share already (so addresses near
+        equal, all over the share of the others, cannot take other people's sockets).
         A reply left without its connection leaves the line, or gives its slot to a waiting
         one, as resume gives way under load (slots.py)."""
         activity = {c: c.busy() for c in self.connections.values()}
@@ -294,10 +296,14 @@ class OpenConnections:
             candidates = [c for c in activity if c.address == greediest]
         else:
             cutoff = time.monotonic() - settings.reclaim_idle_seconds
+            # An address holding its share already makes room among its own sockets only.
+            own_only = held[newcomer] >= equal_share
             candidates = [
                 c
                 for c, doing in activity.items()
-                if doing in (Activity.IDLE, Activity.FOLLOWING) and c.last_frame <= cutoff
+                if doing in (Activity.IDLE, Activity.FOLLOWING)
+                and c.last_frame <= cutoff
+                and (c.address == newcomer or not own_only)
             ]
             if not candidates:
                 return None

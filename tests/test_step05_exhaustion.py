@@ -230,7 +230,10 @@ def test_addresses_over_their_share_give_way_before_an_idle_user_within_it(fake_
         time.sleep(0.6)
         for ws in hostile:  # hostile[0]: the least active of the first greediest address
             be_active(ws)
-        newcomer = connect("10.0.5.3")
+        # Another socket of a hostile address: it holds its share, and none of its own is idle.
+        with WsClient(server.ws_url, additional_headers={"X-Forwarded-For": "10.0.5.2"}) as more:
+            assert "The chat is full" in more.receive_json()["message"]
+        newcomer = connect("10.0.5.3")  # from an address holding none: a hostile one gives way
         assert closed_code(hostile[0]) == 4001
         assert chat_turn(user, "still here") == "You said: still here"
         assert chat_turn(newcomer, "let in") == "You said: let in"
