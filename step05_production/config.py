@@ -237,7 +237,7 @@ class Settings:
             raise ValueError(
                 f"CHAT_STORE_MAX_CONVERSATION_BYTES must be at least {newest_turn_bytes}: the newest turn must always fit"
             )
-        if not 1 <= self.upstream_slots_per_client <= self.upstream_slots:
+        if not 1 <= self.upstream_slots_per_client <= self.upstream_slots:  # (at most slots - 1 are used: slots.py)
             raise ValueError("CHAT_UPSTREAM_SLOTS_PER_CLIENT must be between 1 and CHAT_UPSTREAM_SLOTS")
         if self.new_conversations_per_connection < 1:
             raise ValueError("CHAT_NEW_CONVERSATIONS_PER_CONNECTION must be at least 1")

@@ -5,12 +5,14 @@ request and gives it back when the request ends.
 With no slot free, a reply waits in the queue of its client address, and a freed slot goes
 to the waiting address served least recently (round-robin): a classroom behind one NAT
 address is served one reply after another, and a second address in between, not after all
-of them. One address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, and takes
-one beyond its first only if that leaves a slot free for an address that holds none: so a
-newcomer finds a slot at once, whatever one or two other addresses do. (Addresses that each
-hold one fill the model when there are CHAT_UPSTREAM_SLOTS - 1 of them or more: a newcomer
-then waits for the first reply to end, at most CHAT_MAX_REPLY_SECONDS, and is served next.
-Nothing stops a reply someone watches to make room.)
+of them. One address holds at most CHAT_UPSTREAM_SLOTS_PER_CLIENT slots at once, and never
+all of them, so the others find one free whatever one address does.
+
+Where fairness ends: when a few addresses together hold every slot (two with two each, by
+default), a newcomer waits for the first of their replies to end (at most the reply's bounds)
+and is served next. Nothing here keeps a slot free for it, nor stops a reply someone watches:
+a kept slot sits idle whenever two visitors are busy, halving a classroom's pace (review 10
+measured it), and stopping replies would let one client cut other people's replies at will.
 
 Resume gives way under load: while replies wait, replies nobody watches (their asker gone,
 kept running only so that they can be resumed) are stopped, the oldest first, one for each
@@ -30,7 +32,9 @@ class UpstreamSlots:
     """This process's share of the upstream model: who holds a slot, who waits, in turn."""
 
     def __init__(self, capacity: int, per_client: int):
-        self.capacity, self.per_client = capacity, per_client
+        # One address never holds every slot (when there are two or more): with 2 slots a
+        # worker, the split of 4 across 2 workers, 2 per address would be all of them.
+        self.capacity, self.per_client = capacity, min(per_client, max(1, capacity - 1))
         self.holders: dict = {}  # LiveReply -> its client address
         self.held: Counter[str] = Counter()  # slots held, per address
         self.waiting: dict[str, deque[tuple]] = {}  # per address, its waiting replies in order
@@ -73,13 +77,7 @@ class UpstreamSlots:
                 self.forget_if_idle(address)
 
     def has_room(self, address: str) -> bool:
-        held, taken = self.held[address], len(self.holders)
-        if taken >= self.capacity or held >= self.per_client:
-            return False
-        # A slot beyond an address's first must leave one free for an address that holds
-        # none (unless no other address holds one): so two busy addresses never fill the
-        # model between them, and a newcomer's first chunk need not wait for a reply to end.
-        return held == 0 or taken + 1 < self.capacity or taken == held
+        return len(self.holders) < self.capacity and self.held[address] < self.per_client
 
     def grant(self, reply, address: str) -> None:
         self.holders[reply] = address
