@@ -21,10 +21,37 @@
   // Unicode deception. Direction embeddings, overrides and isolates reorder what is shown:
   // "https://bank.example/<RLO>moc.live" reads as another address, and a code line can
   // show a command as commented out that runs when pasted ("Trojan source"). They are
-  // never applied: each becomes a visible marker. LRM, RLM, ZWJ and ZWNJ stay in prose:
-  // Hebrew, Arabic, Persian and emoji sequences need them. A run of one character is one
-  // marker ("⟨RLO ×3⟩"), hence the \1*.
-  const DIRECTION_RUNS = /([\u202A-\u202E\u2066-\u2069])\1*/gu;
+  // never applied: each becomes a visible marker. ZWJ and ZWNJ stay in prose: Persian and
+  // emoji sequences need them. A run of one character is one marker ("⟨RLO ×3⟩"), hence the \1*.
+  // The direction marks LRM, RLM and ALM too: between digits they reorder a number
+  // ("account 1<RLM>2<RLM>3" read "account 321", review 9). Hebrew and Arabic text needs
+  // them, so in prose one is applied only where it cannot split a number and right-to-left
+  // letters already set the direction (keptMark).
+  const DIRECTION_RUNS = /([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C])\1*/gu;
+  const MARKS = /^[\u200E\u200F\u061C]/u;
+  const RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Samaritan}\p{Script=Mandaic}\p{Script=Adlam}\p{Script=Hanifi_Rohingya}]/u;
+  const MARK_CONTEXT = 32;  // UTF-16 units looked at on each side: a scan per mark, not of the whole text
+
+  // Looking away from a mark over anything but letters and digits (spaces, punctuation, other
+  // marks): is a digit met before any letter, and is the first letter (past digits) right-to-left?
+  function side(chars) {
+    let digitFirst = null;
+    for (const c of chars) {
+      if (/\p{N}/u.test(c)) digitFirst ??= true;
+      else if (/\p{L}/u.test(c)) return { digitFirst: digitFirst ?? false, rtl: RTL_LETTER.test(c) };
+    }
+    return { digitFirst: digitFirst ?? false, rtl: false };
+  }
+
+  // An LRM, RLM or ALM run at text[index:end] is applied when it is not between two numbers
+  // (digits on both sides, whatever punctuation between) and is beside right-to-left letters:
+  // there it does no more than those letters do. "המחיר הוא 100$<RLM>." keeps its mark.
+  function keptMark(text, index, end) {
+    if (!MARKS.test(text[index])) return false;
+    const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse());
+    const after = side(text.slice(end, end + MARK_CONTEXT));
+    return !(before.digitFirst && after.digitFirst) && (before.rtl || after.rtl);
+  }
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
   const INVISIBLE = /[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu;
@@ -74,6 +101,7 @@
     let from = 0;
     pattern.lastIndex = 0;  // matchAll starts where the pattern's last test() stopped
     for (const match of text.matchAll(pattern)) {
+      if (pattern === DIRECTION_RUNS && keptMark(text, match.index, match.index + match[0].length)) continue;
       if (budget.left === 0) break;
       budget.left -= 1;
       const count = [...match[0]].length;  // in characters: a tag character is two UTF-16 units
@@ -82,23 +110,25 @@
     }
     let rest = text.slice(from);
     if (budget.left === 0 && hasAny(pattern, rest)) {  // one text node, not one per character removed
-      rest = rest.replace(pattern, (run) => {
+      const removed = budget.removed;
+      rest = rest.replace(pattern, (run, char, at) => {
+        if (pattern === DIRECTION_RUNS && keptMark(text, from + at, from + at + run.length)) return run;
         budget.removed += [...run].length;
         return "";
       });
-      if (!budget.summary) {  // where the first one was removed
+      if (!budget.summary && budget.removed > removed) {  // where the first one was removed
         budget.summary = document.createElement("abbr");
         budget.summary.title = `Past ${MAX_MARKERS} markers, invisible characters are removed, not shown one by one`;
         fragment.append(budget.summary);
       }
-      budget.summary.textContent = `⟨${budget.removed} more invisible characters, removed⟩`;
+      if (budget.summary) budget.summary.textContent = `⟨${budget.removed} more invisible characters, removed⟩`;
     }
     fragment.append(rest);
     return fragment;
   }
 
   // Every text node of the rendered reply: code shows every invisible character, prose
-  // only the direction controls.
+  // only the direction controls and the marks not kept (keptMark).
   function showControls(root) {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
     const found = [];
