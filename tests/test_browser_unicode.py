@@ -87,6 +87,10 @@ ORDINARY = {
     "Persian with ZWNJ": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # "I want"
     "Hebrew with RLM": "\u05d4\u05de\u05d7\u05d9\u05e8 \u05d4\u05d5\u05d0 100$\u200f.",  # "the price is 100$."
     "Arabic with LRM": "\u0627\u0644\u0625\u0635\u062f\u0627\u0631 \u200eGPT-4\u200e \u062c\u062f\u064a\u062f",
+    # Combining marks, which render.js bounds at 16 in a row (review 9): real scripts stay whole.
+    "Vietnamese, decomposed": "Tie\u0302\u0301ng Vie\u0323\u0302t",  # "Tiếng Việt"
+    "Hebrew with points and cantillation": "\u05d1\u05b0\u05bc\u05e8\u05b5\u05d0\u05e9\u05b4\u05c1\u0596\u05d9\u05ea",
+    "Tibetan stack of 8 marks": "\u0f67\u0f90\u0fb5\u0fa8\u0fb3\u0fba\u0fbc\u0fbb\u0f82",
 }
 
 
