@@ -7,7 +7,7 @@ task, at the end of the reply and again on every reload; render.js counts that w
 such text as plain text, as it does a table of too many cells. Lists and quotes nested hundreds deep cost as much to sanitize and lay
 out: past 16 levels they are shown as plain text too, and a reload renders its stored replies
 one task each. Invisible characters in code are each a marker element: a run is one, and a
-render builds a bounded number. Replies are scripted through the fake LLM; the page keeps its CSP.
+render builds a bounded number; so do combining marks stacked on one letter. Replies are scripted through the fake LLM; the page keeps its CSP.
 """
 
 import re
@@ -205,6 +205,64 @@ def test_an_unclosed_code_block_of_invisible_characters_does_not_freeze_the_page
         page.wait_for_timeout(300)
         assert_page_stayed_responsive(long_tasks(page), "replayed")
         assert hidden_characters_shown(page) == 15000
+        assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# One grapheme cluster: a letter and 15,900 combining marks (review 9), within the default reply
+# cap. Stacked on one base, the marks are laid out again every frame: 6.6 s of long tasks in a
+# 10 s reply, up to 513 ms each, and a second on reload; they also painted over earlier
+# messages. A run of marks past 16 on one character is removed and counted by one marker; real
+# scripts need far fewer (Vietnamese 2, Hebrew points and cantillation, Tibetan stacks up to 8).
+COMBINING = "\u0301"
+MARKS = """() => { const body = document.querySelector('.assistant .body');
+    return { marks: [...body.textContent].filter((c) => c === '\\u0301').length,
+             markers: [...body.querySelectorAll('abbr')].map((m) => m.textContent) }; }"""
+
+
+def combining_marks_removed(page) -> int:
+    """How many of the reply's marks the markers account for; at most 16 left on the letter."""
+    shown = page.evaluate(MARKS)
+    assert shown["marks"] <= 16, f"{shown['marks']} combining marks left on one letter"
+    counted = (
+        re.fullmatch(r"⟨(\d+) combining marks, removed⟩|⟨(\d+) more invisible characters, removed⟩", m)
+        for m in shown["markers"]
+    )
+    return shown["marks"] + sum(int(match[1] or match[2]) for match in counted if match)
+
+
+def paints_above_its_bubble(page) -> bool:
+    """Whether the strip just above the reply's bubble differs from empty background below it."""
+    box = page.locator(".assistant").first.bounding_box()
+    strip = {"x": box["x"], "width": min(box["width"], 200), "height": 10}
+    above = page.screenshot(clip={**strip, "y": box["y"] - 10})
+    return above != page.screenshot(clip={**strip, "y": box["y"] + box["height"] + 40})
+
+
+def test_one_cluster_of_15900_combining_marks_does_not_freeze_the_page(browser, live_server, fake, monkeypatch):  # noqa: F811
+    reply = "a" + COMBINING * 15900
+    fake.reply, fake.chunk_delay = reply, 0.01
+    # The fake cuts a reply at whitespace, and there is none: 100 characters a chunk, as the review sent it.
+    monkeypatch.setattr(
+        fake, "chunks_for", lambda messages: [fake.reply[i : i + 100] for i in range(0, len(fake.reply), 100)]
+    )
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.add_init_script(OBSERVE_LONG_TASKS)
+        page.evaluate(OBSERVE_LONG_TASKS)
+        chat(page, "stack them", 0)
+        page.wait_for_timeout(300)  # a task still running when the reply ended
+        assert_page_stayed_responsive(long_tasks(page), "streamed")
+        assert combining_marks_removed(page) == 15900
+        assert not paints_above_its_bubble(page), "the marks kept paint over the messages above"
+        page.reload()  # the stored reply is rendered again, whole
+        page.wait_for_selector(".assistant .body abbr")
+        page.wait_for_timeout(300)
+        assert_page_stayed_responsive(long_tasks(page), "replayed")
+        assert combining_marks_removed(page) == 15900
+        assert not paints_above_its_bubble(page), "the marks kept paint over the messages above"
         assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
         assert not errors, errors
     finally:

@@ -87,6 +87,10 @@ ORDINARY = {
     "Persian with ZWNJ": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # "I want"
     "Hebrew with RLM": "\u05d4\u05de\u05d7\u05d9\u05e8 \u05d4\u05d5\u05d0 100$\u200f.",  # "the price is 100$."
     "Arabic with LRM": "\u0627\u0644\u0625\u0635\u062f\u0627\u0631 \u200eGPT-4\u200e \u062c\u062f\u064a\u062f",
+    # Combining marks, which render.js bounds at 16 in a row (review 9): real scripts stay whole.
+    "Vietnamese, decomposed": "Tie\u0302\u0301ng Vie\u0323\u0302t",  # "Tiếng Việt"
+    "Hebrew with points and cantillation": "\u05d1\u05b0\u05bc\u05e8\u05b5\u05d0\u05e9\u05b4\u05c1\u0596\u05d9\u05ea",
+    "Tibetan stack of 8 marks": "\u0f67\u0f90\u0fb5\u0fa8\u0fb3\u0fba\u0fbc\u0fbb\u0f82",
 }
 
 
@@ -98,6 +102,69 @@ def test_ordinary_text_keeps_zwj_zwnj_lrm_and_rlm(browser, live_server, fake):  
         paragraphs = page.eval_on_selector_all(".assistant .body p", "ps => ps.map(p => p.textContent)")
         assert paragraphs == list(ORDINARY.values())
         assert page.locator(".assistant .body abbr").count() == 0
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# Review 9: RLM (U+200F) and ALM (U+061C) between digits in ordinary prose reorder what is
+# shown ("account 123456" read "account 654321") while copy, store and history keep the real
+# order. Outside right-to-left text they are shown as markers; a Hebrew word beside them must
+# not let them through either. Each line is read in the order it is laid out on screen.
+RLM, ALM = "\u200f", "\u061c"
+NUMBERS = {
+    "Wire the refund to account 123456 today.": f"Wire the refund to account {RLM}1{RLM}2{RLM}3{RLM}4{RLM}5{RLM}6{RLM} today.",
+    "Your meeting is at 10:30, room 417.": f"Your meeting is at {RLM}10{RLM}:{RLM}30{RLM}, room {RLM}4{RLM}1{RLM}7{RLM}.",
+    "Pay $ 1000 now, code 9142.": f"Pay {RLM}$ {RLM}1{RLM}0{RLM}0{RLM}0{RLM} now, code {ALM}9{ALM}1{ALM}4{ALM}2{ALM}.",
+    "Sort code 20-45-77": f"Sort code {RLM}20{RLM}-{RLM}45{RLM}-{RLM}77{RLM}",
+    "\u05d7\u05e9\u05d1\u05d5\u05df 1234": f"\u05d7\u05e9\u05d1\u05d5\u05df {RLM}1{RLM}2{RLM}3{RLM}4",  # "account" in Hebrew
+}
+# Each paragraph's characters (markers left out) in the order they are laid out: line by line, then by x.
+LAID_OUT = """() => [...document.querySelectorAll('.assistant .body p')].map((p) => {
+    const walker = document.createTreeWalker(p, NodeFilter.SHOW_TEXT);
+    const chars = [];
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      if (node.parentElement.closest('abbr')) continue;
+      for (let i = 0; i < node.data.length; i++) {
+        const range = document.createRange();
+        range.setStart(node, i);
+        range.setEnd(node, i + 1);
+        const box = range.getBoundingClientRect();
+        if (box.width > 0) chars.push([Math.round(box.top), box.left, node.data[i]]);
+      }
+    }
+    return chars.sort((a, b) => a[0] - b[0] || a[1] - b[1]).map((c) => c[2]).join('');
+})"""
+
+
+def digits(text):
+    return "".join(c for c in text if c.isdigit())
+
+
+def test_rlm_and_alm_between_digits_in_prose_are_shown_and_do_not_reorder_them(browser, live_server, fake):  # noqa: F811
+    fake.reply = "\n\n".join(NUMBERS.values())
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.click("#inspect")
+        chat(page, "the details?", 0)
+        page.wait_for_selector("[data-phase=flow]")  # the turn's last trace
+        for summary in page.locator("#inspector summary").all():
+            summary.click()
+        snapshots = [s["text"] for s in read(page, "#inspector pre") if "refund" in s["text"]]
+        finished = (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))
+        page.reload()
+        page.wait_for_selector(".assistant .body p")
+        for shown, paragraphs in (finished, (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))):
+            for meant, laid_out, paragraph in zip(NUMBERS, shown, paragraphs, strict=True):
+                assert digits(laid_out) == digits(meant), (meant, laid_out)
+                if meant.isascii():  # (a right-to-left word is laid out right to left)
+                    assert laid_out == meant, (meant, laid_out)
+                # Only the RLM beside the Hebrew word is applied, as in ordinary Hebrew text.
+                applied = paragraph["text"].count(RLM) + paragraph["text"].count(ALM)
+                assert applied == (0 if meant.isascii() else 1), paragraph
+                assert set(paragraph["markers"]) <= {"⟨RLM⟩", "⟨ALM⟩"} and len(paragraph["markers"]) >= 3, paragraph
+        # The inspector writes them as JSON escapes, as every invisible character.
+        assert snapshots and all("account \\u200f1\\u200f2" in s and RLM not in s for s in snapshots), snapshots
         assert not errors, errors
     finally:
         context.close()

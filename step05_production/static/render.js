@@ -21,14 +21,49 @@
   // Unicode deception. Direction embeddings, overrides and isolates reorder what is shown:
   // "https://bank.example/<RLO>moc.live" reads as another address, and a code line can
   // show a command as commented out that runs when pasted ("Trojan source"). They are
-  // never applied: each becomes a visible marker. LRM, RLM, ZWJ and ZWNJ stay in prose:
-  // Hebrew, Arabic, Persian and emoji sequences need them. A run of one character is one
-  // marker ("⟨RLO ×3⟩"), hence the \1*.
-  const DIRECTION_RUNS = /([\u202A-\u202E\u2066-\u2069])\1*/gu;
+  // never applied: each becomes a visible marker. ZWJ and ZWNJ stay in prose: Persian and
+  // emoji sequences need them. A run of one character is one marker ("⟨RLO ×3⟩"), hence the \1*.
+  // The direction marks LRM, RLM and ALM too: between digits they reorder a number
+  // ("account 1<RLM>2<RLM>3" read "account 321", review 9). Hebrew and Arabic text needs
+  // them, so in prose one is applied only where it cannot split a number and right-to-left
+  // letters already set the direction (keptMark).
+  // Combining marks stack on their base: "a" and 15,900 acute accents (one grapheme cluster,
+  // within the reply cap) were laid out again every frame, 6.6 s of long tasks in a 10 s reply,
+  // up to 513 ms each, a second on reload, and the stack painted over earlier messages (review 9).
+  // Real scripts put a few on a letter (Vietnamese 2, Hebrew points and cantillation, Tibetan
+  // stacks up to 8): past MAX_COMBINING in a row, in prose and code, they are removed and one
+  // marker counts them. Both patterns below also match that excess (no group 1).
+  const MAX_COMBINING = 16;
+  const EXCESS_MARKS = String.raw`(?<=\p{M}{${MAX_COMBINING}})\p{M}+`;
+  const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C])\1*|${EXCESS_MARKS}`, "gu");
+  const MARKS = /^[\u200E\u200F\u061C]/u;
+  const RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Samaritan}\p{Script=Mandaic}\p{Script=Adlam}\p{Script=Hanifi_Rohingya}]/u;
+  const MARK_CONTEXT = 32;  // UTF-16 units looked at on each side: a scan per mark, not of the whole text
+
+  // Looking away from a mark over anything but letters and digits (spaces, punctuation, other
+  // marks): is a digit met before any letter, and is the first letter (past digits) right-to-left?
+  function side(chars) {
+    let digitFirst = null;
+    for (const c of chars) {
+      if (/\p{N}/u.test(c)) digitFirst ??= true;
+      else if (/\p{L}/u.test(c)) return { digitFirst: digitFirst ?? false, rtl: RTL_LETTER.test(c) };
+    }
+    return { digitFirst: digitFirst ?? false, rtl: false };
+  }
+
+  // An LRM, RLM or ALM run at text[index:end] is applied when it is not between two numbers
+  // (digits on both sides, whatever punctuation between) and is beside right-to-left letters:
+  // there it does no more than those letters do. "המחיר הוא 100$<RLM>." keeps its mark.
+  function keptMark(text, index, end) {
+    if (!MARKS.test(text[index])) return false;
+    const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse());
+    const after = side(text.slice(end, end + MARK_CONTEXT));
+    return !(before.digitFirst && after.digitFirst) && (before.rtl || after.rtl);
+  }
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
   const INVISIBLE = /[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu;
-  const INVISIBLE_RUNS = /([\p{Cf}\p{Default_Ignorable_Code_Point}])\1*/gu;
+  const INVISIBLE_RUNS = new RegExp(String.raw`([\p{Cf}\p{Default_Ignorable_Code_Point}])\1*|${EXCESS_MARKS}`, "gu");
   const NAMES = {
     0x202a: "LRE", 0x202b: "RLE", 0x202c: "PDF", 0x202d: "LRO", 0x202e: "RLO",
     0x2066: "LRI", 0x2067: "RLI", 0x2068: "FSI", 0x2069: "PDI",
@@ -41,9 +76,17 @@
   // Bounds the work of one task when a long reply is rendered whole (finish()).
   const PIECE_CHARS = 2000;
 
-  function hasAny(pattern, text) {
-    pattern.lastIndex = 0;  // a /g pattern's test() starts where the last one stopped
+  function hasAny(pattern, text, start = 0) {
+    pattern.lastIndex = start;  // a /g pattern's test() starts where the last one stopped
     return pattern.test(text);
+  }
+
+  // The combining marks that end `text` (at most MAX_COMBINING): a run goes on in the next text node.
+  function trailingMarks(text) {
+    const last = [...text.slice(-2 * MAX_COMBINING)];
+    let first = last.length;
+    while (first > 0 && last.length - first < MAX_COMBINING && /\p{M}/u.test(last[first - 1])) first -= 1;
+    return last.slice(first).join("");
   }
 
   // The marker is an <abbr>: a tag DOMPurify never lets through, so a reply cannot forge one.
@@ -54,6 +97,13 @@
     const abbr = document.createElement("abbr");
     abbr.title = `${hex}${times}, ${count > 1 ? "invisible characters" : "an invisible character"} (shown, not applied)`;
     abbr.textContent = `⟨${NAMES[code] || hex}${times}⟩`;
+    return abbr;
+  }
+
+  function removedMarks(count) {
+    const abbr = document.createElement("abbr");
+    abbr.title = `Past ${MAX_COMBINING} combining marks on one character, the rest are removed, not stacked`;
+    abbr.textContent = `⟨${count} combining marks, removed⟩`;
     return abbr;
   }
 
@@ -68,46 +118,54 @@
     return { left: MAX_MARKERS, removed: 0, summary: null };
   }
 
-  // Text as nodes, each run of `pattern`'s characters replaced by its marker, within `budget`.
-  function shownText(text, pattern = DIRECTION_RUNS, budget = markerBudget()) {
+  // text[start:] as nodes, each run of `pattern`'s characters replaced by its marker, within
+  // `budget`. What is before `start` is context: a run of combining marks, a mark's neighbours.
+  function shownText(text, pattern = DIRECTION_RUNS, budget = markerBudget(), start = 0) {
     const fragment = document.createDocumentFragment();
-    let from = 0;
-    pattern.lastIndex = 0;  // matchAll starts where the pattern's last test() stopped
+    let from = start;
+    pattern.lastIndex = start;  // matchAll starts there (not where the pattern's last test() stopped)
     for (const match of text.matchAll(pattern)) {
+      if (pattern === DIRECTION_RUNS && keptMark(text, match.index, match.index + match[0].length)) continue;
       if (budget.left === 0) break;
       budget.left -= 1;
       const count = [...match[0]].length;  // in characters: a tag character is two UTF-16 units
-      fragment.append(text.slice(from, match.index), marker(match[1], count));
+      fragment.append(text.slice(from, match.index), match[1] ? marker(match[1], count) : removedMarks(count));
       from = match.index + match[0].length;
     }
     let rest = text.slice(from);
     if (budget.left === 0 && hasAny(pattern, rest)) {  // one text node, not one per character removed
-      rest = rest.replace(pattern, (run) => {
+      const removed = budget.removed;
+      rest = rest.replace(pattern, (run, char, at) => {
+        if (pattern === DIRECTION_RUNS && keptMark(text, from + at, from + at + run.length)) return run;
         budget.removed += [...run].length;
         return "";
       });
-      if (!budget.summary) {  // where the first one was removed
+      if (!budget.summary && budget.removed > removed) {  // where the first one was removed
         budget.summary = document.createElement("abbr");
         budget.summary.title = `Past ${MAX_MARKERS} markers, invisible characters are removed, not shown one by one`;
         fragment.append(budget.summary);
       }
-      budget.summary.textContent = `⟨${budget.removed} more invisible characters, removed⟩`;
+      if (budget.summary) budget.summary.textContent = `⟨${budget.removed} more invisible characters, removed⟩`;
     }
     fragment.append(rest);
     return fragment;
   }
 
   // Every text node of the rendered reply: code shows every invisible character, prose
-  // only the direction controls.
+  // only the direction controls and the marks not kept (keptMark).
   function showControls(root) {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
     const found = [];
+    let marks = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
-      if (hasAny(pattern, node.data)) found.push([node, pattern]);
+      if (hasAny(pattern, marks + node.data, marks.length)) found.push([node, pattern, marks]);
+      marks = trailingMarks(marks + node.data);
     }
     const budget = markerBudget();  // one for the whole fragment
-    for (const [node, pattern] of found) node.replaceWith(shownText(node.data, pattern, budget));
+    for (const [node, pattern, before] of found) {
+      node.replaceWith(shownText(before + node.data, pattern, budget, before.length));
+    }
   }
 
   // The address a link really opens, or null when it must not be clickable: hidden
@@ -317,7 +375,7 @@
     function render() {
       if (plain) return showPlainText();
       if (tail) {  // no parsing until the end: append what came since the last frame
-        tail.append(shownText(text.slice(tailChars)));
+        tail.append(shownText(text, DIRECTION_RUNS, markerBudget(), tailChars));
         tailChars = text.length;
         return;
       }
@@ -431,8 +489,9 @@
   // JSON text (the flow inspector's snapshots) with every invisible character written as
   // its JSON escape: still the same JSON, and nothing in it hidden or reordered.
   function escapeInvisible(json) {
-    const escape = (unit) => `\\u${unit.charCodeAt(0).toString(16).padStart(4, "0")}`;
-    return json.replace(INVISIBLE, (char) => char.split("").map(escape).join(""));  // UTF-16 units, as JSON has it
+    const escape = (chars) => chars.replace(/[^]/g, (unit) => `\\u${unit.charCodeAt(0).toString(16).padStart(4, "0")}`);
+    // UTF-16 units, as JSON has it; combining marks past MAX_COMBINING in a row too (not stacked).
+    return json.replace(new RegExp(EXCESS_MARKS, "gu"), escape).replace(INVISIBLE, escape);
   }
 
   window.ChatRender = { createMarkdownView, escapeInvisible, PURIFY_OPTIONS };
