@@ -37,6 +37,9 @@ FOLLOWED_SHARE_OF_THE_POOL = 0.25
 # CLAIM_RENEW_SECONDS, frames or not): a host killed mid-reply frees the conversation for
 # the other hosts within seconds, and its followers are told the reply was lost.
 CLAIM_SECONDS = 15
+# A conversation claimed with nothing in its stream yet: its reply is being set up (history
+# read, first write on its way). A tab opened then waits this long for the first entry.
+FIRST_ENTRY_SECONDS = 2
 CLAIM_RENEW_SECONDS = 5
 # A claim's value is a random token of its reply, and only a holder of that token renews or
 # frees it (checked inside Redis, in one step): a host whose claim lapsed (paused, cut off)
@@ -322,7 +325,7 @@ class RedisFeed(ReplyFeed):
         reopen, a burst of reopens stalled every connection of the worker for seconds."""
         key = self.key(conversation_id)
         try:
-            head = await self.redis.xrange(key, count=1)
+            head = await self.first_entry(conversation_id)
             if not head or int(head[0][1].get(b"turn", 0)) <= stored_turns:
                 return None  # no reply, one in the stored messages already, or one discarded (New chat)
             tail = await self.redis.xrevrange(key, count=1)
@@ -347,6 +350,18 @@ class RedisFeed(ReplyFeed):
             await watch.close()
             raise redis_unreachable(error) from error
         return watch
+
+    async def first_entry(self, conversation_id: str) -> list:
+        """The stream's first entry ([] if none). While the conversation is claimed and its
+        stream still empty, it is polled for FIRST_ENTRY_SECONDS at most: a tab opened in that
+        moment, on any host, would otherwise find no reply and never follow it."""
+        key, waited = self.key(conversation_id), 0.0
+        while not (head := await self.redis.xrange(key, count=1)) and waited < FIRST_ENTRY_SECONDS:
+            if not await self.redis.exists(self.lock_key(conversation_id)):
+                break
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        return head
 
     async def claimed(self, conversation_id: str) -> bool:
         return bool(await self.reader.exists(self.lock_key(conversation_id)))

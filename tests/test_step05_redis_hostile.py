@@ -285,6 +285,31 @@ def test_a_host_whose_claim_lapsed_cannot_renew_or_free_the_next_holders(new_hos
     assert still_a_after_release, "host B's release freed host A's claim"
 
 
+def test_a_tab_opened_between_the_claim_and_the_first_write_follows_the_reply(new_host):
+    # A tab opened on host B just after host A claimed the conversation, before A's first
+    # write reached the stream, found no reply and never followed it (1 in 15 before; it made a
+    # CI run fail under load). It now waits, briefly, for a claimed conversation's first entry.
+    async def scenario():
+        host_a, host_b = new_host(), new_host()
+        cid = new_conversation_id()
+        try:
+            assert await host_a.feed.claim(cid)  # A is setting its reply up: nothing written yet
+            opening = asyncio.create_task(host_b.feed.find(cid, stored_turns=0))
+            await asyncio.sleep(0.2)
+            reply, done = host_a.start_reply(cid)
+            watch = await opening
+            done.set()
+            await host_a.feed.finish(reply, {"type": "end"})
+            if watch is not None:
+                await watch.close()
+            return watch
+        finally:
+            await host_a.close()
+            await host_b.close()
+
+    assert asyncio.run(scenario()) is not None, "host B found no reply to follow"
+
+
 @pytest.mark.slow
 def test_renewing_a_claim_survives_redis_being_away_for_a_moment(new_host, redis_server, caplog):
     # One Redis error used to end the renewing for good: the claim then lapsed under a live
