@@ -20,6 +20,16 @@ from tests.test_browser_hostile import chat, open_page
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
+
+def open_observed_page(browser, url: str):
+    """open_page, with the page's long tasks recorded from now on and from every reload on
+    (the init script runs before the page's own scripts)."""
+    context, page, errors = open_page(browser, url)
+    page.add_init_script(OBSERVE_LONG_TASKS)
+    page.evaluate(OBSERVE_LONG_TASKS)
+    return context, page, errors
+
+
 APP = "step05_production.main"
 # Replies of up to 32,000 characters relayed and stored whole (the default cap is 16,000).
 SERVER_ENV = {
@@ -64,10 +74,8 @@ def test_markdown_too_costly_to_parse_is_shown_as_plain_text_without_freezing_th
 ):  # noqa: F811
     reply = COSTLY[name]
     fake.reply, fake.chunk_delay = reply, 0.01
-    context, page, errors = open_page(browser, live_server.url)
+    context, page, errors = open_observed_page(browser, live_server.url)
     try:
-        page.add_init_script(OBSERVE_LONG_TASKS)  # from the reload on, before the page's own scripts
-        page.evaluate(OBSERVE_LONG_TASKS)
         chat(page, "freeze the page", 0)
         page.wait_for_timeout(300)  # a task still running when the reply ended
         assert_page_stayed_responsive(long_tasks(page), "streamed")
@@ -100,10 +108,8 @@ BODIES = """() => [...document.querySelectorAll('.assistant .body')].map((body) 
 def test_deeply_nested_markdown_does_not_freeze_the_page_streamed_or_replayed(nesting, browser, live_server, fake):  # noqa: F811
     replies = [NESTED[nesting][turn % 2] for turn in range(10)]
     plain = nesting == "a thousand deep"
-    context, page, errors = open_page(browser, live_server.url)
+    context, page, errors = open_observed_page(browser, live_server.url)
     try:
-        page.add_init_script(OBSERVE_LONG_TASKS)
-        page.evaluate(OBSERVE_LONG_TASKS)
         fake.reply, fake.chunk_delay = replies[0], 0.001
         chat(page, "nest", 0)
         page.wait_for_timeout(300)  # a task still running when the reply ended
@@ -192,10 +198,8 @@ def hidden_characters_shown(page) -> int:
 def test_an_unclosed_code_block_of_invisible_characters_does_not_freeze_the_page(name, browser, live_server, fake):  # noqa: F811
     reply = INVISIBLE_CODE[name]
     fake.reply, fake.chunk_delay = reply, 0.01
-    context, page, errors = open_page(browser, live_server.url)
+    context, page, errors = open_observed_page(browser, live_server.url)
     try:
-        page.add_init_script(OBSERVE_LONG_TASKS)
-        page.evaluate(OBSERVE_LONG_TASKS)
         chat(page, "write invisible code", 0)
         page.wait_for_timeout(300)  # a task still running when the reply ended
         assert_page_stayed_responsive(long_tasks(page), "streamed")
@@ -248,10 +252,8 @@ def test_one_cluster_of_15900_combining_marks_does_not_freeze_the_page(browser, 
     monkeypatch.setattr(
         fake, "chunks_for", lambda messages: [fake.reply[i : i + 100] for i in range(0, len(fake.reply), 100)]
     )
-    context, page, errors = open_page(browser, live_server.url)
+    context, page, errors = open_observed_page(browser, live_server.url)
     try:
-        page.add_init_script(OBSERVE_LONG_TASKS)
-        page.evaluate(OBSERVE_LONG_TASKS)
         chat(page, "stack them", 0)
         page.wait_for_timeout(300)  # a task still running when the reply ended
         assert_page_stayed_responsive(long_tasks(page), "streamed")
