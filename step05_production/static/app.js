@@ -59,7 +59,7 @@ function addMessage(kind, text = "") {
   element.className = `msg ${kind}`;
   const body = document.createElement("div");
   body.className = "body";
-  body.textContent = text;  // user text and errors are always plain text
+  body.replaceChildren(ChatRender.plainText(text));  // user text and errors are always plain text
   element.append(body);
   log.append(element);
   if (follow) log.scrollTop = log.scrollHeight;

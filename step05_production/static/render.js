@@ -30,12 +30,18 @@
   // Combining marks stack on their base: "a" and 15,900 acute accents (one grapheme cluster,
   // within the reply cap) were laid out again every frame, 6.6 s of long tasks in a 10 s reply,
   // up to 513 ms each, a second on reload, and the stack painted over earlier messages (review 9).
-  // Real scripts put a few on a letter (Vietnamese 2, Hebrew points and cantillation, Tibetan
-  // stacks up to 8): past MAX_COMBINING in a row, in prose and code, they are removed and one
-  // marker counts them. Both patterns below also match that excess (no group 1).
-  const MAX_COMBINING = 16;
-  const EXCESS_MARKS = String.raw`(?<=\p{M}{${MAX_COMBINING}})\p{M}+`;
-  const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C])\1*|${EXCESS_MARKS}`, "gu");
+  // Marks are not the only characters that stack: emoji skin tones and Thai and Lao SARA AM
+  // extend a cluster too (7,000 skin tones on a thumb: 8.3 s in one task), and an invisible
+  // character between marks (ZWNJ, a word joiner, a soft hyphen) kept the cost while it
+  // restarted a count of marks alone (review 11). So all of these count as one stack.
+  // Real text puts a few on a letter (Vietnamese 2, Hebrew points and cantillation, Tibetan
+  // stacks up to 8, an emoji sequence 3): past MAX_STACKED in a row, in prose and code, the rest
+  // are removed and one marker counts them. Both patterns below also match that excess (no group 1).
+  const MAX_STACKED = 16;
+  const STACKING = String.raw`[\p{M}\p{Emoji_Modifier}\u0E33\u0EB3\uFF9E\uFF9F\p{Cf}\p{Default_Ignorable_Code_Point}]`;
+  const STACKING_CHAR = new RegExp(STACKING, "u");
+  const EXCESS_STACKED = String.raw`(?<=${STACKING}{${MAX_STACKED}})${STACKING}+`;
+  const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C])\1*|${EXCESS_STACKED}`, "gu");
   const MARKS = /^[\u200E\u200F\u061C]/u;
   const RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Samaritan}\p{Script=Mandaic}\p{Script=Adlam}\p{Script=Hanifi_Rohingya}]/u;
   const MARK_CONTEXT = 32;  // UTF-16 units looked at on each side: a scan per mark, not of the whole text
@@ -53,9 +59,10 @@
 
   // An LRM, RLM or ALM run at text[index:end] is applied when it is not between two numbers
   // (digits on both sides, whatever punctuation between) and is beside right-to-left letters:
-  // there it does no more than those letters do. "המחיר הוא 100$<RLM>." keeps its mark.
+  // there it does no more than those letters do. "המחיר הוא 100$<RLM>." keeps its mark. A run
+  // past MAX_STACKED is a marker: no text needs one.
   function keptMark(text, index, end) {
-    if (!MARKS.test(text[index])) return false;
+    if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
     const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse());
     const after = side(text.slice(end, end + MARK_CONTEXT));
     return !(before.digitFirst && after.digitFirst) && (before.rtl || after.rtl);
@@ -63,7 +70,7 @@
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
   const INVISIBLE = /[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu;
-  const INVISIBLE_RUNS = new RegExp(String.raw`([\p{Cf}\p{Default_Ignorable_Code_Point}])\1*|${EXCESS_MARKS}`, "gu");
+  const INVISIBLE_RUNS = new RegExp(String.raw`([\p{Cf}\p{Default_Ignorable_Code_Point}])\1*|${EXCESS_STACKED}`, "gu");
   const NAMES = {
     0x202a: "LRE", 0x202b: "RLE", 0x202c: "PDF", 0x202d: "LRO", 0x202e: "RLO",
     0x2066: "LRI", 0x2067: "RLI", 0x2068: "FSI", 0x2069: "PDI",
@@ -81,11 +88,11 @@
     return pattern.test(text);
   }
 
-  // The combining marks that end `text` (at most MAX_COMBINING): a run goes on in the next text node.
-  function trailingMarks(text) {
-    const last = [...text.slice(-2 * MAX_COMBINING)];
+  // The stacking characters that end `text` (at most MAX_STACKED): a run goes on in the next text node.
+  function trailingStack(text) {
+    const last = [...text.slice(-2 * MAX_STACKED)];
     let first = last.length;
-    while (first > 0 && last.length - first < MAX_COMBINING && /\p{M}/u.test(last[first - 1])) first -= 1;
+    while (first > 0 && last.length - first < MAX_STACKED && STACKING_CHAR.test(last[first - 1])) first -= 1;
     return last.slice(first).join("");
   }
 
@@ -100,10 +107,10 @@
     return abbr;
   }
 
-  function removedMarks(count) {
+  function removedStack(count) {
     const abbr = document.createElement("abbr");
-    abbr.title = `Past ${MAX_COMBINING} combining marks on one character, the rest are removed, not stacked`;
-    abbr.textContent = `⟨${count} combining marks, removed⟩`;
+    abbr.title = `Past ${MAX_STACKED} combining marks, skin tones or invisible characters in a row, the rest are removed, not stacked`;
+    abbr.textContent = `⟨${count} stacked characters, removed⟩`;
     return abbr;
   }
 
@@ -129,7 +136,7 @@
       if (budget.left === 0) break;
       budget.left -= 1;
       const count = [...match[0]].length;  // in characters: a tag character is two UTF-16 units
-      fragment.append(text.slice(from, match.index), match[1] ? marker(match[1], count) : removedMarks(count));
+      fragment.append(text.slice(from, match.index), match[1] ? marker(match[1], count) : removedStack(count));
       from = match.index + match[0].length;
     }
     let rest = text.slice(from);
@@ -156,11 +163,11 @@
   function showControls(root) {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
     const found = [];
-    let marks = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
+    let stack = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
-      if (hasAny(pattern, marks + node.data, marks.length)) found.push([node, pattern, marks]);
-      marks = trailingMarks(marks + node.data);
+      if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, stack]);
+      stack = trailingStack(stack + node.data);
     }
     const budget = markerBudget();  // one for the whole fragment
     for (const [node, pattern, before] of found) {
@@ -490,9 +497,16 @@
   // its JSON escape: still the same JSON, and nothing in it hidden or reordered.
   function escapeInvisible(json) {
     const escape = (chars) => chars.replace(/[^]/g, (unit) => `\\u${unit.charCodeAt(0).toString(16).padStart(4, "0")}`);
-    // UTF-16 units, as JSON has it; combining marks past MAX_COMBINING in a row too (not stacked).
-    return json.replace(new RegExp(EXCESS_MARKS, "gu"), escape).replace(INVISIBLE, escape);
+    // UTF-16 units, as JSON has it; characters stacked past MAX_STACKED in a row too.
+    return json.replace(new RegExp(EXCESS_STACKED, "gu"), escape).replace(INVISIBLE, escape);
   }
 
-  window.ChatRender = { createMarkdownView, escapeInvisible, PURIFY_OPTIONS };
+  // Plain text (what the user sent) as nodes, without the stacks a reply may not have either:
+  // a pasted message of 8,000 skin tones froze its tab on every reload.
+  const EXCESS_RUNS = new RegExp(EXCESS_STACKED, "gu");
+  function plainText(text) {
+    return shownText(text, EXCESS_RUNS);
+  }
+
+  window.ChatRender = { createMarkdownView, escapeInvisible, plainText, PURIFY_OPTIONS };
 })();
