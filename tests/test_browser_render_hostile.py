@@ -259,6 +259,13 @@ def stacked_characters_accounted_for(page, text: str, selector: str = ".assistan
     return sum(shown["left"]) + counted == shown["sent"]
 
 
+def send_in_chunks_of(size: int, fake, monkeypatch) -> None:
+    """The fake cuts a reply at whitespace; these replies have none."""
+    monkeypatch.setattr(
+        fake, "chunks_for", lambda messages: [fake.reply[i : i + size] for i in range(0, len(fake.reply), size)]
+    )
+
+
 def paints_above_its_bubble(page) -> bool:
     """Whether anything of the reply paints in the strip just above its bubble: the strip as
     shown against the same strip with the bubble hidden (a tall bubble is scrolled to its top)."""
@@ -277,10 +284,7 @@ def paints_above_its_bubble(page) -> bool:
 def test_characters_stacked_on_one_letter_do_not_freeze_the_page(name, browser, live_server, fake, monkeypatch):  # noqa: F811
     reply = STACKS[name]
     fake.reply, fake.chunk_delay = reply, 0.01
-    # The fake cuts a reply at whitespace, and there is none: 100 characters a chunk, as the review sent it.
-    monkeypatch.setattr(
-        fake, "chunks_for", lambda messages: [fake.reply[i : i + 100] for i in range(0, len(fake.reply), 100)]
-    )
+    send_in_chunks_of(100, fake, monkeypatch)  # as the review sent it
     context, page, errors = open_observed_page(browser, live_server.url)
     try:
         chat(page, "stack them", 0)
@@ -310,6 +314,31 @@ def test_a_pasted_message_of_stacked_characters_does_not_freeze_its_reloads(brow
         page.wait_for_selector(".user .body")
         assert_page_stayed_responsive(page, "replayed")
         assert stacked_characters_accounted_for(page, message, ".user .body")
+        assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# One line of 16,000 characters that switches direction at every one: past LIVE_MARKDOWN_CHARS
+# it streams into the plain-text tail, and the browser laid out the whole of it again every
+# frame, more each time: 111 ms a frame by the end, 13 s of long tasks in a reply at a model's
+# pace (review 12). Hebrew and English prose, with spaces, cost nothing.
+def test_a_line_switching_direction_at_every_character_does_not_freeze_the_page(
+    browser, live_server, fake, monkeypatch
+):  # noqa: F811
+    reply = "a\u05d0" * 8000
+    fake.reply, fake.chunk_delay = reply, 0.01
+    send_in_chunks_of(40, fake, monkeypatch)
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        chat(page, "switch", 0)
+        assert_page_stayed_responsive(page, "streamed")
+        assert page.locator(".assistant .body").inner_text().replace("\n", "") == reply
+        page.reload()  # the stored reply is rendered again, whole
+        page.wait_for_selector(".assistant .body p")
+        assert_page_stayed_responsive(page, "replayed")
+        assert page.locator(".assistant .body").inner_text() == reply
         assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
         assert not errors, errors
     finally:

@@ -266,10 +266,15 @@ def test_code_shows_direction_and_invisible_characters_and_copies_what_it_shows(
 SENTENCE = "The relay sends each chunk on at once, with *some emphasis* and a `code span` here. "
 LONG_PARAGRAPH = SENTENCE * (32000 // len(SENTENCE))
 LONG_PARAGRAPH += ("and more " * 100)[: 31999 - len(LONG_PARAGRAPH)] + "."  # exactly 32,000
-MARK_TAIL = """() => { const p = document.querySelector('.assistant .body > :last-child');
-    p.kept = true; return { tag: p.tagName, chars: p.textContent.length, em: p.querySelectorAll('em').length }; }"""
-TAIL = """() => { const p = document.querySelector('.assistant .body > :last-child');
-    return { kept: p.kept === true, chars: p.textContent.length, em: p.querySelectorAll('em').length }; }"""
+# The tail is plain text in blocks of about 2,000 characters, each only appended to.
+MARK_TAIL = """() => { const blocks = [...document.querySelectorAll('.assistant .body > *')];
+    for (const block of blocks) block.kept = true;
+    return { tag: blocks.at(-1).tagName, blocks: blocks.length, chars: blocks.map((b) => b.textContent.length).reduce((a, b) => a + b),
+             em: document.querySelectorAll('.assistant .body em').length }; }"""
+TAIL = """() => { const blocks = [...document.querySelectorAll('.assistant .body > *')];
+    return { kept: blocks.filter((b) => b.kept === true).length, longest: Math.max(...blocks.map((b) => b.textContent.length)),
+             tags: [...new Set(blocks.map((b) => b.tagName))], chars: blocks.map((b) => b.textContent.length).reduce((a, b) => a + b),
+             em: document.querySelectorAll('.assistant .body em').length }; }"""
 FINAL = """() => { const body = document.querySelector('.assistant .body');
     if (!body) return { em: -1 };  // not replayed yet, after a reload
     return { children: body.children.length, em: body.querySelectorAll('em').length,
@@ -321,10 +326,12 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
         later = page.evaluate(TAIL)
         fake.release()
-        # The same element, only appended to: the long block is not parsed again each frame,
-        # and it shows the Markdown source until the reply ends.
-        assert marked["tag"] == "DIV" and later["kept"], (marked, later)
-        assert later["chars"] > marked["chars"] and later["em"] == 0, (marked, later)
+        # The same elements, only appended to: the long block is not parsed again each frame,
+        # and it shows the Markdown source until the reply ends, in blocks the browser lays
+        # out again one at a time (the first holds the 3,000 that started it, then about 2,000 each).
+        assert marked["tag"] == "DIV" and later["kept"] == marked["blocks"], (marked, later)
+        assert later["chars"] > marked["chars"] and later["em"] == 0 and later["tags"] == ["DIV"], (marked, later)
+        assert later["longest"] < 4000, later
         page.wait_for_selector(".assistant .meta", timeout=60000)
         finished = wait_for_markdown(page, sentences)
         assert finished == {"children": 1, "em": sentences, "code": sentences, "text": rendered}
@@ -333,6 +340,12 @@ def test_a_32000_character_paragraph_is_appended_as_text_while_streaming_and_par
         assert not errors, errors
     finally:
         context.close()
+
+
+TAIL_LINES = """() => { const body = document.querySelector('.assistant .body');
+    const blocks = [...body.children]; const range = document.createRange(); range.selectNodeContents(body);
+    const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+    return { text: body.textContent, lines: lines.size, spaces: [...new Set(blocks.map((b) => getComputedStyle(b).whiteSpace))] }; }"""
 
 
 def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, live_server, fake):  # noqa: F811
@@ -345,8 +358,10 @@ def test_a_long_list_keeps_its_lines_while_it_streams_as_plain_text(browser, liv
         page.keyboard.press("Enter")
         wait_for_length(page, 4000)
         assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
-        tail = page.evaluate("document.querySelector('.assistant .body > :last-child').innerText")
-        assert tail.startswith("- item 0, one of many") and tail.count("\n- item ") >= 60, tail[:300]
+        # The source as it came, in plain-text blocks that keep their line breaks.
+        tail = page.evaluate(TAIL_LINES)
+        assert fake.reply.startswith(tail["text"]) and tail["text"].count("\n- item ") >= 60, tail["text"][:300]
+        assert tail["lines"] >= 60 and tail["spaces"] == ["pre-wrap"], tail
         fake.release()
         page.wait_for_selector(".assistant .meta")
         assert page.locator(".assistant .body li").count() == 120

@@ -86,6 +86,8 @@
   // Bounds the work of one frame: a block still being written that grows past this is
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
+  // Bounds the work of one frame in the plain-text tail (appendToTail).
+  const TAIL_BLOCK_CHARS = 2000;
   // Bounds the work of one task when a long reply is rendered whole (finish()).
   const PIECE_CHARS = 2000;
 
@@ -371,8 +373,9 @@
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
     let frozenNodes = 0;
-    let tail = null;  // the <div> showing text[frozenChars:tailChars] as plain text, once too long
+    let tail = null;  // the last <div> showing text[frozenChars:tailChars] as plain text, once too long
     let tailChars = 0;
+    let tailBlockChars = 0;  // in that last <div>
     let plain = !markdown || !window.DOMPurify;
     let complete = false;  // finish() was called: the whole reply is rendered
 
@@ -387,11 +390,7 @@
 
     function render() {
       if (plain) return showPlainText();
-      if (tail) {  // no parsing until the end: append what came since the last frame
-        tail.append(shownText(text, DIRECTION_RUNS, markerBudget(), tailChars));
-        tailChars = text.length;
-        return;
-      }
+      if (tail) return appendToTail();  // no parsing until the end
       try {
         const tokens = lex(text.slice(frozenChars));
         let last = tokens.length - 1;  // the block still being written
@@ -406,6 +405,7 @@
         if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
           tail = document.createElement("div");  // a tag Markdown never makes: style.css keeps its line breaks
           tailChars = frozenChars;
+          tailBlockChars = 0;
           body.append(tail);
           return render();
         }
@@ -414,6 +414,31 @@
         console.warn("Markdown rendering failed; showing plain text.", error);
         showPlainText();
       }
+    }
+
+    // Appends what came since the last frame to the tail. The browser lays out again the
+    // whole block that text is appended to, at a cost that grows with the block: one line of
+    // 16,000 characters switching direction at each ("a" and a Hebrew letter) took 111 ms a
+    // frame by its end, 13 s of long tasks in a reply at a model's pace (review 12). So a
+    // block past TAIL_BLOCK_CHARS is closed, after the frame's last line break if there is
+    // one (nothing moves on screen), else where it ends: a line that long is cut in two
+    // until finish() renders the reply whole.
+    function appendToTail() {
+      const budget = markerBudget();
+      let from = tailChars;
+      if (tailBlockChars > TAIL_BLOCK_CHARS) {
+        const cut = text.lastIndexOf("\n") + 1;
+        if (cut > from) {
+          tail.append(shownText(text.slice(0, cut), DIRECTION_RUNS, budget, from));
+          from = cut;
+        }
+        tail = document.createElement("div");
+        tailBlockChars = 0;
+        body.append(tail);
+      }
+      tail.append(shownText(text, DIRECTION_RUNS, budget, from));
+      tailBlockChars += text.length - from;
+      tailChars = text.length;
     }
 
     // The reply's tokens cut into pieces of about PIECE_CHARS: whole blocks, but a longer
