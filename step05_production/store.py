@@ -532,9 +532,13 @@ class RedisStore(ConversationStore):
 
         self.errors, self.WatchError = RedisError, WatchError
         # Short timeouts: when Redis is away the user hears so in seconds, not minutes.
-        self.redis = redis.asyncio.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
+        # A pool that waits for a free connection, as long as a command may take: redis-py's
+        # default pool fails the 101st command at once, and a classroom reopening its pages
+        # together after a restart was told that Redis was unreachable (review 12).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=5, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
         )
+        self.redis = redis.asyncio.Redis.from_pool(pool)
         self.record_size = self.redis.register_script(RECORD_SIZE)
         self.forget_script = self.redis.register_script(FORGET)
         self.count_creation = self.redis.register_script(COUNT_CREATION)
