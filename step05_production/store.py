@@ -579,9 +579,13 @@ class RedisStore(ConversationStore):
                         if (
                             client
                             and not raw
+                            # On the watching connection (run at once, before MULTI): one
+                            # from the pool as well, and 100 first turns at once each held
+                            # one and waited for another, none stored (review 13).
                             and not await self.count_creation(
                                 keys=[self.CREATIONS_PREFIX + client],
                                 args=[time.time(), settings.store_new_conversations_per_client_hour, conversation_id],
+                                client=pipe,
                             )
                         ):
                             raise too_many_new_conversations()

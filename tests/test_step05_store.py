@@ -53,6 +53,28 @@ def test_a_turn_is_stored_whole_and_loaded_back(store_url):
     ]
 
 
+def test_many_first_turns_stored_at_once_are_all_stored(store_url):
+    # More at once than Redis's pool has connections: each first turn held one connection
+    # (WATCH) while it asked the same pool for another to count the new conversation, and
+    # with 100 at once every one waited for the others: none stored, all "unreachable" after
+    # 5 s (review 13). Fifty clients, as a deploy stopping many replies would store them.
+    turns = 150
+
+    async def use(store):
+        ids = [new_conversation_id() for _ in range(turns)]
+        stored = await asyncio.wait_for(
+            asyncio.gather(
+                *(store.add_turn(cid, "q", "a", turn=1, client=f"client-{i % 50}") for i, cid in enumerate(ids))
+            ),
+            timeout=20,
+        )
+        return stored, [await store.load(cid) for cid in ids]
+
+    stored, loaded = run(with_store(store_url, use))
+    assert stored == [True] * turns
+    assert [conversation.turns for conversation in loaded] == [1] * turns
+
+
 def test_text_is_stored_as_utf8_not_as_escapes(store_url, tmp_path):
     reply = "🙂" * 100  # JSON's default escapes spend 12 bytes on each of these
 
