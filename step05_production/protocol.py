@@ -19,8 +19,15 @@ TAG_CHARACTERS = dict.fromkeys(range(0xE0000, 0xE0080))
 # Variation selectors (U+FE00-U+FE0F, U+E0100-U+E01EF) are as invisible: 256 of them, one byte
 # each, so a run of them after an emoji hides a message just as well. A character uses at most
 # one (an emoji's text or colour form, an ideograph's variant), so each keeps one, the rest go.
+# A selector must follow a character you can see: after another selector, or after an invisible
+# one (a word joiner or a zero-width space between selectors kept every hidden byte, review 13),
+# it is surplus. INVISIBLE is Unicode's Default_Ignorable_Code_Point, which holds the selectors.
 VARIATION_SELECTOR = "[\ufe00-\ufe0f\U000e0100-\U000e01ef]"
-SURPLUS_SELECTORS = re.compile(f"(?<={VARIATION_SELECTOR}){VARIATION_SELECTOR}+")
+INVISIBLE = (
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+SURPLUS_SELECTORS = re.compile(f"(?<={INVISIBLE}){VARIATION_SELECTOR}+")
 NO_BASE = "\ufe00"  # stands before a text's start when nothing came before: a selector there has no character
 
 

@@ -323,22 +323,36 @@ def test_a_pasted_message_of_stacked_characters_does_not_freeze_its_reloads(brow
 # One line of 16,000 characters that switches direction at every one: past LIVE_MARKDOWN_CHARS
 # it streams into the plain-text tail, and the browser laid out the whole of it again every
 # frame, more each time: 111 ms a frame by the end, 13 s of long tasks in a reply at a model's
-# pace (review 12). Hebrew and English prose, with spaces, cost nothing.
-def test_a_line_switching_direction_at_every_character_does_not_freeze_the_page(
-    browser, live_server, fake, monkeypatch
+# pace (review 12). In a code block, which stays rendered while it streams, the same: 17 s
+# (review 13). Hebrew and English prose, with spaces, cost nothing.
+SWITCHING = "a\u05d0" * 7990
+SWITCHING_REPLIES = {
+    "prose, one line": (SWITCHING, SWITCHING),
+    "code, one line": (f"```\n{SWITCHING}\n```", SWITCHING),
+    "code, lines of 80": (
+        "```\n" + "\n".join(SWITCHING[i : i + 80] for i in range(0, len(SWITCHING), 80)) + "\n```",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCHING_REPLIES))
+def test_text_switching_direction_at_every_character_does_not_freeze_the_page(
+    name, browser, live_server, fake, monkeypatch
 ):  # noqa: F811
-    reply = "a\u05d0" * 8000
+    reply, shown = SWITCHING_REPLIES[name]
+    shown = shown or reply.removeprefix("```\n").removesuffix("\n```")
     fake.reply, fake.chunk_delay = reply, 0.01
     send_in_chunks_of(40, fake, monkeypatch)
     context, page, errors = open_observed_page(browser, live_server.url)
     try:
         chat(page, "switch", 0)
         assert_page_stayed_responsive(page, "streamed")
-        assert page.locator(".assistant .body").inner_text().replace("\n", "") == reply
+        assert page.locator(".assistant .body").inner_text().strip() == shown
         page.reload()  # the stored reply is rendered again, whole
-        page.wait_for_selector(".assistant .body p")
+        page.wait_for_selector(".assistant .body :is(p, pre)")
         assert_page_stayed_responsive(page, "replayed")
-        assert page.locator(".assistant .body").inner_text() == reply
+        assert page.locator(".assistant .body").inner_text().strip() == shown
         assert_the_chat_goes_on_in_markdown(page, fake, replies_shown=1)
         assert not errors, errors
     finally:

@@ -291,6 +291,16 @@ def test_a_character_keeps_one_variation_selector_and_loses_the_rest():
     assert without_hidden_characters(f"{HIDDEN_BYTES}hi") == "hi", "a selector at the start follows no character"
     # Tag characters between selectors do not make the run two runs.
     assert without_hidden_characters(f"a\ufe0f{HIDDEN}\ufe0e") == "a\ufe0f"
+    # Nor does any invisible character: a word joiner or a zero-width space after each selector
+    # kept all 67 of 67 hidden bytes (review 13). A selector follows a character you can see.
+    for invisible in ("\u2060", "\u200b", "\u200d", "\ufeff", "\u00ad"):
+        interleaved = "".join(selector + invisible for selector in HIDDEN_BYTES)
+        assert without_hidden_characters(f"Hello{interleaved}") == f"Hello{HIDDEN_BYTES[0]}" + invisible * len(
+            HIDDEN_BYTES
+        )
+    # What emoji need stays: a selector on each part of a ZWJ sequence, and on a keycap.
+    for emoji in ("\U0001f441\ufe0f\u200d\U0001f5e8\ufe0f", "\U0001f3f3\ufe0f\u200d\U0001f308", "1\ufe0f\u20e3"):
+        assert without_hidden_characters(emoji) == emoji
 
 
 def test_a_reply_cut_into_chunks_anywhere_keeps_the_same_selectors():

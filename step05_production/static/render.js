@@ -86,7 +86,7 @@
   // Bounds the work of one frame: a block still being written that grows past this is
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
-  // Bounds the work of one frame in the plain-text tail (appendToTail).
+  // Bounds the work of one frame in the plain-text tail and a long code block (appendInBlocks).
   const TAIL_BLOCK_CHARS = 2000;
   // Bounds the work of one task when a long reply is rendered whole (finish()).
   const PIECE_CHARS = 2000;
@@ -361,6 +361,29 @@
     return fragment;
   }
 
+  // Text shown as it streams, only appended to, in blocks. The browser lays out again the whole
+  // block text is appended to, at a cost that grows with the block: one line of 16,000
+  // characters switching direction at each ("a" and a Hebrew letter) took 111 ms a frame by
+  // its end, 13 s of long tasks in a reply at a model's pace (review 12), and as much in a code
+  // block (review 13). So a block past TAIL_BLOCK_CHARS is closed, after the new text's last
+  // line break if it has one (nothing moves on screen), else where it ends: a line that long
+  // is cut in two until the reply ends and is rendered whole.
+  // column: { block, blockChars, newBlock() }; text[from:] is what is new.
+  function appendInBlocks(column, text, from, pattern) {
+    const budget = markerBudget();
+    if (!column.block || column.blockChars > TAIL_BLOCK_CHARS) {
+      const cut = text.lastIndexOf("\n") + 1;
+      if (column.block && cut > from) {
+        column.block.append(shownText(text.slice(0, cut), pattern, budget, from));
+        from = cut;
+      }
+      column.block = column.newBlock();
+      column.blockChars = 0;
+    }
+    column.block.append(shownText(text, pattern, budget, from));
+    column.blockChars += text.length - from;
+  }
+
   // One message's Markdown, rendered as it streams. Finished blocks are rendered once
   // and kept; each render re-parses only the text after them (in practice the last
   // block), so the cost of a frame stays flat however long the reply grows. A block that
@@ -373,9 +396,9 @@
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
     let frozenNodes = 0;
-    let tail = null;  // the last <div> showing text[frozenChars:tailChars] as plain text, once too long
+    let tail = null;  // <div>s showing text[frozenChars:tailChars] as plain text, once too long
     let tailChars = 0;
-    let tailBlockChars = 0;  // in that last <div>
+    let liveCode = null;  // a code block still being written, past TAIL_BLOCK_CHARS: only appended to
     let plain = !markdown || !window.DOMPurify;
     let complete = false;  // finish() was called: the whole reply is rendered
 
@@ -390,12 +413,23 @@
 
     function render() {
       if (plain) return showPlainText();
-      if (tail) return appendToTail();  // no parsing until the end
+      if (tail) {  // no parsing until the end
+        appendInBlocks(tail, text, tailChars, DIRECTION_RUNS);
+        tailChars = text.length;
+        return;
+      }
       try {
         const tokens = lex(text.slice(frozenChars));
         let last = tokens.length - 1;  // the block still being written
         while (last > 0 && tokens[last].type === "space") last -= 1;
         const finished = tokens.slice(0, Math.max(last, 0));
+        const live = tokens[last];
+        if (liveCode && !finished.length && live?.type === "code" && live.text.startsWith(liveCode.text)) {
+          appendInBlocks(liveCode, live.text, liveCode.text.length, INVISIBLE_RUNS);
+          liveCode.text = live.text;
+          return;
+        }
+        liveCode = null;
         dropLiveNodes();
         if (finished.length) {
           body.append(toFragment(finished, tokens.links));
@@ -403,42 +437,33 @@
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
         }
         if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
-          tail = document.createElement("div");  // a tag Markdown never makes: style.css keeps its line breaks
+          // <div>: a tag Markdown never makes, and style.css keeps its line breaks
+          tail = { newBlock: () => body.appendChild(document.createElement("div")) };
           tailChars = frozenChars;
-          tailBlockChars = 0;
-          body.append(tail);
           return render();
         }
-        body.append(toFragment(tokens.slice(finished.length), tokens.links));
+        const fragment = toFragment(tokens.slice(finished.length), tokens.links);
+        if (!complete && live?.type === "code" && live.text.length > TAIL_BLOCK_CHARS) {
+          liveCode = codeInBlocks(fragment, live.text);
+        }
+        body.append(fragment);
       } catch (error) {  // TooCostlyToParse, or marked failing on text no limit foresaw
         console.warn("Markdown rendering failed; showing plain text.", error);
         showPlainText();
       }
     }
 
-    // Appends what came since the last frame to the tail. The browser lays out again the
-    // whole block that text is appended to, at a cost that grows with the block: one line of
-    // 16,000 characters switching direction at each ("a" and a Hebrew letter) took 111 ms a
-    // frame by its end, 13 s of long tasks in a reply at a model's pace (review 12). So a
-    // block past TAIL_BLOCK_CHARS is closed, after the frame's last line break if there is
-    // one (nothing moves on screen), else where it ends: a line that long is cut in two
-    // until finish() renders the reply whole.
-    function appendToTail() {
-      const budget = markerBudget();
-      let from = tailChars;
-      if (tailBlockChars > TAIL_BLOCK_CHARS) {
-        const cut = text.lastIndexOf("\n") + 1;
-        if (cut > from) {
-          tail.append(shownText(text.slice(0, cut), DIRECTION_RUNS, budget, from));
-          from = cut;
-        }
-        tail = document.createElement("div");
-        tailBlockChars = 0;
-        body.append(tail);
-      }
-      tail.append(shownText(text, DIRECTION_RUNS, budget, from));
-      tailBlockChars += text.length - from;
-      tailChars = text.length;
+    // The live code block's <code> made again in blocks (appendInBlocks), with the same text:
+    // from now on only appended to, until the block or the reply ends. A copy made meanwhile
+    // may have a blank line where two blocks meet; the finished reply is one block again.
+    function codeInBlocks(fragment, code) {
+      const element = fragment.querySelector("pre > code");
+      if (!element) return null;
+      element.replaceChildren();
+      const newBlock = () => element.appendChild(Object.assign(document.createElement("span"), { className: "lines" }));
+      const column = { text: code, newBlock };
+      appendInBlocks(column, code, 0, INVISIBLE_RUNS);
+      return column;
     }
 
     // The reply's tokens cut into pieces of about PIECE_CHARS: whole blocks, but a longer
@@ -502,6 +527,7 @@
       // when it is on the page (a long reply takes a few tasks).
       finish() {
         complete = true;
+        liveCode = null;
         if (plain || text.length <= LIVE_MARKDOWN_CHARS) {
           frozenChars = frozenNodes = 0;
           tail = null;
