@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from .config import settings
-from .protocol import FrameError, parse_client_frame
+from .protocol import FrameError, message_text, parse_client_frame
 from .redis_feed import RedisFeed
 from .replies import LocalFeed, ReplyFeed, ReplyHub
 from .security import (
@@ -174,8 +174,13 @@ async def chat(websocket: WebSocket):
                     await send_error(websocket, BUSY)
                 elif not (rate_limit.allow() and client_limits.allow_message(address)):
                     await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
-                elif not await session.send_message(frame["content"]):
+                elif not await session.send_message(message_text(frame["content"], settings.max_message_chars)):
                     await send_error(websocket, BUSY)  # another tab's reply, maybe on another host
+            except FrameError as error:  # the message's text, checked once it may be sent
+                if not await invalid_frames.tolerate():
+                    await websocket.close(code=1008, reason="too many invalid frames")
+                    break
+                await send_error(websocket, str(error))
             except StoreError as error:  # e.g. Redis went away: say so, keep the socket
                 await send_error(websocket, f"{error} Please try again in a moment.")
     except WebSocketDisconnect:
