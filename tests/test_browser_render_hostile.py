@@ -333,6 +333,14 @@ SWITCHING_REPLIES = {
         "```\n" + "\n".join(SWITCHING[i : i + 80] for i in range(0, len(SWITCHING), 80)) + "\n```",
         None,
     ),
+    # A fence indented 3 spaces, each line's indent cut between two chunks as tokenizers cut it
+    # ("\n  " then " a..."): marked leaves a part of an indent and strips a whole one, so the code
+    # shown was no longer the start of the next frame's and was made again whole (review 14).
+    # "\0" marks where the chunks are cut.
+    "code indented, lines of 76": (
+        "   ```\0" + "".join(f"\n  \0 {SWITCHING[i : i + 76]}" for i in range(0, 15200, 76)) + "\0\n   ```",
+        "\n".join(SWITCHING[i : i + 76] for i in range(0, 15200, 76)),
+    ),
 }
 
 
@@ -342,8 +350,14 @@ def test_text_switching_direction_at_every_character_does_not_freeze_the_page(
 ):  # noqa: F811
     reply, shown = SWITCHING_REPLIES[name]
     shown = shown or reply.removeprefix("```\n").removesuffix("\n```")
-    fake.reply, fake.chunk_delay = reply, 0.01
-    send_in_chunks_of(40, fake, monkeypatch)
+    fake.reply, fake.chunk_delay = reply.replace("\0", ""), 0.01
+    if "\0" in reply:  # these chunks for this reply, the next one as the fake cuts it
+        chunks, cut = reply.split("\0"), fake.chunks_for
+        monkeypatch.setattr(
+            fake, "chunks_for", lambda messages: chunks if "".join(chunks) == fake.reply else cut(messages)
+        )
+    else:
+        send_in_chunks_of(40, fake, monkeypatch)
     context, page, errors = open_observed_page(browser, live_server.url)
     try:
         chat(page, "switch", 0)

@@ -368,20 +368,49 @@
   // block (review 13). So a block past TAIL_BLOCK_CHARS is closed, after the new text's last
   // line break if it has one (nothing moves on screen), else where it ends: a line that long
   // is cut in two until the reply ends and is rendered whole.
-  // column: { block, blockChars, newBlock() }; text[from:] is what is new.
+  // column: { newBlock() }, and what this keeps in it; text[from:] is what is new.
   function appendInBlocks(column, text, from, pattern) {
     const budget = markerBudget();
-    if (!column.block || column.blockChars > TAIL_BLOCK_CHARS) {
-      const cut = text.lastIndexOf("\n") + 1;
-      if (column.block && cut > from) {
-        column.block.append(shownText(text.slice(0, cut), pattern, budget, from));
-        from = cut;
-      }
+    const add = (end) => {  // text[from:end], the last block's next piece
+      const nodes = [...shownText(text.slice(0, end), pattern, budget, from).childNodes];
+      column.block.append(...nodes);
+      column.pieces.push({ block: column.block, blockStart: column.blockStart, start: from, end, nodes });
+      from = end;
+    };
+    column.pieces ??= [];
+    // Where the last line starts, before the line breaks that end the text: marked may still
+    // change the last line, so it is a piece of its own (what rewind() takes back).
+    let end = text.length;
+    while (end > from && text[end - 1] === "\n") end -= 1;
+    const lastLine = text.lastIndexOf("\n", end - 1) + 1;
+    if (!column.block || from - column.blockStart > TAIL_BLOCK_CHARS) {
+      if (column.block && lastLine > from) add(lastLine);
       column.block = column.newBlock();
-      column.blockChars = 0;
+      column.blockStart = from;
     }
-    column.block.append(shownText(text, pattern, budget, from));
-    column.blockChars += text.length - from;
+    if (lastLine > from) add(lastLine);
+    add(text.length);
+  }
+
+  // Takes back what a column shows from text[at] on, a piece (one frame's text) at a time,
+  // and returns where it now ends: the caller appends from there again.
+  function rewind(column, at) {
+    let end = at;
+    while (column.pieces.length && column.pieces.at(-1).end > at) {
+      const piece = column.pieces.pop();
+      for (const node of piece.nodes) node.remove();
+      end = piece.start;
+      column.block = piece.block;  // appended to again (an emptied block stays, of no height)
+      column.blockStart = piece.blockStart;
+    }
+    return end;
+  }
+
+  // How many characters a and b have in common at their start.
+  function sharedLength(a, b) {
+    let length = 0;
+    while (length < a.length && length < b.length && a[length] === b[length]) length += 1;
+    return length;
   }
 
   // One message's Markdown, rendered as it streams. Finished blocks are rendered once
@@ -424,8 +453,13 @@
         while (last > 0 && tokens[last].type === "space") last -= 1;
         const finished = tokens.slice(0, Math.max(last, 0));
         const live = tokens[last];
-        if (liveCode && !finished.length && live?.type === "code" && live.text.startsWith(liveCode.text)) {
-          appendInBlocks(liveCode, live.text, liveCode.text.length, INVISIBLE_RUNS);
+        if (liveCode && !finished.length && live?.type === "code") {
+          // marked may change the end of the code as more of it comes (an indent cut in two
+          // chunks is kept as a line of spaces, then stripped): the blocks from the change on
+          // are written again, not the whole code, made again every frame before (review 14).
+          let shown = liveCode.text.length;
+          if (!live.text.startsWith(liveCode.text)) shown = rewind(liveCode, sharedLength(live.text, liveCode.text));
+          appendInBlocks(liveCode, live.text, shown, INVISIBLE_RUNS);
           liveCode.text = live.text;
           return;
         }
