@@ -420,7 +420,8 @@
   // would cost more every frame: from there the rest is plain text, only appended to,
   // until finish() parses the whole reply once (and renders it in pieces). Code blocks
   // are cheap to parse (no inline Markdown: ~6 ms a frame at 34,000 characters) and stay
-  // rendered; what their markers cost is bounded by MAX_MARKERS.
+  // rendered; past TAIL_BLOCK_CHARS their <code> is only appended to (codeInBlocks), and
+  // what their markers cost is bounded by MAX_MARKERS.
   function createMarkdownView(body) {
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
