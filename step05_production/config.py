@@ -203,6 +203,15 @@ class Settings:
     # Frames of every type (stop, reset, inspect too) one connection may send in the rate
     # window; past it each frame is answered like an invalid one (slowed, then 1008).
     frame_rate_limit: int = field(default_factory=lambda: _int("CHAT_FRAME_RATE_LIMIT", 120))
+    # Characters of frames one client address may send, over all its connections: a burst,
+    # then a steady rate. A frame is parsed (JSON) before its type is known, at up to 3 ms for
+    # 64 KiB of numbers; past this budget it is answered like an invalid one, unparsed. The
+    # longest message is 8,000 characters: 60 learners behind one NAT address sending one a
+    # minute each use an eighth of the rate.
+    client_frame_chars_burst: int = field(default_factory=lambda: _int("CHAT_CLIENT_FRAME_CHARS_BURST", 1024 * 1024))
+    client_frame_chars_per_second: float = field(
+        default_factory=lambda: _float("CHAT_CLIENT_FRAME_CHARS_PER_SECOND", 64 * 1024)
+    )
     # Warnings and errors logged per kind of line in the rate window; the rest are counted
     # and the count is added to the next line of that kind that is logged.
     log_lines_per_kind: int = field(default_factory=lambda: _int("CHAT_LOG_LINES_PER_KIND", 5))

@@ -30,7 +30,7 @@ from .security import (
     SecurityHeadersMiddleware,
     bound_log_floods,
     client_address,
-    keep_conversation_ids_out_of_logs,
+    keep_log_lines_short_and_id_free,
     origin_allowed,
 )
 from .server import warn_about_missing_limits
@@ -154,6 +154,8 @@ async def chat(websocket: WebSocket):
             try:
                 if not frames.allow():  # stop, reset and inspect cost work too: no type is free
                     raise FrameError("You are sending frames too fast. Please wait a moment.")
+                if not client_limits.allow_frame(address, len(message.get("text") or message.get("bytes") or "")):
+                    raise FrameError("Too much is being sent from your address. Please wait a moment.")
                 frame = parse_client_frame(message, settings.max_frame_bytes, settings.max_message_chars)
             except FrameError as error:
                 if not await invalid_frames.tolerate():
@@ -218,6 +220,6 @@ def create_app() -> FastAPI:
 
 
 warn_about_missing_limits()  # and apply the frame limit and the request-head timeout, whatever command started it
-keep_conversation_ids_out_of_logs()
+keep_log_lines_short_and_id_free()
 bound_log_floods()
 app = create_app()

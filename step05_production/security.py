@@ -190,10 +190,15 @@ class Client:
     new_connections: TokenBucket = field(
         default_factory=lambda: TokenBucket(settings.new_connections_burst, settings.new_connections_per_second)
     )
+    frame_chars: TokenBucket = field(
+        default_factory=lambda: TokenBucket(settings.client_frame_chars_burst, settings.client_frame_chars_per_second)
+    )
 
     def forgettable(self) -> bool:
         """Nothing open and nothing to remember: a fresh entry would count the same."""
-        return self.connections <= 0 and self.messages.idle() and self.new_connections.full()
+        return (
+            self.connections <= 0 and self.messages.idle() and self.new_connections.full() and self.frame_chars.full()
+        )
 
 
 class ClientLimits:
@@ -228,6 +233,12 @@ class ClientLimits:
 
     def allow_message(self, address: str) -> bool:
         return self.clients.setdefault(address, Client()).messages.allow()
+
+    def allow_frame(self, address: str, chars: int) -> bool:
+        """Whether a frame this long may be parsed: the address's frames all count, whatever
+        their type. Why: 145 sockets of one address, each within its own frame limit, sent
+        `stop` frames padded with 64 KiB of numbers and kept a worker at 90 % (review 15)."""
+        return self.clients.setdefault(address, Client()).frame_chars.take(chars)
 
 
 class Activity(IntEnum):
@@ -328,19 +339,37 @@ class InvalidFrameGuard:
         return True
 
 
-class RedactConversationIds(logging.Filter):
-    """The conversation id in `/ws?conversation=<id>` is the only key to a conversation: no log
-    line may hold it. uvicorn logs each WebSocket's path with its query string; this filter,
-    on uvicorn's loggers, replaces the id with an ellipsis before any handler sees it."""
+# The most of a client's text (a path, a query) one log line quotes: a URL of the chat and its
+# files is shorter than this.
+LOG_ARGUMENT_CHARS = 200
+
+
+class SafeLogArguments(logging.Filter):
+    """On uvicorn's loggers: what a client chose (a request's path and query) goes into a log
+    line without the conversation id and at most LOG_ARGUMENT_CHARS long.
+
+    Why the id: in `/ws?conversation=<id>` it is the only key to a conversation, and uvicorn
+    logs each WebSocket's path with its query string; it is replaced with an ellipsis.
+    Why the length: uvicorn logs every request's whole path, and a head may be 16 KiB. One
+    keep-alive connection asking for 404s with 100,000-character paths wrote 50 MB of log a
+    second (review 15); with stdout a pipe slower than that, every user waited for it (a
+    logging handler writes on the event loop). Shortened, a line costs about what a
+    request does (docs/operations.md, "The log")."""
 
     ID = re.compile(r"(conversation=)[^&\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(self.ID.sub(r"\1…", arg) if isinstance(arg, str) else arg for arg in record.args)
-        if isinstance(record.msg, str):
+            record.args = tuple(self.safe(arg) if isinstance(arg, str) else arg for arg in record.args)
+        if isinstance(record.msg, str):  # a template: its placeholders are not cut off
             record.msg = self.ID.sub(r"\1…", record.msg)
         return True
+
+    def safe(self, text: str) -> str:
+        text = self.ID.sub(r"\1…", text)  # first: a shortened id could still be a prefix of it
+        if len(text) <= LOG_ARGUMENT_CHARS:
+            return text
+        return f"{text[:LOG_ARGUMENT_CHARS]}…[{len(text) - LOG_ARGUMENT_CHARS} more characters]"
 
 
 class RateLimitedLog(logging.Filter):
@@ -389,8 +418,8 @@ def bound_log_floods() -> None:
             logger.addFilter(RateLimitedLog())
 
 
-def keep_conversation_ids_out_of_logs() -> None:
-    for name in ("uvicorn.error", "uvicorn.access"):  # the app's own log lines name no id
+def keep_log_lines_short_and_id_free() -> None:
+    for name in ("uvicorn.error", "uvicorn.access"):  # the app's own lines name no id, bound what they quote
         logger = logging.getLogger(name)
-        if not any(isinstance(existing, RedactConversationIds) for existing in logger.filters):
-            logger.addFilter(RedactConversationIds())
+        if not any(isinstance(existing, SafeLogArguments) for existing in logger.filters):
+            logger.addFilter(SafeLogArguments())

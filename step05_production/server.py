@@ -417,35 +417,65 @@ class RequestHeadTimeout(WritesMustDrain):
             self.transport.close()
 
 
-class RequestsTakeNoBody:
-    """Mixed into uvicorn's h11 protocol class: a request that announces a body is answered
-    with 400 and closed before any of its body is read.
+# A request head's bounds, the same whether it arrives in one read or in pieces: its line and
+# headers at most 16 KiB in all (what h11 allows a head still unfinished, as uvicorn sets it),
+# and at most 100 header fields (gunicorn's default; a browser sends about 15).
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+MAX_HEADER_FIELDS = 100
 
-    Why: the chat has no endpoint that takes one (the page, its files, the health check and
-    the WebSocket handshake are all GETs), and h11 parses a body in Python chunk by chunk,
-    however small the chunks: one client sending a page request followed by endless one-byte
-    chunks kept a worker at 100 % CPU and page loads took seconds; it went on after the page
-    was served, until the head timeout. An endpoint added later that takes a body must lift
-    this and bound its body itself. Uses h11's Connection as uvicorn's protocol holds it
-    (`conn`); uvicorn answers h11's RemoteProtocolError with 400 and closes."""
+
+class RequestsAreBounded:
+    """Mixed into uvicorn's h11 protocol class: a request whose head is over the bounds above,
+    or that announces a body, is answered with 400 and closed before h11 parses it further.
+
+    Why the head: h11 parses a head that arrives whole (up to asyncio's 256 KiB read) however
+    large, one header line at a time in Python. Keep-alive requests of 3,000 tiny headers
+    (29 KB, within nginx's default buffers) cost 6.3 ms each against 0.5 ms for a browser's;
+    8 such connections from one address made page loads 743 ms instead of 4 (review 15).
+    Why the body: the chat has no endpoint that takes one (the page, its files, the health
+    check and the WebSocket handshake are all GETs), and h11 parses a body in Python chunk by
+    chunk, however small the chunks: one client sending a page request followed by endless
+    one-byte chunks kept a worker at 100 % CPU and page loads took seconds; it went on after
+    the page was served, until the head timeout. An endpoint added later that takes a body
+    must lift this and bound its body itself. Uses h11's Connection as uvicorn's protocol
+    holds it (`conn`); uvicorn answers h11's RemoteProtocolError with 400 and closes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conn.__class__ = h11_connection_refusing_bodies()  # the same parser, one check more
+        self.conn.__class__ = h11_connection_with_bounds()  # the same parser, two checks more
 
 
 @functools.cache
-def h11_connection_refusing_bodies() -> type:
+def h11_connection_with_bounds() -> type:
     import h11  # here, like uvicorn: importing this module never needs the server
 
-    class ConnectionRefusingBodies(h11.Connection):
+    class ConnectionWithBounds(h11.Connection):
         def next_event(self):
+            if self.their_state is h11.IDLE:  # the next request's head is in the buffer, or begun
+                # h11's own buffer (a private attribute: h11's version is locked and tested).
+                refusal = head_over_bounds(self._receive_buffer._data)
+                if refusal:
+                    raise h11.RemoteProtocolError(refusal, error_status_hint=431)
             event = super().next_event()
             if isinstance(event, h11.Request) and announces_a_body(event.headers):
                 raise h11.RemoteProtocolError("a request body, which the chat never takes")
             return event
 
-    return ConnectionRefusingBodies
+    return ConnectionWithBounds
+
+
+def head_over_bounds(buffered: bytearray) -> str | None:
+    """Why the request head at the start of `buffered` is refused; None if it is within the
+    bounds (or not whole yet, and not over them so far). Searches at most the bound's bytes,
+    in C: far less than parsing the head costs."""
+    window = MAX_REQUEST_HEAD_BYTES + 3
+    ends = [at for at in (buffered.find(b"\n\n", 0, window), buffered.find(b"\n\r\n", 0, window)) if at != -1]
+    head_bytes = min(ends) if ends else len(buffered)  # a line ends with "\n" ("\r\n" or not), as in h11
+    if head_bytes > MAX_REQUEST_HEAD_BYTES:
+        return f"a request head over {MAX_REQUEST_HEAD_BYTES} bytes"
+    if buffered.count(b"\n", 0, head_bytes) > MAX_HEADER_FIELDS:  # as many as the head has fields
+        return f"a request head of more than {MAX_HEADER_FIELDS} header fields"
+    return None
 
 
 def announces_a_body(headers) -> bool:
@@ -538,7 +568,7 @@ def with_request_head_timeout(protocol_class: type) -> type | None:
         return protocol_class
     if protocol_class not in known:
         return None
-    mixins = (RequestHeadTimeout, RequestsTakeNoBody) if protocol_class is H11Protocol else (RequestHeadTimeout,)
+    mixins = (RequestHeadTimeout, RequestsAreBounded) if protocol_class is H11Protocol else (RequestHeadTimeout,)
     return type(f"{protocol_class.__name__}WithRequestHeadTimeout", (*mixins, protocol_class), {})
 
 
@@ -686,8 +716,8 @@ PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
     "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections before the "
     "WebSocket per address and in all (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT, "
-    "CHAT_MAX_PENDING_CONNECTIONS) and messages per address "
-    "(CHAT_CLIENT_RATE_LIMIT_MESSAGES) are counted in each worker: with {workers} workers an "
+    "CHAT_MAX_PENDING_CONNECTIONS), messages and frames' characters per address "
+    "(CHAT_CLIENT_RATE_LIMIT_MESSAGES, CHAT_CLIENT_FRAME_CHARS_BURST) are counted in each worker: with {workers} workers an "
     "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
 )
 

@@ -1097,6 +1097,38 @@ def test_a_websocket_sending_tiny_frames_nonstop_is_cut_off(flood, fake_server, 
         a_user_is_served(server)
 
 
+def head_of(*fields: bytes, path: bytes = b"/healthz", newline: bytes = b"\r\n") -> bytes:
+    lines = [b"GET " + path + b" HTTP/1.1", b"Host: 127.0.0.1", *fields, b"", b""]
+    return newline.join(lines)
+
+
+OVERSIZED_HEADS = {
+    "3,000 tiny header fields": head_of(*(b"x%d: y" % i for i in range(3000))),
+    "the same, lines ending in a bare newline": head_of(*(b"x%d: y" % i for i in range(3000)), newline=b"\n"),
+    "a path of 20,000 bytes": head_of(path=b"/" + b"a" * 20_000),
+    "a header of 20,000 bytes": head_of(b"Cookie: " + b"a" * 20_000),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", OVERSIZED_HEADS.values(), ids=list(OVERSIZED_HEADS))
+def test_a_request_head_over_the_bounds_is_refused_even_when_it_arrives_whole(head, fake_server, fake):
+    # h11 parses a head that arrives in one read however large, a header line at a time in
+    # Python: keep-alive requests of 3,000 tiny headers cost 12 times what a browser's do.
+    with entry_point_server(fake_server) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as attacker:
+            attacker.sendall(head)
+            attacker.settimeout(3)
+            assert attacker.recv(4096).startswith(b"HTTP/1.1 400 ")
+            assert seconds_until_closed(attacker, limit=3) < 3
+        # A browser's head at the bounds is served: 100 fields, or a long cookie.
+        for head in head_of(*(b"x%d: y" % i for i in range(99))), head_of(b"Cookie: " + b"a" * 15_000):
+            with socket.create_connection(("127.0.0.1", server.port)) as browser:
+                browser.sendall(head)
+                assert read_response(browser).startswith(b"HTTP/1.1 200 ")
+        a_user_is_served(server)
+
+
 CHUNKED_REQUESTS = {
     "endless one-byte chunks": b"Transfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 10_000,
     "a declared length": b"Content-Length: 1000000\r\n\r\n" + b"x" * 60_000,

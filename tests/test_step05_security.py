@@ -3,6 +3,7 @@
 (Model output in a real browser: tests/test_browser_hostile.py.)
 """
 
+import json
 import socket
 import time
 
@@ -206,6 +207,27 @@ def test_messages_are_counted_per_address_across_connections(fake, monkeypatch):
     assert len(fake.requests) == 4
 
 
+def test_the_characters_of_every_frame_are_counted_per_address_before_parsing(fake, monkeypatch):
+    # A frame is parsed before its type is known: 145 sockets sending `stop` frames padded with
+    # 64 KiB of numbers, each within its own frame limit, kept a worker at 90 %.
+    monkeypatch.setattr(settings, "client_frame_chars_burst", 120_000)  # each client's lifespan counts afresh
+    monkeypatch.setattr(settings, "client_frame_chars_per_second", 1_000)
+    padded_stop = json.dumps({"type": "stop", "pad": [1e5] * 5_000})  # 50,020 characters, valid
+    greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.5", "10.0.0.6"))
+    with greedy, other:
+        with greedy.websocket_connect("/ws") as first, greedy.websocket_connect("/ws") as second:
+            for ws in first, second:
+                read_conversation(ws)
+                ws.send_text(padded_stop)  # within the burst: answered by nothing (no reply to stop)
+            for ws in first, second:  # past it, from either connection
+                ws.send_text(padded_stop)
+                assert "Too much is being sent from your address" in ws.receive_json()["message"]
+            assert chat_turn(second, "short") == "You said: short"  # what is left of the burst
+        with other.websocket_connect("/ws") as ws:  # another address has its own budget
+            ws.send_text(padded_stop)
+            assert chat_turn(ws, "mine") == "You said: mine"
+
+
 def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypatch):
     monkeypatch.setattr(settings, "invalid_frame_limit", 6)
     monkeypatch.setattr(settings, "invalid_frame_delay_seconds", 0.3)
@@ -378,3 +400,18 @@ def test_no_log_line_holds_a_conversation_id(fake_server):
             read_conversation(ws)
         wait_until(lambda: "conversation=…" in server.log_text(), what="the reconnect to be logged")
         assert cid not in server.log_text()
+
+
+@pytest.mark.slow
+def test_a_long_path_makes_a_short_log_line(fake_server):
+    # uvicorn logs each request's whole path: 100,000-character paths wrote 50 MB of log a second.
+    env = llm_env(fake_server.base_url)
+    with LiveServer(f"{APP}:app", env=env, extra_args=("--log-level", "info")) as server:
+        secret = "c" * 22
+        response = httpx2.get(f"{server.url}/nothing?conversation={secret}&more={'a' * 10_000}")
+        assert response.status_code == 404
+        wait_until(lambda: "GET /nothing" in server.log_text(), what="the request to be logged")
+        (line,) = [line for line in server.log_text().splitlines() if "GET /nothing" in line]
+        assert len(line) < 400, f"{len(line)} characters"
+        assert "conversation=…&more=aaa" in line
+        assert secret not in server.log_text()
