@@ -137,6 +137,29 @@ LAID_OUT = """() => [...document.querySelectorAll('.assistant .body p')].map((p)
 })"""
 
 
+# The reply's marks still in its text (applied), its mark markers, and its digits in the order
+# they are laid out (line by line, then by x).
+READ_MARKS = """() => [...document.querySelectorAll('.assistant .body')].map((body) => {
+    const chars = [];
+    const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        if (node.parentElement.closest('abbr')) continue;
+        for (let i = 0; i < node.data.length; i++) {
+            if (!/[0-9]/.test(node.data[i])) continue;
+            const range = document.createRange(); range.setStart(node, i); range.setEnd(node, i + 1);
+            const box = range.getBoundingClientRect(); chars.push([Math.round(box.top), box.left, node.data[i]]);
+        }
+    }
+    return { raw: (body.textContent.match(/[\u200e\u200f\u061c]/g) || []).length,
+             markers: [...body.querySelectorAll('abbr')].filter((m) => /RLM|LRM|ALM/.test(m.textContent)).length,
+             laid_out: chars.sort((a, b) => a[0] - b[0] || a[1] - b[1]).map((c) => c[2]).join('') };
+})"""
+
+
+def read_marks(page):
+    return page.evaluate(READ_MARKS)
+
+
 def digits(text):
     return "".join(c for c in text if c.isdigit())
 
@@ -165,6 +188,35 @@ def test_rlm_and_alm_between_digits_in_prose_are_shown_and_do_not_reorder_them(b
                 assert set(paragraph["markers"]) <= {"⟨RLM⟩", "⟨ALM⟩"} and len(paragraph["markers"]) >= 3, paragraph
         # The inspector writes them as JSON escapes, as every invisible character.
         assert snapshots and all("account \\u200f1\\u200f2" in s and RLM not in s for s in snapshots), snapshots
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_rlm_between_digits_is_never_applied_while_a_long_paragraph_streams(browser, live_server, fake, monkeypatch):  # noqa: F811
+    # Past 3,000 characters a paragraph streams as plain text, only appended to. A mark that
+    # ended a frame was kept by what little followed it (nothing), applied, and the account
+    # number showed as 654321 until the reply ended (review 15).
+    account = "\u05d7\u05e9\u05d1\u05d5\u05df " + RLM.join("123456")
+    fake.reply = "word " * 700 + account + " today."
+    chunks = [piece for piece in fake.reply.split(RLM)]
+    chunks = [piece + RLM for piece in chunks[:-1]] + chunks[-1:]  # each mark ends a chunk
+    monkeypatch.setattr(fake, "chunks_for", lambda messages: chunks)
+    fake.hold_after, fake.hold_seconds = 5, 60  # held after "5" and its mark
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "my account?")
+        page.keyboard.press("Enter")
+        wait_for_text(page, ".assistant .body", "5")
+        page.wait_for_timeout(300)  # a frame or two more, the mark after "5" among them
+        (streaming,) = read_marks(page)
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        fake.release()
+        page.wait_for_selector(".assistant .meta")
+        (finished,) = read_marks(page)
+        assert streaming["raw"] == 0 and digits(streaming["laid_out"]) == "12345", streaming
+        assert finished == {"raw": 0, "markers": 5, "laid_out": finished["laid_out"]}, finished
+        assert digits(finished["laid_out"]) == "123456", finished
         assert not errors, errors
     finally:
         context.close()

@@ -49,6 +49,7 @@
   const EXCESS_JOINER = String.raw`\u200D(?<=(?:${JOINED}){${MAX_JOINED + 1}})`;
   const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]|${EXCESS_JOINER})\1*|${EXCESS_STACKED}`, "gu");
   const MARKS = /^[\u200E\u200F\u061C]/u;
+  const MARK_RUNS = /([\u200E\u200F\u061C])\1*/gu;
   const RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Samaritan}\p{Script=Mandaic}\p{Script=Adlam}\p{Script=Hanifi_Rohingya}]/u;
   const MARK_CONTEXT = 32;  // UTF-16 units looked at on each side: a scan per mark, not of the whole text
 
@@ -134,13 +135,14 @@
   }
 
   // text[start:] as nodes, each run of `pattern`'s characters replaced by its marker, within
-  // `budget`. What is before `start` is context: a run of combining marks, a mark's neighbours.
-  function shownText(text, pattern = DIRECTION_RUNS, budget = markerBudget(), start = 0) {
+  // `budget`. What is before `start` is context: a run of combining marks, a mark's neighbours;
+  // so is `context` past the end of `text` (text is its start): what follows a mark.
+  function shownText(text, pattern = DIRECTION_RUNS, budget = markerBudget(), start = 0, context = text) {
     const fragment = document.createDocumentFragment();
     let from = start;
     pattern.lastIndex = start;  // matchAll starts there (not where the pattern's last test() stopped)
     for (const match of text.matchAll(pattern)) {
-      if (pattern === DIRECTION_RUNS && keptMark(text, match.index, match.index + match[0].length)) continue;
+      if (pattern === DIRECTION_RUNS && keptMark(context, match.index, match.index + match[0].length)) continue;
       if (budget.left === 0) break;
       budget.left -= 1;
       const count = [...match[0]].length;  // in characters: a tag character is two UTF-16 units
@@ -151,7 +153,7 @@
     if (budget.left === 0 && hasAny(pattern, rest)) {  // one text node, not one per character removed
       const removed = budget.removed;
       rest = rest.replace(pattern, (run, char, at) => {
-        if (pattern === DIRECTION_RUNS && keptMark(text, from + at, from + at + run.length)) return run;
+        if (pattern === DIRECTION_RUNS && keptMark(context, from + at, from + at + run.length)) return run;
         budget.removed += [...run].length;
         return "";
       });
@@ -372,15 +374,16 @@
   function appendInBlocks(column, text, from, pattern) {
     const budget = markerBudget();
     const add = (end) => {  // text[from:end], the last block's next piece
-      const nodes = [...shownText(text.slice(0, end), pattern, budget, from).childNodes];
+      const nodes = [...shownText(text.slice(0, end), pattern, budget, from, text).childNodes];
       column.block.append(...nodes);
       column.pieces.push({ block: column.block, blockStart: column.blockStart, start: from, end, nodes });
       from = end;
     };
     column.pieces ??= [];
+    const settled = pattern === DIRECTION_RUNS ? settledLength(text, from) : text.length;
     // Where the last line starts, before the line breaks that end the text: marked may still
     // change the last line, so it is a piece of its own (what rewind() takes back).
-    let end = text.length;
+    let end = settled;
     while (end > from && text[end - 1] === "\n") end -= 1;
     const lastLine = text.lastIndexOf("\n", end - 1) + 1;
     if (!column.block || from - column.blockStart > TAIL_BLOCK_CHARS) {
@@ -389,7 +392,24 @@
       column.blockStart = from;
     }
     if (lastLine > from) add(lastLine);
-    add(text.length);
+    add(settled);
+    return settled;  // where the next frame goes on from
+  }
+
+  // How much of a streaming text can be shown for good: up to its first direction mark that
+  // would be applied (keptMark) while what follows it may still change that: no letter after it
+  // yet, within MARK_CONTEXT. Such a mark waits for the next frame; shown at once, an RLM after
+  // a digit was applied until the reply ended, and an account number showed reversed (review 15).
+  // (A mark shown as a marker may stay one until the end: a marker never deceives.)
+  function settledLength(text, from) {
+    const near = Math.max(from, text.length - MARK_CONTEXT - 1);
+    for (const run of text.slice(near).matchAll(MARK_RUNS)) {
+      const start = near + run.index;
+      const end = start + run[0].length;
+      const after = text.slice(end, end + MARK_CONTEXT);
+      if (after.length < MARK_CONTEXT && !/\p{L}/u.test(after) && keptMark(text, start, end)) return start;
+    }
+    return text.length;
   }
 
   // Takes back what a column shows from text[at] on, a piece (one frame's text) at a time,
@@ -444,8 +464,7 @@
     function render() {
       if (plain) return showPlainText();
       if (tail) {  // no parsing until the end
-        appendInBlocks(tail, text, tailChars, DIRECTION_RUNS);
-        tailChars = text.length;
+        tailChars = appendInBlocks(tail, text, tailChars, DIRECTION_RUNS);
         return;
       }
       try {
