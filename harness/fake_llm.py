@@ -58,6 +58,10 @@ class FakeLLM:
     released: bool = False
     drop_at: int = 2  # the "drop" fault cuts the stream just before this piece of text (0: before any)
     faults: list[str] = field(default_factory=list)  # one is used up per request
+    # A small context: a prompt of more characters than this (all its messages' contents, a
+    # character standing for a token) is refused with HTTP 400, as `context_error` words it.
+    context_chars: int | None = None
+    context_error: str = "llama.cpp"  # or "openai", "vllm"
     started: int = 0
     completed: int = 0
     dropped: int = 0
@@ -108,6 +112,39 @@ def _chunk(completion_id: str, model: str, delta: dict, finish: str | None = Non
     return f"data: {json.dumps(body)}\n\n"
 
 
+def context_exceeded(server: str, prompt: int, context: int) -> dict:
+    """The body of the 400 a server sends for a prompt longer than its context: the llama.cpp
+    server's (what the embedded model answers, word for word), OpenAI's or vLLM's."""
+    if server == "openai":
+        message = (
+            f"This model's maximum context length is {context} tokens. However, your messages resulted in"
+            f" {prompt} tokens. Please reduce the length of the messages."
+        )
+        return {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    if server == "vllm":  # its OpenAI-compatible server, older versions: no "error" around it
+        message = (
+            f"This model's maximum context length is {context} tokens. However, you requested {prompt} tokens"
+            f" in the messages. Please reduce the length of the messages."
+        )
+        return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+    message = f"request ({prompt} tokens) exceeds the available context size ({context} tokens), try increasing it"
+    error = {
+        "code": 400,
+        "message": message,
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": prompt,
+        "n_ctx": context,
+    }
+    return {"error": error}
+
+
 class _DroppedStream(Exception):
     """Raised inside the response to cut the connection without finishing the body."""
 
@@ -147,6 +184,9 @@ def create_app(fake: FakeLLM) -> Starlette:
             return JSONResponse(error, status_code=500, headers=quick_retry)
         if fault == "hang":
             await asyncio.sleep(3600)
+        prompt = sum(len(m.get("content") or "") for m in body.get("messages", []))
+        if fake.context_chars is not None and prompt > fake.context_chars:
+            return JSONResponse(context_exceeded(fake.context_error, prompt, fake.context_chars), status_code=400)
 
         model = body.get("model", "fake-model")
         chunks = fake.chunks_for(body.get("messages", []))

@@ -6,16 +6,46 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import openai
 from pocketflow import AsyncNode
 
 from .config import settings
 from .store import StoreError, with_turn
-from .utils.stream_llm import ReplyOverBudget, explain_llm_error, stream_llm
+from .utils.stream_llm import MessageTooLong, ReplyOverBudget, exceeds_context, explain_llm_error, stream_llm
 
 log = logging.getLogger(__name__)
 # The store refused the turn: the conversation was deleted (New chat in another tab) or changed
 # (another host answered the same turn) while this reply streamed.
 NOT_SAVED = "This reply was not saved: the conversation was deleted or changed elsewhere while it was written."
+
+# Requests for one reply when the upstream refuses the prompt as longer than its context
+# (HTTP 400, before any chunk): each one sends about half the earlier turns' characters of
+# the one before (the oldest turns left out); the last one sends the newest message alone.
+CONTEXT_ATTEMPTS = 6
+
+
+def characters(messages: list[dict]) -> int:
+    return sum(len(message["content"]) for message in messages)
+
+
+def newest_turns(history: list[dict], budget: int) -> list[dict]:
+    """The newest whole turns (a message and its reply) of `history` within `budget` characters."""
+    start = len(history)
+    while start >= 2 and characters(history[start - 2 :]) <= budget:
+        start -= 2
+    return history[start:]
+
+
+@dataclass
+class ContextFit:
+    """The prompt's length, in characters, the next turns start from once the upstream refused
+    a longer one: where the halving went on from (the message, and half the earlier turns'
+    characters of the refused prompt). Kept for one conversation on one connection (session.py),
+    so a long conversation pays its refused requests once, not on every turn. It only goes
+    down (each refusal halves it); probing upward would cost a refused request a turn, so up
+    to half of the model's context may go unused, until a reconnect or a New chat."""
+
+    prompt_chars: int | None = None
 
 
 @dataclass
@@ -59,12 +89,16 @@ class StreamingChatNode(AsyncNode):
     Exception: pocketflow lets it through, and exec handles it itself.)
     """
 
+    context_fit: ContextFit | None = None  # the connection's, set by prep (none: nothing remembered)
+
     def __init__(self):
         # One attempt only: once a chunk is on the user's screen a retry would repeat it.
-        # The openai SDK already retries failed *requests* (before any chunk) with backoff.
+        # The openai SDK already retries failed *requests* (before any chunk) with backoff,
+        # and relay_within_context asks again, with fewer turns, when the prompt is too long.
         super().__init__(max_retries=1)
 
     async def prep_async(self, shared):
+        self.context_fit = shared.get("context_fit")
         system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
         messages = system + shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}]
         return messages, shared["reply"], shared["stop_requested"]
@@ -79,7 +113,7 @@ class StreamingChatNode(AsyncNode):
             # A slot of the upstream's capacity first, maybe after a wait in turn (slots.py):
             # `start` is out already, so the page shows the reply as coming.
             async with live.upstream_slot():
-                await self.relay(messages, live, reply)
+                await self.relay_within_context(messages, live, reply)
         except asyncio.CancelledError:
             if not stop_requested.is_set():
                 raise  # cancelled without a Stop: just go
@@ -92,14 +126,44 @@ class StreamingChatNode(AsyncNode):
                 task.uncancel()
         return reply
 
-    async def relay(self, messages, live, reply: Reply) -> None:
-        """Stream the upstream's reply to `live`, within the server's own bounds of length,
-        time and bytes, whatever the upstream does. Leaving `async with` closes the request."""
-        chunks = stream_llm(messages, settings.max_reply_tokens, settings.max_upstream_bytes)
+    async def relay_within_context(self, messages, live, reply: Reply) -> None:
+        """relay, asked again with fewer of the oldest turns while the upstream refuses the
+        prompt as longer than its context. Whatever the model (its context is not known here),
+        like any chat's sliding window: only what is sent shrinks, the stored history stays
+        whole; the system prompt and the newest message are always sent."""
         # The clock starts once the slot is held: waiting in turn is not the upstream's fault.
-        now = asyncio.get_running_loop().time()
-        whole_reply_ends = now + settings.max_reply_seconds
-        first_content_ends = min(whole_reply_ends, now + settings.first_content_seconds)
+        # One clock for every attempt, so refusals cannot stretch the reply's deadlines.
+        began = asyncio.get_running_loop().time()
+        fit = self.context_fit or ContextFit()
+        lead = 1 if messages[0]["role"] == "system" else 0
+        system, history, newest = messages[:lead], messages[lead:-1], messages[-1:]
+        budget = characters(history)  # for the earlier turns
+        if fit.prompt_chars is not None:
+            budget = min(budget, fit.prompt_chars - characters(system + newest))
+        refused = False
+        for attempt in range(CONTEXT_ATTEMPTS):
+            turns = newest_turns(history, budget) if attempt < CONTEXT_ATTEMPTS - 1 else []
+            try:
+                await self.relay(system + turns + newest, live, reply, began)
+            except openai.BadRequestError as error:
+                if reply.length or not exceeds_context(error):  # never again once a chunk is shown
+                    raise
+                if not turns:
+                    raise MessageTooLong(str(error)) from error
+                refused, budget = True, characters(turns) // 2
+                fit.prompt_chars = characters(system + newest) + budget
+            else:
+                if refused:
+                    log.info("the model's context held %d of %d earlier messages", len(turns), len(history))
+                return
+
+    async def relay(self, messages, live, reply: Reply, began: float) -> None:
+        """Stream the upstream's reply to `live`, within the server's own bounds of length,
+        time and bytes, whatever the upstream does (`began`: the loop's time when the reply
+        got its upstream slot). Leaving `async with` closes the request."""
+        chunks = stream_llm(messages, settings.max_reply_tokens, settings.max_upstream_bytes)
+        whole_reply_ends = began + settings.max_reply_seconds
+        first_content_ends = min(whole_reply_ends, began + settings.first_content_seconds)
         try:
             async with asyncio.timeout_at(first_content_ends) as deadline, aclosing(chunks):
                 async for text in chunks:

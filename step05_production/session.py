@@ -8,6 +8,7 @@ from fastapi import WebSocket
 
 from .config import settings
 from .flow import create_streaming_chat_flow
+from .nodes import ContextFit
 from .replies import MODEL_BUSY, LiveReply, ReplyHub, Watch
 from .security import Activity, client_address
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
@@ -19,7 +20,9 @@ STOP_WAIT_SECONDS = 10  # how long Stop waits for a reply to send its `end`
 INSPECTOR_OFF = "The flow inspector is off on this server. Start it with CHAT_INSPECTOR=1 (make chat does)."
 
 
-async def generate(reply: LiveReply, history: list[dict], store, tracer: Tracer | None = None) -> None:
+async def generate(
+    reply: LiveReply, history: list[dict], store, tracer: Tracer | None = None, context_fit: ContextFit | None = None
+) -> None:
     """One turn of the flow, in its own task. Upstream errors are handled by the node;
     anything that still gets here is a bug: log it, tell the user, keep the socket."""
     shared = {
@@ -30,6 +33,7 @@ async def generate(reply: LiveReply, history: list[dict], store, tracer: Tracer 
         "conversation_history": history,
         "stop_requested": reply.stop_requested,
         "tracer": tracer,  # the flow inspector (tracing.py): silent unless the client asked
+        "context_fit": context_fit,  # how long a prompt the model took last time (nodes.py)
     }
     try:
         await create_streaming_chat_flow().run_async(shared)
@@ -49,6 +53,7 @@ class ChatSession:
         self.watch: Watch | None = None  # or a reply it follows through a copy (it came back, another tab)
         self.forwarding: asyncio.Task | None = None
         self.inspecting = False  # trace frames for the replies it asks for (tracing.py)
+        self.context_fit = ContextFit()  # for the conversation shown (show() starts a new one)
         # The store as this connection writes it: the conversations it creates count towards
         # its address's quota, and towards its own share of new conversations (store.py).
         self.store = hub.store.for_client(client_address(websocket))
@@ -70,6 +75,7 @@ class ChatSession:
 
     async def show(self, conversation: Conversation, watch: Watch | None = None) -> None:
         self.conversation_id = conversation.id
+        self.context_fit = ContextFit()
         messages = list(conversation.messages)
         if watch is not None:  # the question whose answer is still being written
             messages.append({"role": "user", "content": watch.user_message, "status": "replying"})
@@ -128,7 +134,7 @@ class ChatSession:
         reply = await self.hub.begin(
             self.conversation_id,
             text,
-            lambda reply, history: generate(reply, history, self.store, Tracer(reply, self)),
+            lambda reply, history: generate(reply, history, self.store, Tracer(reply, self), self.context_fit),
             asker=self.websocket,
             address=address,  # its fair share of the upstream (slots.py)
         )

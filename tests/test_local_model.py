@@ -1,5 +1,7 @@
 """The embedded local model (llama.cpp via xllamacpp, SmolLM2-135M): real tokens, no key, no network."""
 
+import asyncio
+import logging
 import signal
 import socket
 import threading
@@ -9,9 +11,11 @@ import pytest
 import local_llm
 from harness.fake_llm import free_port
 from harness.notebooks import execute, text_output
-from harness.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, reply_text
+from harness.support import LiveServer, LocalClient, WsClient, collect_reply, llm_env, read_conversation, reply_text
 from local_llm import LocalModelError, start_local_llm
 from step05_production import main as chat_main
+from step05_production.config import settings
+from step05_production.store import new_conversation_id, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -48,6 +52,33 @@ def test_a_real_reply_streams_through_step05(on_local_model):
         frames = collect_reply(ws)
     assert_streamed_reply(frames)
     print("model said:", reply_text(frames))
+
+
+def test_a_conversation_longer_than_the_models_context_still_gets_a_reply(on_local_model, monkeypatch, caplog):
+    """The embedded model holds 2,048 tokens per request. A long story, then a short turn (~2,300
+    tokens in all): the model refuses the whole history (HTTP 400), so the reply is asked for
+    again with the oldest turn left out (and only ~300 tokens to read: quick on any machine)."""
+    monkeypatch.setattr(settings, "max_reply_tokens", 16)  # the prompt is what is tested here
+    caplog.set_level(logging.INFO, logger="step05_production.nodes")
+    conversation = new_conversation_id()
+    sentence = "The baker rose before dawn to knead the bread, and the whole street smelled of it. "
+
+    async def store_turns():
+        store = open_store(settings.store_url)
+        try:
+            await store.add_turn(conversation, "Write a long story.", sentence * 100, turn=1)
+            await store.add_turn(conversation, "Now a short one.", sentence * 12, turn=2)
+        finally:
+            await store.close()
+
+    asyncio.run(store_turns())
+    with LocalClient(chat_main.app) as client, client.websocket_connect(f"/ws?conversation={conversation}") as ws:
+        assert len(read_conversation(ws)["messages"]) == 4
+        ws.send_json({"type": "message", "content": "How does the story end?"})
+        frames = collect_reply(ws)
+    assert (frames[0]["type"], frames[-1]["type"]) == ("start", "end"), frames[-1]
+    assert reply_text(frames), "the reply streams"
+    assert "the model's context held 2 of 4 earlier messages" in caplog.text, "the whole history did not fit"
 
 
 def test_two_chats_stream_at_the_same_time(model_url):

@@ -32,7 +32,7 @@ from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.nodes import StreamingChatNode
 from step05_production.replies import LiveReply, LocalFeed, ReplyHub
-from step05_production.store import MemoryStore, trim_history
+from step05_production.store import MemoryStore, new_conversation_id, open_store, trim_history
 from step05_production.utils.stream_llm import StreamCutOff
 
 APP = "step05_production.main"
@@ -95,6 +95,78 @@ def test_an_upstream_line_that_never_ends_is_refused_before_it_is_read_whole(fak
             assert ws.receive_json() == {"type": "reset"}
     assert [f["type"] for f in frames] == ["start", "error"]
     assert upstream.sent < 15_000_000, f"{upstream.sent} bytes of the line were read (socket buffers hold a few MB)"
+
+
+# A conversation longer than the model's context ----------------------------------------
+
+
+def stored_conversation(turns: int, reply_chars: int) -> str:
+    """A conversation of `turns` stored turns, "question i" and a reply of `reply_chars`
+    characters each, in the store the app uses (step05's, in every server process)."""
+    conversation_id = new_conversation_id()
+
+    async def store_turns():
+        store = open_store(settings.store_url)
+        try:
+            for i in range(turns):
+                await store.add_turn(conversation_id, f"question {i}", f"answer {i} " + "a" * reply_chars, turn=i + 1)
+        finally:
+            await store.close()
+
+    asyncio.run(store_turns())
+    return conversation_id
+
+
+def questions(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "user"]
+
+
+@pytest.mark.parametrize("server", ["llama.cpp", "openai", "vllm"])
+def test_a_conversation_longer_than_the_models_context_still_gets_replies(connect, fake, server):
+    """The upstream refuses a prompt over its context (HTTP 400, before any chunk): the reply
+    is asked for again with the oldest turns left out, a bounded number of times. Only what
+    is sent shrinks: the stored history keeps every turn."""
+    conversation = stored_conversation(turns=10, reply_chars=900)  # ~9,300 characters of history
+    fake.context_chars, fake.context_error = 3000, server
+    ws = connect(conversation=conversation)
+    assert len(read_conversation(ws)["messages"]) == 20
+    ws.send_json({"type": "message", "content": "the newest question"})
+    frames = collect_reply(ws)
+    assert (frames[0]["type"], frames[-1]["type"]) == ("start", "end"), frames[-1]
+    assert reply_text(frames) == "You said: the newest question"
+    assert 1 < len(fake.requests) <= 6, f"{len(fake.requests)} requests for one reply"
+    sent = fake.requests[-1]["messages"]
+    assert sum(len(m["content"]) for m in sent) <= 3000
+    assert sent[-1] == {"role": "user", "content": "the newest question"}
+    assert questions(sent)[:-1] == [f"question {i}" for i in range(10 - len(questions(sent)) + 1, 10)]
+    assert len(sent) >= 3, "the newest turns that fit are sent, not only the message"
+
+    # The next turn starts from what fit: no refused request again on every turn.
+    fake.requests.clear()
+    ws.send_json({"type": "message", "content": "and another"})
+    assert reply_text(collect_reply(ws)) == "You said: and another"
+    assert len(fake.requests) == 1
+    stored = read_conversation(connect(conversation=conversation))["messages"]
+    assert questions(stored) == [f"question {i}" for i in range(10)] + ["the newest question", "and another"]
+
+
+def test_a_message_too_long_for_the_models_context_on_its_own_is_explained(connect, fake):
+    conversation = stored_conversation(turns=10, reply_chars=900)
+    fake.context_chars = 1000
+    ws = connect(conversation=conversation)
+    read_conversation(ws)
+    ws.send_json({"type": "message", "content": "x" * 1200})
+    frames = collect_reply(ws)
+    assert [f["type"] for f in frames] == ["start", "error"]
+    assert "too long for the language model" in frames[-1]["message"]
+    assert "Try again" not in frames[-1]["message"], "the same message can never succeed"
+    assert len(fake.requests) <= 6, f"{len(fake.requests)} requests for one reply"
+    assert history_sent(fake)[-1] == "x" * 1200 and len(fake.requests[-1]["messages"]) == 1
+    ws.send_json({"type": "message", "content": "short"})  # the connection and conversation go on
+    assert reply_text(collect_reply(ws)) == "You said: short"
+    assert questions(fake.requests[-1]["messages"])[-2] == "question 9", "the newest turns that fit are sent"
+    stored = read_conversation(connect(conversation=conversation))["messages"]
+    assert questions(stored) == [f"question {i}" for i in range(10)] + ["short"], "the refused message is not stored"
 
 
 # Limits and origin -----------------------------------------------------------------

@@ -130,6 +130,27 @@ class ReplyOverBudget(Exception):
     keep-alive comments forever, or endless lines that are not content."""
 
 
+class MessageTooLong(Exception):
+    """The upstream refused even the newest message alone (with the system prompt): it is
+    longer than the model's context, whatever earlier turns are left out."""
+
+
+def exceeds_context(error: Exception) -> bool:
+    """Whether the upstream refused the request because the prompt is longer than its context.
+
+    OpenAI says so with the code `context_length_exceeded`; the llama.cpp server (the embedded
+    model) with a body like {"error": {"code": 400, "message": "request (2355 tokens) exceeds
+    the available context size (2048 tokens), try increasing it", "type":
+    "exceed_context_size_error", "n_prompt_tokens": 2355, "n_ctx": 2048}}; vLLM in its message
+    ("This model's maximum context length is ...")."""
+    if not isinstance(error, openai.BadRequestError):
+        return False
+    if error.code == "context_length_exceeded" or error.type == "exceed_context_size_error":
+        return True
+    message = error.message.lower()
+    return "context size" in message or "maximum context length" in message
+
+
 # One event line of a chat stream is a few hundred bytes. A longer line is refused before
 # it is all read: httpx's iter_lines() would buffer a line that never ends (150 MB:
 # +550 MiB of RSS, bench/upstream_flood.py).
@@ -255,6 +276,9 @@ def explain_llm_error(error: Exception) -> str:
 
     The server's address is named only when it is on this machine (then the user is
     the one who starts it): a deployment's internal host names stay in the log."""
+    if isinstance(error, MessageTooLong):
+        # The earlier turns were left out already: a New chat would not help, a shorter message does.
+        return "This message is too long for the language model, even without the earlier conversation. Shorten it."
     if isinstance(error, ReplyOverBudget):
         return "The language model took too long or sent too much without a usable reply, so it was stopped. Try again."
     if isinstance(error, StreamCutOff):
