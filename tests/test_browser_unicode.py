@@ -222,6 +222,45 @@ def test_rlm_between_digits_is_never_applied_while_a_long_paragraph_streams(brow
         context.close()
 
 
+ACCOUNT, SHALOM, ZWSP = (
+    "\u05de\u05e1\u05e4\u05e8 \u05d4\u05d7\u05e9\u05d1\u05d5\u05df",
+    "\u05e9\u05dc\u05d5\u05dd",
+    "\u200b",
+)
+# An RLM between two numbers that the check once missed (review 16), each shown 3412 for 1234.
+NUMBERS_SPLIT = {
+    "bold digits before the mark": f"{ACCOUNT}: **12**{RLM}34 {SHALOM}",
+    "italic digits before the mark": f"{ACCOUNT}: *12*{RLM}34 {SHALOM}",
+    "bold digits on both sides": f"{ACCOUNT}: **12**{RLM}**34** {SHALOM}",
+    "invisible padding past the window": f"{ACCOUNT}: 12{ZWSP * 16}\u200a{ZWSP * 16}{RLM}34 {SHALOM}",
+    "spaces past the window": f"{ACCOUNT}: 12{' ' * 40}{RLM}34 {SHALOM}",
+    "blank braille and zero-width spaces past the window": f"{ACCOUNT}: 12" + "\u2800\u200b" * 20 + f"{RLM}34 {SHALOM}",
+    "an IBAN's groups": f"{ACCOUNT}: **IL62 0108**{RLM} 0000 0009 9999 999 {SHALOM}",
+    # Past 3,000 characters a reply is rendered in slices of about 2,000 (inline tokens): the
+    # mark is the first character of a slice, the digits before it the last of the one before.
+    "digits ending a slice of a long paragraph": f"{'word ' * 399}**12**{RLM}34 {SHALOM} {'more ' * 300}",
+}
+
+
+@pytest.mark.parametrize("name", list(NUMBERS_SPLIT))
+def test_rlm_between_numbers_split_by_emphasis_padding_or_a_slice_is_not_applied(name, browser, live_server, fake):  # noqa: F811
+    fake.reply = NUMBERS_SPLIT[name]
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "my account?", 0)
+        page.wait_for_timeout(500)  # a long reply is rendered in a few tasks
+        finished = (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))
+        page.reload()
+        page.wait_for_selector(".assistant .body p")
+        page.wait_for_timeout(500)
+        for (shown,), (paragraph,) in (finished, (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))):
+            assert digits(shown) == digits(fake.reply), shown
+            assert RLM not in paragraph["text"] and "⟨RLM⟩" in paragraph["markers"], paragraph
+        assert not errors, errors
+    finally:
+        context.close()
+
+
 HIDDEN_IN_LINKS = {
     "override in the target": f"[your bank](https://bank.example/{RLO}moc.live)",
     "override in the label": f"[https://bank.example/{RLO}moc.live](https://evil.example/)",

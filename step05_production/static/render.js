@@ -55,13 +55,16 @@
 
   // Looking away from a mark over anything but letters and digits (spaces, punctuation, other
   // marks): is a digit met before any letter, and is the first letter (past digits) right-to-left?
-  function side(chars) {
+  // `chars` end at the text's edge, or else at the edge of the window: then a digit may lie just
+  // past it, and is assumed to (padding of spaces or invisible characters pushed the digits of
+  // "12<padding><RLM>34" out of the window, and the number showed 3412: review 16).
+  function side(chars, atTheEdge) {
     let digitFirst = null;
     for (const c of chars) {
       if (/\p{N}/u.test(c)) digitFirst ??= true;
       else if (/\p{L}/u.test(c)) return { digitFirst: digitFirst ?? false, rtl: RTL_LETTER.test(c) };
     }
-    return { digitFirst: digitFirst ?? false, rtl: false };
+    return { digitFirst: digitFirst ?? !atTheEdge, rtl: false };
   }
 
   // An LRM, RLM or ALM run at text[index:end] is applied when it is not between two numbers
@@ -70,8 +73,8 @@
   // past MAX_STACKED is a marker: no text needs one.
   function keptMark(text, index, end) {
     if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
-    const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse());
-    const after = side(text.slice(end, end + MARK_CONTEXT));
+    const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse(), index < MARK_CONTEXT);
+    const after = side(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
     return !(before.digitFirst && after.digitFirst) && (before.rtl || after.rtl);
   }
   // In code, and in a link's label or target, nothing may hide: every invisible character
@@ -169,19 +172,34 @@
   }
 
   // Every text node of the rendered reply: code shows every invisible character, prose
-  // only the direction controls and the marks not kept (keptMark).
-  function showControls(root) {
+  // only the direction controls and the marks not kept (keptMark), judged by the text around
+  // them across nodes: "**12**<RLM>34" puts the digits on each side in two nodes, and judged
+  // within its own node the mark was applied, the number shown as 3412 (review 16). `open`:
+  // the fragment is a slice of a longer paragraph, text unseen here goes on at its start or end.
+  function showControls(root, open = { start: false, end: false }) {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const nodes = [];
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) nodes.push(node);
+    // Unseen text, as far as a mark looks: blank, so a mark beside it is judged as if a digit
+    // might lie past it (side()).
+    const unseen = " ".repeat(MARK_CONTEXT + 1);
+    const all = (open.start ? unseen : "") + nodes.map((node) => node.data).join("") + (open.end ? unseen : "");
     const found = [];
+    let at = open.start ? unseen.length : 0;  // where the node's text starts in `all`
     let stack = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
-    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (const node of nodes) {
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
-      if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, stack]);
+      if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, at]);
       stack = trailingStack(stack + node.data);
+      at += node.data.length;
     }
     const budget = markerBudget();  // one for the whole fragment
-    for (const [node, pattern, before] of found) {
-      node.replaceWith(shownText(before + node.data, pattern, budget, before.length));
+    const reach = MARK_CONTEXT + 2 * MAX_STACKED;  // a mark's window, a stack's (trailingStack)
+    for (const [node, pattern, start] of found) {
+      const before = all.slice(Math.max(0, start - reach), start);
+      const end = start + node.data.length;
+      const context = before + node.data + all.slice(end, end + MARK_CONTEXT + 1);
+      node.replaceWith(shownText(before + node.data, pattern, budget, before.length, context));
     }
   }
 
@@ -340,7 +358,7 @@
     return lexer.lex(text);
   }
 
-  function toFragment(tokens, links) {
+  function toFragment(tokens, links, open = undefined) {
     tokens.links = links;  // reference-style links ([text][1]) are looked up here
     const fragment = window.DOMPurify.sanitize(markdown.parser(tokens), PURIFY_OPTIONS);
     for (const link of fragment.querySelectorAll("a")) {
@@ -359,7 +377,7 @@
       const label = link.textContent;
       if (label !== link.href && `${label}/` !== link.href) showTarget(link);
     }
-    showControls(fragment);
+    showControls(fragment, open);
     return fragment;
   }
 
@@ -561,9 +579,11 @@
     async function renderInPieces() {
       const tokens = lex(text);
       const rendered = document.createDocumentFragment();
-      for (const piece of pieces(tokens)) {
+      const list = pieces(tokens);
+      for (const [index, piece] of list.entries()) {
         await new Promise((resolve) => setTimeout(resolve));  // the next task
-        const fragment = toFragment(piece.tokens, tokens.links);
+        const open = { start: piece.continues, end: Boolean(list[index + 1]?.continues) };
+        const fragment = toFragment(piece.tokens, tokens.links, open);
         if (piece.continues) rendered.lastElementChild.append(...fragment.firstChild.childNodes);
         else rendered.append(fragment);
       }
