@@ -187,6 +187,7 @@ def serve(variant: str, upstream: FakeUpstream, store: str = "") -> LiveServer:
         CHAT_MAX_CONNECTIONS_PER_CLIENT="100000",
         CHAT_NEW_CONNECTIONS_BURST="100000",  # all its clients connect at once, from 127.0.0.1
         CHAT_CLIENT_RATE_LIMIT_MESSAGES="100000",
+        CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE="1000000000",
         CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT="100000",  # handshakes in batches of 50 and more
         CHAT_UPSTREAM_SLOTS="100000",  # the fake upstream has no capacity limit to share
         CHAT_UPSTREAM_SLOTS_PER_CLIENT="100000",

@@ -212,6 +212,29 @@ class Settings:
     client_frame_chars_per_second: float = field(
         default_factory=lambda: _float("CHAT_CLIENT_FRAME_CHARS_PER_SECOND", 64 * 1024)
     )
+    # Characters of prompts (system prompt + the history sent + the message) one client address
+    # may have the model read, over all its connections: a burst (by default a minute's worth),
+    # then this rate. Every request upstream is charged as it goes out, each retry with fewer
+    # turns too (nodes.py), and may take the balance below zero; while it is not above zero, a
+    # new message from the address is refused before its reply starts (and a reply accepted
+    # earlier that reaches the head of the line then is not sent). Why: the message limits
+    # alone let one address make the upstream read 6-7 M characters a minute (15 sockets with
+    # histories at the bound, each reply stopped at once: review 16). Prompts are billed (a
+    # stopped reply's too), or computed by a self-hosted model, and can use up the provider's
+    # tokens-per-minute limit for everyone. 600,000 (~150,000 tokens of English): assumed a
+    # classroom of 60 learners behind one NAT address, each sending a message a minute with a
+    # prompt of 3,000 characters on average (a conversation of a few turns; the history bound
+    # is 32,000), uses under a third of it; the attack above gets about a tenth of what it had.
+    # Size it under the provider's tokens-per-minute limit, for all workers together
+    # (docs/operations.md: about 4 characters a token in English, 1 in Chinese or Japanese).
+    client_prompt_chars_per_minute: int = field(
+        default_factory=lambda: _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 600_000)
+    )
+    client_prompt_chars_burst: int = field(
+        default_factory=lambda: _int(
+            "CHAT_CLIENT_PROMPT_CHARS_BURST", _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 600_000)
+        )
+    )
     # Warnings and errors logged per kind of line in the rate window; the rest are counted
     # and the count is added to the next line of that kind that is logged.
     log_lines_per_kind: int = field(default_factory=lambda: _int("CHAT_LOG_LINES_PER_KIND", 5))

@@ -23,6 +23,7 @@ from .protocol import FrameError, message_text, parse_client_frame
 from .redis_feed import RedisFeed
 from .replies import LocalFeed, ReplyFeed, ReplyHub
 from .security import (
+    PROMPT_BUDGET_USED,
     ClientLimits,
     InvalidFrameGuard,
     OpenConnections,
@@ -174,6 +175,8 @@ async def chat(websocket: WebSocket):
                     await session.reset()
                 elif session.busy():
                     await send_error(websocket, BUSY)
+                elif not client_limits.prompt_budget_left(address):  # before the rate: a refusal costs none of it
+                    await send_error(websocket, PROMPT_BUDGET_USED)
                 elif not (rate_limit.allow() and client_limits.allow_message(address)):
                     await send_error(websocket, "You are sending messages too fast. Please wait a moment.")
                 elif not await session.send_message(message_text(frame["content"], settings.max_message_chars)):

@@ -10,6 +10,7 @@ import openai
 from pocketflow import AsyncNode
 
 from .config import settings
+from .security import PromptBudget, PromptBudgetUsed
 from .store import StoreError, with_turn
 from .utils.stream_llm import MessageTooLong, ReplyOverBudget, exceeds_context, explain_llm_error, stream_llm
 
@@ -90,6 +91,7 @@ class StreamingChatNode(AsyncNode):
     """
 
     context_fit: ContextFit | None = None  # the connection's, set by prep (none: nothing remembered)
+    prompt_budget: PromptBudget | None = None  # the asking address's (set by prep; none: not counted)
 
     def __init__(self):
         # One attempt only: once a chunk is on the user's screen a retry would repeat it.
@@ -99,6 +101,7 @@ class StreamingChatNode(AsyncNode):
 
     async def prep_async(self, shared):
         self.context_fit = shared.get("context_fit")
+        self.prompt_budget = shared.get("prompt_budget")
         system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
         messages = system + shared["conversation_history"] + [{"role": "user", "content": shared["user_message"]}]
         return messages, shared["reply"], shared["stop_requested"]
@@ -141,8 +144,12 @@ class StreamingChatNode(AsyncNode):
         if fit.prompt_chars is not None:
             budget = min(budget, fit.prompt_chars - characters(system + newest))
         refused = False
+        if self.prompt_budget is not None:
+            self.prompt_budget.check()
         for attempt in range(CONTEXT_ATTEMPTS):
             turns = newest_turns(history, budget) if attempt < CONTEXT_ATTEMPTS - 1 else []
+            if self.prompt_budget is not None:  # every request is read (and billed), refused or not
+                self.prompt_budget.charge(characters(system + turns + newest))
             try:
                 await self.relay(system + turns + newest, live, reply, began)
             except openai.BadRequestError as error:
@@ -197,6 +204,9 @@ class StreamingChatNode(AsyncNode):
     async def post_async(self, shared, prep_res, reply: Reply):
         live = shared["reply"]
         if not await live.keeps_claim():  # another host answers this turn now; its user was told
+            return "failed"
+        if isinstance(reply.error, PromptBudgetUsed):  # nothing was sent: the asker is told why
+            await live.finish({"type": "error", "message": str(reply.error)})
             return "failed"
         if reply.error is not None:  # a failed turn stores nothing
             log.warning("LLM call failed: %r", reply.error)

@@ -176,6 +176,22 @@ class TokenBucket:
         self._refill()
         return self.tokens >= self.burst
 
+    def charge(self, count: float) -> None:
+        """Take `count` whatever is left: the balance may go below zero, and the refill pays
+        the debt back before `positive` is true again (for a cost known only once incurred)."""
+        self._refill()
+        self.tokens -= count
+
+    def positive(self) -> bool:
+        self._refill()
+        return self.tokens > 0
+
+
+PROMPT_BUDGET_USED = (
+    "Your address has given the model a lot to read in the last minute (a long conversation is "
+    "sent in full with every message). Please wait a moment."
+)
+
 
 TOO_MANY_NEW_CONNECTIONS = "Too many new connections from your address. Wait a few seconds and try again."
 TOO_MANY_OPEN_CONNECTIONS = "Too many open chats from your address. Close some tabs and try again."
@@ -193,11 +209,20 @@ class Client:
     frame_chars: TokenBucket = field(
         default_factory=lambda: TokenBucket(settings.client_frame_chars_burst, settings.client_frame_chars_per_second)
     )
+    prompt_chars: TokenBucket = field(  # characters of prompts sent upstream (charge_prompt)
+        default_factory=lambda: TokenBucket(
+            settings.client_prompt_chars_burst, settings.client_prompt_chars_per_minute / 60
+        )
+    )
 
     def forgettable(self) -> bool:
         """Nothing open and nothing to remember: a fresh entry would count the same."""
         return (
-            self.connections <= 0 and self.messages.idle() and self.new_connections.full() and self.frame_chars.full()
+            self.connections <= 0
+            and self.messages.idle()
+            and self.new_connections.full()
+            and self.frame_chars.full()
+            and self.prompt_chars.full()
         )
 
 
@@ -239,6 +264,41 @@ class ClientLimits:
         their type. Why: 145 sockets of one address, each within its own frame limit, sent
         `stop` frames padded with 64 KiB of numbers and kept a worker at 90 % (review 15)."""
         return self.clients.setdefault(address, Client()).frame_chars.take(chars)
+
+    def prompt_budget_left(self, address: str) -> bool:
+        """Whether a new message from this address may be sent to the model: its prompt
+        characters of the last minute or so are paid for. Why: 15 sockets of one address, each
+        with a history at the bound and each reply stopped at its first chunk, made the upstream
+        read 7.3 M characters a minute within the message limits (review 16)."""
+        client = self.clients.get(address)
+        return client is None or client.prompt_chars.positive()
+
+    def charge_prompt(self, address: str, chars: int) -> None:
+        """Count a request's prompt, as it is sent upstream (nodes.py): every attempt, whether
+        or not its connection is still open (a reply outlives it)."""
+        self.clients.setdefault(address, Client()).prompt_chars.charge(chars)
+
+
+class PromptBudgetUsed(Exception):
+    """A reply's prompt is not sent: its address's prompt budget ran out while it waited."""
+
+
+@dataclass
+class PromptBudget:
+    """One address's prompt budget, as the node sending its replies' requests sees it."""
+
+    limits: ClientLimits
+    address: str
+
+    def check(self) -> None:
+        """Before a reply's first request, once it holds its upstream slot: replies accepted
+        together, from many sockets, while the balance was positive, are not all sent. (The
+        message was accepted, so `start` is out: the reply ends with an error frame.)"""
+        if not self.limits.prompt_budget_left(self.address):
+            raise PromptBudgetUsed(PROMPT_BUDGET_USED)
+
+    def charge(self, chars: int) -> None:
+        self.limits.charge_prompt(self.address, chars)
 
 
 class Activity(IntEnum):

@@ -10,7 +10,7 @@ from .config import settings
 from .flow import create_streaming_chat_flow
 from .nodes import ContextFit
 from .replies import MODEL_BUSY, LiveReply, ReplyHub, Watch
-from .security import Activity, client_address
+from .security import Activity, PromptBudget, client_address
 from .store import Conversation, StoreError, is_valid_id, new_conversation_id
 from .tracing import Tracer
 
@@ -21,7 +21,12 @@ INSPECTOR_OFF = "The flow inspector is off on this server. Start it with CHAT_IN
 
 
 async def generate(
-    reply: LiveReply, history: list[dict], store, tracer: Tracer | None = None, context_fit: ContextFit | None = None
+    reply: LiveReply,
+    history: list[dict],
+    store,
+    tracer: Tracer | None = None,
+    context_fit: ContextFit | None = None,
+    prompt_budget: PromptBudget | None = None,
 ) -> None:
     """One turn of the flow, in its own task. Upstream errors are handled by the node;
     anything that still gets here is a bug: log it, tell the user, keep the socket."""
@@ -34,6 +39,7 @@ async def generate(
         "stop_requested": reply.stop_requested,
         "tracer": tracer,  # the flow inspector (tracing.py): silent unless the client asked
         "context_fit": context_fit,  # how long a prompt the model took last time (nodes.py)
+        "prompt_budget": prompt_budget,  # each request's prompt counts against the address (security.py)
     }
     try:
         await create_streaming_chat_flow().run_async(shared)
@@ -131,10 +137,12 @@ class ChatSession:
         if self.hub.line_full(address):  # (checked and counted in begin with no await between)
             await self.send_quietly({"type": "error", "message": MODEL_BUSY, "refused": True})
             return True
+        limits = getattr(self.websocket.state, "client_limits", None)  # the lifespan's (main.py)
+        budget = None if limits is None else PromptBudget(limits, address)
         reply = await self.hub.begin(
             self.conversation_id,
             text,
-            lambda reply, history: generate(reply, history, self.store, Tracer(reply, self), self.context_fit),
+            lambda reply, history: generate(reply, history, self.store, Tracer(reply, self), self.context_fit, budget),
             asker=self.websocket,
             address=address,  # its fair share of the upstream (slots.py)
         )

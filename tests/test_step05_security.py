@@ -3,6 +3,7 @@
 (Model output in a real browser: tests/test_browser_hostile.py.)
 """
 
+import contextlib
 import json
 import socket
 import time
@@ -28,6 +29,8 @@ from step05_production import main as chat_main
 from step05_production import protocol
 from step05_production.config import settings
 from step05_production.protocol import without_hidden_characters
+from step05_production.security import Client
+from step05_production.server import PER_WORKER_LIMITS
 from step05_production.utils.stream_llm import explain_llm_error
 
 APP = "step05_production.main"
@@ -226,6 +229,89 @@ def test_the_characters_of_every_frame_are_counted_per_address_before_parsing(fa
         with other.websocket_connect("/ws") as ws:  # another address has its own budget
             ws.send_text(padded_stop)
             assert chat_turn(ws, "mine") == "You said: mine"
+
+
+def prompt_chars(request: dict) -> int:
+    return sum(len(m["content"]) for m in request["messages"])
+
+
+def test_the_prompt_characters_sent_upstream_are_counted_per_address(fake, monkeypatch):
+    # 15 sockets of one address, each with a history at the bound and each reply stopped at its
+    # first chunk, made the upstream read 7.3 M characters a minute within the message limits
+    # (review 16). Each request is charged as it goes out; a message is refused, before any
+    # reply starts, while the address's balance is not above zero.
+    monkeypatch.setattr(settings, "client_prompt_chars_burst", 3_000)  # each client's lifespan counts afresh
+    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60 * 2_000)
+    greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.7", "10.0.0.8"))
+    with greedy, other:
+        with greedy.websocket_connect("/ws") as first, greedy.websocket_connect("/ws") as second:
+            read_conversation(second)
+            assert chat_turn(first, "a" * 2_000) == "You said: " + "a" * 2_000
+            assert chat_turn(first, "b" * 1_000) == "You said: " + "b" * 1_000  # 5,010 sent: ~4,000 owed
+            assert [prompt_chars(r) for r in fake.requests] == [2_000, 5_010]
+            for ws in first, second:  # from any of its connections
+                ws.send_json({"type": "message", "content": "short"})
+                refusal = ws.receive_json()
+                assert refusal["type"] == "error" and refusal["refused"], refusal
+                assert "a lot to read" in refusal["message"]
+            assert len(fake.requests) == 2, "nothing more went upstream"
+            with other.websocket_connect("/ws") as ws:  # another address has its own budget
+                assert chat_turn(ws, "mine") == "You said: mine"
+            time.sleep(2.5)  # the debt is paid back at 2,000 a second
+            assert chat_turn(first, "again") == "You said: again"  # the same connection and conversation
+            assert prompt_chars(fake.requests[-1]) == 2_000 + 2_010 + 1_000 + 1_010 + 5
+
+
+def test_an_address_owing_prompt_characters_is_remembered(monkeypatch):
+    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+    client = Client()
+    assert client.forgettable()
+    client.prompt_chars.charge(1_000)  # its connections closed while a reply it asked for was sent
+    assert not client.forgettable(), "forgotten, the address would start again with a full budget"
+    assert "CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE" in PER_WORKER_LIMITS  # the start-up warning names it
+
+
+def test_each_request_of_a_reply_asked_again_with_fewer_turns_is_charged(fake, monkeypatch):
+    # A prompt the model refuses as longer than its context is read (and billed) all the same.
+    monkeypatch.setattr(settings, "client_prompt_chars_burst", 10_000)
+    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+    with LocalClient(chat_main.app, client=("10.0.0.9", 40000)) as client, client.websocket_connect("/ws") as ws:
+        chat_turn(ws, "a" * 1_000)
+        chat_turn(ws, "b" * 1_000)  # 4,010 charged so far
+        fake.context_chars = 2_500
+        assert chat_turn(ws, "c" * 1_000) == "You said: " + "c" * 1_000
+        # Refused with both turns (5,020), then the newest (3,010); sent with none (1,000).
+        assert [prompt_chars(r) for r in fake.requests] == [1_000, 3_010, 5_020, 3_010, 1_000]
+        ws.send_json({"type": "message", "content": "d"})  # 13,040 sent for 10,000: refused
+        assert "a lot to read" in ws.receive_json()["message"]
+        assert len(fake.requests) == 5
+
+
+def test_replies_accepted_together_are_checked_again_when_their_turn_comes(fake, monkeypatch):
+    # Messages accepted while the balance was above zero, from many sockets at once, wait in line
+    # for the address's upstream slot: each is checked again before it is sent, so the debt is
+    # at most what the address's slots send at once, not every reply it has waiting.
+    monkeypatch.setattr(settings, "client_prompt_chars_burst", 3_000)
+    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+    monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
+    fake.hold_after = 1
+    with LocalClient(chat_main.app, client=("10.0.0.10", 40000)) as client, contextlib.ExitStack() as sockets:
+        holding, big, late = (sockets.enter_context(client.websocket_connect("/ws")) for _ in range(3))
+        for ws in (holding, big, late):
+            read_conversation(ws)
+        holding.send_json({"type": "message", "content": "hold"})
+        assert [holding.receive_json()["type"] for _ in range(2)] == ["start", "chunk"]  # it holds the slot
+        for ws, text in ((big, "b" * 4_000), (late, "late")):  # both accepted: 2,996 left
+            ws.send_json({"type": "message", "content": text})
+            assert ws.receive_json() == {"type": "start"}
+        fake.release()
+        assert collect_reply(holding)[-1]["type"] == "end"
+        assert reply_text(collect_reply(big)) == "You said: " + "b" * 4_000  # sent: now below zero
+        refused = collect_reply(late)
+        assert [f["type"] for f in refused] == ["error"] and "a lot to read" in refused[0]["message"]
+        assert [r["messages"][-1]["content"] for r in fake.requests] == ["hold", "b" * 4_000]
+        late.send_json({"type": "message", "content": "again"})  # the connection goes on: refused at once
+        assert "a lot to read" in late.receive_json()["message"]
 
 
 def test_a_flood_of_invalid_frames_is_slowed_then_closed(client, fake, monkeypatch):
