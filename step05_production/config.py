@@ -221,18 +221,19 @@ class Settings:
     # alone let one address make the upstream read 6-7 M characters a minute (15 sockets with
     # histories at the bound, each reply stopped at once: review 16). Prompts are billed (a
     # stopped reply's too), or computed by a self-hosted model, and can use up the provider's
-    # tokens-per-minute limit for everyone. 600,000 (~150,000 tokens of English): assumed a
-    # classroom of 60 learners behind one NAT address, each sending a message a minute with a
-    # prompt of 3,000 characters on average (a conversation of a few turns; the history bound
-    # is 32,000), uses under a third of it; the attack above gets about a tenth of what it had.
+    # tokens-per-minute limit for everyone. 1,200,000 (~300,000 tokens of English): a classroom
+    # of 60 learners behind one NAT address at the message limit (5 a minute each,
+    # CHAT_CLIENT_RATE_LIMIT_MESSAGES) with prompts of 4,000 characters on average (a
+    # conversation of a few turns; the history bound is 32,000) fits; the attack above gets
+    # about a fifth of what it had.
     # Size it under the provider's tokens-per-minute limit, for all workers together
     # (docs/operations.md: about 4 characters a token in English, 1 in Chinese or Japanese).
     client_prompt_chars_per_minute: int = field(
-        default_factory=lambda: _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 600_000)
+        default_factory=lambda: _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 1_200_000)
     )
     client_prompt_chars_burst: int = field(
         default_factory=lambda: _int(
-            "CHAT_CLIENT_PROMPT_CHARS_BURST", _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 600_000)
+            "CHAT_CLIENT_PROMPT_CHARS_BURST", _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 1_200_000)
         )
     )
     # Warnings and errors logged per kind of line in the rate window; the rest are counted
