@@ -261,6 +261,40 @@ def test_rlm_between_numbers_split_by_emphasis_padding_or_a_slice_is_not_applied
         context.close()
 
 
+CARD, PHONE = "\u05db\u05e8\u05d8\u05d9\u05e1", "\u05d8\u05dc\u05e4\u05d5\u05df"  # "card", "phone"
+# A mark right before a number, a right-to-left letter somewhere near: each showed the number's
+# groups swapped (review 17). The mark must be a marker, the digits laid out as written.
+NUMBERS_AFTER_A_MARK = {
+    "the Hebrew word after the number": f"Card {RLM}1234 5678 9012 ({CARD})",
+    "a Hebrew letter after two groups": f"Send 500 to {RLM}12 345 \u05d0",
+    "ALM after a Hebrew word, a phone number": f"{PHONE}: {ALM}03-1234567",
+    "ALM after a Hebrew word, a date": f"({ACCOUNT}) {ALM}2026-12-05",
+    "the Hebrew letter in the list item above": f"- \u05d0\n- {RLM}10 20 30",
+    "the Hebrew letter in the next table cell": f"| a | b |\n|---|---|\n| {RLM}12 34 | \u05d0 |",
+    "the Hebrew word in the paragraph above": f"Shalom {SHALOM}\n\n{RLM}1234 5678 9012 is your card\n\nThanks",
+}
+
+
+@pytest.mark.parametrize("name", list(NUMBERS_AFTER_A_MARK))
+def test_a_mark_before_a_number_is_shown_unless_a_right_to_left_letter_before_it_does_the_same(
+    name, browser, live_server, fake
+):  # noqa: F811
+    fake.reply = NUMBERS_AFTER_A_MARK[name]
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "my card?", 0)
+        finished = read_marks(page)
+        page.reload()
+        page.wait_for_selector(".assistant .body")
+        page.wait_for_timeout(300)
+        for (shown,) in finished, read_marks(page):
+            assert shown["raw"] == 0 and shown["markers"] == 1, shown
+            assert shown["laid_out"] == digits(fake.reply), shown
+        assert not errors, errors
+    finally:
+        context.close()
+
+
 HIDDEN_IN_LINKS = {
     "override in the target": f"[your bank](https://bank.example/{RLO}moc.live)",
     "override in the label": f"[https://bank.example/{RLO}moc.live](https://evil.example/)",

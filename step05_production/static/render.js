@@ -58,24 +58,31 @@
   // `chars` end at the text's edge, or else at the edge of the window: then a digit may lie just
   // past it, and is assumed to (padding of spaces or invisible characters pushed the digits of
   // "12<padding><RLM>34" out of the window, and the number showed 3412: review 16).
+  // A line break ends the search: the edge of a paragraph (showControls puts one between blocks).
   function side(chars, atTheEdge) {
     let digitFirst = null;
     for (const c of chars) {
+      if (c === "\n") return { digitFirst: digitFirst ?? false, rtl: false };
       if (/\p{N}/u.test(c)) digitFirst ??= true;
       else if (/\p{L}/u.test(c)) return { digitFirst: digitFirst ?? false, rtl: RTL_LETTER.test(c) };
     }
     return { digitFirst: digitFirst ?? !atTheEdge, rtl: false };
   }
 
-  // An LRM, RLM or ALM run at text[index:end] is applied when it is not between two numbers
-  // (digits on both sides, whatever punctuation between) and is beside right-to-left letters:
-  // there it does no more than those letters do. "המחיר הוא 100$<RLM>." keeps its mark. A run
-  // past MAX_STACKED is a marker: no text needs one.
+  // An LRM, RLM or ALM run at text[index:end] is applied only where it does no more than the
+  // right-to-left letters beside it do: "המחיר הוא 100$<RLM>." keeps its mark. Never between two
+  // numbers (digits on both sides, whatever punctuation between). Right before a number it sets
+  // the direction the number's groups are laid out in, so only a right-to-left letter before it
+  // may vouch for it (one after the number did, and "Card <RLM>1234 5678 (כרטיס)" showed
+  // "5678 1234": review 17); an ALM there turns the digits into Arabic ones, which swaps the
+  // groups of 03-1234567 even after a Hebrew letter, so it is never kept. A run past
+  // MAX_STACKED is a marker: no text needs one.
   function keptMark(text, index, end) {
     if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
     const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse(), index < MARK_CONTEXT);
     const after = side(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
-    return !(before.digitFirst && after.digitFirst) && (before.rtl || after.rtl);
+    if (after.digitFirst) return !before.digitFirst && before.rtl && text[index] !== "\u061C";
+    return before.rtl || after.rtl;
   }
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
@@ -176,23 +183,28 @@
   // them across nodes: "**12**<RLM>34" puts the digits on each side in two nodes, and judged
   // within its own node the mark was applied, the number shown as 3412 (review 16). `open`:
   // the fragment is a slice of a longer paragraph, text unseen here goes on at its start or end.
+  const BLOCKS = "p, li, td, th, h1, h2, h3, h4, h5, h6, blockquote, pre, dt, dd, div, caption, summary";
   function showControls(root, open = { start: false, end: false }) {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
-    const nodes = [];
-    for (let node = walker.nextNode(); node; node = walker.nextNode()) nodes.push(node);
     // Unseen text, as far as a mark looks: blank, so a mark beside it is judged as if a digit
     // might lie past it (side()).
     const unseen = " ".repeat(MARK_CONTEXT + 1);
-    const all = (open.start ? unseen : "") + nodes.map((node) => node.data).join("") + (open.end ? unseen : "");
+    let all = open.start ? unseen : "";
     const found = [];
-    let at = open.start ? unseen.length : 0;  // where the node's text starts in `all`
     let stack = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
-    for (const node of nodes) {
+    let block;
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      // Each block is a paragraph of its own to the browser: a line break between them ends a
+      // mark's search (a Hebrew letter in the list item above vouched for a mark: review 17).
+      const itsBlock = node.parentElement?.closest(BLOCKS) ?? null;
+      if (block !== undefined && itsBlock !== block) all += "\n";
+      block = itsBlock;
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
-      if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, at]);
+      if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, all.length]);
       stack = trailingStack(stack + node.data);
-      at += node.data.length;
+      all += node.data;
     }
+    if (open.end) all += unseen;
     const budget = markerBudget();  // one for the whole fragment
     const reach = MARK_CONTEXT + 2 * MAX_STACKED;  // a mark's window, a stack's (trailingStack)
     for (const [node, pattern, start] of found) {
