@@ -1107,6 +1107,22 @@ OVERSIZED_HEADS = {
     "the same, lines ending in a bare newline": head_of(*(b"x%d: y" % i for i in range(3000)), newline=b"\n"),
     "a path of 20,000 bytes": head_of(path=b"/" + b"a" * 20_000),
     "a header of 20,000 bytes": head_of(b"Cookie: " + b"a" * 20_000),
+    # Within both bounds, but parsed a token at a time by the WebSocket handshake (8 ms each).
+    "a handshake's Connection list of 8,000 bytes": head_of(
+        b"Connection: " + b"a," * 4000 + b"Upgrade",
+        b"Upgrade: websocket",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        path=b"/ws",
+    ),
+    "a handshake's subprotocol list of 8,000 bytes": head_of(
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Protocol: " + b"a," * 4000 + b"chat",
+        path=b"/ws",
+    ),
 }
 
 
