@@ -272,6 +272,11 @@ NUMBERS_AFTER_A_MARK = {
     "the Hebrew letter in the list item above": f"- \u05d0\n- {RLM}10 20 30",
     "the Hebrew letter in the next table cell": f"| a | b |\n|---|---|\n| {RLM}12 34 | \u05d0 |",
     "the Hebrew word in the paragraph above": f"Shalom {SHALOM}\n\n{RLM}1234 5678 9012 is your card\n\nThanks",
+    # A new paragraph to the browser's bidi algorithm, in the same block (review 18).
+    "the Hebrew word before a hard line break": f"Card {SHALOM}  \n{RLM}1234 5678 is yours.",
+    "the Hebrew word before a backslash line break": f"Card {SHALOM}\\\n{RLM}1234 5678 is yours.",
+    "the Hebrew word before a paragraph separator": f"Card {SHALOM}\u2029{RLM}1234 5678 is yours.",
+    "the Hebrew word before a next-line character": f"Card {SHALOM}\u0085{RLM}1234 5678 is yours.",
 }
 
 

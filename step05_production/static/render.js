@@ -58,11 +58,14 @@
   // `chars` end at the text's edge, or else at the edge of the window: then a digit may lie just
   // past it, and is assumed to (padding of spaces or invisible characters pushed the digits of
   // "12<padding><RLM>34" out of the window, and the number showed 3412: review 16).
-  // A line break ends the search: the edge of a paragraph (showControls puts one between blocks).
+  // A paragraph separator ends the search: the edge of a paragraph to the browser's bidi
+  // algorithm (showControls puts a line break between blocks and for a <br>). U+2029 draws
+  // nothing, and a Hebrew word before it vouched for a mark after it (review 18).
+  const PARAGRAPH_END = /[\n\r\u001C-\u001E\u0085\u2029]/u;
   function side(chars, atTheEdge) {
     let digitFirst = null;
     for (const c of chars) {
-      if (c === "\n") return { digitFirst: digitFirst ?? false, rtl: false };
+      if (PARAGRAPH_END.test(c)) return { digitFirst: digitFirst ?? false, rtl: false };
       if (/\p{N}/u.test(c)) digitFirst ??= true;
       else if (/\p{L}/u.test(c)) return { digitFirst: digitFirst ?? false, rtl: RTL_LETTER.test(c) };
     }
@@ -185,7 +188,7 @@
   // the fragment is a slice of a longer paragraph, text unseen here goes on at its start or end.
   const BLOCKS = "p, li, td, th, h1, h2, h3, h4, h5, h6, blockquote, pre, dt, dd, div, caption, summary";
   function showControls(root, open = { start: false, end: false }) {
-    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
     // Unseen text, as far as a mark looks: blank, so a mark beside it is judged as if a digit
     // might lie past it (side()).
     const unseen = " ".repeat(MARK_CONTEXT + 1);
@@ -194,6 +197,10 @@
     let stack = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
     let block;
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      if (node.nodeType === Node.ELEMENT_NODE) {  // a <br> ends a paragraph too (review 18)
+        if (node.tagName === "BR") all += "\n";
+        continue;
+      }
       // Each block is a paragraph of its own to the browser: a line break between them ends a
       // mark's search (a Hebrew letter in the list item above vouched for a mark: review 17).
       const itsBlock = node.parentElement?.closest(BLOCKS) ?? null;
