@@ -212,7 +212,7 @@ class Settings:
     client_frame_chars_per_second: float = field(
         default_factory=lambda: _float("CHAT_CLIENT_FRAME_CHARS_PER_SECOND", 64 * 1024)
     )
-    # Characters of prompts (system prompt + the history sent + the message) one client address
+    # Bytes (UTF-8) of prompts (system prompt + the history sent + the message) one client address
     # may have the model read, over all its connections: a burst (by default a minute's worth),
     # then this rate. Every request upstream is charged as it goes out, each retry with fewer
     # turns too (nodes.py), and may take the balance below zero; while it is not above zero, a
@@ -221,19 +221,21 @@ class Settings:
     # alone let one address make the upstream read 6-7 M characters a minute (15 sockets with
     # histories at the bound, each reply stopped at once: review 16). Prompts are billed (a
     # stopped reply's too), or computed by a self-hosted model, and can use up the provider's
-    # tokens-per-minute limit for everyone. 1,200,000 (~300,000 tokens of English): a classroom
-    # of 60 learners behind one NAT address at the message limit (5 a minute each,
-    # CHAT_CLIENT_RATE_LIMIT_MESSAGES) with prompts of 4,000 characters on average (a
+    # tokens-per-minute limit for everyone. Bytes, not characters: a tokenizer spends up to a
+    # token per byte (4 a character of Linear B, 2 of Chinese, 0.22 of English with the
+    # embedded model's), so counted in characters one address got 18 times the tokens
+    # (review 18); a byte is at most a token. 1,200,000 (~270,000 tokens of English): a
+    # classroom of 60 learners behind one NAT address at the message limit (5 a minute each,
+    # CHAT_CLIENT_RATE_LIMIT_MESSAGES) with English prompts of 4,000 characters on average (a
     # conversation of a few turns; the history bound is 32,000) fits; the attack above gets
-    # about a fifth of what it had.
-    # Size it under the provider's tokens-per-minute limit, for all workers together
-    # (docs/operations.md: about 4 characters a token in English, 1 in Chinese or Japanese).
-    client_prompt_chars_per_minute: int = field(
-        default_factory=lambda: _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 1_200_000)
+    # about a fifth of what it had. Size it under the provider's tokens-per-minute limit, for
+    # all workers together: at most that many tokens, whatever the script.
+    client_prompt_bytes_per_minute: int = field(
+        default_factory=lambda: _int("CHAT_CLIENT_PROMPT_BYTES_PER_MINUTE", 1_200_000)
     )
-    client_prompt_chars_burst: int = field(
+    client_prompt_bytes_burst: int = field(
         default_factory=lambda: _int(
-            "CHAT_CLIENT_PROMPT_CHARS_BURST", _int("CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE", 1_200_000)
+            "CHAT_CLIENT_PROMPT_BYTES_BURST", _int("CHAT_CLIENT_PROMPT_BYTES_PER_MINUTE", 1_200_000)
         )
     )
     # Warnings and errors logged per kind of line in the rate window; the rest are counted

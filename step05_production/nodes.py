@@ -29,6 +29,11 @@ def characters(messages: list[dict]) -> int:
     return sum(len(message["content"]) for message in messages)
 
 
+def utf8_bytes(messages: list[dict]) -> int:
+    """What a request's messages cost at most in tokens: a tokenizer spends up to one a byte."""
+    return sum(len(message["content"].encode("utf-8", "surrogatepass")) for message in messages)
+
+
 def newest_turns(history: list[dict], budget: int) -> list[dict]:
     """The newest whole turns (a message and its reply) of `history` within `budget` characters."""
     start = len(history)
@@ -149,7 +154,7 @@ class StreamingChatNode(AsyncNode):
         for attempt in range(CONTEXT_ATTEMPTS):
             turns = newest_turns(history, budget) if attempt < CONTEXT_ATTEMPTS - 1 else []
             if self.prompt_budget is not None:  # every request is read (and billed), refused or not
-                self.prompt_budget.charge(characters(system + turns + newest))
+                self.prompt_budget.charge(utf8_bytes(system + turns + newest))
             try:
                 await self.relay(system + turns + newest, live, reply, began)
             except openai.BadRequestError as error:

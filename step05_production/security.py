@@ -209,9 +209,9 @@ class Client:
     frame_chars: TokenBucket = field(
         default_factory=lambda: TokenBucket(settings.client_frame_chars_burst, settings.client_frame_chars_per_second)
     )
-    prompt_chars: TokenBucket = field(  # characters of prompts sent upstream (charge_prompt)
+    prompt_bytes: TokenBucket = field(  # UTF-8 bytes of prompts sent upstream (charge_prompt)
         default_factory=lambda: TokenBucket(
-            settings.client_prompt_chars_burst, settings.client_prompt_chars_per_minute / 60
+            settings.client_prompt_bytes_burst, settings.client_prompt_bytes_per_minute / 60
         )
     )
 
@@ -222,7 +222,7 @@ class Client:
             and self.messages.idle()
             and self.new_connections.full()
             and self.frame_chars.full()
-            and self.prompt_chars.full()
+            and self.prompt_bytes.full()
         )
 
 
@@ -267,16 +267,16 @@ class ClientLimits:
 
     def prompt_budget_left(self, address: str) -> bool:
         """Whether a new message from this address may be sent to the model: its prompt
-        characters of the last minute or so are paid for. Why: 15 sockets of one address, each
+        bytes of the last minute or so are paid for. Why: 15 sockets of one address, each
         with a history at the bound and each reply stopped at its first chunk, made the upstream
         read 7.3 M characters a minute within the message limits (review 16)."""
         client = self.clients.get(address)
-        return client is None or client.prompt_chars.positive()
+        return client is None or client.prompt_bytes.positive()
 
-    def charge_prompt(self, address: str, chars: int) -> None:
-        """Count a request's prompt, as it is sent upstream (nodes.py): every attempt, whether
+    def charge_prompt(self, address: str, size: int) -> None:
+        """Count a request's prompt in UTF-8 bytes, as it is sent upstream (nodes.py): every attempt, whether
         or not its connection is still open (a reply outlives it)."""
-        self.clients.setdefault(address, Client()).prompt_chars.charge(chars)
+        self.clients.setdefault(address, Client()).prompt_bytes.charge(size)
 
 
 class PromptBudgetUsed(Exception):
@@ -297,8 +297,8 @@ class PromptBudget:
         if not self.limits.prompt_budget_left(self.address):
             raise PromptBudgetUsed(PROMPT_BUDGET_USED)
 
-    def charge(self, chars: int) -> None:
-        self.limits.charge_prompt(self.address, chars)
+    def charge(self, size: int) -> None:
+        self.limits.charge_prompt(self.address, size)
 
 
 class Activity(IntEnum):

@@ -731,9 +731,9 @@ PER_WORKER_LIMITS = (
     "open connections (CHAT_MAX_CONNECTIONS), connections and new connections per address "
     "(CHAT_MAX_CONNECTIONS_PER_CLIENT, CHAT_NEW_CONNECTIONS_BURST), connections before the "
     "WebSocket per address and in all (CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT, "
-    "CHAT_MAX_PENDING_CONNECTIONS), messages, frames' characters and prompt characters sent "
+    "CHAT_MAX_PENDING_CONNECTIONS), messages, frames' characters and prompt bytes sent "
     "upstream per address (CHAT_CLIENT_RATE_LIMIT_MESSAGES, CHAT_CLIENT_FRAME_CHARS_BURST, "
-    "CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE) are counted in each worker: with {workers} workers an "
+    "CHAT_CLIENT_PROMPT_BYTES_PER_MINUTE) are counted in each worker: with {workers} workers an "
     "address may have up to {workers} times as many (docs/operations.md, 'Several workers')"
 )
 

@@ -231,24 +231,24 @@ def test_the_characters_of_every_frame_are_counted_per_address_before_parsing(fa
             assert chat_turn(ws, "mine") == "You said: mine"
 
 
-def prompt_chars(request: dict) -> int:
-    return sum(len(m["content"]) for m in request["messages"])
+def prompt_bytes(request: dict) -> int:
+    return sum(len(m["content"].encode()) for m in request["messages"])
 
 
-def test_the_prompt_characters_sent_upstream_are_counted_per_address(fake, monkeypatch):
+def test_the_prompt_bytes_sent_upstream_are_counted_per_address(fake, monkeypatch):
     # 15 sockets of one address, each with a history at the bound and each reply stopped at its
     # first chunk, made the upstream read 7.3 M characters a minute within the message limits
     # (review 16). Each request is charged as it goes out; a message is refused, before any
     # reply starts, while the address's balance is not above zero.
-    monkeypatch.setattr(settings, "client_prompt_chars_burst", 3_000)  # each client's lifespan counts afresh
-    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60 * 2_000)
+    monkeypatch.setattr(settings, "client_prompt_bytes_burst", 3_000)  # each client's lifespan counts afresh
+    monkeypatch.setattr(settings, "client_prompt_bytes_per_minute", 60 * 2_000)
     greedy, other = (LocalClient(chat_main.app, client=(ip, 40000)) for ip in ("10.0.0.7", "10.0.0.8"))
     with greedy, other:
         with greedy.websocket_connect("/ws") as first, greedy.websocket_connect("/ws") as second:
             read_conversation(second)
             assert chat_turn(first, "a" * 2_000) == "You said: " + "a" * 2_000
             assert chat_turn(first, "b" * 1_000) == "You said: " + "b" * 1_000  # 5,010 sent: ~4,000 owed
-            assert [prompt_chars(r) for r in fake.requests] == [2_000, 5_010]
+            assert [prompt_bytes(r) for r in fake.requests] == [2_000, 5_010]
             for ws in first, second:  # from any of its connections
                 ws.send_json({"type": "message", "content": "short"})
                 refusal = ws.receive_json()
@@ -259,29 +259,44 @@ def test_the_prompt_characters_sent_upstream_are_counted_per_address(fake, monke
                 assert chat_turn(ws, "mine") == "You said: mine"
             time.sleep(2.5)  # the debt is paid back at 2,000 a second
             assert chat_turn(first, "again") == "You said: again"  # the same connection and conversation
-            assert prompt_chars(fake.requests[-1]) == 2_000 + 2_010 + 1_000 + 1_010 + 5
+            assert prompt_bytes(fake.requests[-1]) == 2_000 + 2_010 + 1_000 + 1_010 + 5
 
 
-def test_an_address_owing_prompt_characters_is_remembered(monkeypatch):
-    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+def test_a_prompt_is_charged_in_bytes_because_a_tokenizer_spends_up_to_a_token_a_byte(fake, monkeypatch):
+    # Counted in characters, an address writing in Linear B (4 tokens a character with the
+    # embedded model's tokenizer, 0.22 in English) had the model read 18 times the tokens (review 18).
+    monkeypatch.setattr(settings, "client_prompt_bytes_burst", 6_000)
+    monkeypatch.setattr(settings, "client_prompt_bytes_per_minute", 60)
+    linear_b = "\U00010000" * 2_000  # 2,000 characters, 8,000 bytes
+    with LocalClient(chat_main.app, client=("10.0.0.11", 40000)) as client, client.websocket_connect("/ws") as ws:
+        assert chat_turn(ws, linear_b) == "You said: " + linear_b
+        assert prompt_bytes(fake.requests[-1]) == 8_000
+        ws.send_json({"type": "message", "content": linear_b})  # 8,000 bytes read for 6,000: refused
+        refusal = ws.receive_json()
+        assert refusal["type"] == "error" and "a lot to read" in refusal["message"], refusal
+        assert len(fake.requests) == 1
+
+
+def test_an_address_owing_prompt_bytes_is_remembered(monkeypatch):
+    monkeypatch.setattr(settings, "client_prompt_bytes_per_minute", 60)
     client = Client()
     assert client.forgettable()
-    client.prompt_chars.charge(1_000)  # its connections closed while a reply it asked for was sent
+    client.prompt_bytes.charge(1_000)  # its connections closed while a reply it asked for was sent
     assert not client.forgettable(), "forgotten, the address would start again with a full budget"
-    assert "CHAT_CLIENT_PROMPT_CHARS_PER_MINUTE" in PER_WORKER_LIMITS  # the start-up warning names it
+    assert "CHAT_CLIENT_PROMPT_BYTES_PER_MINUTE" in PER_WORKER_LIMITS  # the start-up warning names it
 
 
 def test_each_request_of_a_reply_asked_again_with_fewer_turns_is_charged(fake, monkeypatch):
     # A prompt the model refuses as longer than its context is read (and billed) all the same.
-    monkeypatch.setattr(settings, "client_prompt_chars_burst", 10_000)
-    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+    monkeypatch.setattr(settings, "client_prompt_bytes_burst", 10_000)
+    monkeypatch.setattr(settings, "client_prompt_bytes_per_minute", 60)
     with LocalClient(chat_main.app, client=("10.0.0.9", 40000)) as client, client.websocket_connect("/ws") as ws:
         chat_turn(ws, "a" * 1_000)
         chat_turn(ws, "b" * 1_000)  # 4,010 charged so far
         fake.context_chars = 2_500
         assert chat_turn(ws, "c" * 1_000) == "You said: " + "c" * 1_000
         # Refused with both turns (5,020), then the newest (3,010); sent with none (1,000).
-        assert [prompt_chars(r) for r in fake.requests] == [1_000, 3_010, 5_020, 3_010, 1_000]
+        assert [prompt_bytes(r) for r in fake.requests] == [1_000, 3_010, 5_020, 3_010, 1_000]
         ws.send_json({"type": "message", "content": "d"})  # 13,040 sent for 10,000: refused
         assert "a lot to read" in ws.receive_json()["message"]
         assert len(fake.requests) == 5
@@ -291,8 +306,8 @@ def test_replies_accepted_together_are_checked_again_when_their_turn_comes(fake,
     # Messages accepted while the balance was above zero, from many sockets at once, wait in line
     # for the address's upstream slot: each is checked again before it is sent, so the debt is
     # at most what the address's slots send at once, not every reply it has waiting.
-    monkeypatch.setattr(settings, "client_prompt_chars_burst", 3_000)
-    monkeypatch.setattr(settings, "client_prompt_chars_per_minute", 60)
+    monkeypatch.setattr(settings, "client_prompt_bytes_burst", 3_000)
+    monkeypatch.setattr(settings, "client_prompt_bytes_per_minute", 60)
     monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
     fake.hold_after = 1
     with LocalClient(chat_main.app, client=("10.0.0.10", 40000)) as client, contextlib.ExitStack() as sockets:
