@@ -59,9 +59,10 @@
   // past it, and is assumed to (padding of spaces or invisible characters pushed the digits of
   // "12<padding><RLM>34" out of the window, and the number showed 3412: review 16).
   // A paragraph separator ends the search: the edge of a paragraph to the browser's bidi
-  // algorithm (showControls puts a line break between blocks and for a <br>). U+2029 draws
-  // nothing, and a Hebrew word before it vouched for a mark after it (review 18).
-  const PARAGRAPH_END = /[\n\r\u001C-\u001E\u0085\u2029]/u;
+  // algorithm (showControls puts one between blocks and for a <br>). U+2029 draws nothing, and
+  // a Hebrew word before it vouched for a mark after it (review 18). Not a line break: inside a
+  // <p> the browser lays it out as a space (review 19).
+  const PARAGRAPH_END = /[\u001C-\u001E\u0085\u2029]/u;
   function side(chars, atTheEdge) {
     let digitFirst = null;
     for (const c of chars) {
@@ -72,20 +73,19 @@
     return { digitFirst: digitFirst ?? !atTheEdge, rtl: false };
   }
 
-  // An LRM, RLM or ALM run at text[index:end] is applied only where it does no more than the
-  // right-to-left letters beside it do: "המחיר הוא 100$<RLM>." keeps its mark. Never between two
-  // numbers (digits on both sides, whatever punctuation between). Right before a number it sets
-  // the direction the number's groups are laid out in, so only a right-to-left letter before it
-  // may vouch for it (one after the number did, and "Card <RLM>1234 5678 (כרטיס)" showed
-  // "5678 1234": review 17); an ALM there turns the digits into Arabic ones, which swaps the
-  // groups of 03-1234567 even after a Hebrew letter, so it is never kept. A run past
-  // MAX_STACKED is a marker: no text needs one.
+  // An LRM, RLM or ALM run at text[index:end] is applied only beside right-to-left letters, and
+  // never right before a number (whatever punctuation between): there it would set the
+  // direction the number's groups are laid out in. "המחיר הוא 100$<RLM>." keeps its mark (after
+  // the number, it moves the full stop). Each narrower rule was got around: a Hebrew word after
+  // the number, in another block, across a <br>, or behind a character this code took for
+  // punctuation and the browser for a left-to-right letter (U+0589, private use) vouched for a
+  // mark that swapped "1234 5678" (reviews 17 to 19); before a number a mark is no use anyway
+  // once right-to-left letters are beside it. A run past MAX_STACKED is a marker: no text needs one.
   function keptMark(text, index, end) {
     if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
     const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse(), index < MARK_CONTEXT);
     const after = side(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
-    if (after.digitFirst) return !before.digitFirst && before.rtl && text[index] !== "\u061C";
-    return before.rtl || after.rtl;
+    return !after.digitFirst && (before.rtl || after.rtl);
   }
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
@@ -198,13 +198,13 @@
     let block;
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
       if (node.nodeType === Node.ELEMENT_NODE) {  // a <br> ends a paragraph too (review 18)
-        if (node.tagName === "BR") all += "\n";
+        if (node.tagName === "BR") all += "\u2029";
         continue;
       }
-      // Each block is a paragraph of its own to the browser: a line break between them ends a
+      // Each block is a paragraph of its own to the browser: a separator between them ends a
       // mark's search (a Hebrew letter in the list item above vouched for a mark: review 17).
       const itsBlock = node.parentElement?.closest(BLOCKS) ?? null;
-      if (block !== undefined && itsBlock !== block) all += "\n";
+      if (block !== undefined && itsBlock !== block) all += "\u2029";
       block = itsBlock;
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
       if (hasAny(pattern, stack + node.data, stack.length)) found.push([node, pattern, all.length]);
