@@ -242,23 +242,32 @@ NUMBERS_SPLIT = {
 }
 
 
-@pytest.mark.parametrize("name", list(NUMBERS_SPLIT))
-def test_rlm_between_numbers_split_by_emphasis_padding_or_a_slice_is_not_applied(name, browser, live_server, fake):  # noqa: F811
-    fake.reply = NUMBERS_SPLIT[name]
+def read_finished_then_reloaded(browser, live_server, read_it, rendered=".assistant .body"):
+    """What `read_it(page)` reads of the reply once it is rendered, and again after a reload."""
     context, page, errors = open_page(browser, live_server.url)
     try:
         chat(page, "my account?", 0)
         page.wait_for_timeout(500)  # a long reply is rendered in a few tasks
-        finished = (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))
+        finished = read_it(page)
         page.reload()
-        page.wait_for_selector(".assistant .body p")
+        page.wait_for_selector(rendered)
         page.wait_for_timeout(500)
-        for (shown,), (paragraph,) in (finished, (page.evaluate(LAID_OUT), read(page, ".assistant .body p"))):
-            assert digits(shown) == digits(fake.reply), shown
-            assert RLM not in paragraph["text"] and "⟨RLM⟩" in paragraph["markers"], paragraph
         assert not errors, errors
+        return finished, read_it(page)
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("name", list(NUMBERS_SPLIT))
+def test_rlm_between_numbers_split_by_emphasis_padding_or_a_slice_is_not_applied(name, browser, live_server, fake):  # noqa: F811
+    fake.reply = NUMBERS_SPLIT[name]
+    paragraphs = ".assistant .body p"
+    readings = read_finished_then_reloaded(
+        browser, live_server, lambda page: (page.evaluate(LAID_OUT), read(page, paragraphs)), paragraphs
+    )
+    for (shown,), (paragraph,) in readings:
+        assert digits(shown) == digits(fake.reply), shown
+        assert RLM not in paragraph["text"] and "⟨RLM⟩" in paragraph["markers"], paragraph
 
 
 CARD, PHONE = "\u05db\u05e8\u05d8\u05d9\u05e1", "\u05d8\u05dc\u05e4\u05d5\u05df"  # "card", "phone"
@@ -289,19 +298,9 @@ NUMBERS_AFTER_A_MARK = {
 @pytest.mark.parametrize("name", list(NUMBERS_AFTER_A_MARK))
 def test_a_mark_right_before_a_number_is_always_shown(name, browser, live_server, fake):  # noqa: F811
     fake.reply = NUMBERS_AFTER_A_MARK[name]
-    context, page, errors = open_page(browser, live_server.url)
-    try:
-        chat(page, "my card?", 0)
-        finished = read_marks(page)
-        page.reload()
-        page.wait_for_selector(".assistant .body")
-        page.wait_for_timeout(300)
-        for (shown,) in finished, read_marks(page):
-            assert shown["raw"] == 0 and shown["markers"] == 1, shown
-            assert shown["laid_out"] == digits(fake.reply), shown
-        assert not errors, errors
-    finally:
-        context.close()
+    for (shown,) in read_finished_then_reloaded(browser, live_server, read_marks):
+        assert shown["raw"] == 0 and shown["markers"] == 1, shown
+        assert shown["laid_out"] == digits(fake.reply), shown
 
 
 HIDDEN_IN_LINKS = {
