@@ -292,6 +292,11 @@ NUMBERS_AFTER_A_MARK = {
     "a Devanagari danda after the Hebrew word": f"{CARD}\u0964 {RLM}1234 5678",
     "a private-use character after the Hebrew word": f"{CARD}\ue000 {RLM}1234 5678",
     "a line break inside the paragraph, between two numbers": f"Card {CARD}\u0589 1234{RLM}\n5678 9012",
+    # A modifier letter (a letter to the code, neutral to the browser) between mark and number
+    # (review 20).
+    "a modifier letter between the mark and the number": f"{ACCOUNT}\u0589 {RLM}\u02c81234 5678",
+    "ALM and a modifier letter, a phone number": f"{PHONE}\u0589 {ALM}\u02c803-1234567",
+    "a private-use character and a modifier letter": f"{CARD}\ue000 {RLM}\u02b91234 5678",
 }
 
 

@@ -74,18 +74,33 @@
   }
 
   // An LRM, RLM or ALM run at text[index:end] is applied only beside right-to-left letters, and
-  // never right before a number (whatever punctuation between): there it would set the
-  // direction the number's groups are laid out in. "המחיר הוא 100$<RLM>." keeps its mark (after
-  // the number, it moves the full stop). Each narrower rule was got around: a Hebrew word after
-  // the number, in another block, across a <br>, or behind a character this code took for
-  // punctuation and the browser for a left-to-right letter (U+0589, private use) vouched for a
-  // mark that swapped "1234 5678" (reviews 17 to 19); before a number a mark is no use anyway
-  // once right-to-left letters are beside it. A run past MAX_STACKED is a marker: no text needs one.
+  // an RLM or ALM only where no number may follow it before a right-to-left letter does: before
+  // a number it would set the direction the number's groups are laid out in. "המחיר הוא 100$<RLM>."
+  // keeps its mark (after the number, it moves the full stop). Each narrower rule was got around,
+  // because this code tells letters by their Unicode category and the browser by their bidi
+  // class: a Hebrew word after the number, in another block, across a <br>, behind U+0589 or a
+  // private-use character (left-to-right to the browser, punctuation here), or a modifier letter
+  // such as U+02C8 between mark and number (a letter here, neutral to the browser) kept an RLM
+  // that swapped "1234 5678" (reviews 17 to 20). So after the mark nothing but a right-to-left
+  // letter, a paragraph's end or the text's end vouches for it. An LRM sets left to right: a
+  // number after it is laid out as written. A run past MAX_STACKED is a marker: no text needs one.
   function keptMark(text, index, end) {
     if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
     const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse(), index < MARK_CONTEXT);
     const after = side(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
-    return !after.digitFirst && (before.rtl || after.rtl);
+    if (!(before.rtl || after.rtl)) return false;
+    return text[index] === "\u200E" || noNumberAhead(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
+  }
+
+  // Whether, looking on from a mark, a right-to-left letter or a paragraph's end comes before
+  // any digit: then no number takes its direction from the mark. A window that ends first
+  // may have a digit just past it.
+  function noNumberAhead(chars, atTheEdge) {
+    for (const c of chars) {
+      if (PARAGRAPH_END.test(c) || (RTL_LETTER.test(c) && /\p{L}/u.test(c))) return true;
+      if (/\p{N}/u.test(c)) return false;
+    }
+    return atTheEdge;
   }
   // In code, and in a link's label or target, nothing may hide: every invisible character
   // (format characters and default-ignorables: LRM/RLM, zero-width ones, soft hyphen...).
@@ -434,8 +449,8 @@
   }
 
   // How much of a streaming text can be shown for good: up to its first direction mark that
-  // would be applied (keptMark) while what follows it may still change that: no letter after it
-  // yet, within MARK_CONTEXT. Such a mark waits for the next frame; shown at once, an RLM after
+  // would be applied (keptMark) while what follows it may still change that: fewer than
+  // MARK_CONTEXT characters after it yet. Such a mark waits for more; shown at once, an RLM after
   // a digit was applied until the reply ended, and an account number showed reversed (review 15).
   // (A mark shown as a marker may stay one until the end: a marker never deceives.)
   function settledLength(text, from) {
@@ -444,7 +459,7 @@
       const start = near + run.index;
       const end = start + run[0].length;
       const after = text.slice(end, end + MARK_CONTEXT);
-      if (after.length < MARK_CONTEXT && !/\p{L}/u.test(after) && keptMark(text, start, end)) return start;
+      if (after.length < MARK_CONTEXT && keptMark(text, start, end)) return start;
     }
     return text.length;
   }
