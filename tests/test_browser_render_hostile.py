@@ -119,10 +119,15 @@ def test_deeply_nested_markdown_does_not_freeze_the_page_streamed_or_replayed(ne
             fake.reply = reply
             chat(page, f"nest {turn}", turn)
         long_tasks(page)
-        page.reload()  # ten stored replies rendered again
+        page.reload()  # ten stored replies rendered again, one after another
         page.wait_for_selector(".assistant >> nth=9")
-        assert_page_stayed_responsive(page, "replayed")
         shown = page.evaluate(BODIES)
+        for _ in range(500):  # every reply rendered (plain text is shown at once), within 10 s
+            if [body["formatted"] for body in shown] == [not plain] * 10:
+                break
+            page.wait_for_timeout(20)
+            shown = page.evaluate(BODIES)
+        assert_page_stayed_responsive(page, "replayed")  # every task of the replay counted
         assert [body["formatted"] for body in shown] == [not plain] * 10
         if plain:
             assert [body["text"] for body in shown] == replies
