@@ -251,9 +251,9 @@ class Settings:
     max_pending_connections_per_client: int = field(
         default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS_PER_CLIENT", 50)
     )
-    # ... and all addresses together, per worker. Well below the 200 connections uvicorn
-    # serves besides the WebSockets before it answers every page with 503 (server.py,
-    # HTTP_CONNECTIONS_MARGIN): at this cap idle connections give way to the newcomer.
+    # ... and all addresses together, per worker. Well below the 150 connections uvicorn
+    # serves besides the WebSockets and the closes it waits on before it answers every page
+    # with 503 (server.py, HTTP_CONNECTIONS_MARGIN): at this cap idle connections give way.
     max_pending_connections: int = field(default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS", 100))
     # IPv6 clients are counted per network of this many leading bits (security.client_key):
     # one host is usually given a whole /64. IPv4 clients are counted per address.

@@ -46,6 +46,10 @@ KEEP_ALIVE_SECONDS = 5
 # sockets cannot bring it there: connections that are not WebSockets yet are kept at half of
 # it (CHAT_MAX_PENDING_CONNECTIONS, RequestHeadTimeout below).
 HTTP_CONNECTIONS_MARGIN = 200
+# WebSockets the app has closed, kept open by uvicorn for the client's answering Close
+# (ClosesWaitBounded): at most this many per worker. With the connections before the WebSocket
+# (CHAT_MAX_PENDING_CONNECTIONS, 100) they stay below HTTP_CONNECTIONS_MARGIN.
+CLOSES_WAITING_AT_MOST = 50
 # While a connection's writes are paused, its client must take this much every
 # CHAT_STALLED_WRITE_SECONDS (about 1 KiB/s at 15 s), or it is dropped (WritesMustDrain):
 # a quarter of asyncio's 64 KiB high-water mark, nothing a reader of any real link misses.
@@ -95,13 +99,14 @@ APPLIED_BY_THE_APP = ("http",)
 def warn_about_pending_cap() -> None:
     """Say at WARNING when the worker's cap on connections that are not WebSockets yet lets
     idle sockets fill uvicorn's limit_concurrency: every page load would get 503."""
-    if settings.max_pending_connections >= HTTP_CONNECTIONS_MARGIN:
+    room = HTTP_CONNECTIONS_MARGIN - CLOSES_WAITING_AT_MOST
+    if settings.max_pending_connections >= room:
         log.warning(
             "CHAT_MAX_PENDING_CONNECTIONS=%d is not below the %d connections uvicorn serves besides "
-            "the WebSockets: idle sockets can make it answer every page load with 503. Keep it "
-            "well below (default 100).",
+            "the WebSockets and the closes it waits on: idle sockets can make it answer every page "
+            "load with 503. Keep it well below (default 100).",
             settings.max_pending_connections,
-            HTTP_CONNECTIONS_MARGIN,
+            room,
         )
 
 
@@ -705,8 +710,8 @@ for _name in (
 
 
 def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
-    """uvicorn's websockets-sansio or wsproto protocol class with ReadingWaitsForWrites and
-    FramesAreMetered mixed in; None for a class whose internals are not known to fit (or no WebSocket support)."""
+    """uvicorn's websockets-sansio or wsproto protocol class with ReadingWaitsForWrites,
+    FramesAreMetered and ClosesWaitBounded mixed in; None for a class whose internals are not known to fit (or no WebSocket support)."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     known = [WebSocketsSansIOProtocol]
@@ -722,8 +727,40 @@ def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
         return protocol_class
     if protocol_class not in known:
         return None
-    mixins = (FramesAreMetered, ReadingWaitsForWrites)
+    mixins = (ClosesWaitBounded, FramesAreMetered, ReadingWaitsForWrites)
     return type(f"{protocol_class.__name__}WithReadingWaitingForWrites", (*mixins, protocol_class), {})
+
+
+CLOSES_WAITING: set = set()  # the protocols of this worker's WebSockets waiting so
+
+
+class ClosesWaitBounded:
+    """Mixed into uvicorn's WebSocket protocol class: after the app closes a WebSocket, uvicorn
+    keeps the socket up to 10 s for the client's answering Close. At most CLOSES_WAITING_AT_MOST
+    sockets of the worker wait so; past that, the Close is written and the socket closed at once.
+
+    Why: a socket waiting so is in none of the chat's counts (the app is done with it), but in
+    uvicorn's limit_concurrency. The chat accepts a WebSocket it refuses (its address over its
+    cap or its rate, a full worker) to say why, then closes it: one address handshaking 150
+    times a second and answering no Close held 1,500 such sockets, and every page load got 503
+    (review 21). A browser answers at once, so only a client that does not waits long; one
+    closed without waiting still reads the Close, sent before the socket ends.
+    Uses what uvicorn's websockets-sansio and wsproto protocols share: send, close_timer,
+    connection_lost, transport."""
+
+    async def send(self, message) -> None:
+        await super().send(message)
+        if message["type"] != "websocket.close" or self.close_timer is None or self in CLOSES_WAITING:
+            return
+        if len(CLOSES_WAITING) < CLOSES_WAITING_AT_MOST:
+            CLOSES_WAITING.add(self)
+            return
+        self.close_timer.cancel()
+        self.transport.close()  # once the Close and what is before it are written
+
+    def connection_lost(self, exc) -> None:
+        CLOSES_WAITING.discard(self)
+        super().connection_lost(exc)
 
 
 # Which limits hold per worker process, for the start-up warning with --workers N.

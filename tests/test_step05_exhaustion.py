@@ -36,6 +36,7 @@ from harness.support import (
 from step05_production import main as chat_main
 from step05_production.config import settings
 from step05_production.security import client_key
+from step05_production.server import CLOSES_WAITING_AT_MOST
 
 APP = "step05_production.main:app"
 
@@ -705,6 +706,43 @@ def the_page_loads(server) -> bool:
         return httpx.get(server.url + "/", timeout=2).status_code == 200
     except httpx.TransportError:  # reset or closed at once: the worker had no room
         return False
+
+
+# A worker's sockets are limited (uvicorn's limit_concurrency: CHAT_MAX_CONNECTIONS + 200 here).
+REFUSED_HANDSHAKES = 300
+
+
+def refused_and_never_answering(server, source: str) -> socket.socket:
+    """A WebSocket handshake from `source`, whose Close the client will never answer."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0))
+    sock.sendall(websocket_handshake())
+    return sock
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.x sources are Linux's")
+@pytest.mark.parametrize("start", [entry_point_server, plain_uvicorn_server], ids=["entry point", "plain uvicorn"])
+def test_refused_websockets_that_never_answer_the_close_cannot_fill_the_worker(start, fake_server, fake):
+    # Review 21: the chat accepts a WebSocket it refuses (over its address's cap or rate) to say
+    # why, then closes it, and uvicorn waits up to 10 s for the client's answering Close; the
+    # socket is then in none of the chat's counts. One address handshaking fast and answering
+    # nothing held 1,500 such sockets, and every page load got 503.
+    with start(fake_server, CHAT_MAX_CONNECTIONS="20", CHAT_MAX_CONNECTIONS_PER_CLIENT="2") as server:
+        flood = [refused_and_never_answering(server, "127.0.0.2") for _ in range(REFUSED_HANDSHAKES)]
+        for sock in flood:  # each is accepted (its error frame and its Close follow)
+            answer = sock.recv(12)
+            assert answer == b"HTTP/1.1 101", answer
+
+        def closed_by_the_server() -> int:
+            return sum(seconds_until_closed(sock, limit=0.001) < float("inf") for sock in flood)
+
+        # All but a bounded few are closed without their answer (2 were the address's cap).
+        most = REFUSED_HANDSHAKES - 2 - CLOSES_WAITING_AT_MOST
+        wait_until(lambda: closed_by_the_server() >= most, timeout=5, what=f"{most} sockets closed")
+        assert the_page_loads(server)
+        load_the_page_and_chat(server)
+        for sock in flood:
+            sock.close()
 
 
 # 40 responses of 52 KB each: more than the kernel's buffers take, so the server's writes pause.
