@@ -297,6 +297,13 @@ NUMBERS_AFTER_A_MARK = {
     "a modifier letter between the mark and the number": f"{ACCOUNT}\u0589 {RLM}\u02c81234 5678",
     "ALM and a modifier letter, a phone number": f"{PHONE}\u0589 {ALM}\u02c803-1234567",
     "a private-use character and a modifier letter": f"{CARD}\ue000 {RLM}\u02b91234 5678",
+    # Raw HTML (shown as text) after a paragraph, the mark ending a piece of a long reply and the
+    # number starting the next: one paragraph to the browser, two pieces to the check (review 21).
+    "raw HTML at the end of a piece, the Hebrew word in the paragraph above": (
+        ("The quick brown fox jumps over the lazy dog. " * 44)[:1980]
+        + f"\n\nCard {SHALOM}\n\n<!---->{RLM}\n<!---->1234 5678 9012 is your card number.\n\n"
+        + "More ordinary text follows here. " * 40
+    ),
 }
 
 
@@ -306,6 +313,31 @@ def test_a_mark_right_before_a_number_is_always_shown(name, browser, live_server
     for (shown,) in read_finished_then_reloaded(browser, live_server, read_marks):
         assert shown["raw"] == 0 and shown["markers"] == 1, shown
         assert shown["laid_out"] == digits(fake.reply), shown
+
+
+def test_a_mark_before_raw_html_with_a_number_is_shown_while_streaming(browser, live_server, fake, monkeypatch):  # noqa: F811
+    # Review 21: the paragraph and the raw HTML ending with the mark arrive together and are
+    # rendered for good while the next raw HTML, with the number, is still being written.
+    fake.reply = f"Card {SHALOM}\n\n<!---->{RLM}\n<!---->1234 5678 9012 is your card number."
+    cut = fake.reply.index("9012")
+    monkeypatch.setattr(fake, "chunks_for", lambda messages: [fake.reply[:cut], fake.reply[cut:]])
+    fake.hold_after, fake.hold_seconds = 1, 60
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        page.fill("#input", "my card?")
+        page.keyboard.press("Enter")
+        wait_for_text(page, ".assistant .body", "5678")
+        page.wait_for_timeout(300)  # a frame or two more
+        (streaming,) = read_marks(page)
+        assert page.locator(".assistant.streaming").count() == 1, "the reply ended too soon to tell"
+        fake.release()
+        page.wait_for_selector(".assistant .meta")
+        (finished,) = read_marks(page)
+        assert streaming["raw"] == 0 and streaming["laid_out"] == "12345678", streaming
+        assert finished["raw"] == 0 and finished["laid_out"] == "123456789012", finished
+        assert not errors, errors
+    finally:
+        context.close()
 
 
 HIDDEN_IN_LINKS = {

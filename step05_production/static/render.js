@@ -196,27 +196,50 @@
     return fragment;
   }
 
+  // Each block is a paragraph of its own to the browser, and so is what follows a <br>: a
+  // separator where one starts or ends ends a mark's search (a Hebrew letter in the list item
+  // above vouched for a mark: review 17; across a <br>: review 18; in the paragraph before bare
+  // text: review 21). Looked up by tag as the walk enters and leaves each element: closest()
+  // for every text node made ten long replies replay 100s of ms slower.
+  const BLOCKS = new Set(["P", "LI", "TD", "TH", "H1", "H2", "H3", "H4", "H5", "H6", "BLOCKQUOTE", "PRE", "DT", "DD", "DIV", "CAPTION", "SUMMARY"]);
+  const PARAGRAPH_BREAK = "\u2029";
+
+  // The text nodes under root in order, with PARAGRAPH_BREAK wherever a paragraph starts or ends.
+  function* paragraphsText(root) {
+    let node = root.firstChild;
+    while (node) {
+      if (node.tagName === "BR" || BLOCKS.has(node.tagName)) yield PARAGRAPH_BREAK;
+      if (node.nodeType === Node.TEXT_NODE) yield node;
+      if (node.firstChild) {
+        node = node.firstChild;
+        continue;
+      }
+      // Out of this node and of every element it ends, to whatever comes next.
+      while (node !== root && !node.nextSibling) {
+        if (BLOCKS.has(node.tagName)) yield PARAGRAPH_BREAK;
+        node = node.parentNode;
+      }
+      if (node === root) return;
+      if (BLOCKS.has(node.tagName)) yield PARAGRAPH_BREAK;
+      node = node.nextSibling;
+    }
+  }
+
   // Every text node of the rendered reply: code shows every invisible character, prose
   // only the direction controls and the marks not kept (keptMark), judged by the text around
   // them across nodes: "**12**<RLM>34" puts the digits on each side in two nodes, and judged
   // within its own node the mark was applied, the number shown as 3412 (review 16). `open`:
   // the fragment is a slice of a longer paragraph, text unseen here goes on at its start or end.
-  const BLOCKS = new Set(["P", "LI", "TD", "TH", "H1", "H2", "H3", "H4", "H5", "H6", "BLOCKQUOTE", "PRE", "DT", "DD", "DIV", "CAPTION", "SUMMARY"]);
   function showControls(root, open = { start: false, end: false }) {
-    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
     // Unseen text, as far as a mark looks: blank, so a mark beside it is judged as if a digit
     // might lie past it (side()).
     const unseen = " ".repeat(MARK_CONTEXT + 1);
     let all = open.start ? unseen : "";
     const found = [];
     let stack = "";  // ending the text before: "*a*" and marks is one stack, across two nodes
-    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-      // Each block is a paragraph of its own to the browser, and so is what follows a <br>: a
-      // separator where one starts ends a mark's search (a Hebrew letter in the list item above
-      // vouched for a mark: review 17; across a <br>: review 18). (Looked up by tag as the walk
-      // enters it: closest() for every text node made ten long replies replay 100s of ms slower.)
-      if (node.nodeType === Node.ELEMENT_NODE) {
-        if (node.tagName === "BR" || BLOCKS.has(node.tagName)) all += "\u2029";
+    for (const node of paragraphsText(root)) {
+      if (node === PARAGRAPH_BREAK) {
+        all += node;
         continue;
       }
       const pattern = node.parentElement?.closest("code") ? INVISIBLE_RUNS : DIRECTION_RUNS;
@@ -224,7 +247,8 @@
       stack = trailingStack(stack + node.data);
       all += node.data;
     }
-    if (open.end) all += unseen;
+    // A slice's paragraph goes on in the next one: its end here is not one.
+    if (open.end) all = all.replace(/\u2029$/, "") + unseen;
     const budget = markerBudget();  // one for the whole fragment
     const reach = MARK_CONTEXT + 2 * MAX_STACKED;  // a mark's window, a stack's (trailingStack)
     for (const [node, pattern, start] of found) {
@@ -277,8 +301,11 @@
 
   // Where marked would emit HTML we don't want, it emits text instead.
   const renderer = {
-    html({ text }) {
-      return escapeHtml(text);
+    // A block of raw HTML is a paragraph of text, like any other block: bare text between two
+    // blocks is one paragraph to the browser with the bare text of the next, which the direction
+    // marks' check, judging each block (a piece of a long reply) on its own, did not see (review 21).
+    html({ text, block }) {
+      return block ? `<p>${escapeHtml(text)}</p>` : escapeHtml(text);
     },
     image({ text }) {
       return `<small>[image: ${escapeHtml(text || "no description")}]</small>`;
