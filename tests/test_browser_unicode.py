@@ -304,6 +304,12 @@ NUMBERS_AFTER_A_MARK = {
         + f"\n\nCard {SHALOM}\n\n<!---->{RLM}\n<!---->1234 5678 9012 is your card number.\n\n"
         + "More ordinary text follows here. " * 40
     ),
+    # A paragraph's end between mark and number. Chromium ends a bidi paragraph at each, but
+    # where one ends is the layout engine's call: only a right-to-left letter or the reply's end
+    # vouches for a mark (review 21 found the check's paragraphs and the browser's apart).
+    "a paragraph separator between the mark and the number": f"Card {SHALOM} {RLM}\u2029 1234 5678",
+    "a hard line break between the mark and the number": f"Card {SHALOM} {RLM}  \n1234 5678 is yours.",
+    "a new paragraph between the mark and the number": f"Card {SHALOM} {RLM}\n\n1234 5678 is yours.",
 }
 
 

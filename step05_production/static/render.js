@@ -82,8 +82,10 @@
   // private-use character (left-to-right to the browser, punctuation here), or a modifier letter
   // such as U+02C8 between mark and number (a letter here, neutral to the browser) kept an RLM
   // that swapped "1234 5678" (reviews 17 to 20). So after the mark nothing but a right-to-left
-  // letter, a paragraph's end or the text's end vouches for it. An LRM sets left to right: a
-  // number after it is laid out as written. A run past MAX_STACKED is a marker: no text needs one.
+  // letter or the reply's end vouches for it: not a paragraph's end either, as where the browser
+  // ends one is its own call (raw HTML as bare text ran on past a block's end: review 21). An
+  // LRM sets left to right: a number after it is laid out as written. A run past MAX_STACKED is
+  // a marker: no text needs one.
   function keptMark(text, index, end) {
     if (!MARKS.test(text[index]) || end - index > MAX_STACKED) return false;
     const before = side([...text.slice(Math.max(0, index - MARK_CONTEXT), index)].reverse(), index < MARK_CONTEXT);
@@ -92,12 +94,12 @@
     return text[index] === "\u200E" || noNumberAhead(text.slice(end, end + MARK_CONTEXT), end + MARK_CONTEXT > text.length);
   }
 
-  // Whether, looking on from a mark, a right-to-left letter or a paragraph's end comes before
-  // any digit: then no number takes its direction from the mark. A window that ends first
-  // may have a digit just past it.
+  // Whether, looking on from a mark, a right-to-left letter comes before any digit: then no
+  // number takes its direction from the mark. A window that ends first may have a digit just
+  // past it, unless it ends with the reply.
   function noNumberAhead(chars, atTheEdge) {
     for (const c of chars) {
-      if (PARAGRAPH_END.test(c) || (RTL_LETTER.test(c) && /\p{L}/u.test(c))) return true;
+      if (RTL_LETTER.test(c) && /\p{L}/u.test(c)) return true;
       if (/\p{N}/u.test(c)) return false;
     }
     return atTheEdge;
@@ -229,7 +231,8 @@
   // only the direction controls and the marks not kept (keptMark), judged by the text around
   // them across nodes: "**12**<RLM>34" puts the digits on each side in two nodes, and judged
   // within its own node the mark was applied, the number shown as 3412 (review 16). `open`:
-  // the fragment is a slice of a longer paragraph, text unseen here goes on at its start or end.
+  // text unseen here comes before or after the fragment (it is a piece of the reply), and a
+  // mark beside it is judged as if a digit lay there.
   function showControls(root, open = { start: false, end: false }) {
     // Unseen text, as far as a mark looks: blank, so a mark beside it is judged as if a digit
     // might lie past it (side()).
@@ -247,8 +250,7 @@
       stack = trailingStack(stack + node.data);
       all += node.data;
     }
-    // A slice's paragraph goes on in the next one: its end here is not one.
-    if (open.end) all = all.replace(/\u2029$/, "") + unseen;
+    if (open.end) all += unseen;
     const budget = markerBudget();  // one for the whole fragment
     const reach = MARK_CONTEXT + 2 * MAX_STACKED;  // a mark's window, a stack's (trailingStack)
     for (const [node, pattern, start] of found) {
@@ -548,7 +550,8 @@
         const tokens = lex(text.slice(frozenChars));
         let last = tokens.length - 1;  // the block still being written
         while (last > 0 && tokens[last].type === "space") last -= 1;
-        const finished = tokens.slice(0, Math.max(last, 0));
+        // Once the reply is complete every block is rendered for good, in one fragment.
+        const finished = complete ? tokens : tokens.slice(0, Math.max(last, 0));
         const live = tokens[last];
         if (liveCode && !finished.length && live?.type === "code") {
           // marked may change the end of the code as more of it comes (an indent cut in two
@@ -563,7 +566,9 @@
         liveCode = null;
         dropLiveNodes();
         if (finished.length) {
-          body.append(toFragment(finished, tokens.links));
+          // More comes after blocks rendered for good mid-reply (open: a mark at their end
+          // may come right before a number).
+          body.append(toFragment(finished, tokens.links, { start: false, end: !complete }));
           frozenNodes = body.childNodes.length;
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
         }
@@ -641,7 +646,7 @@
       const list = pieces(tokens);
       for (const [index, piece] of list.entries()) {
         await new Promise((resolve) => setTimeout(resolve));  // the next task
-        const open = { start: piece.continues, end: Boolean(list[index + 1]?.continues) };
+        const open = { start: piece.continues, end: index + 1 < list.length };
         const fragment = toFragment(piece.tokens, tokens.links, open);
         if (piece.continues) rendered.lastElementChild.append(...fragment.firstChild.childNodes);
         else rendered.append(fragment);
