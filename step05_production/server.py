@@ -46,10 +46,14 @@ KEEP_ALIVE_SECONDS = 5
 # sockets cannot bring it there: connections that are not WebSockets yet are kept at half of
 # it (CHAT_MAX_PENDING_CONNECTIONS, RequestHeadTimeout below).
 HTTP_CONNECTIONS_MARGIN = 200
-# WebSockets the app has closed, kept open by uvicorn for the client's answering Close
-# (ClosesWaitBounded): at most this many per worker. With the connections before the WebSocket
-# (CHAT_MAX_PENDING_CONNECTIONS, 100) they stay below HTTP_CONNECTIONS_MARGIN.
-CLOSES_WAITING_AT_MOST = 50
+# Sockets the server has closed that uvicorn still counts: a WebSocket waiting for its client's
+# answering Close (up to 10 s), a connection whose transport still holds bytes its client has
+# not taken (until they are sent, or the kernel gives up: 30 s). At most this many per worker,
+# and per client address (CLOSING); past either, such a socket is dropped at once. With the
+# connections before the WebSocket (CHAT_MAX_PENDING_CONNECTIONS, 100) they stay below
+# HTTP_CONNECTIONS_MARGIN.
+CLOSING_AT_MOST = 50
+CLOSING_PER_CLIENT_AT_MOST = 10
 # While a connection's writes are paused, its client must take this much every
 # CHAT_STALLED_WRITE_SECONDS (about 1 KiB/s at 15 s), or it is dropped (WritesMustDrain):
 # a quarter of asyncio's 64 KiB high-water mark, nothing a reader of any real link misses.
@@ -99,7 +103,7 @@ APPLIED_BY_THE_APP = ("http",)
 def warn_about_pending_cap() -> None:
     """Say at WARNING when the worker's cap on connections that are not WebSockets yet lets
     idle sockets fill uvicorn's limit_concurrency: every page load would get 503."""
-    room = HTTP_CONNECTIONS_MARGIN - CLOSES_WAITING_AT_MOST
+    room = HTTP_CONNECTIONS_MARGIN - CLOSING_AT_MOST
     if settings.max_pending_connections >= room:
         log.warning(
             "CHAT_MAX_PENDING_CONNECTIONS=%d is not below the %d connections uvicorn serves besides "
@@ -204,8 +208,17 @@ class WritesMustDrain:
     unsent_at_last_check = 0
 
     def connection_made(self, transport) -> None:
+        if not isinstance(transport, ClosingIsBounded):  # (a WebSocket is given its HTTP one's)
+            transport = ClosingIsBounded(transport, self.closing_key(transport))
         super().connection_made(transport)
         give_up_on_unacknowledged_data(transport)
+
+    def closing_key(self, transport) -> str | None:
+        """The client address a socket closing counts against; None for a trusted proxy's."""
+        peer = transport.get_extra_info("peername")
+        if not peer or from_trusted_proxy(self.config, peer[0]):
+            return None
+        return client_key(peer[0])
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -220,6 +233,7 @@ class WritesMustDrain:
     def connection_lost(self, exc) -> None:
         # (asyncio calls no resume_writing() for a transport lost while paused.)
         self.stop_stalled_write_timer()
+        CLOSING.forget(self.transport)
         super().connection_lost(exc)
 
     def stop_stalled_write_timer(self) -> None:
@@ -244,6 +258,56 @@ class WritesMustDrain:
             unsent,
         )
         drop(self.transport)
+
+
+class ClosingSockets:
+    """This worker's sockets the server has closed that uvicorn still counts (CLOSING_AT_MOST).
+
+    Why: such a socket is in none of the chat's counts (the app and the caps are done with it)
+    but in uvicorn's limit_concurrency. One address making the server close many, each with
+    something its client never takes, held up to 1,500 and every page load got 503: WebSockets
+    refused after the handshake whose Close went unanswered (review 21), connections cut at
+    their address's cap with part of a 53 KB file unsent over a 2 KiB window (review 22)."""
+
+    def __init__(self) -> None:
+        self.keys: dict = {}  # a ClosingIsBounded transport -> its client key
+
+    def admit(self, transport: "ClosingIsBounded") -> bool:
+        if transport in self.keys:
+            return True
+        if len(self.keys) >= CLOSING_AT_MOST:
+            return False
+        key = transport.closing_key
+        if key is not None and sum(k == key for k in self.keys.values()) >= CLOSING_PER_CLIENT_AT_MOST:
+            return False
+        self.keys[transport] = key
+        return True
+
+    def forget(self, transport) -> None:
+        self.keys.pop(transport, None)
+
+
+CLOSING = ClosingSockets()
+
+
+class ClosingIsBounded:
+    """The transport uvicorn's protocols are given (WritesMustDrain wraps asyncio's): close()
+    as asyncio's, but a socket it would leave open, bytes still buffered for its client, counts
+    in CLOSING until it is gone, and past CLOSING's bounds is dropped instead (what it had not
+    sent is lost: a client that takes it, a browser, is rarely one). Everything else is asyncio's."""
+
+    def __init__(self, transport, closing_key: str | None) -> None:
+        self.raw = transport
+        self.closing_key = closing_key
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+    def close(self) -> None:
+        if self.raw.get_write_buffer_size() and not CLOSING.admit(self):
+            drop(self.raw)
+            return
+        self.raw.close()
 
 
 def unsent_bytes(transport) -> int:
@@ -731,13 +795,10 @@ def with_reading_waiting_for_writes(protocol_class: type | None) -> type | None:
     return type(f"{protocol_class.__name__}WithReadingWaitingForWrites", (*mixins, protocol_class), {})
 
 
-CLOSES_WAITING: set = set()  # the protocols of this worker's WebSockets waiting so
-
-
 class ClosesWaitBounded:
     """Mixed into uvicorn's WebSocket protocol class: after the app closes a WebSocket, uvicorn
-    keeps the socket up to 10 s for the client's answering Close. At most CLOSES_WAITING_AT_MOST
-    sockets of the worker wait so; past that, the Close is written and the socket closed at once.
+    keeps the socket up to 10 s for the client's answering Close. Such a socket counts in
+    CLOSING; past its bounds the Close is written and the socket closed at once.
 
     Why: a socket waiting so is in none of the chat's counts (the app is done with it), but in
     uvicorn's limit_concurrency. The chat accepts a WebSocket it refuses (its address over its
@@ -746,21 +807,14 @@ class ClosesWaitBounded:
     (review 21). A browser answers at once, so only a client that does not waits long; one
     closed without waiting still reads the Close, sent before the socket ends.
     Uses what uvicorn's websockets-sansio and wsproto protocols share: send, close_timer,
-    connection_lost, transport."""
+    transport."""
 
     async def send(self, message) -> None:
         await super().send(message)
-        if message["type"] != "websocket.close" or self.close_timer is None or self in CLOSES_WAITING:
-            return
-        if len(CLOSES_WAITING) < CLOSES_WAITING_AT_MOST:
-            CLOSES_WAITING.add(self)
+        if message["type"] != "websocket.close" or self.close_timer is None or CLOSING.admit(self.transport):
             return
         self.close_timer.cancel()
-        self.transport.close()  # once the Close and what is before it are written
-
-    def connection_lost(self, exc) -> None:
-        CLOSES_WAITING.discard(self)
-        super().connection_lost(exc)
+        self.transport.close()  # once the Close and what is before it are written (or dropped)
 
 
 # Which limits hold per worker process, for the start-up warning with --workers N.

@@ -297,11 +297,37 @@
     link.replaceWith(...link.childNodes, " ", note);
   }
 
+  // Whether a table's rows hold cells past the header's, split as marked splits them (a pipe
+  // after an odd number of backslashes is text; an empty first or last cell is the row's edge).
+  function hidesCells(table) {
+    const width = table.header.length;
+    return table.raw.split("\n").some((line, index) => {
+      if (index === 1) return false;  // the delimiter row
+      const cells = [""];
+      let backslashes = 0;
+      for (const c of line) {
+        if (c === "|" && backslashes % 2 === 0) cells.push("");
+        else cells[cells.length - 1] += c;
+        backslashes = c === "\\" ? backslashes + 1 : 0;
+      }
+      if (!cells[0].trim()) cells.shift();
+      if (cells.length && !cells.at(-1).trim()) cells.pop();
+      return cells.slice(width).some((cell) => cell.trim());
+    });
+  }
+
   function escapeHtml(text) {
     return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
   }
 
-  // Where marked would emit HTML we don't want, it emits text instead.
+  // Where marked would emit HTML we don't want, it emits text instead. And no text of a reply
+  // is left unshown: a link's title, a reference definition, words after a code fence's
+  // language, a table row's cells past the header's... A reply could otherwise carry
+  // instructions no person sees into the history, which goes back to the model every turn
+  // (review 22; what protocol.py removes tag characters for).
+  const plainRenderer = window.marked ? new window.marked.Renderer() : null;
+  const note = (text) => `<small>${escapeHtml(text)}</small>`;
+  const unlinked = (target) => `<small>(not linked: <code>${escapeHtml(target)}</code>)</small>`;
   const renderer = {
     // A block of raw HTML is a paragraph of text, like any other block: bare text between two
     // blocks is one paragraph to the browser with the bare text of the next, which the direction
@@ -309,13 +335,26 @@
     html({ text, block }) {
       return block ? `<p>${escapeHtml(text)}</p>` : escapeHtml(text);
     },
-    image({ text }) {
-      return `<small>[image: ${escapeHtml(text || "no description")}]</small>`;
+    image({ href, title, text }) {  // never loaded: what it is and where it is, as text
+      const about = [text || "no description", href, title].filter(Boolean).join(" · ");
+      return `<small>[image: ${escapeHtml(about)}]</small>`;
     },
-    link({ href, tokens }) {
+    link({ href, title, tokens }) {
       const label = this.parser.parseInline(tokens);
-      if (!SAFE_LINK.test(href)) return label;  // javascript:, data:, relative paths...
-      return `<a href="${escapeHtml(href)}">${label}</a>`;  // checked and finished in toFragment
+      const titled = title ? ` ${note(`“${title}”`)}` : "";
+      if (!SAFE_LINK.test(href)) return `${label} ${unlinked(href)}${titled}`;  // javascript:, data:, relative paths...
+      return `<a href="${escapeHtml(href)}">${label}</a>${titled}`;  // checked and finished in toFragment
+    },
+    def({ raw }) {  // "[label]: target "title"": shown as written
+      return `<p>${escapeHtml(raw)}</p>`;
+    },
+    code(token) {  // the language's name is all marked keeps of the fence's info string
+      const info = (token.lang || "").trim();
+      return (/\s/.test(info) ? `<p>${note(info)}</p>` : "") + plainRenderer.code(token);
+    },
+    table(token) {  // marked drops a row's cells past the header's: then the table is shown as text
+      if (hidesCells(token)) return `<p>${escapeHtml(token.raw)}</p>`;
+      return plainRenderer.table.call(this, token);
     },
     checkbox({ checked }) {  // task lists: a symbol, not a form control
       return checked ? "☑ " : "☐ ";
