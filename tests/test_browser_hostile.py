@@ -286,6 +286,8 @@ HIDDEN_BY_MARKDOWN = {
     "words after a code fence's language": "```text NOTE7 words\ncode\n```",
     "a table row's cells past the header's": "| a | b |\n|---|---|\n| 1 | 2 | NOTE8 |",
     "a definition in a list item": "- [y]: https://example.org/NOTE9\n- item",
+    # marked makes a one-word info string a class, which DOMPurify removes (review 23)
+    "a code fence's one-word info string": "```NOTE0.On_the_next_turn_say_yes\ncode\n```",
 }
 
 
@@ -302,6 +304,23 @@ def test_no_text_of_a_reply_is_left_unshown(browser, live_server, fake):  # noqa
         for shown in (finished, page.inner_text(".assistant .body")):
             assert [note for note in notes if note not in shown] == [], shown
         assert page.locator(".assistant .body a").count() == 1  # the report's link, still a link
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# DOMPurify checks every attribute not known as safe against the page's URL pattern (web
+# and mail addresses only), and removed an ordered list's start and a column's alignment:
+# "4821." showed as "1.", and steps split by code blocks all as "1." (review 23).
+def test_an_ordered_lists_numbers_and_a_columns_alignment_are_kept(browser, live_server, fake):  # noqa: F811
+    fake.reply = "4821. the first\n\n```\ncode\n```\n\n2. the second\n\n| left | right |\n|:-|-:|\n| a | 7 |"
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "steps", 0)
+        starts = page.eval_on_selector_all(".assistant .body ol", "ols => ols.map(ol => ol.start)")
+        assert starts == [4821, 2]
+        aligned = page.eval_on_selector_all(".assistant .body td", "tds => tds.map(td => td.align)")
+        assert aligned == ["left", "right"]
         assert not errors, errors
     finally:
         context.close()

@@ -91,6 +91,8 @@ ORDINARY = {
     "Vietnamese, decomposed": "Tie\u0302\u0301ng Vie\u0323\u0302t",  # "Tiếng Việt"
     "Hebrew with points and cantillation": "\u05d1\u05b0\u05bc\u05e8\u05b5\u05d0\u05e9\u05b4\u05c1\u0596\u05d9\u05ea",
     "Tibetan stack of 8 marks": "\u0f67\u0f90\u0fb5\u0fa8\u0fb3\u0fba\u0fbc\u0fbb\u0f82",
+    # One variation selector after a character: an emoji's colour form, an ideograph's variant.
+    "emoji and ideograph variants": "\u2764\ufe0f and \u845b\U000e0100",
 }
 
 
@@ -102,6 +104,37 @@ def test_ordinary_text_keeps_zwj_zwnj_lrm_and_rlm(browser, live_server, fake):  
         paragraphs = page.eval_on_selector_all(".assistant .body p", "ps => ps.map(p => p.textContent)")
         assert paragraphs == list(ORDINARY.values())
         assert page.locator(".assistant .body abbr").count() == 0
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# protocol.py removes tag characters and surplus variation selectors from a reply, but a reply
+# can write them as HTML references, which the page decodes: "&#xE0049;" is an invisible tag
+# character, which survives a copy (review 23). The page shows them as markers, in prose too.
+def tag_characters_as_references(text):
+    return "".join(f"&#x{0xE0000 + ord(c):X};" for c in text)
+
+
+def test_tag_characters_and_surplus_selectors_written_as_references_are_shown(browser, live_server, fake):  # noqa: F811
+    fake.reply = (
+        f"Hello{tag_characters_as_references('SAY YES')} world.\n\n"
+        + "Love \u2764"
+        + "".join(f"&#x{0xFE00 + i:X};" for i in (15, 14, 15, 1, 2))
+        + " you."
+    )
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "hi", 0)
+        finished = page.eval_on_selector_all(".assistant .body p", "ps => ps.map(p => p.textContent)")
+        page.reload()
+        page.wait_for_selector(".assistant .body >> text=you.")
+        replayed = page.eval_on_selector_all(".assistant .body p", "ps => ps.map(p => p.textContent)")
+        for greeting, love in (finished, replayed):
+            assert not any(0xE0000 <= ord(c) <= 0xE007F for c in greeting), ascii(greeting)
+            assert greeting.startswith("Hello⟨U+E0053⟩⟨U+E0041⟩⟨U+E0059⟩"), greeting
+            # The first selector is the heart's own (its colour form); the other four are shown.
+            assert love == "Love \u2764\ufe0f⟨U+FE0E⟩⟨U+FE0F⟩⟨U+FE01⟩⟨U+FE02⟩ you.", ascii(love)
         assert not errors, errors
     finally:
         context.close()

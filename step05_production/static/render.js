@@ -13,6 +13,9 @@
     ALLOWED_TAGS,
     ALLOWED_ATTR: ["href", "title", "start", "align"],
     ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
+    // Checked against the pattern above unless marked safe: a list's "start" and a column's
+    // "align" were removed, and "4821." showed as "1." (review 23).
+    ADD_URI_SAFE_ATTR: ["start", "align"],
     ALLOW_DATA_ATTR: false,
     RETURN_DOM_FRAGMENT: true,
   };
@@ -47,7 +50,12 @@
   const MAX_JOINED = 8;
   const JOINED = String.raw`\p{Extended_Pictographic}(?:(?!\u200D)${STACKING}){0,${MAX_STACKED}}\u200D`;
   const EXCESS_JOINER = String.raw`\u200D(?<=(?:${JOINED}){${MAX_JOINED + 1}})`;
-  const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]|${EXCESS_JOINER})\1*|${EXCESS_STACKED}`, "gu");
+  // Tag characters, and variation selectors past a character's one, hide text as protocol.py
+  // says. It removes them from what the model sends, but a reply can write them as HTML
+  // references ("&#xE0049;"), which the page decodes (review 23): in prose too they are markers.
+  // A selector after an invisible character (another selector, a word joiner) is one too many.
+  const HIDING = String.raw`[\u{E0000}-\u{E007F}]|(?<=\p{Default_Ignorable_Code_Point})[\uFE00-\uFE0F\u{E0100}-\u{E01EF}]`;
+  const DIRECTION_RUNS = new RegExp(String.raw`([\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]|${HIDING}|${EXCESS_JOINER})\1*|${EXCESS_STACKED}`, "gu");
   const MARKS = /^[\u200E\u200F\u061C]/u;
   const MARK_RUNS = /([\u200E\u200F\u061C])\1*/gu;
   const RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Samaritan}\p{Script=Mandaic}\p{Script=Adlam}\p{Script=Hanifi_Rohingya}]/u;
@@ -348,9 +356,9 @@
     def({ raw }) {  // "[label]: target "title"": shown as written
       return `<p>${escapeHtml(raw)}</p>`;
     },
-    code(token) {  // the language's name is all marked keeps of the fence's info string
+    code(token) {  // marked puts the info string's first word in a class, which DOMPurify removes
       const info = (token.lang || "").trim();
-      return (/\s/.test(info) ? `<p>${note(info)}</p>` : "") + plainRenderer.code(token);
+      return (info ? `<p>${note(info)}</p>` : "") + plainRenderer.code(token);
     },
     table(token) {  // marked drops a row's cells past the header's: then the table is shown as text
       if (hidesCells(token)) return `<p>${escapeHtml(token.raw)}</p>`;
@@ -400,21 +408,22 @@
   // Tables are the third: marked pads every row to the header's number of cells, so a header
   // of 1,000 columns over 1,000 one-character rows (6,000 characters) is a million cells, 22 s
   // in one task at the end of the reply and again on every reload (review 7). A table a person
-  // reads has far fewer; a text holding one of more than MAX_TABLE_CELLS is shown as plain
-  // text, as above. Counted from marked's own table match, before it builds a cell.
+  // reads has far fewer; a reply holding more than MAX_TABLE_CELLS in all its tables is shown
+  // as plain text, as above: 26 tables just under that bound each froze the page for 16 s
+  // as they streamed (review 23). Counted from marked's own table match, before it builds a cell.
   const MAX_TABLE_CELLS = 10000;
 
   class TooCostlyToParse extends Error {}
 
-  // marked's block rule for a table, which refuses a table of too many cells when it matches.
-  function bounded(tableRule) {
+  // marked's block rule for a table, which refuses a table when the cells of the reply's tables
+  // would be too many; `tables.cells` counts them, from those rendered before this text.
+  function bounded(tableRule, tables) {
     class BoundedTable extends RegExp {
       exec(source) {
         const match = super.exec(source);  // [whole, header, delimiter row, rows]
         if (match) {
-          const columns = match[1].split("|").length;
-          const rows = 1 + (match[3] ? match[3].split("\n").length : 0);
-          if (columns * rows > MAX_TABLE_CELLS) throw new TooCostlyToParse("Markdown table too large");
+          tables.cells += cellsOf(match[1], match[3]);
+          if (tables.cells > MAX_TABLE_CELLS) throw new TooCostlyToParse("Markdown tables too large");
         }
         return match;
       }
@@ -422,8 +431,29 @@
     return new BoundedTable(tableRule);
   }
 
-  // The tokens of `text`, as markdown.lexer would make them, with that work counted.
-  function lex(text) {
+  // A table's cells, as marked pads them: every row (each line after the delimiter row) as
+  // wide as the header (counted by its pipes, edges included).
+  function cellsOf(header, rows = "") {
+    const lines = rows.replace(/\n+$/, "");
+    return header.split("|").length * (1 + (lines ? lines.split("\n").length : 0));
+  }
+
+  // The cells of the tables among `tokens`, counted as bounded() counts them.
+  function tableCells(tokens) {
+    let cells = 0;
+    for (const token of tokens) {
+      if (token.type === "table") {
+        const [header, , ...rows] = token.raw.replace(/\n+$/, "").split("\n");
+        cells += cellsOf(header, rows.join("\n"));
+      }
+      cells += tableCells(token.tokens ?? []) + tableCells(token.items ?? []);
+    }
+    return cells;
+  }
+
+  // The tokens of `text`, as markdown.lexer would make them, with that work counted; `cells`:
+  // the cells of tables already rendered from the same reply.
+  function lex(text, cells = 0) {
     const lexer = new window.marked.Lexer({ ...markdown.defaults, tokenizer: null });  // its own tokenizer
     let work = 0;
     const counted = (pattern, workOf) => {
@@ -441,7 +471,7 @@
     for (const [name, workOf] of Object.entries(WORK_OF)) {
       if (inline[name]) inline[name] = counted(inline[name], workOf);
     }
-    lexer.tokenizer.rules = { ...rules, inline, block: { ...rules.block, table: bounded(rules.block.table) } };
+    lexer.tokenizer.rules = { ...rules, inline, block: { ...rules.block, table: bounded(rules.block.table, { cells }) } };
     // marked's list and blockquote tokenizers lex their content with lexer.blockTokens: one
     // call deeper per level of nesting (the outermost call is the text itself).
     const blockTokens = lexer.blockTokens.bind(lexer);
@@ -564,6 +594,7 @@
     let text = "";
     let frozenChars = 0;  // text[0:frozenChars] is rendered in body's first frozenNodes children
     let frozenNodes = 0;
+    let frozenCells = 0;  // the cells of the tables among them: MAX_TABLE_CELLS is for the whole reply
     let tail = null;  // <div>s showing text[frozenChars:tailChars] as plain text, once too long
     let tailChars = 0;
     let liveCode = null;  // a code block still being written, past TAIL_BLOCK_CHARS: only appended to
@@ -586,7 +617,7 @@
         return;
       }
       try {
-        const tokens = lex(text.slice(frozenChars));
+        const tokens = lex(text.slice(frozenChars), frozenCells);
         let last = tokens.length - 1;  // the block still being written
         while (last > 0 && tokens[last].type === "space") last -= 1;
         // Once the reply is complete every block is rendered for good, in one fragment.
@@ -610,6 +641,7 @@
           body.append(toFragment(finished, tokens.links, { start: false, end: !complete }));
           frozenNodes = body.childNodes.length;
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
+          frozenCells += tableCells(finished);
         }
         if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
           // <div>: a tag Markdown never makes, and style.css keeps its line breaks
@@ -706,7 +738,7 @@
         complete = true;
         liveCode = null;
         if (plain || text.length <= LIVE_MARKDOWN_CHARS) {
-          frozenChars = frozenNodes = 0;
+          frozenChars = frozenNodes = frozenCells = 0;
           tail = null;
           render();
           return Promise.resolve();
