@@ -313,12 +313,28 @@ def test_no_text_of_a_reply_is_left_unshown(browser, live_server, fake):  # noqa
 # and mail addresses only), and removed an ordered list's start and a column's alignment:
 # "4821." showed as "1.", and steps split by code blocks all as "1." (review 23).
 def test_an_ordered_lists_numbers_and_a_columns_alignment_are_kept(browser, live_server, fake):  # noqa: F811
-    fake.reply = "4821. the first\n\n```\ncode\n```\n\n2. the second\n\n| left | right |\n|:-|-:|\n| a | 7 |"
+    fake.reply = (
+        "4821. the first\n\n```\ncode\n```\n\n2. the second\n\n| left | right |\n|:-|-:|\n| a | 7 |"
+        "\n\n987654321. code\n\n987654322. code"
+    )
     context, page, errors = open_page(browser, live_server.url)
     try:
         chat(page, "steps", 0)
         starts = page.eval_on_selector_all(".assistant .body ol", "ols => ols.map(ol => ol.start)")
-        assert starts == [4821, 2]
+        assert starts == [4821, 2, 987654321]
+        # A number is drawn in its list's padding, and the bubble cuts off what does not fit.
+        fits = page.eval_on_selector_all(
+            ".assistant .body ol",
+            """ols => ols.map((ol) => {
+                const widest = document.createElement('span');
+                widest.textContent = `${ol.start + ol.children.length - 1}. `;
+                ol.lastElementChild.append(widest);
+                const fit = widest.offsetWidth <= parseFloat(getComputedStyle(ol).paddingLeft);
+                widest.remove();
+                return fit;
+            })""",
+        )
+        assert fits == [True, True, True]
         aligned = page.eval_on_selector_all(".assistant .body td", "tds => tds.map(td => td.align)")
         assert aligned == ["left", "right"]
         assert not errors, errors

@@ -507,6 +507,14 @@
       const label = link.textContent;
       if (label !== link.href && `${label}/` !== link.href) showTarget(link);
     }
+    // A list's numbers are drawn in its padding, left of its text, and the bubble cuts off what
+    // does not fit: "98765." showed as "8765.". The padding fits the widest number (set through
+    // the CSSOM, which the page's CSP allows; a style attribute it would not).
+    for (const list of fragment.querySelectorAll("ol")) {
+      const numbers = [list.start, list.start + list.children.length - 1];
+      const digits = Math.max(...numbers.map((number) => String(number).length));
+      if (digits > 3) list.style.paddingLeft = `calc(${digits + 1}ch + 1em)`;
+    }
     showControls(fragment, open);
     return fragment;
   }
