@@ -340,3 +340,28 @@ def test_an_ordered_lists_numbers_and_a_columns_alignment_are_kept(browser, live
         assert not errors, errors
     finally:
         context.close()
+
+
+# A "\r\n" cut in two chunks is one line break, as it is in the stored reply a reload shows: the
+# live page read "\r" and "\n" as two, a blank line, and this table as three paragraphs (review 23).
+# The fake cuts a reply before whitespace, never inside it, so the chunks go to the page's own view.
+RENDERED_IN_CHUNKS = """async (chunks) => {
+    const rendered = async (parts) => {
+        const body = document.createElement('div');
+        const view = window.ChatRender.createMarkdownView(body);
+        for (const part of parts) { view.append(part); view.render(); }
+        await view.finish();
+        return body.innerHTML;
+    };
+    return [await rendered(chunks), await rendered([chunks.join('')])];
+}"""
+
+
+def test_a_line_break_cut_in_two_chunks_renders_as_the_stored_reply_does(browser, live_server, fake):  # noqa: F811
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        live, stored = page.evaluate(RENDERED_IN_CHUNKS, ["| a | b |\r", "\n|---|---|\r", "\n| 1 | 2 |\r"])
+        assert live == stored and "<table>" in live, live
+        assert not errors, errors
+    finally:
+        context.close()

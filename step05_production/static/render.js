@@ -608,6 +608,7 @@
     let liveCode = null;  // a code block still being written, past TAIL_BLOCK_CHARS: only appended to
     let plain = !markdown || !window.DOMPurify;
     let complete = false;  // finish() was called: the whole reply is rendered
+    let carriageReturn = "";  // a "\r" that ended the last chunk: the next may start with its "\n"
 
     function showPlainText() {  // the fallback: never wrong, never stuck
       plain = true;
@@ -735,7 +736,11 @@
 
     return {
       append(chunk) {
-        text += chunk.replace(/\r\n?/g, "\n");  // what marked does, so token lengths match
+        // Line breaks as marked makes them, so token lengths match. A "\r\n" cut in two chunks is
+        // one line break, as in the stored reply: its "\r" waits for the next chunk (review 23).
+        const raw = carriageReturn + chunk;
+        carriageReturn = raw.endsWith("\r") ? "\r" : "";
+        text += raw.slice(0, raw.length - carriageReturn.length).replace(/\r\n?/g, "\n");
       },
       // A frame scheduled before the end may fire after it: the finished view stays as it is.
       render: () => complete || render(),
@@ -743,6 +748,8 @@
       // point come out exactly as a one-shot render would make them. The promise says
       // when it is on the page (a long reply takes a few tasks).
       finish() {
+        if (carriageReturn) text += "\n";
+        carriageReturn = "";
         complete = true;
         liveCode = null;
         if (plain || text.length <= LIVE_MARKDOWN_CHARS) {
