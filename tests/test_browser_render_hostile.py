@@ -380,3 +380,41 @@ def test_text_switching_direction_at_every_character_does_not_freeze_the_page(
         assert not errors, errors
     finally:
         context.close()
+
+
+# The same line after Markdown render.js gives up on (quotes nested past 16): the plain-text
+# fallback built the whole reply again every frame, 5 s of long tasks in a 10 s reply (review 25).
+# Now it is only appended to while it streams, as the tail is, and built whole once at the end.
+def test_a_reply_shown_as_plain_text_is_only_appended_to_while_it_streams(browser, live_server, fake, monkeypatch):  # noqa: F811
+    reply = "> " * 17 + "x\n\n" + SWITCHING[:15000]
+    fake.reply, fake.chunk_delay = reply, 0.01
+    send_in_chunks_of(40, fake, monkeypatch)
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        chat(page, "switch", 0)
+        assert_page_stayed_responsive(page, "streamed")
+        assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
+        page.reload()
+        page.wait_for_selector(".assistant .body div")
+        assert_page_stayed_responsive(page, "replayed")
+        assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+# A table still being written is rendered whole every frame, like any live block, and its cost is
+# in its cells, not its characters: 99 columns over 98 rows of 25 characters streamed a row at a
+# time cost 7.4 s of long tasks in an 11 s reply (review 25). Past LIVE_TABLE_CELLS it streams as
+# plain text, then is rendered once at the end.
+def test_a_table_streamed_a_row_at_a_time_is_not_rendered_again_every_frame(browser, live_server, fake):  # noqa: F811
+    reply = "|" + "a|" * 45 + "\n|" + "-|" * 45 + "\n" + ("a" * 25 + "\n") * 97 + "a" * 25
+    fake.reply, fake.chunk_delay = reply, 0.03
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        chat(page, "tabulate", 0)
+        assert_page_stayed_responsive(page, "streamed")
+        assert page.locator(".assistant .body td").count() == 45 * 98  # a table once complete
+        assert not errors, errors
+    finally:
+        context.close()

@@ -125,6 +125,9 @@
   // Bounds the work of one frame: a block still being written that grows past this is
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
+  // And its cost is in a table's cells, not its characters: a block still being written whose
+  // tables hold more than this is shown as plain text too (some 20 ms a frame at this bound).
+  const LIVE_TABLE_CELLS = 1000;
   // Bounds the work of one frame in the plain-text tail and a long code block (appendInBlocks).
   const TAIL_BLOCK_CHARS = 2000;
   // Bounds the work of one task when a long reply is rendered whole (finish()).
@@ -409,9 +412,11 @@
   // of 1,000 columns over 1,000 one-character rows (6,000 characters) is a million cells, 22 s
   // in one task at the end of the reply and again on every reload (review 7). A table a person
   // reads has far fewer; a reply holding more than MAX_TABLE_CELLS in all its tables is shown
-  // as plain text, as above: 26 tables just under that bound each froze the page for 16 s
+  // as plain text, as above: 26 tables just under a bound per table froze the page for 16 s
   // as they streamed (review 23). Counted from marked's own table match, before it builds a cell.
-  const MAX_TABLE_CELLS = 10000;
+  // At this bound a reply's tables take some 100 ms to render (ten replies of 9,999 cells took
+  // up to 610 ms each on a reload, review 25).
+  const MAX_TABLE_CELLS = 5000;
 
   class TooCostlyToParse extends Error {}
 
@@ -610,9 +615,19 @@
     let complete = false;  // finish() was called: the whole reply is rendered
     let carriageReturn = "";  // a "\r" that ended the last chunk: the next may start with its "\n"
 
-    function showPlainText() {  // the fallback: never wrong, never stuck
-      plain = true;
-      body.replaceChildren(shownText(text));
+    // The fallback: never wrong, never stuck. While the reply streams it is only appended to, in
+    // blocks, as the tail is: built again every frame, the whole reply was laid out again each
+    // time, 5 s of long tasks in a 10 s reply of mixed-direction text (review 25). Once the reply
+    // is complete (or shown from the start), it is built whole, once.
+    function showPlainText() {
+      if (!plain || !tail || complete) {
+        plain = true;
+        body.replaceChildren();
+        tail = { newBlock: () => body.appendChild(document.createElement("div")) };
+        tailChars = 0;
+      }
+      if (complete) tail.newBlock().append(shownText(text));
+      else tailChars = appendInBlocks(tail, text, tailChars, DIRECTION_RUNS);
     }
 
     function dropLiveNodes() {
@@ -652,7 +667,9 @@
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
           frozenCells += tableCells(finished);
         }
-        if (text.length - frozenChars > LIVE_MARKDOWN_CHARS && tokens[last]?.type !== "code") {
+        const tooCostlyToRenderEachFrame = text.length - frozenChars > LIVE_MARKDOWN_CHARS
+          || tableCells(tokens.slice(finished.length)) > LIVE_TABLE_CELLS;
+        if (tooCostlyToRenderEachFrame && tokens[last]?.type !== "code") {
           // <div>: a tag Markdown never makes, and style.css keeps its line breaks
           tail = { newBlock: () => body.appendChild(document.createElement("div")) };
           tailChars = frozenChars;
