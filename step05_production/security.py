@@ -13,7 +13,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from fastapi import WebSocket
 
@@ -417,16 +417,25 @@ class SafeLogArguments(logging.Filter):
     request does (docs/operations.md, "The log")."""
 
     ID = re.compile(r"(conversation=)[^&\s\"']+")
+    # A key may be written with percent escapes, which Starlette decodes: `?%63onversation=<id>`
+    # is the same key to the app, and the id was logged whole (review 24).
+    ESCAPED_KEY = re.compile(r"([^?&;=\s\"']*%[^?&;=\s\"']*=)[^&;\s\"']+")
+
+    def without_ids(self, text: str) -> str:
+        text = self.ID.sub(r"\1…", text)
+        return self.ESCAPED_KEY.sub(
+            lambda key: f"{key[1]}…" if "conversation" in unquote_plus(key[1]) else key[0], text
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(self.safe(arg) if isinstance(arg, str) else arg for arg in record.args)
         if isinstance(record.msg, str):  # a template: its placeholders are not cut off
-            record.msg = self.ID.sub(r"\1…", record.msg)
+            record.msg = self.without_ids(record.msg)
         return True
 
     def safe(self, text: str) -> str:
-        text = self.ID.sub(r"\1…", text)  # first: a shortened id could still be a prefix of it
+        text = self.without_ids(text)  # first: a shortened id could still be a prefix of it
         if len(text) <= LOG_ARGUMENT_CHARS:
             return text
         return f"{text[:LOG_ARGUMENT_CHARS]}…[{len(text) - LOG_ARGUMENT_CHARS} more characters]"

@@ -437,3 +437,31 @@ def test_a_conversation_of_large_tables_reloads_without_freezing_the_page(browse
         assert not errors, errors
     finally:
         context.close()
+
+
+# Lines that each start a table marked then turns down (cells that do not match, no pipe in the
+# delimiter row): its table rule reads on to the next blank line from every line, and the reply's
+# end and every reload took 1.1-1.6 s in one task (review 24). Each such read counts its rows
+# toward MAX_TABLE_CELLS, so the reply is shown as plain text.
+TURNED_DOWN_TABLES = {
+    "'|-' and '-|-' lines": ("|-\n-|-\n" * 2300)[:15990],
+    "setext headings": ("a\n-\n" * 4000)[:15990],
+}
+
+
+@pytest.mark.parametrize("name", list(TURNED_DOWN_TABLES))
+def test_lines_marked_reads_on_from_at_every_line_do_not_freeze_the_page(name, browser, live_server, fake, monkeypatch):  # noqa: F811
+    reply = TURNED_DOWN_TABLES[name]
+    fake.reply, fake.chunk_delay = reply, 0.01
+    send_in_chunks_of(40, fake, monkeypatch)
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        chat(page, "read on", 0)
+        assert_page_stayed_responsive(page, "streamed")
+        page.reload()
+        page.wait_for_selector(".assistant .body div")
+        assert_page_stayed_responsive(page, "replayed")
+        assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
+        assert not errors, errors
+    finally:
+        context.close()

@@ -421,7 +421,11 @@
   class TooCostlyToParse extends Error {}
 
   // marked's block rule for a table, which refuses a table when the cells of the reply's tables
-  // would be too many; `tables.cells` counts them, from those rendered before this text.
+  // would be too many; `tables.cells` counts them, from those rendered before this text. Every
+  // match counts, a table marked then turns down too (cells that do not match, no pipe in the
+  // delimiter row): the rule read its rows on to the next blank line, and from every line of
+  // "|-\n-|-\n" repeated or of setext headings it reads them again, 1.1-1.6 s in one task for
+  // 16,000 characters (review 24). Counted, that work is bounded with the cells.
   function bounded(tableRule, tables) {
     class BoundedTable extends RegExp {
       exec(source) {
