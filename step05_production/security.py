@@ -418,14 +418,20 @@ class SafeLogArguments(logging.Filter):
 
     ID = re.compile(r"(conversation=)[^&\s\"']+")
     # A key may be written with percent escapes, which Starlette decodes: `?%63onversation=<id>`
-    # is the same key to the app, and the id was logged whole (review 24).
-    ESCAPED_KEY = re.compile(r"([^?&;=\s\"']*%[^?&;=\s\"']*=)[^&;\s\"']+")
+    # is the same key to the app, and the id was logged whole (review 24). Each parameter is
+    # matched from the separator before it, one way only: a pattern free to choose where a key
+    # starts and which "%" it holds took 14.5 s for one request of 2,500 "%" (review 26).
+    PARAMETER = re.compile(r"(?<=[?&;])([^?&;=\s\"']+=)([^&;\s\"']+)")
 
     def without_ids(self, text: str) -> str:
         text = self.ID.sub(r"\1…", text)
-        return self.ESCAPED_KEY.sub(
-            lambda key: f"{key[1]}…" if "conversation" in unquote_plus(key[1]) else key[0], text
-        )
+        if "%" not in text:
+            return text
+        return self.PARAMETER.sub(lambda key: f"{key[1]}…" if self.is_id_key(key[1][:-1]) else key[0], text)
+
+    @staticmethod
+    def is_id_key(key: str) -> bool:  # each of its 12 letters written as itself or as "%xx"
+        return len(key) <= 36 and unquote_plus(key) == "conversation"
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):

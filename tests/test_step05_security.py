@@ -508,6 +508,20 @@ def test_no_log_line_holds_a_conversation_id(fake_server):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["/nothing?" + "%" * 2500, "/" + "%25" * 2500])
+def test_a_request_of_percent_signs_does_not_hold_up_the_server_to_be_logged(target, fake_server):
+    # The log filter looked for percent-escaped keys with a pattern that backtracked: one such
+    # request held the event loop 14.5 s, and a foreign page could make any visitor send it (review 26).
+    env = llm_env(fake_server.base_url)
+    with LiveServer(f"{APP}:app", env=env, extra_args=("--log-level", "info")) as server:
+        with httpx2.Client(base_url=server.url, timeout=30) as client:
+            assert client.get(target).status_code == 404
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+        assert time.monotonic() - started < 2, "the next request waited for the log line"
+
+
+@pytest.mark.slow
 def test_a_long_path_makes_a_short_log_line(fake_server):
     # uvicorn logs each request's whole path: 100,000-character paths wrote 50 MB of log a second.
     env = llm_env(fake_server.base_url)
