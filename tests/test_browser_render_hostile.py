@@ -465,3 +465,29 @@ def test_lines_marked_reads_on_from_at_every_line_do_not_freeze_the_page(name, b
         assert not errors, errors
     finally:
         context.close()
+
+
+# A table just within LIVE_TABLE_CELLS, then a character a chunk into its last cell: every frame
+# rendered the table again, and 5 such tables kept the page busy for the whole of an 81 s reply,
+# 5.8-55 s of long tasks (review 26). Renders are now spaced by their cost (app.js), and the
+# bound is lower. What a user feels: how late a 20 ms timer fires while the reply streams.
+LAG = """() => { window.lags = []; let last = performance.now();
+    window.lagTimer = setInterval(() => { const now = performance.now(); window.lags.push(now - last - 20); last = now; }, 20); }"""
+
+
+def test_a_table_rendered_again_at_every_chunk_leaves_the_page_responsive(browser, live_server, fake, monkeypatch):  # noqa: F811
+    table = "a|b\n-|-\n" + "x|y\n" * 247
+    chunks = [table[i : i + 80] for i in range(0, len(table), 80)] + ["z"] * 500
+    fake.reply, fake.chunk_delay = "".join(chunks), 0.01
+    monkeypatch.setattr(fake, "chunks_for", lambda messages: chunks)
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        page.evaluate(LAG)
+        chat(page, "tabulate", 0)
+        lags = sorted(page.evaluate("clearInterval(window.lagTimer), window.lags"))
+        assert_page_stayed_responsive(page, "streamed")
+        assert lags[len(lags) * 9 // 10] < 30, f"timers fired up to {lags[-1]:.0f} ms late, p90 {lags[len(lags) * 9 // 10]:.0f} ms"
+        assert page.locator(".assistant .body td").count() == 2 * 248
+        assert not errors, errors
+    finally:
+        context.close()

@@ -87,14 +87,23 @@ function renderMarkdown(message, final = false) {
 }
 
 // Chunks can arrive faster than the screen refreshes. Re-render the streaming message
-// (only that one, never the whole log) at most once per animation frame.
+// (only that one, never the whole log) at most once per animation frame, and for at most a
+// quarter of the time: a render that took d ms (its layout included) waits 3d before the next.
+// A block costly to render again (a table of a thousand cells, lists 15 deep), rendered
+// 60 times a second, kept the page busy for the whole reply (review 26).
+const RENDER_SHARE = 4;
 function scheduleRender(message) {
   if (message.queued) return;
   message.queued = true;
-  requestAnimationFrame(() => {
+  const wait = (message.renderedAt ?? 0) + (RENDER_SHARE - 1) * (message.renderCost ?? 0) - performance.now();
+  setTimeout(() => requestAnimationFrame(() => {
     message.queued = false;
+    const start = performance.now();
     renderMarkdown(message);
-  });
+    message.element.offsetHeight;  // the layout it causes, done now, so that it is counted
+    message.renderedAt = performance.now();
+    message.renderCost = message.renderedAt - start;
+  }), Math.max(0, wait));
 }
 
 function finishReply(metaText, cut) {

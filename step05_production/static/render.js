@@ -126,8 +126,9 @@
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
   // And its cost is in a table's cells, not its characters: a block still being written whose
-  // tables hold more than this is shown as plain text too (some 20 ms a frame at this bound).
-  const LIVE_TABLE_CELLS = 1000;
+  // tables hold more than this is shown as plain text too (some 10 ms a render at this bound;
+  // app.js spaces renders by their cost).
+  const LIVE_TABLE_CELLS = 500;
   // Bounds the work of one frame in the plain-text tail and a long code block (appendInBlocks).
   const TAIL_BLOCK_CHARS = 2000;
   // Bounds the work of one task when a long reply is rendered whole (finish()).
