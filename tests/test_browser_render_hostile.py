@@ -486,7 +486,9 @@ def test_a_table_rendered_again_at_every_chunk_leaves_the_page_responsive(browse
         chat(page, "tabulate", 0)
         lags = sorted(page.evaluate("clearInterval(window.lagTimer), window.lags"))
         assert_page_stayed_responsive(page, "streamed")
-        assert lags[len(lags) * 9 // 10] < 30, f"timers fired up to {lags[-1]:.0f} ms late, p90 {lags[len(lags) * 9 // 10]:.0f} ms"
+        assert lags[len(lags) * 9 // 10] < 30, (
+            f"timers fired up to {lags[-1]:.0f} ms late, p90 {lags[len(lags) * 9 // 10]:.0f} ms"
+        )
         assert page.locator(".assistant .body td").count() == 2 * 248
         assert not errors, errors
     finally:
