@@ -493,3 +493,41 @@ def test_a_table_rendered_again_at_every_chunk_leaves_the_page_responsive(browse
         assert not errors, errors
     finally:
         context.close()
+
+
+# A page that joins a reply mid-stream (a reload) is sent all of it so far in one chunk, and its
+# finished blocks were rendered in one task: ten tables of 498 cells, within every bound, and a
+# paragraph of dense Markdown (review 26). They are now rendered a piece a frame, as finish() does.
+RENDERED_FRAME_BY_FRAME = """(text) => {
+    const body = document.createElement('div');
+    const view = window.ChatRender.createMarkdownView(body);
+    view.append(text);
+    const tables = [];
+    do { view.render(); tables.push(body.querySelectorAll('table').length); } while (view.behind && tables.length < 50);
+    return tables;
+}"""
+
+
+def test_a_page_joining_a_long_reply_mid_stream_renders_it_a_piece_at_a_time(browser, live_server, fake, monkeypatch):  # noqa: F811
+    table = "a|b\n-|-\n" + "x|y\n" * 248 + "\n"
+    so_far = table * 10 + "**a** `b` *c* " * 300 + "\n\n"
+    chunks = [so_far[i : i + 400] for i in range(0, len(so_far), 400)] + ["z"] * 400
+    fake.reply, fake.chunk_delay = "".join(chunks), 0.02
+    monkeypatch.setattr(fake, "chunks_for", lambda messages: chunks)
+    context, page, errors = open_observed_page(browser, live_server.url)
+    try:
+        page.fill("#input", "tabulate")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".assistant .body >> text=zzz", timeout=10000)
+        page.reload()
+        page.wait_for_selector(".assistant.streaming .body table")
+        page.wait_for_timeout(1000)
+        assert_page_stayed_responsive(page, "joined")
+        page.wait_for_selector(".assistant .meta", timeout=20000)
+        assert page.locator(".assistant .body td").count() == 10 * 2 * 248
+        # Frame by frame, with the page's own view: tables rendered after each render().
+        tables_per_frame = page.evaluate(RENDERED_FRAME_BY_FRAME, so_far + "zzz")
+        assert len(tables_per_frame) > 3 and tables_per_frame[-1] == 10, tables_per_frame
+        assert not errors, errors
+    finally:
+        context.close()

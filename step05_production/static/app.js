@@ -103,6 +103,7 @@ function scheduleRender(message) {
     message.element.offsetHeight;  // the layout it causes, done now, so that it is counted
     message.renderedAt = performance.now();
     message.renderCost = message.renderedAt - start;
+    if (message.view.behind) scheduleRender(message);  // a page that joined mid-reply catches up
   }), Math.max(0, wait));
 }
 

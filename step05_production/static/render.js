@@ -618,6 +618,7 @@
     let liveCode = null;  // a code block still being written, past TAIL_BLOCK_CHARS: only appended to
     let plain = !markdown || !window.DOMPurify;
     let complete = false;  // finish() was called: the whole reply is rendered
+    let behind = false;  // finished blocks are left to render at the next frame
     let carriageReturn = "";  // a "\r" that ended the last chunk: the next may start with its "\n"
 
     // The fallback: never wrong, never stuck. While the reply streams it is only appended to, in
@@ -650,7 +651,20 @@
         let last = tokens.length - 1;  // the block still being written
         while (last > 0 && tokens[last].type === "space") last -= 1;
         // Once the reply is complete every block is rendered for good, in one fragment.
-        const finished = complete ? tokens : tokens.slice(0, Math.max(last, 0));
+        let finished = complete ? tokens : tokens.slice(0, Math.max(last, 0));
+        // A page that joins a reply mid-stream (a reload, a second tab) is sent all of it so far
+        // at once: its finished blocks were rendered in one task, as finish() does not (review
+        // 26). They are rendered about PIECE_CHARS a frame, the rest shown once they are.
+        behind = false;
+        if (!complete) {
+          let count = 1;
+          for (let chars = finished[0]?.raw.length ?? 0; count < finished.length; count += 1) {
+            chars += finished[count].raw.length;
+            if (chars > PIECE_CHARS) break;
+          }
+          behind = count < finished.length;
+          finished = finished.slice(0, count);
+        }
         const live = tokens[last];
         if (liveCode && !finished.length && live?.type === "code") {
           // marked may change the end of the code as more of it comes (an indent cut in two
@@ -672,6 +686,7 @@
           frozenChars += finished.reduce((sum, token) => sum + token.raw.length, 0);
           frozenCells += tableCells(finished);
         }
+        if (behind) return;  // app.js renders again at the next frame
         const tooCostlyToRenderEachFrame = text.length - frozenChars > LIVE_MARKDOWN_CHARS
           || tableCells(tokens.slice(finished.length)) > LIVE_TABLE_CELLS;
         if (tooCostlyToRenderEachFrame && tokens[last]?.type !== "code") {
@@ -792,6 +807,9 @@
       },
       get text() {
         return text;
+      },
+      get behind() {
+        return behind;
       },
     };
   }
