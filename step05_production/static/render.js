@@ -126,8 +126,8 @@
   // shown as plain text until the reply ends, then parsed once (see createMarkdownView).
   const LIVE_MARKDOWN_CHARS = 3000;
   // And its cost is in a table's cells, not its characters: a block still being written whose
-  // tables hold more than this is shown as plain text too (some 10 ms a render at this bound;
-  // app.js spaces renders by their cost).
+  // tables hold more than this is shown as plain text too (up to some 20 ms a render at this
+  // bound, 2 columns over 250 rows; app.js spaces renders by their cost).
   const LIVE_TABLE_CELLS = 500;
   // Bounds the work of one frame in the plain-text tail and a long code block (appendInBlocks).
   const TAIL_BLOCK_CHARS = 2000;
@@ -415,8 +415,8 @@
   // reads has far fewer; a reply holding more than MAX_TABLE_CELLS in all its tables is shown
   // as plain text, as above: 26 tables just under a bound per table froze the page for 16 s
   // as they streamed (review 23). Counted from marked's own table match, before it builds a cell.
-  // At this bound a reply's tables take some 100 ms to render (ten replies of 9,999 cells took
-  // up to 610 ms each on a reload, review 25).
+  // At this bound a reply's tables take some 100-250 ms to render, as rows cost more than
+  // columns (ten replies of 9,999 cells took up to 610 ms each on a reload, review 25).
   const MAX_TABLE_CELLS = 5000;
 
   class TooCostlyToParse extends Error {}
