@@ -386,12 +386,18 @@ def test_text_switching_direction_at_every_character_does_not_freeze_the_page(
 # fallback built the whole reply again every frame, 5 s of long tasks in a 10 s reply (review 25).
 # Now it is only appended to while it streams, as the tail is, and built whole once at the end.
 def test_a_reply_shown_as_plain_text_is_only_appended_to_while_it_streams(browser, live_server, fake, monkeypatch):  # noqa: F811
-    reply = "> " * 17 + "x\n\n" + SWITCHING[:15000]
+    assert_shown_as_plain_text_without_freezing_the_page(
+        "> " * 17 + "x\n\n" + SWITCHING[:15000], browser, live_server, fake, monkeypatch
+    )
+
+
+def assert_shown_as_plain_text_without_freezing_the_page(reply, browser, live_server, fake, monkeypatch):  # noqa: F811
+    """The reply streamed in chunks of 40 characters, then the page reloaded: plain text, and no freeze."""
     fake.reply, fake.chunk_delay = reply, 0.01
     send_in_chunks_of(40, fake, monkeypatch)
     context, page, errors = open_observed_page(browser, live_server.url)
     try:
-        chat(page, "switch", 0)
+        chat(page, "as text", 0)
         assert_page_stayed_responsive(page, "streamed")
         assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
         page.reload()
@@ -451,20 +457,9 @@ TURNED_DOWN_TABLES = {
 
 @pytest.mark.parametrize("name", list(TURNED_DOWN_TABLES))
 def test_lines_marked_reads_on_from_at_every_line_do_not_freeze_the_page(name, browser, live_server, fake, monkeypatch):  # noqa: F811
-    reply = TURNED_DOWN_TABLES[name]
-    fake.reply, fake.chunk_delay = reply, 0.01
-    send_in_chunks_of(40, fake, monkeypatch)
-    context, page, errors = open_observed_page(browser, live_server.url)
-    try:
-        chat(page, "read on", 0)
-        assert_page_stayed_responsive(page, "streamed")
-        page.reload()
-        page.wait_for_selector(".assistant .body div")
-        assert_page_stayed_responsive(page, "replayed")
-        assert page.evaluate(BODY) == {"text": reply, "formatted": 0}
-        assert not errors, errors
-    finally:
-        context.close()
+    assert_shown_as_plain_text_without_freezing_the_page(
+        TURNED_DOWN_TABLES[name], browser, live_server, fake, monkeypatch
+    )
 
 
 # A table just within LIVE_TABLE_CELLS, then a character a chunk into its last cell: every frame
