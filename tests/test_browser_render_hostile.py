@@ -501,6 +501,16 @@ RENDERED_FRAME_BY_FRAME = """(text) => {
     do { view.render(); tables.push(body.querySelectorAll('table').length); } while (view.behind && tables.length < 50);
     return tables;
 }"""
+# Joined, then finished (or shown as plain text) before it caught up: app.js renders again while
+# the view is behind, and a view left behind for good was rendered every frame for ever (review 27).
+LEFT_BEHIND = """async (text) => {
+    const view = window.ChatRender.createMarkdownView(document.createElement('div'));
+    view.append(text);
+    view.render();
+    const before = view.behind;
+    await view.finish();
+    return [before, view.behind];
+}"""
 
 
 def test_a_page_joining_a_long_reply_mid_stream_renders_it_a_piece_at_a_time(browser, live_server, fake, monkeypatch):  # noqa: F811
@@ -523,6 +533,8 @@ def test_a_page_joining_a_long_reply_mid_stream_renders_it_a_piece_at_a_time(bro
         # Frame by frame, with the page's own view: tables rendered after each render().
         tables_per_frame = page.evaluate(RENDERED_FRAME_BY_FRAME, so_far + "zzz")
         assert len(tables_per_frame) > 3 and tables_per_frame[-1] == 10, tables_per_frame
+        assert page.evaluate(LEFT_BEHIND, so_far + "zzz") == [True, False]
+        assert page.evaluate(LEFT_BEHIND, "**a_" * 4000 + "\n\n" + so_far) == [False, False]  # plain from the start
         assert not errors, errors
     finally:
         context.close()

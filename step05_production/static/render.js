@@ -808,8 +808,8 @@
       get text() {
         return text;
       },
-      get behind() {
-        return behind;
+      get behind() {  // not once the reply is complete or shown as plain text (review 27)
+        return behind && !complete && !plain;
       },
     };
   }
