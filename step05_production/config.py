@@ -256,8 +256,10 @@ class Settings:
     # with 503 (server.py, HTTP_CONNECTIONS_MARGIN): at this cap idle connections give way.
     max_pending_connections: int = field(default_factory=lambda: _int("CHAT_MAX_PENDING_CONNECTIONS", 100))
     # IPv6 clients are counted per network of this many leading bits (security.client_key):
-    # one host is usually given a whole /64. IPv4 clients are counted per address.
-    ipv6_prefix_length: int = field(default_factory=lambda: _int("CHAT_IPV6_PREFIX_LENGTH", 64))
+    # a site is usually given a whole /48 (a free tunnel broker gives one), 65,536 /64s.
+    # Counted per /64, one /48 held a full worker and emptied other people's history (review
+    # 28). IPv4 clients are counted per address.
+    ipv6_prefix_length: int = field(default_factory=lambda: _int("CHAT_IPV6_PREFIX_LENGTH", 48))
 
     def __post_init__(self):
         if self.max_reply_chars + self.max_message_chars > self.max_history_chars:

@@ -103,10 +103,11 @@ def client_key(host: str) -> str:
     """The client a connection from `host` counts against, in every per-address limit:
     an IPv4 address whole, an IPv6 address by its first CHAT_IPV6_PREFIX_LENGTH bits.
 
-    Why a prefix: an IPv6 host is usually given a whole /64 and may pick any address in it,
+    Why a prefix: an IPv6 site is usually given a whole /48 and may pick any address in it,
     a new one per connection if it likes; keyed by the whole address it would count as
-    2**64 clients. ('2001:db8:1:2::7' -> '2001:db8:1:2::/64'; an IPv4 address written as
-    IPv6, '::ffff:10.0.0.1', is keyed as the IPv4 address it is.)"""
+    2**80 clients, keyed by its /64s as 65,536. So a /48 is one client, as everyone behind
+    one IPv4 NAT address is. ('2001:db8:1:2::7' -> '2001:db8:1::/48'; an IPv4 address written
+    as IPv6, '::ffff:10.0.0.1', is keyed as the IPv4 address it is.)"""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

@@ -863,10 +863,10 @@ def test_readers_that_never_read_their_responses_give_way_to_a_newcomer_and_are_
     ("host", "key"),
     [
         ("10.0.0.1", "10.0.0.1"),
-        ("2001:db8:1:2::7", "2001:db8:1:2::/64"),
-        ("2001:DB8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::7", "2001:db8:1::/48"),
+        ("2001:DB8:1:ffff:ffff:ffff:ffff:ffff", "2001:db8:1::/48"),  # another /64 of the same site
         ("::ffff:10.0.0.1", "10.0.0.1"),  # an IPv4 client on a dual-stack socket
-        ("fe80::1%eth0", "fe80::/64"),
+        ("fe80::1%eth0", "fe80::/48"),
         ("testclient", "testclient"),  # not an address: kept as it is
     ],
 )
@@ -875,29 +875,50 @@ def test_a_client_is_its_ipv4_address_or_its_ipv6_network(host, key):
 
 
 def test_the_ipv6_network_of_one_client_is_a_setting(monkeypatch):
-    monkeypatch.setattr(settings, "ipv6_prefix_length", 48)
-    assert client_key("2001:db8:1:2::7") == client_key("2001:db8:1:ff::1") == "2001:db8:1::/48"
-    assert client_key("2001:db8:2::1") != client_key("2001:db8:1::1")
+    monkeypatch.setattr(settings, "ipv6_prefix_length", 64)
+    assert client_key("2001:db8:1:2::7") == client_key("2001:db8:1:2::ff") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
 
 
 @pytest.mark.slow
 def test_addresses_in_one_ipv6_network_share_one_clients_cap(fake_server, fake):
-    # An IPv6 host usually holds a whole /64: a new address per connection is no new client.
-    # (Addresses forged through a proxy header this test names as trusted.)
+    # An IPv6 site usually holds a whole /48, 65,536 /64s: a new address per connection, or a
+    # new /64, is no new client. (Addresses forged through a proxy header this test trusts.)
     env = {"CHAT_MAX_CONNECTIONS_PER_CLIENT": "2"}
     with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
         held = [forged(server, "2001:db8:1:2::1"), forged(server, "2001:db8:1:2:ffff:ffff:ffff:9")]
         for ws in held:
             read_conversation(ws)
-        with forged(server, "2001:db8:1:2::3") as third:  # a third address of the same /64
+        with forged(server, "2001:db8:1:ffff::3") as third:  # another /64 of the same /48
             refusal = third.receive_json()
             assert "Too many open chats" in refusal.get("message", ""), refusal
             with pytest.raises(ConnectionClosed) as closed:
                 third.receive_text(timeout=5)
             assert closed.value.rcvd.code == 1013
-        with forged(server, "2001:db8:1:3::1") as neighbour:  # the next /64: another client
+        with forged(server, "2001:db8:2::1") as neighbour:  # the next /48: another client
             assert chat_turn(neighbour, "mine") == "You said: mine"
         for ws in held:
+            ws.close()
+
+
+@pytest.mark.slow
+def test_one_ipv6_site_spread_over_its_networks_cannot_push_quiet_users_out(fake_server, fake):
+    # Review 28: one /48 (a free tunnel broker gives one) held a full worker from 1,000 of its
+    # /64s, each socket kept "active" with a stop frame; counted per /64 none was over its
+    # share, so every newcomer took a quiet user's idle socket, then the chat was full for all.
+    env = {"CHAT_MAX_CONNECTIONS": "8", "CHAT_RECLAIM_IDLE_SECONDS": "0.5"}
+    with entry_point_server(fake_server, "--forwarded-allow-ips", "127.0.0.1", **env) as server:
+        connect = functools.partial(connect_from, server)
+        users = [connect("10.0.8.1"), connect("10.0.8.2")]  # they read, and say nothing
+        site = [connect(f"2001:db8:9:{n:x}::1") for n in range(6)]  # six /64s of one /48
+        time.sleep(0.6)
+        for ws in site:
+            be_active(ws)
+        newcomers = [connect("10.0.8.3"), connect("10.0.8.4")]
+        assert [closed_code(ws) for ws in site[:2]] == [4001, 4001]  # the site gave way
+        for ws in (*users, *newcomers):
+            assert chat_turn(ws, "still here") == "You said: still here"
+        for ws in (*users, *site, *newcomers):
             ws.close()
 
 

@@ -3,6 +3,7 @@ least recently used conversations, never another's (SQLite and Redis, the stores
 and through the chat)."""
 
 import asyncio
+import contextlib
 import importlib
 import os
 import sqlite3
@@ -207,16 +208,24 @@ def one_turn(client, text: str) -> str:
         return cid
 
 
-def test_one_address_filling_the_store_through_the_chat_leaves_others_history(store_url, fake, monkeypatch):
+# Review 28: spread over four /64s of one IPv6 /48, counted per /64, the attacker had four
+# quotas, filled the total and pushed the victim's conversation out.
+ONE_IPV6_SITE = [f"2001:db8:66:{n}::1" for n in range(4)]
+
+
+@pytest.mark.parametrize("attackers", [[ATTACKER], ONE_IPV6_SITE], ids=["one address", "one IPv6 site"])
+def test_one_address_filling_the_store_through_the_chat_leaves_others_history(store_url, fake, monkeypatch, attackers):
     monkeypatch.setattr(settings, "store_url", store_url)
     # A turn of 1,000 characters is about 2,100 bytes stored (the fake echoes it): the total
     # holds five, one address three.
     monkeypatch.setattr(settings, "store_max_total_bytes", 5 * 2150)
     monkeypatch.setattr(settings, "store_max_bytes_per_client", 3 * 2150)
     app = importlib.import_module("step05_production.main").app
-    with LocalClient(app, client=(VICTIM, 50000)) as victim, LocalClient(app, client=(ATTACKER, 50000)) as attacker:
+    with contextlib.ExitStack() as clients:
+        victim = clients.enter_context(LocalClient(app, client=(VICTIM, 50000)))
+        attack = [clients.enter_context(LocalClient(app, client=(address, 50000))) for address in attackers]
         victim_id = one_turn(victim, "my private notes: remember the code 4242")
-        attack_ids = [one_turn(attacker, f"{n}" * 1000) for n in range(8)]
+        attack_ids = [one_turn(attack[n % len(attack)], f"{n}" * 1000) for n in range(8)]
         with victim.websocket_connect(f"/ws?conversation={victim_id}") as ws:
             frame = read_conversation(ws)
     assert frame["id"] == victim_id
