@@ -22,7 +22,7 @@ from itertools import groupby
 from typing import Protocol
 
 from .config import settings
-from .security import TokenBucket
+from .security import PerAddress, TokenBucket
 from .slots import UpstreamSlots
 from .store import ConversationStore
 
@@ -79,11 +79,10 @@ class ReplayBudget:
     entry each from the stream), and one address could open one over and over."""
 
     def __init__(self):
-        self.addresses: dict[str, TokenBucket] = {}
+        self.addresses: PerAddress = PerAddress(TokenBucket.full)  # kept while still paying
 
     def allow(self, address: str, frames: int) -> bool:
-        if len(self.addresses) > 10_000:  # many addresses: keep only those still paying
-            self.addresses = {a: bucket for a, bucket in self.addresses.items() if not bucket.full()}
+        self.addresses.sweep()
         bucket = self.addresses.setdefault(
             address, TokenBucket(settings.replay_frames_burst, settings.replay_frames_per_second)
         )
