@@ -17,6 +17,8 @@ from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.staticfiles import NotModifiedResponse
 
 from .config import settings
 from .protocol import FrameError, message_text, parse_client_frame
@@ -42,18 +44,27 @@ from .utils.stream_llm import get_client
 STATIC = Path(__file__).parent / "static"
 
 
-class WholeFiles(StaticFiles):
-    """The page's files, always whole. Starlette answers a request for 100 ranges of a file
+class WholeFile(FileResponse):
+    """A file of the page, always whole. Starlette answers a request for 100 ranges of a file
     with 100 parts, some 20 times the work of the whole file (review 23), and nothing here is
     big enough to need a part: a Range request gets the file, which HTTP allows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.headers["accept-ranges"] = "none"
 
     async def __call__(self, scope, receive, send):
         headers = [(name, value) for name, value in scope["headers"] if name not in (b"range", b"if-range")]
         await super().__call__({**scope, "headers": headers}, receive, send)
 
-    def file_response(self, *args, **kwargs):
-        response = super().file_response(*args, **kwargs)
-        response.headers["accept-ranges"] = "none"
+
+class WholeFiles(StaticFiles):
+    """The static folder, each file a WholeFile (and a 304 when the browser's copy is current)."""
+
+    def file_response(self, full_path, stat_result, scope, status_code=200):
+        response = WholeFile(full_path, status_code=status_code, stat_result=stat_result)
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
         return response
 
 
@@ -97,7 +108,7 @@ async def lifespan(app: FastAPI):
 
 @router.get("/")
 async def index():
-    return FileResponse(STATIC / "index.html")
+    return WholeFile(STATIC / "index.html")
 
 
 @router.get("/healthz")

@@ -286,14 +286,18 @@ def test_the_page_loads_its_scripts_from_this_server(client):
 
 # Starlette serves a request for 100 ranges of a file as 100 parts, about 20 times the work of
 # the whole file (review 23): the page's files are small, so a Range request gets the whole file.
-def test_the_pages_files_are_served_whole_whatever_ranges_are_asked_for(client):
-    whole = client.get("/static/app.js")
+# The page itself too: it was left out, and answered 100 ranges with 100 parts (review 28).
+@pytest.mark.parametrize("path", ["/static/app.js", "/"])
+def test_the_pages_files_are_served_whole_whatever_ranges_are_asked_for(client, path):
+    whole = client.get(path)
     assert whole.headers["accept-ranges"] == "none"
     ranges = ", ".join(f"{n}-{n}" for n in range(100))
-    for asked in ("bytes=0-9", f"bytes={ranges}"):
-        response = client.get("/static/app.js", headers={"range": asked})
+    for asked in ("bytes=0-9", f"bytes={ranges}", "bytes=nonsense"):
+        response = client.get(path, headers={"range": asked})
         assert response.status_code == 200 and response.content == whole.content
         assert "content-range" not in response.headers
+    if path.startswith("/static/"):  # and a browser's copy that is current is not sent again
+        assert client.get(path, headers={"if-none-match": whole.headers["etag"]}).status_code == 304
 
 
 def test_the_health_check_answers_ok_for_load_balancers(client):
