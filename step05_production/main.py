@@ -17,8 +17,6 @@ from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
-from starlette.staticfiles import NotModifiedResponse
 
 from .config import settings
 from .protocol import FrameError, message_text, parse_client_frame
@@ -62,9 +60,9 @@ class WholeFiles(StaticFiles):
     """The static folder, each file a WholeFile (and a 304 when the browser's copy is current)."""
 
     def file_response(self, full_path, stat_result, scope, status_code=200):
-        response = WholeFile(full_path, status_code=status_code, stat_result=stat_result)
-        if self.is_not_modified(response.headers, Headers(scope=scope)):
-            return NotModifiedResponse(response.headers)
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        if isinstance(response, FileResponse):  # (else a 304, which sends no file)
+            return WholeFile(full_path, status_code=status_code, stat_result=stat_result)
         return response
 
 
