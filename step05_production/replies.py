@@ -412,16 +412,16 @@ class ReplyHub:
         return conversation_id in self.starting or (reply is not None and not reply.finished)
 
     def line_full(self, address: str) -> bool:
-        """No slot is free for `address`, and CHAT_MAX_WAITING_REPLIES_PER_CLIENT of its replies
-        wait for one already (or are about to: set up, or started and not in line yet)."""
-        if self.slots.has_room(address) and address not in self.slots.waiting:
-            return False
-        waiting = sum(asker == address for asker in self.starting.values())
-        waiting += sum(
+        """CHAT_MAX_WAITING_REPLIES_PER_CLIENT of `address`'s replies wait for a slot already, or
+        are about to: being set up (loading their history) or started and not in line yet,
+        beyond the slots free for it. Those being set up count whatever is free: counted only
+        once no slot was free, 150 questions sent at once all started (review 28)."""
+        on_the_way = sum(asker == address for asker in self.starting.values())
+        on_the_way += sum(
             reply.address == address and not reply.finished and not self.slots.holds(reply)
             for reply in self.local.values()
         )
-        return waiting >= settings.max_waiting_replies_per_client
+        return on_the_way - self.slots.room_for(address) >= settings.max_waiting_replies_per_client
 
     async def begin(
         self, conversation_id: str, user_message: str, generate, asker, address: str = "unknown"

@@ -79,6 +79,13 @@ class UpstreamSlots:
     def has_room(self, address: str) -> bool:
         return len(self.holders) < self.capacity and self.held[address] < self.per_client
 
+    def room_for(self, address: str) -> int:
+        """How many replies of `address` asking now would get a slot at once (none while some
+        of its replies wait in line: a new one queues behind them)."""
+        if address in self.waiting:
+            return 0
+        return max(0, min(self.capacity - len(self.holders), self.per_client - self.held[address]))
+
     def grant(self, reply, address: str) -> None:
         self.holders[reply] = address
         self.held[address] += 1

@@ -7,6 +7,7 @@ bench/fairness.py. Client addresses are given to a real uvicorn as X-Forwarded-F
 it believes from 127.0.0.1 (its default --forwarded-allow-ips), as behind a local proxy.
 """
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -29,6 +30,7 @@ from harness.support import (
 )
 from step05_production import main as chat_main
 from step05_production.config import settings
+from step05_production.store import SQLiteStore
 
 APP = "step05_production.main"
 
@@ -250,6 +252,36 @@ def test_an_address_with_its_share_of_questions_in_line_is_told_the_model_is_bus
     assert "one too many" not in asked and asked.count("now") == 1, asked
     for ws in [*tabs, visitor]:
         ws.close()
+
+
+def test_questions_sent_at_once_while_history_loads_still_find_the_line_bounded(fake, monkeypatch):
+    """Review 28: a reply's history is loaded before it joins the line (a Redis round trip, a
+    busy database), and the line counted those being set up only once its address had no
+    free slot: 150 sockets of one address sending at once all started. Here every load takes
+    0.3 s, so all eight questions arrive while the first is still loading."""
+    monkeypatch.setattr(settings, "upstream_slots", 2)
+    monkeypatch.setattr(settings, "upstream_slots_per_client", 1)
+    monkeypatch.setattr(settings, "max_waiting_replies_per_client", 2)
+    fake.chunk_delay, fake.min_chunks = 0.05, 20  # 1 s a reply
+    real_load = SQLiteStore.load
+
+    async def slow_load(self, conversation_id):
+        await asyncio.sleep(0.3)
+        return await real_load(self, conversation_id)
+
+    monkeypatch.setattr(SQLiteStore, "load", slow_load)
+    with LocalClient(chat_main.app) as client, contextlib.ExitStack() as sockets:
+        tabs = [sockets.enter_context(client.websocket_connect("/ws")) for _ in range(8)]
+        for ws in tabs:
+            read_conversation(ws)
+        for n, ws in enumerate(tabs):
+            ws.send_json({"type": "message", "content": f"all at once {n}"})
+        firsts = [ws.receive_json() for ws in tabs]
+        started = [ws for ws, first in zip(tabs, firsts, strict=True) if first["type"] == "start"]
+        assert len(started) == 3, firsts  # its one slot, and two in line
+        assert all("The model is busy" in first["message"] for first in firsts if first["type"] != "start"), firsts
+        for ws in started:
+            assert collect_reply(ws)[-1]["type"] == "end"
 
 
 def test_a_reply_is_copied_to_a_bounded_number_of_followers(fake, monkeypatch):
