@@ -91,12 +91,24 @@ def origin_allowed(websocket: WebSocket) -> bool:
         return True
     if origin.rstrip("/").lower() in settings.allowed_origins:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # no URL at all ("http://["): refused, not a server error (review 29)
+        return False
     page_scheme = {"ws": "http", "wss": "https"}.get(websocket.url.scheme)
     return (
         parts.scheme == page_scheme
         and parts.netloc.lower() == websocket.headers.get("host", "").lower()
-        and host_name(parts.netloc) in settings.allowed_hosts
+        and host_allowed(host_name(parts.netloc))
+    )
+
+
+def host_allowed(name: str) -> bool:
+    """Whether CHAT_ALLOWED_HOSTS names `name`, read as Starlette's TrustedHostMiddleware reads
+    it (which checks the Host first): "*" is any, "*.example.com" any name under it."""
+    return any(
+        pattern == "*" or pattern == name or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+        for pattern in settings.allowed_hosts
     )
 
 

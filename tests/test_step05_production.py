@@ -291,6 +291,9 @@ def test_the_page_loads_its_scripts_from_this_server(client):
 def test_the_pages_files_are_served_whole_whatever_ranges_are_asked_for(client, path):
     whole = client.get(path)
     assert whole.headers["accept-ranges"] == "none"
+    # Asked again at every use (a 304 when unchanged): kept fresh by the browser's own guess, a
+    # returning user ran an old render.js for days after a fix was deployed (review 29).
+    assert whole.headers["cache-control"] == "no-cache"
     ranges = ", ".join(f"{n}-{n}" for n in range(100))
     for asked in ("bytes=0-9", f"bytes={ranges}", "bytes=nonsense"):
         response = client.get(path, headers={"range": asked})

@@ -146,6 +146,28 @@ def test_a_dns_rebinding_handshake_is_refused_and_a_proper_one_accepted(live_ser
         assert chat_turn(ws, "proper") == "You said: proper"
 
 
+def test_a_wildcard_host_pattern_serves_the_page_and_its_websocket(fake, monkeypatch):
+    # Review 29: `*.example.com` (documented, Starlette's pattern) served the page, and its own
+    # WebSocket was refused (403): the Origin check compared the names literally.
+    monkeypatch.setattr(settings, "allowed_hosts", frozenset({"*.example.com"}))
+    with LocalClient(chat_main.create_app()) as client:
+        host = {"host": "chat.example.com"}
+        assert client.get("/", headers=host).status_code == 200
+        with client.websocket_connect("/ws", headers={**host, "origin": "http://chat.example.com"}) as ws:
+            assert chat_turn(ws, "wildcard") == "You said: wildcard"
+        for other in ("http://chat.example.com.evil.example", "http://example.com"):
+            with pytest.raises(WebSocketDisconnect):
+                with client.websocket_connect("/ws", headers={**host, "origin": other}) as ws:
+                    ws.receive_json()
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://127.0.0.1:8000]"])
+def test_an_origin_that_is_no_url_is_refused_not_an_error(live_server, fake, origin):
+    # Review 29: urlsplit raised on these, and the handshake got 500 and a traceback.
+    assert handshake_status(live_server.port, f"127.0.0.1:{live_server.port}", origin) == 403
+    assert "Traceback" not in live_server.log_text()
+
+
 # Per-client limits -----------------------------------------------------------------
 
 
