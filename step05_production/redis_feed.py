@@ -418,7 +418,8 @@ class RedisFeed(ReplyFeed):
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CONTROL_CHANNEL)
                     async for message in pubsub.listen():
-                        self._apply(json.loads(message["data"]))
+                        if (order := read_order(message["data"])) is not None:
+                            self._apply(order)
             except self.errors:
                 await asyncio.sleep(1)
 
@@ -434,6 +435,21 @@ class RedisFeed(ReplyFeed):
             reply.start_grace_if_alone()
         elif order.get("op") == "stop":
             reply.stop()
+
+
+def read_order(data: bytes) -> dict | None:
+    """An order from another process on CONTROL_CHANNEL, or None (logged) for anything else: a
+    stray PUBLISH, or another version's shape during a rolling deploy. Why not let it raise:
+    one such message ended every host's listener without a word, and Stop on another host
+    stopped nothing from then on (review 29)."""
+    try:
+        order = json.loads(data)
+    except ValueError:
+        order = None
+    if isinstance(order, dict) and isinstance(order.get("id"), str):
+        return order
+    log.warning("ignored a message on %s that is not an order: %.80r", CONTROL_CHANNEL, data)
+    return None
 
 
 class StreamReader:

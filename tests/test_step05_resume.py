@@ -6,6 +6,7 @@ conversation, and resume across two servers sharing Redis."""
 import time
 
 import pytest
+import redis
 
 from harness.support import (
     LiveServer,
@@ -19,6 +20,7 @@ from harness.support import (
 )
 from step05_production import main as chat_main
 from step05_production.config import settings
+from step05_production.redis_feed import CONTROL_CHANNEL
 
 APP = "step05_production.main"
 WINDOW = 10  # seconds: far longer than any reconnect below
@@ -211,6 +213,23 @@ def test_a_reply_resumes_on_another_host(fake, two_hosts):
 @pytest.mark.slow
 def test_stop_on_another_host_stops_the_reply_at_once(fake, two_hosts):
     host_a, host_b = two_hosts
+    slow_reply(fake, chunks=400)
+    cid = start_and_leave(WsClient(host_a.ws_url))
+    with WsClient(f"{host_b.ws_url}?conversation={cid}") as ws:
+        assert_stop_ends_the_resumed_reply(ws, fake)
+
+
+@pytest.mark.slow
+def test_stray_messages_on_the_control_channel_leave_stop_across_hosts_working(fake, two_hosts, redis_server):
+    # Review 29: one message on the channel that was not an order (not JSON, not an object),
+    # from a stray PUBLISH or a newer version during a rolling deploy, ended every host's
+    # listener without a word: Stop on another host stopped nothing from then on.
+    host_a, host_b = two_hosts
+    with redis.Redis.from_url(redis_server.url) as client:
+        listening = lambda: dict(client.pubsub_numsub(CONTROL_CHANNEL))[CONTROL_CHANNEL.encode()]  # noqa: E731
+        wait_until(lambda: listening() == 2, what="both hosts listening")
+        for stray in (b"[1]", b"not json", b'{"id": [1], "op": "stop"}', b'"a string"'):
+            assert client.publish(CONTROL_CHANNEL, stray) == 2  # both hosts still listen
     slow_reply(fake, chunks=400)
     cid = start_and_leave(WsClient(host_a.ws_url))
     with WsClient(f"{host_b.ws_url}?conversation={cid}") as ws:
