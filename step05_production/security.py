@@ -125,12 +125,27 @@ def client_key(host: str) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host  # not an address: a test client's name, or "unknown"
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        ip = embedded_ipv4(ip) or ip
     if ip.version == 4:
         return str(ip)
     # From the number, not the text: a zone ("fe80::1%eth0") is no part of the prefix.
     return str(ipaddress.IPv6Network((int(ip), settings.ipv6_prefix_length), strict=False))
+
+
+# NAT64's well-known prefix (RFC 6052): an IPv4 client seen through a translator.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client an IPv6 address stands for, if any: written as IPv6 by a dual-stack
+    socket, translated by NAT64, or tunnelled by Teredo. Keyed by the /48 instead, every IPv4
+    user behind one translator would be one client (review 29)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip.teredo[1] if ip.teredo else None
 
 
 def client_address(websocket: WebSocket) -> str:

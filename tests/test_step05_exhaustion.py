@@ -867,6 +867,11 @@ def test_readers_that_never_read_their_responses_give_way_to_a_newcomer_and_are_
         ("2001:db8:1:2::7", "2001:db8:1::/48"),
         ("2001:DB8:1:ffff:ffff:ffff:ffff:ffff", "2001:db8:1::/48"),  # another /64 of the same site
         ("::ffff:10.0.0.1", "10.0.0.1"),  # an IPv4 client on a dual-stack socket
+        # IPv4 clients through a translator or a tunnel are their IPv4 address, not the
+        # translator's /48 (review 29): NAT64's well-known prefix, and Teredo's client.
+        ("64:ff9b::102:304", "1.2.3.4"),
+        ("64:ff9b::506:708", "5.6.7.8"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),
         ("fe80::1%eth0", "fe80::/48"),
         ("testclient", "testclient"),  # not an address: kept as it is
     ],
